@@ -1,0 +1,110 @@
+"""Fan events out to every subscriber through one condition variable and a bounded ring."""
+import secrets
+import threading
+import time
+
+import sse
+
+
+def new_boot_id():
+    """Return an id prefix unique to this server start, so resumed ids never match old events."""
+    return f"{int(time.time()):x}{secrets.token_hex(3)}"
+
+
+class Broadcaster:
+    """Publish costs O(1) whatever the number of subscribers: no per-subscriber queues.
+
+    Each event is framed once and stored in a ring of `ring_size` slots indexed by its
+    sequence number. A subscriber remembers the last sequence it sent, waits on the
+    condition, and writes everything newer in one chunk. One that fell more than a ring
+    behind gets a fresh snapshot instead, so a stuck client never grows memory.
+    """
+
+    def __init__(self, snapshot, ring_size=1024, boot_id=None, clock=time.monotonic):
+        self._snapshot = snapshot  # callable(devices or None) -> [(device, data)]
+        self._cond = threading.Condition()
+        self._ring = [None] * ring_size
+        self._size = ring_size
+        self._seq = 0
+        self._closed = False
+        self._clock = clock
+        self.boot_id = boot_id or new_boot_id()
+        self.subscribers = 0
+
+    def event_id(self, seq):
+        """Return the SSE id of sequence number `seq`."""
+        return f"{self.boot_id}-{seq}"
+
+    def publish(self, device, data, event=None):
+        """Frame `data` once, store it for every subscriber, wake them; return its id."""
+        text = sse.encode_json(data)
+        with self._cond:
+            self._seq += 1
+            event_id = self.event_id(self._seq)
+            self._ring[self._seq % self._size] = (device, sse.frame(text, event_id, event))
+            self._cond.notify_all()
+        return event_id
+
+    def close(self):
+        """End every stream, as on shutdown."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _resume_seq(self, last_event_id):
+        """Return the sequence to resume after, or None when a snapshot is needed."""
+        boot, _, seq = (last_event_id or "").rpartition("-")
+        if boot != self.boot_id or not seq.isdigit():
+            return None
+        seq = int(seq)
+        if seq > self._seq or self._seq - seq > self._size:
+            return None
+        return seq
+
+    def _snapshot_frames(self, devices):
+        event_id = self.event_id(self._seq)
+        # Snapshot events share the id of the stream position they describe: resuming
+        # from any of them replays exactly the events published after the snapshot.
+        return [sse.frame(data, event_id) for device, data in self._snapshot(devices)]
+
+    def _since(self, seq, devices):
+        """Return (frames after `seq`, new seq); a snapshot if `seq` fell off the ring."""
+        if self._seq - seq > self._size:
+            return self._snapshot_frames(devices), self._seq
+        frames = []
+        for s in range(seq + 1, self._seq + 1):
+            device, frame = self._ring[s % self._size]
+            if devices is None or device in devices:
+                frames.append(frame)
+        return frames, self._seq
+
+    def subscribe(self, devices=None, last_event_id=None, heartbeat_s=15.0, retry_ms=3000):
+        """Yield the byte chunks of one subscriber's stream until it goes away."""
+        with self._cond:
+            self.subscribers += 1
+            seq = self._resume_seq(last_event_id)
+            if seq is None:
+                frames, seq = self._snapshot_frames(devices), self._seq
+            else:
+                frames, seq = self._since(seq, devices)
+        try:
+            yield sse.retry(retry_ms) + b"".join(frames)
+            last_write = self._clock()
+            while True:
+                with self._cond:
+                    if seq == self._seq and not self._closed:
+                        self._cond.wait(max(0.0, last_write + heartbeat_s - self._clock()))
+                    if self._closed:
+                        return
+                    frames, seq = self._since(seq, devices)
+                now = self._clock()
+                if frames:
+                    yield b"".join(frames)
+                elif now - last_write >= heartbeat_s:
+                    yield sse.comment("heartbeat")
+                else:
+                    continue
+                last_write = now
+        finally:
+            with self._cond:
+                self.subscribers -= 1

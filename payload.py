@@ -1,0 +1,139 @@
+"""Check a push body and return only the validated, known fields."""
+import json
+import math
+
+MAX_STRING = 128
+MAX_GPUS = 64
+MAX_PROCESSES = 64
+MAX_MIB = 1 << 24  # 16 TiB in MiB: far above any GPU, far below nonsense.
+
+
+class PushError(ValueError):
+    """A push the server refuses; `field` names the offending part of the body."""
+
+    def __init__(self, field, message):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+def _number(low, high):
+    def check(value, where):
+        # bool is an int in Python, but `true` is no temperature.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PushError(where, f"must be a number or null, not {type(value).__name__}")
+        if not math.isfinite(value):
+            raise PushError(where, "must be finite")
+        if not low <= value <= high:
+            raise PushError(where, f"{value!r} is out of range {low} to {high}")
+        return value
+    return check
+
+
+def _integer(low, high):
+    number = _number(low, high)
+
+    def check(value, where):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise PushError(where, "must be a whole number")
+        return number(value, where)
+    return check
+
+
+def _string(value, where):
+    if not isinstance(value, str):
+        raise PushError(where, f"must be a string or null, not {type(value).__name__}")
+    return value[:MAX_STRING]
+
+
+def _boolean(value, where):
+    if not isinstance(value, bool):
+        raise PushError(where, "must be true or false")
+    return value
+
+
+PERCENT, MIB, CELSIUS = _number(0, 100), _number(0, MAX_MIB), _number(-100, 250)
+WATTS, MHZ = _number(0, 100_000), _number(0, 100_000)
+
+PROCESS_FIELDS = {"pid": _integer(0, 2**32), "name": _string, "memoryUsed": MIB}
+GPU_FIELDS = {
+    "index": _integer(0, 1023), "uuid": _string, "name": _string, "vendor": _string,
+    "driverVersion": _string, "pstate": _string, "error": _string,
+    "utilizationGpu": PERCENT, "utilizationMemory": PERCENT,
+    "memoryTotal": MIB, "memoryUsed": MIB, "memoryFree": MIB,
+    "temperatureGpu": CELSIUS, "temperatureMemory": CELSIUS,
+    "powerDraw": WATTS, "powerLimit": WATTS, "fanSpeed": PERCENT,
+    "clockCore": MHZ, "clockMemory": MHZ,
+}
+AGENT_FIELDS = {"version": _string, "backend": _string, "simulated": _boolean}
+
+
+def _object(value, fields, where):
+    if not isinstance(value, dict):
+        raise PushError(where, "must be a JSON object")
+    # Unknown fields are dropped; known ones are checked; null stays null.
+    return {name: None if value[name] is None else check(value[name], f"{where}.{name}".lstrip("."))
+            for name, check in fields.items() if name in value}
+
+
+def _gpu(value, position):
+    where = f"gpus[{position}]"
+    gpu = _object(value, GPU_FIELDS, where)
+    processes = value.get("processes")
+    if processes is not None:
+        if not isinstance(processes, list):
+            raise PushError(f"{where}.processes", "must be a list")
+        # Keep the first ones rather than refuse a busy GPU's whole sample.
+        gpu["processes"] = [_object(p, PROCESS_FIELDS, f"{where}.processes[{i}]")
+                            for i, p in enumerate(processes[:MAX_PROCESSES])]
+    if gpu.get("index") is None:
+        gpu["index"] = position
+    return gpu
+
+
+def _reject_constant(name):
+    raise PushError("body", f"{name} is not a number JSON allows; send null for a missing value")
+
+
+def decode(body):
+    """Decode a UTF-8 JSON body; NaN, Infinity and out-of-range literals are refused."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise PushError("body", f"is not valid UTF-8 (byte {error.start})") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except PushError:
+        raise
+    except RecursionError:
+        raise PushError("body", "is nested too deeply") from None
+    except ValueError as error:
+        raise PushError("body", f"is not valid JSON ({error})") from None
+
+
+def validate(data):
+    """Return the push as {host, sampledAt, agent, gpus}, or raise PushError naming the field."""
+    if not isinstance(data, dict):
+        raise PushError("body", "must be a JSON object")
+    if "gpus" not in data:
+        # The original agent's shape: one GPU object at the top level.
+        if not any(name in data for name in GPU_FIELDS):
+            raise PushError("gpus", "is missing: send {\"gpus\": [...]} or one GPU object")
+        return {"host": None, "sampledAt": None, "agent": None, "gpus": [_gpu(data, 0)]}
+    gpus = data["gpus"]
+    if not isinstance(gpus, list):
+        raise PushError("gpus", "must be a list")
+    if len(gpus) > MAX_GPUS:
+        raise PushError("gpus", f"has {len(gpus)} entries, at most {MAX_GPUS} are accepted")
+    checked = [_gpu(gpu, i) for i, gpu in enumerate(gpus)]
+    seen = set()
+    for i, gpu in enumerate(checked):
+        if gpu["index"] in seen:
+            raise PushError(f"gpus[{i}].index", f"{gpu['index']} is used twice")
+        seen.add(gpu["index"])
+    top = _object(data, {"host": _string, "sampledAt": _number(0, 1e11)}, "")
+    agent = data.get("agent")
+    return {"host": top.get("host"), "sampledAt": top.get("sampledAt"),
+            "agent": None if agent is None else _object(agent, AGENT_FIELDS, "agent"),
+            "gpus": checked}
