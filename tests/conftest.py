@@ -1,0 +1,215 @@
+"""Fixtures: the real server (the Procfile's gunicorn command) on port 0, and SSE clients."""
+import http.client
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS = {f"rig-{i}": f"test-key-rig-{i}-0123456789" for i in range(1, 10)}
+
+
+def procfile_command():
+    """Return the Procfile's web command as argv, with $PORT left for the environment."""
+    line = next(l for l in (ROOT / "Procfile").read_text().splitlines() if l.startswith("web:"))
+    return line.removeprefix("web:").strip()
+
+
+class Server:
+    """A gunicorn process started exactly as the Procfile says, on a port of its choosing."""
+
+    def __init__(self, settings, tmp_path):
+        self.settings = {"DEVICE_KEYS": ",".join(f"{d}:{k}" for d, k in KEYS.items()),
+                         "HEARTBEAT_S": "0.5", **settings}
+        self.log_path = tmp_path / f"gunicorn-{time.monotonic_ns()}.log"
+        self.port = 0
+        self.process = None
+
+    def start(self, port=None):
+        env = {**os.environ, "ENV_FILE": os.devnull, **self.settings,
+               "PORT": str(port if port is not None else self.port)}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+        self.log = open(self.log_path, "a")
+        self.process = subprocess.Popen(["sh", "-c", "exec " + procfile_command()], cwd=ROOT, env=env,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            found = re.findall(r"Listening at: http://[^:]+:(\d+)", self.log_path.read_text())
+            if found and "Booting worker" in self.log_path.read_text() and self._healthy(found[-1]):
+                self.port = int(found[-1])
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError("server exited:\n" + self.log_path.read_text())
+            time.sleep(0.05)
+        raise RuntimeError("server did not start:\n" + self.log_path.read_text())
+
+    @staticmethod
+    def _healthy(port):
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+    def restart(self):
+        """Stop and start again on the same port, as a deploy would."""
+        self.stop()
+        return self.start(self.port)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def worker_pid(self):
+        return int(re.findall(r"Booting worker with pid: (\d+)", self.log_path.read_text())[-1])
+
+    def output(self):
+        return self.log_path.read_text()
+
+    def push(self, body, device="rig-1", key=None, **kwargs):
+        headers = {"Authorization": f"Bearer {key or KEYS[device]}", **kwargs.pop("headers", {})}
+        if isinstance(body, (dict, list)):
+            kwargs["json"] = body
+        else:
+            kwargs["data"] = body
+        return requests.post(self.url + "/push-sse", headers=headers, timeout=10, **kwargs)
+
+    def health(self):
+        return requests.get(self.url + "/healthz", timeout=5).json()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Start servers with given settings; all are stopped at the end of the test."""
+    servers = []
+
+    def start(**settings):
+        server = Server(settings, tmp_path).start()
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server(PUSH_RATE_LIMIT="1000")
+
+
+class Stream:
+    """A real HTTP client on /gpu/stream that parses events as EventSource does."""
+
+    def __init__(self, port, path="/gpu/stream", headers=None, timeout=10):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        self.conn.request("GET", path, headers=headers or {})
+        self.response = self.conn.getresponse()
+        self.buffer = b""
+        self.retry = None
+        self.comments = 0
+
+    @property
+    def status(self):
+        return self.response.status
+
+    def header(self, name):
+        return self.response.getheader(name)
+
+    def next(self, timeout=5, with_comments=False):
+        """Return the next event as {id, event, data}, or a comment if asked for."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n\n" in self.buffer:
+                block, self.buffer = self.buffer.split(b"\n\n", 1)
+                event = self._parse(block.decode())
+                if event is not None and (with_comments or event.get("event") != ":comment"):
+                    return event
+            if time.monotonic() > deadline:
+                raise TimeoutError("no event in time")
+            self.conn.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = self.response.read1(65536)
+            if not chunk:
+                raise EOFError("stream ended")
+            self.buffer += chunk
+
+    def _parse(self, block):
+        event = {"id": None, "event": None}
+        data = []
+        for line in block.split("\n"):
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "":
+                self.comments += 1
+                event.setdefault("comment", value)
+            elif field == "retry":
+                self.retry = int(value)
+            elif field == "data":
+                data.append(value)
+            elif field in ("id", "event"):
+                event[field] = value
+        if data:
+            event["data"] = json.loads("\n".join(data))
+            return event
+        if "comment" in event:
+            return {"event": ":comment", "comment": event["comment"]}
+        return None
+
+    def until(self, predicate, timeout=5):
+        """Return the first event matching `predicate`, skipping others."""
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.next(max(0.01, deadline - time.monotonic()))
+            if predicate(event):
+                return event
+
+    def close(self):
+        self.conn.close()
+
+
+@pytest.fixture
+def open_stream():
+    """Open streams on a server; all are closed at the end of the test."""
+    streams = []
+
+    def open_(server, path="/gpu/stream", headers=None):
+        stream = Stream(server.port, path, headers)
+        streams.append(stream)
+        return stream
+    yield open_
+    for stream in streams:
+        stream.close()
+
+
+def gpu(index=0, **fields):
+    """Return one GPU object of a plausible RTX 3080 at load, with `fields` replaced."""
+    return {"index": index, "uuid": f"GPU-5a1c0000-0000-0000-0000-00000000000{index}",
+            "name": "NVIDIA GeForce RTX 3080", "vendor": "NVIDIA", "driverVersion": "560.94",
+            "utilizationGpu": 80, "utilizationMemory": 41, "memoryTotal": 10240,
+            "memoryUsed": 6144, "memoryFree": 4096, "temperatureGpu": 65,
+            "temperatureMemory": None, "powerDraw": 220.5, "powerLimit": 320, "fanSpeed": 55,
+            "clockCore": 1905, "clockMemory": 9501, "pstate": "P2",
+            "processes": [{"pid": 4242, "name": "python", "memoryUsed": 2048}], **fields}
+
+
+def multi(*gpus, host="rig-1"):
+    """Return a multi-GPU push body like the one agent.py sends."""
+    return {"host": host, "sampledAt": time.time(),
+            "agent": {"version": "1.0.0", "backend": "nvml", "simulated": False},
+            "gpus": list(gpus) or [gpu()]}

@@ -1,0 +1,67 @@
+"""Config: defaults, .env versus the environment, and one clear error per bad value."""
+import os
+import stat
+
+import pytest
+
+import config
+from config import ConfigError, load_config
+
+
+def load(**env):
+    return load_config(environ={"ENV_FILE": os.devnull, **env})
+
+
+def test_defaults_match_the_spec():
+    c = load()
+    assert (c.port, c.stale_after_s, c.offline_after_s, c.heartbeat_s, c.history_s,
+            c.max_body_bytes, c.push_rate_limit, c.dashboard_user, c.device_keys) == (
+        3000, 15, 60, 15, 600, 65536, 5, "admin", {})
+
+
+@pytest.mark.parametrize("name,value", [
+    ("PORT", "http"), ("PORT", "70000"), ("STALE_AFTER_S", "-1"), ("HEARTBEAT_S", "nan"),
+    ("HISTORY_S", "1.5"), ("MAX_BODY_BYTES", "12"), ("PUSH_RATE_LIMIT", "0"),
+    ("DEVICE_KEYS", "rig-1"), ("DEVICE_KEYS", "rig 1:abcdefghijklmnopq"), ("DEVICE_KEYS", "rig-1:short"),
+    ("DEVICE_KEYS", "a:abcdefghijklmnopq,b:abcdefghijklmnopq"), ("OFFLINE_AFTER_S", "10"),
+])
+def test_a_bad_value_is_one_error_naming_the_variable(name, value):
+    with pytest.raises(ConfigError) as error:
+        load(**{name: value})
+    assert str(error.value).startswith(name + ":")
+    assert "\n" not in str(error.value)
+
+
+def test_device_keys_map_keys_to_devices_and_allow_several_keys_per_device():
+    c = load(DEVICE_KEYS=" rig-1:aaaaaaaaaaaaaaaa1, rig-2:bbbbbbbbbbbbbbbb2 ,rig-1:cccccccccccccccc3")
+    assert c.device_keys == {"aaaaaaaaaaaaaaaa1": "rig-1", "bbbbbbbbbbbbbbbb2": "rig-2",
+                             "cccccccccccccccc3": "rig-1"}
+    assert c.devices == ["rig-1", "rig-2"]
+
+
+def test_env_file_is_read_and_real_environment_wins(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("PORT=4000\nHEARTBEAT_S=5\n")
+    c = load_config(environ={"ENV_FILE": str(env_file), "PORT": "5000"})
+    assert (c.port, c.heartbeat_s) == (5000, 5)
+
+
+def test_overrides_win_over_everything():
+    assert load_config({"PORT": 1234}, environ={"ENV_FILE": os.devnull, "PORT": "1"}).port == 1234
+
+
+def test_cors_origins_are_a_list():
+    assert load(CORS_ORIGINS="https://a.example/, https://b.example").cors_origins == (
+        "https://a.example", "https://b.example")
+
+
+def test_first_env_file_has_a_fresh_key_mode_600_and_is_never_overwritten(tmp_path):
+    path = tmp_path / ".env"
+    device, key = config.init_env_file(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    c = load_config(environ={"ENV_FILE": str(path)})
+    assert c.device_keys == {key: device}
+    assert config.init_env_file(path) is None
+    assert load_config(environ={"ENV_FILE": str(path)}).device_keys == {key: device}
+    other = tmp_path / "other.env"
+    assert config.init_env_file(other)[1] != key

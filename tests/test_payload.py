@@ -1,0 +1,89 @@
+"""Push validation: what is kept, what is refused, and the field each refusal names."""
+import json
+
+import pytest
+
+import payload
+from conftest import gpu, multi
+
+
+def check(body):
+    return payload.validate(payload.decode(json.dumps(body).encode() if not isinstance(body, bytes) else body))
+
+
+def refused(body):
+    with pytest.raises(payload.PushError) as error:
+        check(body)
+    return error.value
+
+
+def test_multi_gpu_push_keeps_every_known_field():
+    push = check(multi(gpu(0), gpu(1)))
+    assert push["host"] == "rig-1" and push["agent"] == {"version": "1.0.0", "backend": "nvml", "simulated": False}
+    assert push["gpus"][1] == gpu(1)
+
+
+def test_seed_single_gpu_object_becomes_a_one_gpu_push():
+    push = check({"name": "NVIDIA RTX 3080", "vendor": "NVIDIA", "temperatureGpu": 65, "utilizationGpu": 80})
+    assert push["gpus"] == [{"name": "NVIDIA RTX 3080", "vendor": "NVIDIA", "temperatureGpu": 65,
+                             "utilizationGpu": 80, "index": 0}]
+
+
+def test_unknown_fields_are_dropped_everywhere():
+    body = multi(gpu(0, evil="<script>", processes=[{"pid": 1, "name": "x", "memoryUsed": 1, "cmd": "rm"}]))
+    body["device"] = "someone-else"
+    push = check(body)
+    assert "device" not in push and "evil" not in push["gpus"][0]
+    assert push["gpus"][0]["processes"] == [{"pid": 1, "name": "x", "memoryUsed": 1}]
+
+
+def test_null_means_not_reported_and_stays_null():
+    assert check(multi(gpu(0, powerDraw=None)))["gpus"][0]["powerDraw"] is None
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e999"])
+def test_nan_and_infinity_are_refused_however_spelled(literal):
+    body = b'{"gpus": [{"index": 0, "temperatureGpu": ' + literal + b"}]}"
+    error = refused(body)
+    assert "temperatureGpu" in str(error) or "NaN" in str(error) or "Infinity" in str(error)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("utilizationGpu", 101), ("utilizationGpu", -1), ("fanSpeed", 250), ("memoryUsed", -5),
+    ("utilizationGpu", "80"), ("utilizationGpu", True), ("temperatureGpu", [65]), ("name", 7),
+    ("index", 1.5), ("processes", "python"),
+])
+def test_bad_values_are_refused_naming_the_field(field, value):
+    error = refused(multi({**gpu(0), field: value}))
+    assert error.field == f"gpus[0].{field}"
+
+
+def test_long_strings_are_cut_to_128_characters():
+    name = "x" * 500
+    assert check(multi(gpu(0, name=name)))["gpus"][0]["name"] == "x" * 128
+    assert check(multi(gpu(0, name="y" * 128)))["gpus"][0]["name"] == "y" * 128
+
+
+def test_gpu_count_is_capped_and_process_list_is_cut():
+    assert refused(multi(*[gpu(i) for i in range(payload.MAX_GPUS + 1)])).field == "gpus"
+    procs = [{"pid": i, "name": "p", "memoryUsed": 1} for i in range(500)]
+    assert len(check(multi(gpu(0, processes=procs)))["gpus"][0]["processes"]) == payload.MAX_PROCESSES
+
+
+def test_duplicate_gpu_index_is_refused():
+    assert refused(multi(gpu(0), gpu(0))).field == "gpus[1].index"
+
+
+@pytest.mark.parametrize("body,field", [
+    (b"\xff\xfe{}", "body"), (b'{"gpus": [', "body"), (b"[" * 100000 + b"]" * 100000, "body"),
+    (b"[]", "body"), (b'"text"', "body"), (b"{}", "gpus"), (b'{"gpus": {}}', "gpus"),
+    (b'{"gpus": [], "sampledAt": "now"}', "sampledAt"), (b'{"gpus": [], "agent": []}', "agent"),
+    (b'{"gpus": ["x"]}', "gpus[0]"), (b'{"gpus": [], "sampledAt": 1' + b"0" * 5000 + b"}", "body"),
+])
+def test_malformed_bodies_are_refused(body, field):
+    assert refused(body).field == field
+
+
+def test_missing_index_is_the_position():
+    push = check({"gpus": [{"name": "a"}, {"name": "b"}]})
+    assert [g["index"] for g in push["gpus"]] == [0, 1]

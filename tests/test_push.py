@@ -1,0 +1,104 @@
+"""POST /push-sse on the real gunicorn server: auth, answers, limits, and no side effects."""
+import json
+
+import requests
+
+from conftest import KEYS, gpu, multi
+
+
+def test_accepted_push_answers_ok_with_device_and_event_id(server, open_stream):
+    stream = open_stream(server)
+    answer = server.push(multi(gpu(0), gpu(1)), device="rig-2")
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["ok"] is True and body["device"] == "rig-2"
+    event = stream.next()
+    assert event["id"] == body["id"] and event["data"]["device"] == "rig-2"
+    assert event["data"]["gpus"][1] == gpu(1)
+
+
+def test_x_api_key_header_works_too(server):
+    answer = requests.post(server.url + "/push-sse", json=multi(), timeout=5,
+                           headers={"X-API-Key": KEYS["rig-3"]})
+    assert answer.status_code == 200 and answer.json()["device"] == "rig-3"
+
+
+def test_the_key_decides_the_device_never_the_body(server, open_stream):
+    stream = open_stream(server)
+    body = multi(host="rig-2")
+    body["device"] = "rig-2"
+    answer = server.push(body, device="rig-1")
+    assert answer.json()["device"] == "rig-1"
+    assert stream.next()["data"]["device"] == "rig-1"
+    assert server.health()["devices"] == 1
+
+
+def test_missing_or_unknown_key_is_401_and_changes_nothing(server, open_stream):
+    stream = open_stream(server)
+    missing = requests.post(server.url + "/push-sse", json=multi(), timeout=5)
+    assert missing.status_code == 401 and "missing device key" in missing.json()["error"]
+    unknown = server.push(multi(), key="not-a-key-of-anyone-at-all")
+    assert unknown.status_code == 401 and unknown.json()["error"] == "unknown device key"
+    almost = server.push(multi(), key=KEYS["rig-1"][:-1])
+    assert almost.status_code == 401
+    assert server.health()["devices"] == 0
+    assert stream.next(with_comments=True)["event"] == ":comment"
+
+
+def test_seed_style_single_gpu_object_is_accepted(server, open_stream):
+    stream = open_stream(server)
+    seed = {"name": "NVIDIA RTX 3080", "vendor": "NVIDIA", "temperatureGpu": 65, "utilizationGpu": 80}
+    assert server.push(seed).status_code == 200
+    data = stream.next()["data"]
+    assert data["gpus"] == [{**seed, "index": 0}]
+    assert data["status"] == "online" and data["receivedAt"] > 0
+
+
+def test_nan_and_infinity_are_400_and_never_reach_a_viewer(server, open_stream):
+    stream = open_stream(server)
+    for literal in ("NaN", "Infinity", "-Infinity", "1e999"):
+        body = json.dumps(multi()).replace('"powerDraw": 220.5', f'"powerDraw": {literal}')
+        answer = server.push(body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400, literal
+        assert answer.json()["ok"] is False
+    assert server.push(multi(gpu(0, powerDraw=100))).status_code == 200
+    assert stream.next()["data"]["gpus"][0]["powerDraw"] == 100
+
+
+def test_bad_field_is_400_naming_it_and_changes_nothing(server):
+    server.push(multi(gpu(0, utilizationGpu=10)))
+    answer = server.push(multi(gpu(0, utilizationGpu=10), gpu(1, temperatureGpu="hot")))
+    assert answer.status_code == 400
+    assert answer.json()["field"] == "gpus[1].temperatureGpu"
+    assert "gpus[1].temperatureGpu" in answer.json()["error"]
+
+
+def test_wrong_content_type_is_415(server):
+    answer = server.push(json.dumps(multi()), headers={"Content-Type": "text/plain"})
+    assert answer.status_code == 415 and "application/json" in answer.json()["error"]
+
+
+def test_body_over_max_body_bytes_is_413(start_server):
+    server = start_server(MAX_BODY_BYTES="1024")
+    big = multi(*[gpu(i) for i in range(10)])
+    answer = server.push(big)
+    assert answer.status_code == 413 and "MAX_BODY_BYTES" in answer.json()["error"]
+    chunked = server.push(iter([json.dumps(big).encode()]), headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 413
+    assert server.push(multi()).status_code == 200
+
+
+def test_pushing_too_fast_is_429_with_retry_after_for_that_device_only(start_server):
+    server = start_server(PUSH_RATE_LIMIT="1")
+    codes = [server.push(multi()).status_code for _ in range(4)]
+    assert codes[:2] == [200, 200] and codes[-1] == 429  # bursts up to twice the rate
+    limited = server.push(multi())
+    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+    assert server.push(multi(), device="rig-2").status_code == 200
+
+
+def test_no_device_keys_refuses_every_push_and_says_how_to_add_one(start_server):
+    server = start_server(DEVICE_KEYS="")
+    answer = server.push(multi(), key="whatever-key-1234567")
+    assert answer.status_code == 401 and "DEVICE_KEYS" in answer.json()["error"]
+    assert "DEVICE_KEYS is empty" in server.output() and "config.py --new-key" in server.output()

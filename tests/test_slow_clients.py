@@ -1,0 +1,68 @@
+"""Viewers that never read or vanish cost the others nothing and are reaped."""
+import socket
+import statistics
+import time
+
+from conftest import gpu, multi
+
+
+def rss_mib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def stuck_viewer(port):
+    """Open a stream whose reader never reads, with a tiny receive window."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /gpu/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    return sock
+
+
+def test_a_viewer_that_never_reads_does_not_slow_the_others_or_grow_memory(start_server, open_stream):
+    server = start_server(PUSH_RATE_LIMIT="10000", RING_SIZE="64", MAX_BODY_BYTES="1048576")
+    stuck = [stuck_viewer(server.port) for _ in range(10)]
+    readers = [open_stream(server) for _ in range(3)]
+    big = multi(*[gpu(i, processes=[{"pid": p, "name": "p" * 100, "memoryUsed": 1} for p in range(60)])
+                  for i in range(8)])
+    base = rss_mib(server.worker_pid)
+    delays = []
+    # 400 pushes of ~72 KB: a queue per viewer would hold ~29 MB for each stuck one.
+    for n in range(400):
+        sent = time.monotonic()
+        event_id = server.push(big).json()["id"]
+        for reader in readers:
+            assert reader.next()["id"] == event_id
+        delays.append(time.monotonic() - sent)
+    grown = rss_mib(server.worker_pid) - base
+    assert statistics.median(delays) < 0.1 and max(delays) < 1.0
+    assert grown < 40, f"worker grew {grown:.0f} MiB"
+    assert server.health()["subscribers"] == 13
+    for sock in stuck:
+        sock.close()
+
+
+def test_300_viewers_that_vanish_are_reaped_within_a_few_heartbeats(server, open_stream):
+    # HEARTBEAT_S is 0.5: a closed socket fails the write of the heartbeat after next.
+    watcher = open_stream(server)
+    gone = []
+    for _ in range(300):
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"GET /gpu/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        gone.append(sock)
+    deadline = time.monotonic() + 10
+    while server.health()["subscribers"] < 301 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.health()["subscribers"] == 301
+    for sock in gone:
+        sock.close()
+    closed = time.monotonic()
+    while server.health()["subscribers"] > 1 and time.monotonic() - closed < 5:
+        time.sleep(0.05)
+    assert server.health()["subscribers"] == 1
+    assert time.monotonic() - closed <= 3 * 0.5 + 0.5  # three heartbeats, plus slack
+    server.push(multi())
+    assert watcher.next()["data"]["device"] == "rig-1"

@@ -1,0 +1,155 @@
+"""GET /gpu/stream, /healthz and the viewer login on the real gunicorn server."""
+import base64
+import os
+import subprocess
+import sys
+import time
+
+import requests
+
+from conftest import ROOT, gpu, multi, procfile_command
+
+
+def test_stream_headers_and_retry_first(server, open_stream):
+    stream = open_stream(server)
+    assert stream.status == 200
+    assert stream.header("Content-Type").startswith("text/event-stream")
+    assert stream.header("Cache-Control") == "no-cache"
+    assert stream.header("X-Accel-Buffering") == "no"
+    stream.next(with_comments=True)
+    assert stream.retry == 3000
+
+
+def test_snapshot_on_connect_has_every_device_with_history(server, open_stream):
+    for util in (10, 20):
+        server.push(multi(gpu(0, utilizationGpu=util), gpu(1)), device="rig-1")
+        time.sleep(1.05)  # history keeps one point a second
+    server.push(multi(gpu(0, utilizationGpu=30)), device="rig-2")
+    stream = open_stream(server)
+    first, second = stream.next(), stream.next()
+    assert first["event"] is None and second["event"] is None  # unnamed: onmessage gets them
+    assert [first["data"]["device"], second["data"]["device"]] == ["rig-1", "rig-2"]
+    assert first["id"] and second["id"]
+    history = first["data"]["gpus"][0]["history"]
+    assert history["utilizationGpu"] == [10, 20]
+    assert len(history["t"]) == 2 and history["t"][0] < history["t"][1]
+    assert first["data"]["gpus"][1]["history"]["memoryUsed"] == [6144, 6144]
+    assert first["data"]["snapshot"] is True
+
+
+def test_every_push_reaches_every_viewer_in_order(server, open_stream):
+    streams = [open_stream(server) for _ in range(5)]
+    sent = [server.push(multi(gpu(0, utilizationGpu=i))).json()["id"] for i in range(20)]
+    for stream in streams:
+        got = [stream.next() for _ in range(20)]
+        assert [e["id"] for e in got] == sent
+        assert [e["data"]["gpus"][0]["utilizationGpu"] for e in got] == list(range(20))
+
+
+def test_device_turns_stale_then_offline_without_a_push(start_server, open_stream):
+    server = start_server(STALE_AFTER_S="0.6", OFFLINE_AFTER_S="1.5")
+    stream = open_stream(server)
+    pushed = time.time()
+    server.push(multi())
+    assert stream.next()["data"]["status"] == "online"
+    stale = stream.until(lambda e: e["event"] == "status", timeout=4)
+    assert stale["data"]["status"] == "stale" and stale["data"]["device"] == "rig-1" and stale["id"]
+    assert 0.5 <= time.time() - pushed < 2.5
+    offline = stream.until(lambda e: e["event"] == "status", timeout=4)
+    assert offline["data"]["status"] == "offline"
+    assert server.health()["offline"] == 1
+    again = open_stream(server).next()
+    assert again["data"]["status"] == "offline"  # the snapshot says so too
+    server.push(multi())
+    assert stream.next()["data"]["status"] == "online"
+
+
+def test_device_filter_limits_snapshot_and_events(server, open_stream):
+    server.push(multi(), device="rig-1")
+    server.push(multi(), device="rig-2")
+    stream = open_stream(server, "/gpu/stream?device=rig-2,rig-3")
+    assert stream.next()["data"]["device"] == "rig-2"
+    for device in ("rig-1", "rig-3", "rig-1", "rig-2"):
+        server.push(multi(), device=device)
+    assert [stream.next()["data"]["device"] for _ in range(2)] == ["rig-3", "rig-2"]
+
+
+def test_heartbeat_comments_keep_an_idle_stream_alive(server, open_stream):
+    stream = open_stream(server)
+    started = time.monotonic()
+    for _ in range(3):
+        assert stream.next(timeout=2, with_comments=True)["event"] == ":comment"
+    assert time.monotonic() - started < 2.5  # HEARTBEAT_S is 0.5 here
+
+
+def test_reconnect_with_last_event_id_gets_only_what_was_missed(server, open_stream):
+    stream = open_stream(server)
+    seen = server.push(multi(gpu(0, utilizationGpu=1))).json()["id"]
+    assert stream.next()["id"] == seen
+    stream.close()
+    missed = [server.push(multi(gpu(0, utilizationGpu=n))).json()["id"] for n in (2, 3)]
+    resumed = open_stream(server, headers={"Last-Event-ID": seen})
+    got = [resumed.next(), resumed.next()]
+    assert [e["id"] for e in got] == missed
+    assert "snapshot" not in got[0]["data"]
+
+
+def test_ids_are_unique_across_restarts_and_an_old_id_gets_a_fresh_snapshot(server, open_stream):
+    before = server.push(multi()).json()["id"]
+    server.restart()
+    after = server.push(multi(gpu(0, utilizationGpu=7))).json()["id"]
+    assert after != before
+    stream = open_stream(server, headers={"Last-Event-ID": before})
+    event = stream.next()
+    assert event["data"]["snapshot"] is True and event["data"]["gpus"][0]["utilizationGpu"] == 7
+
+
+def test_healthz_counts_devices_and_viewers_without_names(server, open_stream):
+    server.push(multi(), device="rig-1")
+    server.push(multi(), device="rig-2")
+    streams = [open_stream(server) for _ in range(3)]
+    for stream in streams:
+        stream.next()
+    health = server.health()
+    assert health["ok"] is True and health["devices"] == 2 and health["online"] == 2
+    assert health["subscribers"] == 3 and health["uptimeS"] >= 0
+    assert "rig-1" not in requests.get(server.url + "/healthz", timeout=5).text
+
+
+def test_viewer_login_guards_read_routes_but_not_pushes_or_healthz(start_server, open_stream):
+    server = start_server(DASHBOARD_PASSWORD="s3cret")
+    for path in ("/", "/gpu/stream"):
+        answer = requests.get(server.url + path, timeout=5, stream=True)
+        assert answer.status_code == 401 and answer.headers["WWW-Authenticate"].startswith("Basic")
+    wrong = requests.get(server.url + "/", auth=("admin", "nope"), timeout=5)
+    assert wrong.status_code == 401
+    assert requests.get(server.url + "/", auth=("admin", "s3cret"), timeout=5).status_code == 200
+    assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
+    assert server.push(multi()).status_code == 200
+    token = base64.b64encode(b"admin:s3cret").decode()
+    stream = open_stream(server, headers={"Authorization": f"Basic {token}"})
+    assert stream.next()["data"]["device"] == "rig-1"
+
+
+def test_cors_allows_only_configured_origins(start_server):
+    server = start_server(CORS_ORIGINS="https://ops.example")
+    ok = requests.get(server.url + "/healthz", headers={"Origin": "https://ops.example"}, timeout=5)
+    assert ok.headers["Access-Control-Allow-Origin"] == "https://ops.example"
+    other = requests.get(server.url + "/healthz", headers={"Origin": "https://evil.example"}, timeout=5)
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_dashboard_page_is_served(server):
+    page = requests.get(server.url + "/", timeout=5)
+    assert page.status_code == 200 and "gpu/stream" in requests.get(
+        server.url + "/static/dashboard.js", timeout=5).text
+
+
+def test_a_bad_setting_stops_the_server_with_one_line_naming_it():
+    env = {**os.environ, "ENV_FILE": os.devnull, "PORT": "0", "HEARTBEAT_S": "often",
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    result = subprocess.run(["sh", "-c", "exec " + procfile_command()], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "config error: HEARTBEAT_S: 'often' is not a number" in result.stderr
+    assert "Traceback" not in result.stderr
