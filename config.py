@@ -32,6 +32,7 @@ class Config:
     push_rate_limit: float = 5.0
     cors_origins: tuple = ()
     max_subscribers: int = 10000
+    viewer_timeout_s: float = 60.0
     # Not in the environment: sizes the tests shrink.
     ring_size: int = 1024
     sweep_s: float = 1.0
@@ -97,6 +98,7 @@ def load_config(overrides=None, environ=None):
         push_rate_limit=_number("PUSH_RATE_LIMIT", get("PUSH_RATE_LIMIT", "5"), float, 0.01),
         cors_origins=origins,
         max_subscribers=_number("MAX_SUBSCRIBERS", get("MAX_SUBSCRIBERS", "10000"), int, 1),
+        viewer_timeout_s=_number("VIEWER_TIMEOUT_S", get("VIEWER_TIMEOUT_S", "60"), float, 1, 86400),
         ring_size=int(get("RING_SIZE", "1024")),
         sweep_s=min(1.0, stale / 4),
     )

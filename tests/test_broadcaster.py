@@ -14,10 +14,11 @@ def ids(chunk):
     return [line[4:] for line in chunk.decode().split("\n") if line.startswith("id: ")]
 
 
-def make(state=None, ring_size=8):
+def make(state=None, ring_size=8, heartbeat_s=5):
     state = {} if state is None else state
     return Broadcaster(lambda devices: [(d, v) for d, v in sorted(state.items())
-                                        if devices is None or d in devices], ring_size=ring_size), state
+                                        if devices is None or d in devices],
+                       ring_size=ring_size, heartbeat_s=heartbeat_s), state
 
 
 def test_first_chunk_is_retry_then_snapshot_of_every_device():
@@ -30,7 +31,7 @@ def test_first_chunk_is_retry_then_snapshot_of_every_device():
 
 def test_a_waiting_subscriber_gets_everything_published_in_one_chunk():
     b, _ = make()
-    stream = b.subscribe(heartbeat_s=5)
+    stream = b.subscribe()
     next(stream)
     got = []
     reader = threading.Thread(target=lambda: got.append(next(stream)))
@@ -73,7 +74,7 @@ def test_resume_from_another_boot_or_too_far_back_gets_a_snapshot():
 
 def test_a_subscriber_that_falls_a_ring_behind_gets_a_snapshot_not_a_backlog():
     b, state = make({"a": {"latest": 1}}, ring_size=4)
-    stream = b.subscribe(heartbeat_s=5)
+    stream = b.subscribe()
     next(stream)
     for i in range(50):
         b.publish("a", {"n": i})
@@ -82,25 +83,38 @@ def test_a_subscriber_that_falls_a_ring_behind_gets_a_snapshot_not_a_backlog():
 
 def test_device_filter_applies_to_snapshot_and_events():
     b, state = make({"a": {"d": "a"}, "b": {"d": "b"}})
-    stream = b.subscribe(devices={"b"}, heartbeat_s=5)
+    stream = b.subscribe(devices={"b"})
     assert events(next(stream)) == ['{"d":"b"}']
     b.publish("a", {"n": "a"})
     b.publish("b", {"n": "b"})
     assert events(next(stream)) == ['{"n":"b"}']
 
 
-def test_heartbeat_comes_when_nothing_is_published():
-    b, _ = make()
-    stream = b.subscribe(heartbeat_s=0.05)
+def test_heartbeat_comes_within_heartbeat_s_when_nothing_is_published():
+    b, _ = make(heartbeat_s=0.2)
+    stream = b.subscribe()
     next(stream)
-    started = time.monotonic()
-    assert next(stream) == b": heartbeat\n\n"
-    assert 0.04 <= time.monotonic() - started < 1
+    gaps, last = [], time.monotonic()
+    for _ in range(5):
+        assert next(stream) == b": heartbeat\n\n"
+        gaps.append(time.monotonic() - last)
+        last = time.monotonic()
+    assert all(0.14 <= gap <= 0.26 for gap in gaps), gaps
+
+
+def test_no_heartbeat_while_events_keep_the_stream_busy():
+    b, _ = make(heartbeat_s=0.2)
+    stream = b.subscribe()
+    next(stream)
+    for i in range(8):
+        time.sleep(0.05)
+        b.publish("a", {"n": i})
+        assert events(next(stream)) == [f'{{"n":{i}}}']
 
 
 def test_subscriber_count_follows_open_streams_and_close_ends_them():
     b, _ = make()
-    streams = [b.subscribe(heartbeat_s=5) for _ in range(3)]
+    streams = [b.subscribe() for _ in range(3)]
     for s in streams:
         next(s)
     assert b.subscribers == 3
@@ -117,7 +131,7 @@ def test_ids_are_unique_across_restarts():
 
 def test_many_threads_publishing_lose_nothing():
     b, _ = make(ring_size=4096)
-    stream = b.subscribe(heartbeat_s=5)
+    stream = b.subscribe()
     next(stream)
     workers = [threading.Thread(target=lambda: [b.publish("a", {}) for _ in range(500)]) for _ in range(4)]
     for w in workers:

@@ -45,6 +45,24 @@ def test_a_viewer_that_never_reads_does_not_slow_the_others_or_grow_memory(start
         sock.close()
 
 
+def test_a_viewer_that_never_reads_is_dropped_after_viewer_timeout_s(start_server, open_stream):
+    server = start_server(PUSH_RATE_LIMIT="10000", VIEWER_TIMEOUT_S="2", MAX_BODY_BYTES="1048576")
+    stuck = stuck_viewer(server.port)
+    reader = open_stream(server)
+    big = multi(*[gpu(i, processes=[{"pid": p, "name": "p" * 100, "memoryUsed": 1} for p in range(60)])
+                  for i in range(8)])
+    for _ in range(100):  # ~7 MB: fills the stuck viewer's socket buffers
+        server.push(big)
+        reader.next()
+    assert server.health()["subscribers"] == 2
+    filled = time.monotonic()
+    while server.health()["subscribers"] > 1 and time.monotonic() - filled < 10:
+        time.sleep(0.1)
+    assert server.health()["subscribers"] == 1
+    assert time.monotonic() - filled < 2 + 3
+    stuck.close()
+
+
 def test_300_viewers_that_vanish_are_reaped_within_a_few_heartbeats(server, open_stream):
     # HEARTBEAT_S is 0.5: a closed socket fails the write of the heartbeat after next.
     watcher = open_stream(server)

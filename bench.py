@@ -1,0 +1,285 @@
+"""Load benchmark: N stream subscribers, M pushes at R per second, against this server and the Node seed.
+
+Prints delivered/expected, fan-out latency p50/p99 (push sent -> event read), server CPU
+per delivered event and the server's peak memory, one Markdown row per server.
+"""
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent
+NODE_SEED = ROOT.parent / "shared" / "peers" / "node-seed"
+SAMPLED_AT = re.compile(rb'"sampledAt":([0-9.]+)')
+DEVICES = 10
+
+
+# ---- subscribers: each client process holds a share of the streams -------------------
+
+async def _subscriber(port, stats, ready):
+    for attempt in range(50):
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            break
+        except OSError:
+            await asyncio.sleep(0.1 * (attempt + 1))
+    else:
+        stats["failed"] += 1
+        ready()
+        return
+    writer.write(f"GET /gpu/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    ready()
+    buffer = b""
+    while True:
+        chunk = await reader.read(262144)
+        if not chunk:
+            stats["closed"] += 1
+            return
+        now = time.time()
+        buffer += chunk
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            continue
+        for value in SAMPLED_AT.findall(buffer, 0, end):
+            stats["latencies"].append(now - float(value))
+        buffer = buffer[end + 2:]
+
+
+def _client_process(port, count, conn):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    stats = {"latencies": [], "failed": 0, "closed": 0}
+
+    async def run():
+        opened = 0
+
+        def ready():
+            nonlocal opened
+            opened += 1
+        tasks = []
+        for i in range(count):
+            tasks.append(asyncio.ensure_future(_subscriber(port, stats, ready)))
+            if i % 100 == 99:
+                await asyncio.sleep(0.05)  # ramp up: do not overflow the listen backlog
+        while opened < count:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        conn.send(("ready", count - stats["failed"]))
+        while not conn.poll():
+            await asyncio.sleep(0.05)
+        conn.recv()
+        for task in tasks:
+            task.cancel()
+        conn.send(("done", stats))
+    asyncio.run(run())
+
+
+# ---- servers -----------------------------------------------------------------------
+
+def _tree_pids(pid):
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def server_cpu_s(pid):
+    """Return user+system CPU seconds of a process and its children, from /proc."""
+    total = 0
+    for p in _tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def server_peak_mib(pid):
+    """Return the summed peak resident memory (VmHWM) of a process tree, in MiB."""
+    total = 0
+    for p in _tree_pids(pid):
+        try:
+            total += int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{p}/status").read_text())[1])
+        except (OSError, TypeError):
+            pass
+    return total / 1024
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_up(url, process, log):
+    for _ in range(300):
+        if process.poll() is not None:
+            sys.exit(f"server exited: {Path(log.name).read_text()[-2000:]}")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.RequestException:
+            time.sleep(0.05)
+    sys.exit("server did not start")
+
+
+def start_ours(port, keys, log):
+    """Start this server with the Procfile's own command."""
+    command = next(l for l in (ROOT / "Procfile").read_text().splitlines() if l.startswith("web:"))[4:]
+    env = {**os.environ, "ENV_FILE": os.devnull, "PORT": str(port),
+           "DEVICE_KEYS": ",".join(f"bench-{i}:{k}" for i, k in enumerate(keys)),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(["sh", "-c", "exec " + command.strip()], cwd=ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    _wait_up(f"http://127.0.0.1:{port}/healthz", process, log)
+    return process
+
+
+def start_node(port, log, node_dir):
+    """Copy the Node seed out, install it once with npm ci, and start it."""
+    node_dir = Path(node_dir)
+    if not (node_dir / "node_modules").is_dir():
+        shutil.copytree(NODE_SEED, node_dir, dirs_exist_ok=True)
+        subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=node_dir, check=True)
+    process = subprocess.Popen(["node", "server.js"], cwd=node_dir, env={**os.environ, "PORT": str(port)},
+                               stdout=log, stderr=subprocess.STDOUT)
+    _wait_up(f"http://127.0.0.1:{port}/", process, log)
+    return process
+
+
+# ---- one run -----------------------------------------------------------------------
+
+def gpu_payload(index, t):
+    return {"index": index, "uuid": f"GPU-bench-{index}", "name": "NVIDIA GeForce RTX 4090",
+            "vendor": "NVIDIA", "driverVersion": "560.94", "utilizationGpu": (t * 7 + index) % 100,
+            "utilizationMemory": 40, "memoryTotal": 24564, "memoryUsed": 12000, "memoryFree": 12564,
+            "temperatureGpu": 60 + index, "temperatureMemory": None, "powerDraw": 300.5,
+            "powerLimit": 450, "fanSpeed": 50, "clockCore": 2520, "clockMemory": 10501, "pstate": "P2",
+            "processes": [{"pid": 1000 + index, "name": "python", "memoryUsed": 11000}]}
+
+
+def _send_pushes(port, key, device, started, args, refused):
+    session, count = requests.Session(), 0
+    for n in range(device, args.pushes, DEVICES):
+        time.sleep(max(0.0, started + n / args.rate - time.monotonic()))
+        body = {"host": f"bench-{device}", "sampledAt": time.time(),
+                "agent": {"version": "bench", "backend": "simulated", "simulated": True},
+                "gpus": [gpu_payload(i, n) for i in range(args.gpus)]}
+        answer = session.post(f"http://127.0.0.1:{port}/push-sse", data=json.dumps(body),
+                              headers={"Content-Type": "application/json",
+                                       "Authorization": f"Bearer {key}"}, timeout=60)
+        count += answer.status_code != 200
+    refused.append(count)
+
+
+def run(target, args):
+    keys = [f"bench-key-{i}-{os.urandom(8).hex()}" for i in range(DEVICES)]
+    port = _free_port()
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{target}-", suffix=".log", delete=False)
+    server = start_ours(port, keys, log) if target == "flask-gevent" else start_node(port, log, args.node_dir)
+    clients = []
+    try:
+        share = [args.subscribers // args.clients + (i < args.subscribers % args.clients)
+                 for i in range(args.clients)]
+        for count in share:
+            parent, child = multiprocessing.Pipe()
+            proc = multiprocessing.Process(target=_client_process, args=(port, count, child), daemon=True)
+            proc.start()
+            clients.append((proc, parent))
+        connected = sum(parent.recv()[1] for _, parent in clients)
+        cpu_before = server_cpu_s(server.pid)
+        started = time.monotonic()
+        refused = []
+        # Open loop, as real agents push: one sender per device on a fixed schedule, so
+        # a slow server makes pushes pile up instead of slowing the senders down.
+        senders = [threading.Thread(target=_send_pushes, args=(port, keys[d], d, started, args, refused))
+                   for d in range(DEVICES)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        refused = sum(refused)
+        push_s = time.monotonic() - started
+        expected = connected * args.pushes
+        time.sleep(args.drain)
+        cpu = server_cpu_s(server.pid) - cpu_before
+        peak = server_peak_mib(server.pid)
+        latencies, closed = [], 0
+        for _, parent in clients:
+            parent.send("stop")
+        for proc, parent in clients:
+            _, stats = parent.recv()
+            latencies += stats["latencies"]
+            closed += stats["closed"]
+            proc.join(5)
+    finally:
+        for proc, _ in clients:
+            proc.kill()
+        server.terminate()
+        server.wait(10)
+    latencies.sort()
+
+    def pct(q):
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+    delivered = len(latencies)
+    return {"server": target, "subscribers": connected, "pushes": args.pushes,
+            "rate": round(args.pushes / push_s, 1), "delivered": delivered, "expected": expected,
+            "p50_ms": round(pct(0.50), 1), "p99_ms": round(pct(0.99), 1),
+            "cpu_us_per_event": round(cpu / max(delivered, 1) * 1e6, 2), "cpu_s": round(cpu, 2),
+            "peak_mib": round(peak, 1), "refused_pushes": refused, "streams_closed": closed}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", choices=["flask-gevent", "node-seed", "both"], default="both")
+    parser.add_argument("--subscribers", "-n", type=int, default=1000)
+    parser.add_argument("--pushes", "-m", type=int, default=400)
+    parser.add_argument("--rate", "-r", type=float, default=20.0, help="pushes per second")
+    parser.add_argument("--gpus", type=int, default=4, help="GPUs in each pushed payload")
+    parser.add_argument("--clients", type=int, default=2, help="subscriber processes")
+    parser.add_argument("--drain", type=float, default=3.0, help="seconds to wait after the last push")
+    parser.add_argument("--node-dir", default=os.path.join(tempfile.gettempdir(), "node-seed"))
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per server, interleaved; the row shows the median run")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per run")
+    args = parser.parse_args()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    targets = ["flask-gevent", "node-seed"] if args.target == "both" else [args.target]
+    if "node-seed" in targets and not shutil.which("node"):
+        sys.exit("node is not installed: run with --target flask-gevent")
+    print("| server | subscribers | pushes/s | delivered/expected | fan-out p50 | fan-out p99 "
+          "| server CPU per delivered event | peak memory |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = {target: [] for target in targets}
+    for _ in range(args.repeat):
+        for target in targets:
+            rows[target].append(run(target, args))
+            if args.json:
+                print(json.dumps(rows[target][-1]), file=sys.stderr)
+    for target in targets:
+        row = sorted(rows[target], key=lambda r: r["cpu_us_per_event"])[len(rows[target]) // 2]
+        print(f"| {row['server']} | {row['subscribers']} | {row['rate']} | {row['delivered']}/{row['expected']} "
+              f"| {row['p50_ms']} ms | {row['p99_ms']} ms | {row['cpu_us_per_event']} µs "
+              f"| {row['peak_mib']} MiB |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
