@@ -25,7 +25,7 @@ class Fleet:
         now = self._clock()
         event = {"device": device, "status": "online", "receivedAt": round(now, 3),
                  "sampledAt": push["sampledAt"], "host": push["host"],
-                 "agent": push["agent"], "gpus": push["gpus"]}
+                 "agent": push["agent"], "error": push["error"], "gpus": push["gpus"]}
         with self._lock:
             self._devices[device] = event
             if self.history_s:

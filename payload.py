@@ -113,14 +113,17 @@ def decode(body):
 
 
 def validate(data):
-    """Return the push as {host, sampledAt, agent, gpus}, or raise PushError naming the field."""
+    """Return the push as {host, sampledAt, error, agent, gpus}, or raise PushError naming the field.
+
+    `error` says why a sample has no GPUs (nvidia-smi missing, driver not loaded...).
+    """
     if not isinstance(data, dict):
         raise PushError("body", "must be a JSON object")
     if "gpus" not in data:
         # The original agent's shape: one GPU object at the top level.
         if not any(name in data for name in GPU_FIELDS):
             raise PushError("gpus", "is missing: send {\"gpus\": [...]} or one GPU object")
-        return {"host": None, "sampledAt": None, "agent": None, "gpus": [_gpu(data, 0)]}
+        return {"host": None, "sampledAt": None, "error": None, "agent": None, "gpus": [_gpu(data, 0)]}
     gpus = data["gpus"]
     if not isinstance(gpus, list):
         raise PushError("gpus", "must be a list")
@@ -132,8 +135,8 @@ def validate(data):
         if gpu["index"] in seen:
             raise PushError(f"gpus[{i}].index", f"{gpu['index']} is used twice")
         seen.add(gpu["index"])
-    top = _object(data, {"host": _string, "sampledAt": _number(0, 1e11)}, "")
+    top = _object(data, {"host": _string, "sampledAt": _number(0, 1e11), "error": _string}, "")
     agent = data.get("agent")
-    return {"host": top.get("host"), "sampledAt": top.get("sampledAt"),
+    return {"host": top.get("host"), "sampledAt": top.get("sampledAt"), "error": top.get("error"),
             "agent": None if agent is None else _object(agent, AGENT_FIELDS, "agent"),
             "gpus": checked}

@@ -87,3 +87,9 @@ def test_malformed_bodies_are_refused(body, field):
 def test_missing_index_is_the_position():
     push = check({"gpus": [{"name": "a"}, {"name": "b"}]})
     assert [g["index"] for g in push["gpus"]] == [0, 1]
+
+
+def test_a_sample_that_failed_whole_carries_its_error():
+    push = check({"gpus": [], "error": "nvidia-smi failed (exit 9): NVIDIA-SMI has failed"})
+    assert push["gpus"] == [] and push["error"].startswith("nvidia-smi failed")
+    assert refused({"gpus": [], "error": 9}).field == "error"

@@ -1,0 +1,481 @@
+#!/usr/bin/env python3
+"""GPU Stats agent: read this PC's NVIDIA GPUs and push them to the dashboard server.
+
+Copy this one file to each GPU PC. Needs: requests, nvidia-ml-py and/or GPUtil (with
+setuptools on Python 3.12+), python-dotenv (optional). See requirements-agent.txt.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+VERSION = "1.0.0"
+BACKOFF_CAP_S = 30.0
+SMI_TIMEOUT_S = 10.0
+HTTP_TIMEOUT_S = (5.0, 10.0)  # connect, read
+log = logging.getLogger("agent")
+
+# Payload field -> nvidia-smi --query-gpu field (gpustat's habit: the tool's own names).
+SMI_FIELDS = {
+    "index": "index", "uuid": "uuid", "name": "name", "driverVersion": "driver_version",
+    "utilizationGpu": "utilization.gpu", "utilizationMemory": "utilization.memory",
+    "memoryTotal": "memory.total", "memoryUsed": "memory.used", "memoryFree": "memory.free",
+    "temperatureGpu": "temperature.gpu", "temperatureMemory": "temperature.memory",
+    "powerDraw": "power.draw", "powerLimit": "power.limit", "fanSpeed": "fan.speed",
+    "clockCore": "clocks.current.graphics", "clockMemory": "clocks.current.memory", "pstate": "pstate",
+}
+TEXT_FIELDS = {"uuid", "name", "driverVersion", "pstate"}
+# What GPUtil does not read; the gputil backend asks nvidia-smi for these in one extra call.
+GPUTIL_LACKS = ("index", "uuid", "utilizationMemory", "temperatureMemory", "powerDraw",
+                "powerLimit", "fanSpeed", "clockCore", "clockMemory", "pstate")
+# The query GPUtil 1.4 runs, read directly when GPUtil itself crashes on its output.
+GPUTIL_QUERY = ("index", "uuid", "utilizationGpu", "memoryTotal", "memoryUsed", "memoryFree",
+                "driverVersion", "name", "temperatureGpu")
+# nvidia-smi prints these for a value it cannot give; they all mean null, never 0.
+NOT_REPORTED = {"n/a", "[n/a]", "[not supported]", "[unknown error]", "[gpu is lost]",
+                "[requested functionality has been deprecated]", "[insufficient permissions]",
+                "nan", "", "not supported"}
+GPU_ERRORS = {"[unknown error]": "Unknown Error", "[gpu is lost]": "GPU is lost"}
+
+
+class GpuReadError(Exception):
+    """The GPUs could not be read at all; the message is one line for the user."""
+
+
+class Refused(Exception):
+    """The server refused in a way retrying cannot fix (bad key, wrong URL)."""
+
+
+class Retry(Exception):
+    """The push failed for now; `after` is the server's Retry-After, if any."""
+
+    def __init__(self, message, after=None):
+        super().__init__(message)
+        self.after = after
+
+
+# ---- parsing nvidia-smi ---------------------------------------------------------------
+
+def parse_value(text):
+    """Turn one nvidia-smi value into a number, a string or None for 'not reported'."""
+    text = text.strip()
+    if text.lower() in NOT_REPORTED:
+        return None
+    number = text.split(" ")[0] if text.endswith(("MiB", "%", "W", "MHz")) else text
+    try:
+        value = float(number)
+    except ValueError:
+        return text
+    if not math.isfinite(value):
+        return None
+    return int(value) if value.is_integer() else value
+
+
+def parse_query(output, names):
+    """Parse `--query-gpu` CSV (noheader, nounits) into ({index: gpu}, [error lines])."""
+    gpus, errors = {}, []
+    for line in output.splitlines():
+        if not line.strip():
+            continue
+        values = [v.strip() for v in line.split(", ")]
+        if len(values) != len(names) or ("index" in names and not values[names.index("index")].isdigit()):
+            errors.append(line.strip())  # e.g. "Unable to determine the device handle for GPU ..."
+            continue
+        gpu = {}
+        for name, raw in zip(names, values):
+            if raw.lower() in GPU_ERRORS:
+                gpu["error"] = GPU_ERRORS[raw.lower()]
+            value = parse_value(raw)
+            gpu[name] = str(value) if name in TEXT_FIELDS and value is not None else value
+        if "memoryTotal" in gpu and not gpu["memoryTotal"]:
+            gpu["memoryTotal"] = None  # a zero total is a GPU that did not report, not 0 MiB
+        gpus[gpu.get("index", len(gpus))] = gpu
+    return gpus, errors
+
+
+def run_nvidia_smi(names, timeout=SMI_TIMEOUT_S, run=subprocess.run):
+    """Run one --query-gpu for payload fields `names`; return its parsed rows and error lines."""
+    args = ["nvidia-smi", "--query-gpu=" + ",".join(SMI_FIELDS[n] for n in names),
+            "--format=csv,noheader,nounits"]
+    try:
+        done = run(args, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise GpuReadError("nvidia-smi is not installed or not on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise GpuReadError(f"nvidia-smi did not answer within {timeout:g} s") from None
+    except OSError as error:
+        raise GpuReadError(f"nvidia-smi could not run: {error}") from None
+    gpus, errors = parse_query(done.stdout, names)
+    if done.returncode != 0 and not gpus:
+        message = (done.stdout + done.stderr).strip().splitlines() or ["no output"]
+        raise GpuReadError(f"nvidia-smi failed (exit {done.returncode}): {message[0]}")
+    return gpus, errors
+
+
+# ---- backends ---------------------------------------------------------------------------
+
+def _broken(errors, first_index):
+    """Turn nvidia-smi's per-GPU error lines into GPU entries with an error and nulls."""
+    return [{"index": first_index + i, "error": line[:128]} for i, line in enumerate(errors)]
+
+
+class GputilBackend:
+    """GPUtil for the basics, plus one nvidia-smi query (with a timeout) for the rest."""
+
+    name = "gputil"
+
+    def __init__(self, gputil=None, run=subprocess.run, timeout=SMI_TIMEOUT_S):
+        if gputil is None:
+            import GPUtil as gputil  # noqa: N813 (needs setuptools on Python 3.12+: distutils)
+        self.gputil, self.run, self.timeout = gputil, run, timeout
+
+    def sample(self):
+        # Asked first, with a timeout: GPUtil has none and would hang on a hung nvidia-smi.
+        extra, errors = run_nvidia_smi(GPUTIL_LACKS, self.timeout, self.run)
+        try:
+            basics = {g.id: {"index": g.id, "uuid": g.uuid, "name": g.name,
+                             "driverVersion": g.driver, "utilizationGpu": _finite(g.load * 100),
+                             "memoryTotal": _finite(g.memoryTotal) or None,
+                             "memoryUsed": _finite(g.memoryUsed), "memoryFree": _finite(g.memoryFree),
+                             "temperatureGpu": _finite(g.temperature)} for g in self.gputil.getGPUs()}
+        except (ValueError, ZeroDivisionError, IndexError) as error:
+            # GPUtil crashes on error lines and divides by a zero memory total (gputil#26).
+            log.debug("GPUtil failed (%r); reading its query directly", error)
+            basics, _ = run_nvidia_smi(GPUTIL_QUERY, self.timeout, self.run)
+        gpus = []
+        for index, row in sorted(extra.items()):
+            gpu = {"vendor": "NVIDIA", **basics.get(index, {})}
+            gpu.update((k, v) for k, v in row.items() if v is not None or k not in gpu)
+            gpus.append(gpu)
+        return gpus + _broken(errors, len(extra))
+
+
+def _finite(value):
+    """Return a GPUtil number rounded to 0.01, whole ones as int; NaN (its 'not reported') as None."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    value = round(value, 2)
+    return int(value) if value.is_integer() else value
+
+
+class NvmlBackend:
+    """NVML through nvidia-ml-py: no subprocess, and processes, power, fans and clocks."""
+
+    name = "nvml"
+
+    def __init__(self, nvml=None):
+        if nvml is None:
+            import pynvml as nvml
+        self.nvml = nvml
+        try:
+            nvml.nvmlInit()
+        except nvml.NVMLError as error:
+            raise GpuReadError(f"NVML could not start: {error}") from None
+        self.driver = self._read(nvml.nvmlSystemGetDriverVersion)
+
+    def _read(self, getter, *args):
+        """Call an NVML getter; NotSupported and every other NVMLError mean null."""
+        try:
+            value = getter(*args)
+        except self.nvml.NVMLError:
+            return None
+        return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+    def sample(self):
+        nvml = self.nvml
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        except nvml.NVMLError as error:
+            raise GpuReadError(f"NVML could not count GPUs: {error}") from None
+        return [self._gpu(index) for index in range(count)]
+
+    def _gpu(self, index):
+        nvml, read = self.nvml, self._read
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        except nvml.NVMLError as error:
+            return {"index": index, "error": f"NVML: {error}"}
+        rates = read(nvml.nvmlDeviceGetUtilizationRates, handle)  # NotSupported on MIG GPUs
+        memory = read(nvml.nvmlDeviceGetMemoryInfo, handle)
+        power, limit = read(nvml.nvmlDeviceGetPowerUsage, handle), read(nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+        pstate = read(nvml.nvmlDeviceGetPerformanceState, handle)
+        gpu = {"index": index, "uuid": read(nvml.nvmlDeviceGetUUID, handle),
+               "name": read(nvml.nvmlDeviceGetName, handle), "vendor": "NVIDIA", "driverVersion": self.driver,
+               "utilizationGpu": rates.gpu if rates else None, "utilizationMemory": rates.memory if rates else None,
+               "memoryTotal": _mib(memory.total) if memory and memory.total else None,
+               "memoryUsed": _mib(memory.used) if memory and memory.total else None,
+               "memoryFree": _mib(memory.free) if memory and memory.total else None,
+               "temperatureGpu": read(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU),
+               "temperatureMemory": self._memory_temperature(handle),
+               "powerDraw": round(power / 1000, 1) if power is not None else None,
+               "powerLimit": round(limit / 1000, 1) if limit is not None else None,
+               "fanSpeed": read(nvml.nvmlDeviceGetFanSpeed, handle),
+               "clockCore": read(nvml.nvmlDeviceGetClockInfo, handle, nvml.NVML_CLOCK_GRAPHICS),
+               "clockMemory": read(nvml.nvmlDeviceGetClockInfo, handle, nvml.NVML_CLOCK_MEM),
+               "pstate": f"P{pstate}" if isinstance(pstate, int) and 0 <= pstate < 32 else None,
+               "processes": self._processes(handle)}
+        if all(gpu[k] is None for k in ("name", "utilizationGpu", "memoryTotal", "temperatureGpu")):
+            gpu["error"] = "NVML could not read this GPU"
+        return gpu
+
+    def _memory_temperature(self, handle):
+        values = self._read(self.nvml.nvmlDeviceGetFieldValues, handle, [self.nvml.NVML_FI_DEV_MEMORY_TEMP])
+        if not values or values[0].nvmlReturn != 0:
+            return None
+        return values[0].value.uiVal or None
+
+    def _processes(self, handle):
+        found = {}
+        for getter in (self.nvml.nvmlDeviceGetComputeRunningProcesses,
+                       self.nvml.nvmlDeviceGetGraphicsRunningProcesses):
+            for proc in self._read(getter, handle) or ():
+                name = self._read(self.nvml.nvmlSystemGetProcessName, proc.pid) or ""
+                used = proc.usedGpuMemory  # None where the OS hides it (Windows WDDM)
+                found[proc.pid] = {"pid": proc.pid, "name": name.replace("\\", "/").rsplit("/", 1)[-1],
+                                   "memoryUsed": _mib(used) if isinstance(used, int) else None}
+        return sorted(found.values(), key=lambda p: -(p["memoryUsed"] or 0))[:64]
+
+
+def _mib(n_bytes):
+    return round(n_bytes / (1 << 20))
+
+
+class SimulatedBackend:
+    """Made-up GPUs with plausible moving numbers, for demos and machines with no GPU."""
+
+    name = "simulated"
+
+    def __init__(self, count, seed=None, clock=time.time):
+        self.rng, self.clock = random.Random(seed), clock
+        self.load = [self.rng.uniform(10, 90) for _ in range(count)]
+
+    def sample(self):
+        gpus = []
+        for index, load in enumerate(self.load):
+            load = min(100.0, max(0.0, load + self.rng.gauss(0, 8)))
+            self.load[index] = load
+            temp = 35 + load * 0.45
+            gpus.append({"index": index, "uuid": f"GPU-SIMULATED-{socket.gethostname()}-{index}"[:128],
+                         "name": "Simulated GeForce RTX 4090", "vendor": "NVIDIA", "driverVersion": "560.94",
+                         "utilizationGpu": round(load), "utilizationMemory": round(load * 0.6),
+                         "memoryTotal": 24564, "memoryUsed": round(2000 + load * 180),
+                         "memoryFree": 24564 - round(2000 + load * 180),
+                         "temperatureGpu": round(temp), "temperatureMemory": None,
+                         "powerDraw": round(30 + load * 4.1, 1), "powerLimit": 450.0,
+                         "fanSpeed": round(max(0.0, (temp - 40) * 2)), "clockCore": round(210 + load * 23),
+                         "clockMemory": 10501, "pstate": "P2" if load > 5 else "P8",
+                         "processes": [{"pid": 4242 + index, "name": "python", "memoryUsed": round(load * 170)}]})
+        return gpus
+
+
+def open_backend(choice, simulate=0, nvml=None, gputil=None, run=subprocess.run):
+    """Return the backend to read GPUs with; `auto` falls back to GPUtil when NVML cannot load."""
+    if simulate:
+        return SimulatedBackend(simulate)
+    if choice in ("auto", "nvml"):
+        try:
+            return NvmlBackend(nvml)
+        except (ImportError, OSError, GpuReadError) as error:
+            if choice == "nvml":
+                raise GpuReadError(f"NVML backend unavailable: {error}") from None
+            log.info("NVML unavailable (%s); using GPUtil and nvidia-smi", error)
+    try:
+        return GputilBackend(gputil, run)
+    except ImportError as error:
+        raise GpuReadError(f"GPUtil backend unavailable: {error} (pip install GPUtil setuptools)") from None
+
+
+# ---- pushing ----------------------------------------------------------------------------
+
+class Pusher:
+    """POST payloads to the server through one keep-alive session."""
+
+    def __init__(self, url, key, session=None):
+        if session is None:
+            import requests
+            session = requests.Session()
+        self.url, self.session = url, session
+        self.session.headers.update({"Authorization": f"Bearer {key}", "Content-Type": "application/json",
+                                     "User-Agent": f"gpu-stats-agent/{VERSION}"})
+
+    def push(self, payload):
+        """Send one payload; raise Retry for what may pass, Refused for what will not."""
+        try:
+            answer = self.session.post(self.url, data=json.dumps(payload, allow_nan=False),
+                                       timeout=HTTP_TIMEOUT_S)
+        except Exception as error:  # requests' ConnectionError, Timeout and friends
+            raise Retry(f"server unreachable: {type(error).__name__}") from None
+        if answer.status_code == 200:
+            return answer
+        detail = _error_text(answer)
+        if answer.status_code in (401, 403):
+            raise Refused(f"the server refused the device key ({answer.status_code}: {detail})")
+        if answer.status_code == 404:
+            raise Refused(f"nothing at {self.url} (404): the URL should end in /push-sse")
+        if answer.status_code == 429 or answer.status_code >= 500:
+            raise Retry(f"server answered {answer.status_code}: {detail}", _retry_after(answer))
+        raise Retry(f"server rejected the sample ({answer.status_code}: {detail})")
+
+
+def _error_text(answer):
+    try:
+        return str(answer.json().get("error"))[:200]
+    except ValueError:
+        return answer.text.strip()[:200] or answer.reason
+
+
+def _retry_after(answer):
+    try:
+        return max(0.0, float(answer.headers.get("Retry-After", "")))
+    except ValueError:
+        return None
+
+
+def backoff_s(failures, interval, retry_after=None, rng=random.random):
+    """Exponential backoff with jitter, capped, and never shorter than Retry-After."""
+    delay = min(BACKOFF_CAP_S, interval * 2 ** min(failures, 16)) * (0.5 + rng() / 2)
+    return min(BACKOFF_CAP_S, max(delay, retry_after or 0.0))
+
+
+def build_payload(backend, clock=time.time):
+    """Sample the GPUs once; a sample that fails whole carries `error` and no GPUs."""
+    sampled_at = clock()
+    try:
+        gpus, error = backend.sample(), None
+    except GpuReadError as failure:
+        gpus, error = [], str(failure)
+    payload = {"host": socket.gethostname(), "sampledAt": round(sampled_at, 3),
+               "agent": {"version": VERSION, "backend": backend.name,
+                         "simulated": backend.name == "simulated"},
+               "gpus": gpus}
+    if error:
+        payload["error"] = error  # the server keeps the first 128 characters
+    return payload
+
+
+class StateLog:
+    """Log a line when a condition changes, not on every interval."""
+
+    def __init__(self):
+        self.states = {}
+
+    def set(self, topic, problem):
+        if self.states.get(topic) == problem:
+            return
+        if problem:
+            log.warning("%s", problem)
+        elif self.states.get(topic):
+            log.info("%s recovered", topic)
+        self.states[topic] = problem
+
+
+def run_loop(backend, pusher, interval, clock=time.monotonic, sleep=time.sleep, stop=lambda: False):
+    """Sample and push forever; back off on failures; always send the newest sample."""
+    states, failures = StateLog(), 0
+    while not stop():
+        started = clock()
+        payload = build_payload(backend)
+        states.set("GPU reading", payload.get("error") and f"cannot read GPUs: {payload['error']}")
+        try:
+            pusher.push(payload)
+            failures, wait = 0, interval
+            states.set("server", None)
+        except Retry as problem:
+            failures += 1
+            wait = backoff_s(failures, interval, problem.after)
+            states.set("server", f"{problem}; retrying with backoff (up to {BACKOFF_CAP_S:g} s)")
+        sleep(max(0.0, started + wait - clock()))
+
+
+# ---- settings and main --------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Print one line naming the bad setting, no usage dump; exit 2."""
+        self.exit(2, f"agent: {message}\n")
+
+
+def settings_from(argv, environ):
+    """Parse flags over the environment over the .env beside this file."""
+    env = {}
+    try:
+        from dotenv import dotenv_values
+        env = {k: v for k, v in dotenv_values(Path(__file__).with_name(".env")).items() if v is not None}
+    except ImportError:
+        pass
+    env.update(environ)
+    parser = _Parser(description="Push this PC's NVIDIA GPU stats to a GPU Stats Dashboard.")
+    parser.add_argument("--url", default=env.get("PUSH_URL") or env.get("DROPLET_PUSH_URL"),
+                        help="server push URL, like http://host:3000/push-sse (PUSH_URL)")
+    parser.add_argument("--key", default=env.get("DEVICE_KEY"), help="this device's key (DEVICE_KEY)")
+    parser.add_argument("--interval", type=float, default=env.get("PUSH_INTERVAL_S", "2"),
+                        help="seconds between samples (PUSH_INTERVAL_S, default 2)")
+    parser.add_argument("--backend", choices=["auto", "nvml", "gputil"], default="auto")
+    parser.add_argument("--once", action="store_true", help="send one sample, then exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the JSON payload instead of posting")
+    parser.add_argument("--simulate", type=int, default=0, metavar="N", help="send N made-up GPUs")
+    parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    args = parser.parse_args(argv)
+    if not 0.2 <= args.interval <= 3600:
+        parser.error(f"--interval/PUSH_INTERVAL_S: {args.interval:g} must be from 0.2 to 3600 seconds")
+    if not 0 <= args.simulate <= 64:
+        parser.error("--simulate: N must be from 0 to 64")
+    if not args.dry_run:
+        if not args.url:
+            parser.error("PUSH_URL is not set: pass --url http://SERVER:3000/push-sse or set PUSH_URL")
+        parts = urlsplit(args.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            parser.error(f"PUSH_URL: {args.url!r} is not an http:// or https:// URL with a host")
+        if not args.key:
+            parser.error("DEVICE_KEY is not set: pass --key KEY or set DEVICE_KEY (the server's DEVICE_KEYS)")
+    return args
+
+
+def main(argv=None, environ=None):
+    """Run the agent; the one place that turns failures into a message and an exit code."""
+    args = settings_from(sys.argv[1:] if argv is None else argv, os.environ if environ is None else environ)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s agent %(levelname)s: %(message)s")
+    try:
+        backend = open_backend(args.backend, args.simulate)
+        if args.once or args.dry_run:
+            payload = build_payload(backend)
+            if args.dry_run:
+                print(json.dumps(payload, indent=2, allow_nan=False))
+            if payload.get("error"):
+                print(f"agent: cannot read GPUs: {payload['error']}", file=sys.stderr)
+                return 1
+            if not args.dry_run:
+                Pusher(args.url, args.key).push(payload)
+            return 0
+        log.info("pushing %s GPU stats to %s every %g s", backend.name, args.url, args.interval)
+        run_loop(backend, Pusher(args.url, args.key), args.interval)
+    except GpuReadError as error:
+        print(f"agent: cannot read GPUs: {error}", file=sys.stderr)
+        return 1
+    except Retry as error:
+        print(f"agent: {error}", file=sys.stderr)
+        return 1
+    except Refused as error:
+        print(f"agent: {error}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 0
+    except Exception as error:  # last resort: one line, traceback only under --debug
+        if args.debug:
+            raise
+        print(f"agent: unexpected error: {type(error).__name__}: {error} (run with --debug)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

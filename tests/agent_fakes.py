@@ -1,0 +1,91 @@
+"""Fakes for the agent's GPU edges: a fake nvidia-smi on PATH, and a fake NVML module."""
+import json
+import os
+import types
+from pathlib import Path
+
+import pynvml
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FAKE_BIN = FIXTURES / "bin"
+L40S = "03-l40s-query-gpu-csv-595.txt"
+RTX2080S = "05-windows-rtx2080super-query-gpu-csv-591.txt"
+H100_MIG = "h100-mig-query-from-01-table.txt"
+DRIVER_NOT_LOADED = "10-driver-not-loaded-gputil26.txt"
+NO_GPUS = "12-no-supported-gpus-exit255.txt"
+
+
+class FakeSmi:
+    """Puts the fake nvidia-smi first on PATH and writes its scenario file."""
+
+    def __init__(self, tmp_path, monkeypatch):
+        self.path = tmp_path / "nvidia-smi-scenario.json"
+        self.log = tmp_path / "nvidia-smi-calls.log"
+        monkeypatch.setenv("PATH", f"{FAKE_BIN}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setenv("FAKE_NVIDIA_SMI", str(self.path))
+        self.set(gpus=[L40S])
+
+    def set(self, **scenario):
+        self.path.write_text(json.dumps({"log": str(self.log), **scenario}))
+
+    def calls(self):
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+
+def nvml_module(gpus, driver=b"560.94", fail_init=None):
+    """Return a module with nvidia-ml-py's names whose GPUs are `gpus` (dicts of readings).
+
+    A reading that is an NVMLError class is raised, as the real binding does.
+    """
+    def get(handle, key):
+        value = gpus[handle][key]
+        if isinstance(value, type) and issubclass(value, pynvml.NVMLError):
+            raise value()
+        return value
+
+    def init():
+        if fail_init:
+            raise fail_init()
+
+    def handle_by_index(index):
+        if gpus[index] is pynvml.NVMLError_GpuIsLost:
+            raise pynvml.NVMLError_GpuIsLost()
+        return index
+
+    def field_values(handle, ids):
+        value = types.SimpleNamespace(uiVal=gpus[handle].get("memTemp", 0))
+        return [types.SimpleNamespace(nvmlReturn=0 if "memTemp" in gpus[handle] else pynvml.NVML_ERROR_NOT_SUPPORTED,
+                                      value=value)]
+    module = types.SimpleNamespace(
+        NVMLError=pynvml.NVMLError, NVML_TEMPERATURE_GPU=pynvml.NVML_TEMPERATURE_GPU,
+        NVML_CLOCK_GRAPHICS=pynvml.NVML_CLOCK_GRAPHICS, NVML_CLOCK_MEM=pynvml.NVML_CLOCK_MEM,
+        NVML_FI_DEV_MEMORY_TEMP=pynvml.NVML_FI_DEV_MEMORY_TEMP,
+        nvmlInit=init, nvmlSystemGetDriverVersion=lambda: driver,
+        nvmlDeviceGetCount=lambda: len(gpus), nvmlDeviceGetHandleByIndex=handle_by_index,
+        nvmlDeviceGetName=lambda h: get(h, "name"), nvmlDeviceGetUUID=lambda h: get(h, "uuid"),
+        nvmlDeviceGetUtilizationRates=lambda h: get(h, "rates"),
+        nvmlDeviceGetMemoryInfo=lambda h: get(h, "memory"),
+        nvmlDeviceGetTemperature=lambda h, sensor: get(h, "temp"),
+        nvmlDeviceGetFieldValues=field_values,
+        nvmlDeviceGetPowerUsage=lambda h: get(h, "power_mw"),
+        nvmlDeviceGetEnforcedPowerLimit=lambda h: get(h, "limit_mw"),
+        nvmlDeviceGetFanSpeed=lambda h: get(h, "fan"),
+        nvmlDeviceGetClockInfo=lambda h, kind: get(h, "clocks")[kind],
+        nvmlDeviceGetPerformanceState=lambda h: get(h, "pstate"),
+        nvmlDeviceGetComputeRunningProcesses=lambda h: get(h, "compute"),
+        nvmlDeviceGetGraphicsRunningProcesses=lambda h: get(h, "graphics"),
+        nvmlSystemGetProcessName=lambda pid: {4242: b"/usr/bin/python3", 77: b"C:\\Games\\game.exe"}[pid],
+    )
+    return module
+
+
+def nvml_gpu(**overrides):
+    """Readings of an RTX 3080 under load, as nvidia-ml-py returns them (bytes, mW, B)."""
+    gib = 1 << 30
+    return {"name": "NVIDIA GeForce RTX 3080", "uuid": "GPU-5a1c0000-0000-0000-0000-000000000000",
+            "rates": types.SimpleNamespace(gpu=80, memory=41),
+            "memory": types.SimpleNamespace(total=10 * gib, used=6 * gib, free=4 * gib),
+            "temp": 65, "power_mw": 220500, "limit_mw": 320000, "fan": 55,
+            "clocks": {pynvml.NVML_CLOCK_GRAPHICS: 1905, pynvml.NVML_CLOCK_MEM: 9501}, "pstate": 2,
+            "compute": [types.SimpleNamespace(pid=4242, usedGpuMemory=2 * gib)],
+            "graphics": [types.SimpleNamespace(pid=77, usedGpuMemory=None)], **overrides}

@@ -1,0 +1,157 @@
+"""Reading GPUs: the nvidia-smi parser on real captures, GPUtil through a fake nvidia-smi, NVML."""
+import pynvml
+import pytest
+
+import agent
+from agent_fakes import (DRIVER_NOT_LOADED, FIXTURES, H100_MIG, L40S, NO_GPUS, RTX2080S, FakeSmi,
+                         nvml_gpu, nvml_module)
+
+
+@pytest.fixture
+def smi(tmp_path, monkeypatch):
+    return FakeSmi(tmp_path, monkeypatch)
+
+
+def gputil(**kwargs):
+    return agent.GputilBackend(**kwargs)
+
+
+# ---- the parser, on captured output --------------------------------------------------------
+
+@pytest.mark.parametrize("raw,value", [
+    ("65", 65), ("220.50", 220.5), ("[N/A]", None), ("N/A", None), ("[Not Supported]", None),
+    ("[Unknown Error]", None), ("[Requested functionality has been deprecated]", None),
+    ("nan", None), ("46068 MiB", 46068), ("100 %", 100), ("P2", "P2"),
+])
+def test_every_sentinel_means_null(raw, value):
+    assert agent.parse_value(raw) == value
+
+
+def test_parse_query_reads_a_real_noheader_nounits_line():
+    # Ricks-Lab/gpu-utils#83: GeForce RTX 2080, driver 440.64; temperature.memory is bare N/A.
+    capture = FIXTURES / "nvidia-smi" / "08-rtx2080-csv-noheader-nounits-440.txt"
+    line = [l for l in capture.read_text().splitlines() if l and not l.startswith("#")][0]
+    names = ["powerLimit", "powerMin", "powerMax", "memoryTotal", "vbios", "driverVersion", "name", "uuid",
+             "powerDraw", "temperatureGpu", "temperatureMemory", "clockCore", "clockSm", "clockMemory",
+             "utilizationGpu", "utilizationMemory", "fanSpeed", "pcieWidth", "pstate"]
+    gpus, errors = agent.parse_query(line, names)
+    gpu = gpus[0]
+    assert errors == []
+    assert (gpu["powerDraw"], gpu["temperatureMemory"], gpu["utilizationGpu"], gpu["pstate"]) == (176.98, None, 86, "P2")
+    assert gpu["driverVersion"] == "440.64" and gpu["name"] == "GeForce RTX 2080"
+
+
+def test_error_lines_become_errors_not_rows():
+    output = ("0, 65, 100\nUnable to determine the device handle for GPU 0000:0B:00.0: Unknown Error\n"
+              "2, 40, 7\n")
+    gpus, errors = agent.parse_query(output, ["index", "temperatureGpu", "utilizationGpu"])
+    assert sorted(gpus) == [0, 2] and errors[0].startswith("Unable to determine")
+
+
+# ---- the gputil backend: real GPUtil, real subprocess, fake nvidia-smi ------------------------
+
+def test_gputil_backend_gives_the_full_payload_from_a_real_capture(smi):
+    smi.set(gpus=[L40S])
+    [gpu] = gputil().sample()
+    assert gpu == {"index": 0, "uuid": "GPU-00000000-0000-0000-0000-000000000000", "name": "NVIDIA L40S",
+                   "vendor": "NVIDIA", "driverVersion": "595.80", "utilizationGpu": 100,
+                   "utilizationMemory": 9, "memoryTotal": 46068, "memoryUsed": 0, "memoryFree": 45460,
+                   "temperatureGpu": 63, "temperatureMemory": None, "powerDraw": 144.97,
+                   "powerLimit": 350, "fanSpeed": None, "clockCore": 2520, "clockMemory": 9001,
+                   "pstate": "P0"}
+    # One extra query for what GPUtil lacks, one by GPUtil itself: two calls, no more.
+    assert len(smi.calls()) == 2
+
+
+def test_mig_gpu_reports_null_utilization_not_zero(smi):
+    smi.set(gpus=[H100_MIG])
+    [gpu] = gputil().sample()
+    assert gpu["name"] == "NVIDIA H100 80GB HBM3"
+    assert gpu["utilizationGpu"] is None and gpu["utilizationMemory"] is None and gpu["fanSpeed"] is None
+    assert gpu["memoryTotal"] == 81559 and gpu["powerDraw"] == 98
+
+
+def test_a_lost_gpu_goes_out_with_an_error_while_the_others_still_report(smi):
+    smi.set(gpus=[L40S, "lost:0000:0B:00.0", RTX2080S])
+    gpus = gputil().sample()
+    assert [g["name"] for g in gpus[:2]] == ["NVIDIA L40S", "NVIDIA GeForce RTX 2080 SUPER"]
+    assert gpus[1]["utilizationGpu"] == 7 and gpus[1]["fanSpeed"] == 38
+    assert "Unknown Error" in gpus[2]["error"] and "utilizationGpu" not in gpus[2]
+
+
+@pytest.mark.parametrize("total", ["0 MiB", "[N/A]"])
+def test_zero_or_unknown_memory_total_is_null_and_the_other_gpu_survives(smi, total):
+    # GPUtil divides by memory.total: 0 crashed it (ZeroDivisionError), [N/A] gave NaN.
+    smi.set(gpus=[L40S, RTX2080S], set={"0": {"memory.total": total}})
+    gpus = gputil().sample()
+    assert gpus[0]["memoryTotal"] is None and gpus[0]["name"] == "NVIDIA L40S"
+    assert gpus[1]["memoryTotal"] == 8192 and gpus[1]["utilizationGpu"] == 7
+
+
+@pytest.mark.parametrize("capture,message", [
+    (DRIVER_NOT_LOADED, "nvidia-smi failed (exit 9): NVIDIA-SMI has failed because it couldn't communicate"),
+    (NO_GPUS, "nvidia-smi failed (exit 255): Failed to initialize NVML: No supported GPUs were found"),
+])
+def test_nvidia_smi_failures_are_one_clear_error(smi, capture, message):
+    # GPUtil itself raises ValueError on this output (anderskm/gputil#26).
+    smi.set(fail=capture)
+    with pytest.raises(agent.GpuReadError) as error:
+        gputil().sample()
+    assert str(error.value).startswith(message)
+
+
+def test_a_hung_nvidia_smi_times_out_and_gputil_is_never_called(smi):
+    smi.set(hang=True)
+    with pytest.raises(agent.GpuReadError, match="did not answer within 0.5 s"):
+        gputil(timeout=0.5).sample()
+    assert len(smi.calls()) == 1
+
+
+def test_missing_nvidia_smi_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(agent.GpuReadError, match="nvidia-smi is not installed or not on PATH"):
+        gputil().sample()
+
+
+def test_auto_falls_back_to_gputil_when_nvml_cannot_load(smi):
+    nvml = nvml_module([], fail_init=pynvml.NVMLError_LibraryNotFound)
+    backend = agent.open_backend("auto", nvml=nvml)
+    assert backend.name == "gputil" and backend.sample()[0]["name"] == "NVIDIA L40S"
+    with pytest.raises(agent.GpuReadError, match="NVML backend unavailable"):
+        agent.open_backend("nvml", nvml=nvml)
+
+
+# ---- the NVML backend against a module with nvidia-ml-py's names and errors ------------------
+
+def test_nvml_backend_reads_everything_in_the_payload_units():
+    [gpu] = agent.NvmlBackend(nvml_module([nvml_gpu(memTemp=72)])).sample()
+    assert gpu == {"index": 0, "uuid": "GPU-5a1c0000-0000-0000-0000-000000000000",
+                   "name": "NVIDIA GeForce RTX 3080", "vendor": "NVIDIA", "driverVersion": "560.94",
+                   "utilizationGpu": 80, "utilizationMemory": 41, "memoryTotal": 10240, "memoryUsed": 6144,
+                   "memoryFree": 4096, "temperatureGpu": 65, "temperatureMemory": 72, "powerDraw": 220.5,
+                   "powerLimit": 320.0, "fanSpeed": 55, "clockCore": 1905, "clockMemory": 9501,
+                   "pstate": "P2", "processes": [{"pid": 4242, "name": "python3", "memoryUsed": 2048},
+                                                 {"pid": 77, "name": "game.exe", "memoryUsed": None}]}
+
+
+def test_nvml_not_supported_means_null_as_on_mig_and_passive_cards():
+    gpu = nvml_gpu(rates=pynvml.NVMLError_NotSupported, fan=pynvml.NVMLError_NotSupported,
+                   power_mw=pynvml.NVMLError_NotSupported, compute=pynvml.NVMLError_NoPermission)
+    [read] = agent.NvmlBackend(nvml_module([gpu])).sample()
+    assert (read["utilizationGpu"], read["fanSpeed"], read["powerDraw"], read["temperatureMemory"]) == (None,) * 4
+    assert read["temperatureGpu"] == 65 and read["processes"] == [{"pid": 77, "name": "game.exe", "memoryUsed": None}]
+
+
+def test_nvml_lost_gpu_is_an_error_entry_and_the_others_report():
+    gpus = agent.NvmlBackend(nvml_module([nvml_gpu(), pynvml.NVMLError_GpuIsLost, nvml_gpu()])).sample()
+    assert [g.get("error") for g in gpus] == [None, "NVML: GPU is lost", None]
+    assert gpus[2]["utilizationGpu"] == 80
+
+
+def test_simulated_gpus_move_and_stay_in_range():
+    backend = agent.SimulatedBackend(3, seed=1)
+    first, second = backend.sample(), backend.sample()
+    assert len(first) == 3 and first != second
+    for gpu in first + second:
+        assert 0 <= gpu["utilizationGpu"] <= 100 and 0 <= gpu["fanSpeed"] <= 100
+        assert gpu["memoryUsed"] + gpu["memoryFree"] == gpu["memoryTotal"]
