@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BENCH_ARGS ?=
 
-.PHONY: run test bench venv clean
+.PHONY: run demo test bench bench-agent venv clean
 
 $(VENV)/.installed: requirements.txt requirements-agent.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,30 @@ run: venv
 	@export PATH="$(abspath $(VENV))/bin:$$PATH" PORT="$${PORT:-$$($(PY) config.py --port)}"; \
 	cmd=$$(sed -n 's/^web: //p' Procfile); echo "+ $$cmd"; exec sh -c "exec $$cmd"
 
+# The server plus three simulated agents with their own fresh keys: a live fleet, no GPU needed.
+demo: venv
+	@export PATH="$(abspath $(VENV))/bin:$$PATH" PORT="$${PORT:-$$($(PY) config.py --port)}"; \
+	k1=$$($(PY) config.py --new-key); k2=$$($(PY) config.py --new-key); k3=$$($(PY) config.py --new-key); \
+	export DEVICE_KEYS="render-box:$$k1,workstation:$$k2,lab-rig:$$k3"; \
+	cmd=$$(sed -n 's/^web: //p' Procfile); sh -c "exec $$cmd" & server=$$!; \
+	trap 'kill $$server $$agents 2>/dev/null; wait' EXIT INT TERM; \
+	until $(PY) -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$$PORT/healthz', timeout=1)" 2>/dev/null; do \
+		kill -0 $$server 2>/dev/null || exit 1; sleep 0.3; done; \
+	url=http://127.0.0.1:$$PORT/push-sse; \
+	$(PY) agent.py --url $$url --key $$k1 --simulate 4 & agents="$$!"; \
+	$(PY) agent.py --url $$url --key $$k2 --simulate 2 & agents="$$agents $$!"; \
+	$(PY) agent.py --url $$url --key $$k3 --simulate 1 & agents="$$agents $$!"; \
+	echo "Demo fleet of 3 simulated PCs is live: open http://localhost:$$PORT/  (Ctrl-C stops it)"; \
+	wait $$server
+
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: venv
 	$(PY) bench.py $(BENCH_ARGS)
+
+bench-agent: venv
+	$(PY) bench.py --agent 200
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__

@@ -439,11 +439,27 @@ def settings_from(argv, environ):
     return args
 
 
+def _say(message):
+    """Tell the user one line: on stderr, or in agent.log under pythonw (which has none)."""
+    if sys.stderr is not None:
+        print(f"agent: {message}", file=sys.stderr)
+    else:
+        log.error("%s", message)
+
+
+def _configure_logging(debug):
+    handlers = None
+    if sys.stderr is None:  # pythonw.exe at logon: keep a small log file beside the agent
+        from logging.handlers import RotatingFileHandler
+        handlers = [RotatingFileHandler(Path(__file__).with_name("agent.log"), maxBytes=1 << 20, backupCount=1)]
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=handlers,
+                        format="%(asctime)s agent %(levelname)s: %(message)s")
+
+
 def main(argv=None, environ=None):
     """Run the agent; the one place that turns failures into a message and an exit code."""
     args = settings_from(sys.argv[1:] if argv is None else argv, os.environ if environ is None else environ)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s agent %(levelname)s: %(message)s")
+    _configure_logging(args.debug)
     try:
         backend = open_backend(args.backend, args.simulate)
         if args.once or args.dry_run:
@@ -451,7 +467,7 @@ def main(argv=None, environ=None):
             if args.dry_run:
                 print(json.dumps(payload, indent=2, allow_nan=False))
             if payload.get("error"):
-                print(f"agent: cannot read GPUs: {payload['error']}", file=sys.stderr)
+                _say(f"cannot read GPUs: {payload['error']}")
                 return 1
             if not args.dry_run:
                 Pusher(args.url, args.key).push(payload)
@@ -459,20 +475,20 @@ def main(argv=None, environ=None):
         log.info("pushing %s GPU stats to %s every %g s", backend.name, args.url, args.interval)
         run_loop(backend, Pusher(args.url, args.key), args.interval)
     except GpuReadError as error:
-        print(f"agent: cannot read GPUs: {error}", file=sys.stderr)
+        _say(f"cannot read GPUs: {error}")
         return 1
     except Retry as error:
-        print(f"agent: {error}", file=sys.stderr)
+        _say(str(error))
         return 1
     except Refused as error:
-        print(f"agent: {error}", file=sys.stderr)
+        _say(str(error))
         return 3
     except KeyboardInterrupt:
         return 0
     except Exception as error:  # last resort: one line, traceback only under --debug
         if args.debug:
             raise
-        print(f"agent: unexpected error: {type(error).__name__}: {error} (run with --debug)", file=sys.stderr)
+        _say(f"unexpected error: {type(error).__name__}: {error} (run with --debug)")
         return 1
     return 0
 

@@ -247,6 +247,28 @@ def run(target, args):
             "peak_mib": round(peak, 1), "refused_pushes": refused, "streams_closed": closed}
 
 
+def bench_agent(samples):
+    """Measure the agent's CPU per sample on the nvidia-smi path, with the tests' fake nvidia-smi."""
+    import agent
+    fixtures = ROOT / "tests" / "fixtures"
+    scenario = Path(tempfile.mkdtemp()) / "scenario.json"
+    scenario.write_text(json.dumps({"gpus": ["03-l40s-query-gpu-csv-595.txt",
+                                             "05-windows-rtx2080super-query-gpu-csv-591.txt"]}))
+    os.environ.update(FAKE_NVIDIA_SMI=str(scenario), PATH=f"{fixtures / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    backend = agent.GputilBackend()
+    for _ in range(3):
+        json.dumps(agent.build_payload(backend))
+    before, started = os.times(), time.monotonic()
+    for _ in range(samples):
+        json.dumps(agent.build_payload(backend))
+    after, wall = os.times(), time.monotonic() - started
+    own = (after.user - before.user + after.system - before.system) / samples * 1000
+    child = (after.children_user - before.children_user + after.children_system - before.children_system)
+    print(f"agent, gputil backend, 2 GPUs, {samples} samples: {own:.2f} ms CPU per sample in the agent itself, "
+          f"{child / samples * 1000:.1f} ms in the 2 nvidia-smi runs (the fake, a Python script), "
+          f"{wall / samples * 1000:.1f} ms wall per sample")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", choices=["flask-gevent", "node-seed", "both"], default="both")
@@ -260,7 +282,11 @@ def main():
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per server, interleaved; the row shows the median run")
     parser.add_argument("--json", action="store_true", help="print one JSON object per run")
+    parser.add_argument("--agent", type=int, metavar="SAMPLES", default=0,
+                        help="instead: measure the agent's CPU per sample on the nvidia-smi path")
     args = parser.parse_args()
+    if args.agent:
+        return bench_agent(args.agent)
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     targets = ["flask-gevent", "node-seed"] if args.target == "both" else [args.target]
     if "node-seed" in targets and not shutil.which("node"):
