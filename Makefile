@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BENCH_ARGS ?=
 
-.PHONY: run demo test bench bench-agent venv clean
+.PHONY: run demo test bench bench-agent screenshot venv clean
 
 $(VENV)/.installed: requirements.txt requirements-agent.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench: venv
 
 bench-agent: venv
 	$(PY) bench.py --agent 200
+
+screenshot: venv
+	$(PY) docs/screenshot.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__

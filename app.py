@@ -5,13 +5,14 @@ import sys
 import threading
 import time
 
-from flask import Flask, Response, jsonify, render_template, request
+from flask import Flask, Response, jsonify, request
 
 import payload
 from auth import DeviceKeys, presented_key, viewer_allowed
 from broadcaster import Broadcaster
 from config import ConfigError, load_config
 from fleet import Fleet
+from pages import register_pages
 from ratelimit import RateLimiter
 
 log = logging.getLogger("gpustats")
@@ -95,10 +96,7 @@ def create_app(overrides=None):
                        subscribers=broadcaster.subscribers,
                        uptimeS=round(time.monotonic() - started, 1))
 
-    @app.get("/")
-    def dashboard():
-        return render_template("index.html")
-
+    register_pages(app, config)
     _start_status_watch(fleet, broadcaster, config.sweep_s)
     return app
 

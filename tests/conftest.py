@@ -213,3 +213,38 @@ def multi(*gpus, host="rig-1"):
     return {"host": host, "sampledAt": time.time(),
             "agent": {"version": "1.0.0", "backend": "nvml", "simulated": False},
             "gpus": list(gpus) or [gpu()]}
+
+
+CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+# Debian's Chromium, started as the machine's closed network needs (no background traffic).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium through Playwright; missing, it fails the run in CI."""
+    path = next((p for p in CHROMIUM if os.path.exists(p)), None)
+    if path is None:
+        message = "Chromium is not installed: apt-get install chromium (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page; JavaScript exceptions fail the test, console errors are kept for checks."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.console_errors, page.exceptions = [], []
+    page.on("console", lambda m: page.console_errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda error: page.exceptions.append(str(error)))
+    yield page
+    context.close()
+    assert page.exceptions == []

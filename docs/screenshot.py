@@ -1,0 +1,62 @@
+"""Take docs/screenshot.png: the dashboard with a simulated fleet, in headless Chromium."""
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+from playwright.sync_api import sync_playwright
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import CHROMIUM, CHROMIUM_ARGS, procfile_command  # noqa: E402
+
+FLEET = {"render-box": 4, "workstation": 2, "lab-rig": 1}
+
+
+def main(seconds=40):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    keys = {device: secrets.token_urlsafe(24) for device in FLEET}
+    env = {**os.environ, "ENV_FILE": os.devnull, "PORT": str(port), "HISTORY_S": "120", "STALE_AFTER_S": "8",
+           "DEVICE_KEYS": ",".join(f"{d}:{k}" for d, k in keys.items()),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen(["sh", "-c", "exec " + procfile_command()], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    agents = []
+    try:
+        for _ in range(100):
+            try:
+                requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except requests.RequestException:
+                time.sleep(0.1)
+        for device, gpus in FLEET.items():
+            agents.append(subprocess.Popen([sys.executable, str(ROOT / "agent.py"), "--url",
+                                            f"http://127.0.0.1:{port}/push-sse", "--key", keys[device],
+                                            "--simulate", str(gpus), "--interval", "1"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(seconds - 12)
+        agents[-1].terminate()  # one PC goes quiet, so the picture shows a stale device too
+        time.sleep(12)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=next(p for p in CHROMIUM if os.path.exists(p)),
+                                                 args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000}, color_scheme="dark")
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("#connection.live")
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(ROOT / "docs" / "screenshot.png"), full_page=True)
+            browser.close()
+    finally:
+        for process in agents + [server]:
+            process.terminate()
+    print("wrote docs/screenshot.png")
+
+
+if __name__ == "__main__":
+    main()

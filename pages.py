@@ -1,0 +1,41 @@
+"""Serve the dashboard page and its static assets, with CSP, security and cache headers."""
+import hashlib
+from pathlib import Path
+
+from flask import render_template, request, url_for
+
+# No inline script or style, nothing from other origins: the page works with no CDN access.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'")
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                    "X-Frame-Options": "DENY", "Content-Security-Policy": CSP}
+YEAR_S = 365 * 24 * 3600
+
+
+def register_pages(app, config):
+    """Add `GET /`, versioned asset URLs and the headers every response gets."""
+    versions = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+                for path in Path(app.static_folder).iterdir() if path.is_file()}
+
+    def asset(filename):
+        # The content hash in the URL lets browsers keep an asset for a year and still
+        # fetch the new one the moment it changes.
+        return url_for("static", filename=filename, v=versions.get(filename, "0"))
+
+    @app.get("/")
+    def dashboard():
+        return render_template("index.html", asset=asset, history_s=config.history_s,
+                               stale_after_s=config.stale_after_s, offline_after_s=config.offline_after_s)
+
+    @app.after_request
+    def headers(response):
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if request.path.startswith("/static/") and response.status_code == 200:
+            if request.args.get("v") == versions.get(request.path.rsplit("/", 1)[-1]):
+                response.headers["Cache-Control"] = f"public, max-age={YEAR_S}, immutable"
+            else:
+                response.headers["Cache-Control"] = "no-cache"  # revalidate with the ETag
+        elif request.path == "/":
+            response.headers["Cache-Control"] = "no-cache"
+        return response
