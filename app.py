@@ -1,5 +1,6 @@
 """The GPU Stats Dashboard server: an app factory that wires config, fleet and broadcaster."""
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -8,7 +9,7 @@ import time
 from flask import Flask, Response, jsonify, request
 
 import payload
-from auth import DeviceKeys, presented_key, viewer_allowed
+from auth import DeviceKeys, client_address, presented_key, viewer_allowed
 from broadcaster import Broadcaster
 from config import ConfigError, load_config
 from fleet import Fleet
@@ -17,6 +18,8 @@ from ratelimit import RateLimiter
 
 log = logging.getLogger("gpustats")
 OPEN_ROUTES = {"/healthz", "/push-sse"}
+# Bad keys from one address: 10 at once, then one every 6 s; past that, 429 before any check.
+BAD_KEYS_BURST, BAD_KEYS_PER_S = 10, 1 / 6
 
 
 def create_app(overrides=None):
@@ -26,6 +29,7 @@ def create_app(overrides=None):
     fleet = Fleet(config.stale_after_s, config.offline_after_s, config.history_s)
     broadcaster = Broadcaster(fleet.snapshot, ring_size=config.ring_size, heartbeat_s=config.heartbeat_s)
     keys, limiter = DeviceKeys(config.device_keys), RateLimiter(config.push_rate_limit)
+    bad_keys = RateLimiter(BAD_KEYS_PER_S, burst=BAD_KEYS_BURST)
     started = time.monotonic()
     app.extensions["gpustats"] = {"config": config, "fleet": fleet, "broadcaster": broadcaster}
     if not keys:
@@ -52,9 +56,15 @@ def create_app(overrides=None):
 
     @app.post("/push-sse")
     def push():
+        address = client_address(request.remote_addr, request.headers.get("X-Forwarded-For"),
+                                 config.trusted_proxies)
+        wait = bad_keys.blocked_for(address)
+        if wait:
+            return _error(429, "too many bad device keys from this address", headers={"Retry-After": str(wait)})
         key = presented_key(request.headers)
         device = keys.device_for(key) if key else None
         if device is None:
+            bad_keys.take(address)
             reason = ("no device keys are configured on this server (DEVICE_KEYS)" if not keys
                       else "unknown device key" if key
                       else "missing device key: send Authorization: Bearer <key>")
@@ -138,7 +148,24 @@ def wsgi_app():
     """Build the app for gunicorn; a bad setting exits with one line naming it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(name)s: %(message)s")
     try:
-        return create_app()
+        app = create_app()
     except ConfigError as error:
         log.error("config error: %s", error)
         sys.exit(4)  # gunicorn's "App failed to load": it stops instead of respawning.
+    _end_streams_on_sigterm(app.extensions["gpustats"]["broadcaster"])
+    return app
+
+
+def _end_streams_on_sigterm(broadcaster):
+    """On SIGTERM, end every stream at once, then let gunicorn's own handler run.
+
+    Streams never finish by themselves, so without this a deploy would wait out the
+    whole --graceful-timeout. gunicorn installs its handler before loading the app.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        broadcaster.close()
+        if callable(previous):
+            previous(signum, frame)
+    signal.signal(signal.SIGTERM, handler)

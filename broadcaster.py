@@ -36,6 +36,10 @@ class BroadcastCondition:
         finally:
             self._lock.acquire()
 
+    def wake_all(self):
+        """Wake every current waiter without the lock (for shutdown; waiters recheck state)."""
+        self._generation.set()
+
     def notify_all(self):
         """Wake every current waiter; the caller must hold the lock."""
         generation, self._generation = self._generation, threading.Event()
@@ -93,10 +97,9 @@ class Broadcaster:
         return event_id
 
     def close(self):
-        """End every stream, as on shutdown."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+        """End every stream, as on shutdown; takes no lock, so a signal handler may call it."""
+        self._closed = True
+        self._cond.wake_all()  # a waiter that misses this sees the flag at the next tick
 
     def _tick(self):
         while not self._closed:

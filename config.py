@@ -1,4 +1,5 @@
 """Turn `.env` and the environment into one validated server config."""
+import ipaddress
 import os
 import re
 import secrets
@@ -33,6 +34,7 @@ class Config:
     cors_origins: tuple = ()
     max_subscribers: int = 10000
     viewer_timeout_s: float = 60.0
+    trusted_proxies: tuple = ("127.0.0.1", "::1")
     # Not in the environment: sizes the tests shrink.
     ring_size: int = 1024
     sweep_s: float = 1.0
@@ -52,6 +54,16 @@ def _number(name, raw, kind, low, high=None):
         bound = f"from {low} to {high}" if high is not None else f"at least {low}"
         raise ConfigError(f"{name}: {raw!r} is out of range, it must be {bound}")
     return value
+
+
+def _addresses(name, raw):
+    addresses = tuple(a.strip() for a in raw.split(",") if a.strip())
+    for address in addresses:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigError(f"{name}: {address!r} is not an IP address") from None
+    return addresses
 
 
 def parse_device_keys(raw):
@@ -99,6 +111,7 @@ def load_config(overrides=None, environ=None):
         cors_origins=origins,
         max_subscribers=_number("MAX_SUBSCRIBERS", get("MAX_SUBSCRIBERS", "10000"), int, 1),
         viewer_timeout_s=_number("VIEWER_TIMEOUT_S", get("VIEWER_TIMEOUT_S", "60"), float, 1, 86400),
+        trusted_proxies=_addresses("TRUSTED_PROXIES", get("TRUSTED_PROXIES", "127.0.0.1,::1")),
         ring_size=int(get("RING_SIZE", "1024")),
         sweep_s=min(1.0, stale / 4),
     )

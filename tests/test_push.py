@@ -102,3 +102,20 @@ def test_no_device_keys_refuses_every_push_and_says_how_to_add_one(start_server)
     answer = server.push(multi(), key="whatever-key-1234567")
     assert answer.status_code == 401 and "DEVICE_KEYS" in answer.json()["error"]
     assert "DEVICE_KEYS is empty" in server.output() and "config.py --new-key" in server.output()
+
+
+def test_an_8_mib_body_is_refused_at_once_without_being_read(server):
+    import socket
+    import time
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(b"POST /push-sse HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEYS["rig-1"].encode() + b"\r\n"
+                 b"Content-Length: 8388608\r\n\r\n" + b"[" * 65536)  # only the first 64 KiB is ever sent
+    started = time.monotonic()
+    answer = b""
+    while b"MAX_BODY_BYTES" not in answer and time.monotonic() - started < 5:
+        answer += sock.recv(4096)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413") and b"MAX_BODY_BYTES" in answer
+    assert time.monotonic() - started < 1
+    assert server.push(multi()).status_code == 200

@@ -1,0 +1,98 @@
+"""Bad keys from one address, a killed worker, and shutdown: what a deploy and the internet do."""
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import KEYS, ROOT, Stream, multi
+
+
+def push_from(server, source, key, forwarded_for=None):
+    """POST a push from a given loopback address, as a client elsewhere would."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10, source_address=(source, 0))
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    if forwarded_for:
+        headers["X-Forwarded-For"] = forwarded_for
+    conn.request("POST", "/push-sse", json.dumps(multi()), headers)
+    answer = conn.getresponse()
+    result = answer.status, answer.getheader("Retry-After"), answer.read()
+    conn.close()
+    return result
+
+
+def test_repeated_bad_keys_from_one_address_are_slowed_down(server):
+    codes = [push_from(server, "127.0.0.2", "guess-number-%02d-xxxxxxxx" % i)[0] for i in range(12)]
+    assert codes[:10] == [401] * 10 and codes[10:] == [429, 429]
+    status, retry_after, body = push_from(server, "127.0.0.2", KEYS["rig-1"])
+    assert status == 429 and int(retry_after) >= 1 and b"bad device keys" in body
+    # Another address is not affected, and a forged X-Forwarded-For from a client is ignored.
+    assert push_from(server, "127.0.0.3", KEYS["rig-1"])[0] == 200
+    assert push_from(server, "127.0.0.2", KEYS["rig-1"], forwarded_for="127.0.0.9")[0] == 429
+
+
+def test_behind_a_trusted_proxy_the_forwarded_address_is_the_one_slowed(server):
+    for i in range(10):
+        assert push_from(server, "127.0.0.1", f"guess-{i:02d}-yyyyyyyyyyyy", "203.0.113.9")[0] == 401
+    assert push_from(server, "127.0.0.1", "guess-10-yyyyyyyyyyyy", "203.0.113.9")[0] == 429
+    assert push_from(server, "127.0.0.1", KEYS["rig-1"], "198.51.100.7")[0] == 200
+    # Only the entry the proxy appended counts; what the client wrote before it does not.
+    assert push_from(server, "127.0.0.1", KEYS["rig-1"], "198.51.100.7, 203.0.113.9")[0] == 429
+
+
+def test_sigterm_ends_streams_at_once_so_a_deploy_does_not_hang(start_server):
+    server = start_server()
+    streams = [Stream(server.port) for _ in range(5)]
+    for stream in streams:
+        stream.next(with_comments=True)
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    for stream in streams:
+        try:
+            while True:
+                stream.next(timeout=5, with_comments=True)
+        except EOFError:
+            pass  # the stream ended cleanly
+    server.process.wait(10)
+    assert time.monotonic() - started < 3  # --graceful-timeout is 5 s; streams must not wait it out
+
+
+def test_a_killed_worker_comes_back_and_the_agents_rebuild_the_state(server, tmp_path):
+    log = open(tmp_path / "agent.log", "w")
+    agent = subprocess.Popen([sys.executable, str(ROOT / "agent.py"), "--url", server.url + "/push-sse",
+                              "--key", KEYS["rig-5"], "--simulate", "1", "--interval", "0.3"],
+                             stdout=log, stderr=subprocess.STDOUT)
+    try:
+        stream = Stream(server.port)
+        stream.until(lambda e: e["data"].get("device") == "rig-5", timeout=10)
+        old_worker = server.worker_pid
+        os.kill(old_worker, signal.SIGKILL)
+        try:
+            while True:
+                stream.next(timeout=10, with_comments=True)
+        except (EOFError, OSError, http.client.HTTPException):
+            pass  # the stream broke with the worker; a browser reconnects by itself
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (server.worker_pid == old_worker or not server._healthy(server.port)):
+            time.sleep(0.1)
+        assert server.worker_pid != old_worker
+        again = Stream(server.port)
+        event = again.until(lambda e: e["data"].get("device") == "rig-5", timeout=10)
+        assert event["data"]["status"] == "online"
+        assert server.health()["devices"] == 1 and agent.poll() is None
+    finally:
+        agent.terminate()
+        agent.wait(10)
+        log.close()
+
+
+def test_no_secret_ever_reaches_the_log(start_server):
+    server = start_server(DASHBOARD_PASSWORD="viewer-secret-123")
+    server.push(multi())
+    server.push(multi(), key="wrong-key-that-is-secret-too")
+    server.stop()
+    log = server.output()
+    assert KEYS["rig-1"] not in log and "wrong-key-that-is-secret-too" not in log
+    assert "viewer-secret-123" not in log
