@@ -309,7 +309,7 @@ class Pusher:
     def push(self, payload):
         """Send one payload; raise Retry for what may pass, Refused for what will not."""
         try:
-            answer = self.session.post(self.url, data=json.dumps(payload, allow_nan=False),
+            answer = self.session.post(self.url, data=json.dumps(_fit(payload), allow_nan=False),
                                        timeout=HTTP_TIMEOUT_S)
         except Exception as error:  # requests' ConnectionError, Timeout and friends
             raise Retry(f"server unreachable: {type(error).__name__}") from None
@@ -345,6 +345,17 @@ def backoff_s(failures, interval, retry_after=None, rng=random.random):
     return min(BACKOFF_CAP_S, max(delay, retry_after or 0.0))
 
 
+def _fit(value):
+    """Make a value fit the server's limits: strings of at most 128 printable characters."""
+    if isinstance(value, str):
+        return "".join(c if c.isprintable() else " " for c in value)[:128]
+    if isinstance(value, dict):
+        return {k: _fit(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fit(v) for v in value[:64]]
+    return value
+
+
 def build_payload(backend, clock=time.time):
     """Sample the GPUs once; a sample that fails whole carries `error` and no GPUs."""
     sampled_at = clock()
@@ -357,7 +368,7 @@ def build_payload(backend, clock=time.time):
                          "simulated": backend.name == "simulated"},
                "gpus": gpus}
     if error:
-        payload["error"] = error  # the server keeps the first 128 characters
+        payload["error"] = error
     return payload
 
 
@@ -465,7 +476,7 @@ def main(argv=None, environ=None):
         if args.once or args.dry_run:
             payload = build_payload(backend)
             if args.dry_run:
-                print(json.dumps(payload, indent=2, allow_nan=False))
+                print(json.dumps(_fit(payload), indent=2, allow_nan=False))
             if payload.get("error"):
                 _say(f"cannot read GPUs: {payload['error']}")
                 return 1

@@ -1,11 +1,14 @@
 """Check a push body and return only the validated, known fields."""
 import json
 import math
+import re
 
 MAX_STRING = 128
 MAX_GPUS = 64
 MAX_PROCESSES = 64
+MAX_DEPTH = 6  # body -> gpus -> gpu -> processes -> process -> value: deeper is not a push
 MAX_MIB = 1 << 24  # 16 TiB in MiB: far above any GPU, far below nonsense.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class PushError(ValueError):
@@ -26,6 +29,7 @@ def _number(low, high):
         if not low <= value <= high:
             raise PushError(where, f"{value!r} is out of range {low} to {high}")
         return value
+    check.bounds = (low, high)
     return check
 
 
@@ -38,13 +42,18 @@ def _integer(low, high):
         if not isinstance(value, int):
             raise PushError(where, "must be a whole number")
         return number(value, where)
+    check.bounds = number.bounds
     return check
 
 
 def _string(value, where):
     if not isinstance(value, str):
         raise PushError(where, f"must be a string or null, not {type(value).__name__}")
-    return value[:MAX_STRING]
+    if len(value) > MAX_STRING:
+        raise PushError(where, f"is {len(value)} characters long, at most {MAX_STRING} are accepted")
+    if CONTROL.search(value):
+        raise PushError(where, "contains control characters")
+    return value
 
 
 def _boolean(value, where):
@@ -84,12 +93,32 @@ def _gpu(value, position):
     if processes is not None:
         if not isinstance(processes, list):
             raise PushError(f"{where}.processes", "must be a list")
-        # Keep the first ones rather than refuse a busy GPU's whole sample.
-        gpu["processes"] = [_object(p, PROCESS_FIELDS, f"{where}.processes[{i}]")
-                            for i, p in enumerate(processes[:MAX_PROCESSES])]
+        if len(processes) > MAX_PROCESSES:
+            raise PushError(f"{where}.processes", f"has {len(processes)} entries, at most {MAX_PROCESSES} are accepted")
+        gpu["processes"] = [_process(p, f"{where}.processes[{i}]") for i, p in enumerate(processes)]
     if gpu.get("index") is None:
         gpu["index"] = position
     return gpu
+
+
+def _process(value, where):
+    process = _object(value, PROCESS_FIELDS, where)
+    if process.get("pid") is None:
+        raise PushError(f"{where}.pid", "is missing")
+    return process
+
+
+def _depth(value):
+    """Return how deeply lists and objects nest in `value`, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
+    return deepest
 
 
 def _reject_constant(name):
@@ -119,6 +148,8 @@ def validate(data):
     """
     if not isinstance(data, dict):
         raise PushError("body", "must be a JSON object")
+    if _depth(data) > MAX_DEPTH:
+        raise PushError("body", "is nested too deeply")
     if "gpus" not in data:
         # The original agent's shape: one GPU object at the top level.
         if not any(name in data for name in GPU_FIELDS):

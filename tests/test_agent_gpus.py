@@ -155,3 +155,13 @@ def test_simulated_gpus_move_and_stay_in_range():
     for gpu in first + second:
         assert 0 <= gpu["utilizationGpu"] <= 100 and 0 <= gpu["fanSpeed"] <= 100
         assert gpu["memoryUsed"] + gpu["memoryFree"] == gpu["memoryTotal"]
+
+
+def test_what_the_agent_sends_always_fits_the_servers_limits():
+    import payload as server_payload
+    procs = [{"pid": i, "name": "C:\\Program Files\\Game\tLauncher\x00" + "x" * 300, "memoryUsed": 1}
+             for i in range(100)]
+    body = agent._fit({"host": "h" * 300, "gpus": [{"index": 0, "name": "n\x1b" * 100, "processes": procs}],
+                       "error": "e" * 500})
+    checked = server_payload.validate(body)  # the server's own checks accept it
+    assert len(checked["gpus"][0]["processes"]) == 64 and len(checked["error"]) == 128

@@ -58,16 +58,22 @@ def test_bad_values_are_refused_naming_the_field(field, value):
     assert error.field == f"gpus[0].{field}"
 
 
-def test_long_strings_are_cut_to_128_characters():
-    name = "x" * 500
-    assert check(multi(gpu(0, name=name)))["gpus"][0]["name"] == "x" * 128
+def test_strings_up_to_128_characters_are_kept_whole_longer_ones_refused():
     assert check(multi(gpu(0, name="y" * 128)))["gpus"][0]["name"] == "y" * 128
+    assert refused(multi(gpu(0, name="x" * 129))).field == "gpus[0].name"
 
 
-def test_gpu_count_is_capped_and_process_list_is_cut():
+@pytest.mark.parametrize("text", ["a\x00b", "tab\there", "line\nbreak", "\x1b[31mred", "del\x7f", "c1\x85"])
+def test_strings_with_control_characters_are_refused(text):
+    assert refused(multi(gpu(0, name=text))).field == "gpus[0].name"
+    assert check(multi(gpu(0, name="RTX 4090 • 24 GB — ünïcødé")))["gpus"][0]["name"].startswith("RTX")
+
+
+def test_gpu_and_process_counts_are_capped():
     assert refused(multi(*[gpu(i) for i in range(payload.MAX_GPUS + 1)])).field == "gpus"
-    procs = [{"pid": i, "name": "p", "memoryUsed": 1} for i in range(500)]
-    assert len(check(multi(gpu(0, processes=procs)))["gpus"][0]["processes"]) == payload.MAX_PROCESSES
+    procs = [{"pid": i, "name": "p", "memoryUsed": 1} for i in range(payload.MAX_PROCESSES + 1)]
+    assert refused(multi(gpu(0, processes=procs))).field == "gpus[0].processes"
+    assert len(check(multi(gpu(0, processes=procs[:-1])))["gpus"][0]["processes"]) == payload.MAX_PROCESSES
 
 
 def test_duplicate_gpu_index_is_refused():
@@ -82,6 +88,12 @@ def test_duplicate_gpu_index_is_refused():
 ])
 def test_malformed_bodies_are_refused(body, field):
     assert refused(body).field == field
+
+
+def test_nesting_deeper_than_a_push_and_processes_without_pid_are_refused():
+    nested = {"gpus": [{"processes": [{"pid": 1, "name": {"a": [[1]]}}]}]}
+    assert refused(nested).field == "body"
+    assert refused({"gpus": [{"processes": [{"name": "python"}]}]}).field == "gpus[0].processes[0].pid"
 
 
 def test_missing_index_is_the_position():
