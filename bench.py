@@ -190,6 +190,15 @@ def _send_pushes(port, key, device, started, args, refused):
     refused.append(count)
 
 
+def _stuck_viewer(port):
+    """A viewer that connects and never reads, with a tiny receive window."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET /gpu/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    return sock
+
+
 def run(target, args):
     keys = [f"bench-key-{i}-{os.urandom(8).hex()}" for i in range(DEVICES)]
     port = _free_port()
@@ -205,6 +214,7 @@ def run(target, args):
             proc.start()
             clients.append((proc, parent))
         connected = sum(parent.recv()[1] for _, parent in clients)
+        stuck = [_stuck_viewer(port) for _ in range(args.stuck)]
         cpu_before = server_cpu_s(server.pid)
         started = time.monotonic()
         refused = []
@@ -230,6 +240,8 @@ def run(target, args):
             latencies += stats["latencies"]
             closed += stats["closed"]
             proc.join(5)
+        for sock in stuck:
+            sock.close()
     finally:
         for proc, _ in clients:
             proc.kill()
@@ -278,6 +290,7 @@ def main():
     parser.add_argument("--gpus", type=int, default=4, help="GPUs in each pushed payload")
     parser.add_argument("--clients", type=int, default=2, help="subscriber processes")
     parser.add_argument("--drain", type=float, default=3.0, help="seconds to wait after the last push")
+    parser.add_argument("--stuck", type=int, default=0, help="extra viewers that connect and never read")
     parser.add_argument("--node-dir", default=os.path.join(tempfile.gettempdir(), "node-seed"))
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per server, interleaved; the row shows the median run")

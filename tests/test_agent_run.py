@@ -120,6 +120,10 @@ def test_agent_pushes_resume_after_the_server_restarts_newest_sample_first(serve
         assert event["data"]["agent"]["simulated"] is True
         assert event["data"]["sampledAt"] >= restarted - 1  # a fresh sample, not a backlog
         assert process.poll() is None  # never died
+        # Viewers get the event before the agent gets its answer: wait for the agent's line.
+        deadline = time.monotonic() + 5
+        while "server recovered" not in (tmp_path / "agent.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         process.terminate()
         process.wait(10)
@@ -142,6 +146,9 @@ def test_gpu_failure_is_logged_once_pushed_as_an_error_and_recovers(server, open
         smi.set(gpus=[L40S])
         recovered = stream.until(lambda e: e["data"].get("gpus"), timeout=10)
         assert recovered["data"]["gpus"][0]["name"] == "NVIDIA L40S" and recovered["data"]["error"] is None
+        deadline = time.monotonic() + 5
+        while "GPU reading recovered" not in (tmp_path / "agent.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         process.terminate()
         process.wait(10)

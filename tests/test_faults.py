@@ -56,7 +56,10 @@ def test_sigterm_ends_streams_at_once_so_a_deploy_does_not_hang(start_server):
         except EOFError:
             pass  # the stream ended cleanly
     server.process.wait(10)
-    assert time.monotonic() - started < 3  # --graceful-timeout is 5 s; streams must not wait it out
+    print(f"SIGTERM with 5 open streams: server gone in {time.monotonic() - started:.2f} s")
+    # gunicorn polls once a second (alive, then its pool): about 2.8 s; without ending the
+    # streams it would wait out --graceful-timeout (5 s) and more.
+    assert time.monotonic() - started < 4
 
 
 def test_a_killed_worker_comes_back_and_the_agents_rebuild_the_state(server, tmp_path):
