@@ -1,4 +1,6 @@
 """The dashboard in a real headless Chromium against the real server."""
+import os
+import signal
 import time
 
 import requests
@@ -148,3 +150,16 @@ def test_page_headers_allow_no_inline_script_and_assets_are_cached(server):
     stale = requests.get(server.url + "/static/dashboard.js?v=old", timeout=5)
     assert stale.headers["Cache-Control"] == "no-cache" and stale.headers.get("ETag")
     assert requests.get(server.url + "/healthz", timeout=5).headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_the_page_survives_a_killed_worker_and_the_next_push_rebuilds_it(server, page):
+    server.push(multi(gpu(0, utilizationGpu=11)), device="rig-4")
+    open_dashboard(page, server)
+    old = server.worker_pid
+    os.kill(old, signal.SIGKILL)
+    expect(page.locator("#connection")).to_have_text("reconnecting…")
+    expect(page.locator("#connection")).to_have_text("live", timeout=20000)
+    assert server.worker_pid != old
+    server.push(multi(gpu(0, utilizationGpu=64)), device="rig-4")  # the agent's next push
+    expect(stat(page, "rig-4", 0, "Util")).to_have_text("64 %")
+    expect(page.locator('section.device[data-device="rig-4"]')).to_have_class("device online")
