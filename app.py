@@ -140,8 +140,8 @@ def _error(status, message, field=None, headers=None):
 
 
 def _too_large(limit):
-    return _error(413, f"body is larger than MAX_BODY_BYTES ({limit} bytes)",
-                  headers={"Connection": "close"})
+    # Answered before the body is read; gunicorn then discards the rest as it streams in.
+    return _error(413, f"body is larger than MAX_BODY_BYTES ({limit} bytes)")
 
 
 def wsgi_app():

@@ -112,7 +112,7 @@ def load_config(overrides=None, environ=None):
         max_subscribers=_number("MAX_SUBSCRIBERS", get("MAX_SUBSCRIBERS", "10000"), int, 1),
         viewer_timeout_s=_number("VIEWER_TIMEOUT_S", get("VIEWER_TIMEOUT_S", "60"), float, 1, 86400),
         trusted_proxies=_addresses("TRUSTED_PROXIES", get("TRUSTED_PROXIES", "127.0.0.1,::1")),
-        ring_size=int(get("RING_SIZE", "1024")),
+        ring_size=_number("RING_SIZE", get("RING_SIZE", "1024"), int, 16, 1 << 20),
         sweep_s=min(1.0, stale / 4),
     )
 

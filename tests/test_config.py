@@ -24,6 +24,7 @@ def test_defaults_match_the_spec():
     ("HISTORY_S", "1.5"), ("MAX_BODY_BYTES", "12"), ("PUSH_RATE_LIMIT", "0"),
     ("DEVICE_KEYS", "rig-1"), ("DEVICE_KEYS", "rig 1:abcdefghijklmnopq"), ("DEVICE_KEYS", "rig-1:short"),
     ("DEVICE_KEYS", "a:abcdefghijklmnopq,b:abcdefghijklmnopq"), ("OFFLINE_AFTER_S", "10"),
+    ("RING_SIZE", "lots"), ("VIEWER_TIMEOUT_S", "0"), ("TRUSTED_PROXIES", "my-proxy"), ("MAX_SUBSCRIBERS", "0"),
 ])
 def test_a_bad_value_is_one_error_naming_the_variable(name, value):
     with pytest.raises(ConfigError) as error:
