@@ -5,11 +5,12 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 import agent
-from agent_fakes import DRIVER_NOT_LOADED, FAKE_BIN, L40S, RTX2080S, FakeSmi
+from agent_fakes import DRIVER_NOT_LOADED, L40S, RTX2080S, FakeSmi
 from conftest import KEYS, ROOT
 
 
@@ -22,6 +23,21 @@ def run_agent(*args, env=None, cwd=ROOT, script=None, timeout=30):
     environ = {k: v for k, v in os.environ.items() if k not in ("PUSH_URL", "DEVICE_KEY", "DROPLET_PUSH_URL")}
     return subprocess.run([sys.executable, str(script or ROOT / "agent.py"), *args], cwd=cwd,
                           env={**environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def stop_agent(process, log, wait_for):
+    """Give the agent up to 5 s to log `wait_for`, then stop it; return its whole log.
+
+    Viewers get an event before the agent gets its answer, so its line can come later.
+    """
+    path = Path(log.name)
+    deadline = time.monotonic() + 5
+    while wait_for not in path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.terminate()
+    process.wait(10)
+    log.close()
+    return path.read_text()
 
 
 def start_agent(*args, log):
@@ -120,15 +136,8 @@ def test_agent_pushes_resume_after_the_server_restarts_newest_sample_first(serve
         assert event["data"]["agent"]["simulated"] is True
         assert event["data"]["sampledAt"] >= restarted - 1  # a fresh sample, not a backlog
         assert process.poll() is None  # never died
-        # Viewers get the event before the agent gets its answer: wait for the agent's line.
-        deadline = time.monotonic() + 5
-        while "server recovered" not in (tmp_path / "agent.log").read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
     finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
-    text = (tmp_path / "agent.log").read_text()
+        text = stop_agent(process, log, "server recovered")
     assert "Traceback" not in text
     assert text.count("server unreachable") == 1 and "server recovered" in text  # logged once, not per try
 
@@ -146,14 +155,8 @@ def test_gpu_failure_is_logged_once_pushed_as_an_error_and_recovers(server, open
         smi.set(gpus=[L40S])
         recovered = stream.until(lambda e: e["data"].get("gpus"), timeout=10)
         assert recovered["data"]["gpus"][0]["name"] == "NVIDIA L40S" and recovered["data"]["error"] is None
-        deadline = time.monotonic() + 5
-        while "GPU reading recovered" not in (tmp_path / "agent.log").read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
     finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
-    text = (tmp_path / "agent.log").read_text()
+        text = stop_agent(process, log, "GPU reading recovered")
     assert text.count("cannot read GPUs") == 1 and "GPU reading recovered" in text
 
 
