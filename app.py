@@ -102,7 +102,8 @@ def create_app(overrides=None):
 
     @app.get("/healthz")
     def healthz():
-        return jsonify(ok=True, devices=sum(fleet.counts().values()), **fleet.counts(),
+        counts = fleet.counts()
+        return jsonify(ok=True, devices=sum(counts.values()), **counts,
                        subscribers=broadcaster.subscribers,
                        uptimeS=round(time.monotonic() - started, 1))
 

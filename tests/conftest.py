@@ -16,7 +16,7 @@ KEYS = {f"rig-{i}": f"test-key-rig-{i}-0123456789" for i in range(1, 10)}
 
 
 def procfile_command():
-    """Return the Procfile's web command as argv, with $PORT left for the environment."""
+    """Return the Procfile's web command line, with $PORT left for the shell to expand."""
     line = next(l for l in (ROOT / "Procfile").read_text().splitlines() if l.startswith("web:"))
     return line.removeprefix("web:").strip()
 
