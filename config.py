@@ -1,11 +1,16 @@
-"""Turn `.env` and the environment into one validated server config."""
+"""Turn `.env` and the environment into one validated server config.
+
+Every setting is one row of SETTINGS: its variable, its default, how its value is read
+and what it means. The README's configuration table is printed from it
+(`python config.py --settings-table`) and a test checks the two agree.
+"""
 import ipaddress
 import os
 import re
 import secrets
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from dotenv import dotenv_values
@@ -19,41 +24,21 @@ class ConfigError(ValueError):
     """A setting with a value the server cannot run with; the message names it."""
 
 
-@dataclass(frozen=True)
-class Config:
-    port: int = 3000
-    device_keys: dict = field(default_factory=dict)  # key -> device name
-    dashboard_user: str = "admin"
-    dashboard_password: str = ""
-    stale_after_s: float = 15.0
-    offline_after_s: float = 60.0
-    heartbeat_s: float = 15.0
-    history_s: int = 600
-    max_body_bytes: int = 65536
-    push_rate_limit: float = 5.0
-    cors_origins: tuple = ()
-    max_subscribers: int = 10000
-    viewer_timeout_s: float = 60.0
-    trusted_proxies: tuple = ("127.0.0.1", "::1")
-    # Not in the environment: sizes the tests shrink.
-    ring_size: int = 1024
-    sweep_s: float = 1.0
-
-    @property
-    def devices(self):
-        """Return the device names that have at least one key."""
-        return sorted(set(self.device_keys.values()))
+def _number(kind, low, high=None):
+    def read(name, raw):
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: {raw!r} is not a {'whole ' if kind is int else ''}number") from None
+        if value != value or value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"{name}: {raw!r} is out of range, it must be {bound}")
+        return value
+    return read
 
 
-def _number(name, raw, kind, low, high=None):
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: {raw!r} is not a {'whole ' if kind is int else ''}number") from None
-    if value != value or value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f"at least {low}"
-        raise ConfigError(f"{name}: {raw!r} is out of range, it must be {bound}")
-    return value
+def _text(name, raw):
+    return raw
 
 
 def _addresses(name, raw):
@@ -66,22 +51,111 @@ def _addresses(name, raw):
     return addresses
 
 
-def parse_device_keys(raw):
+def _origins(name, raw):
+    return tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+
+
+def parse_device_keys(name, raw):
     """Parse `name:key,name2:key2` into {key: name}; a device may have several keys."""
     keys = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
-        name, sep, key = item.partition(":")
-        name, key = name.strip(), key.strip()
-        if not sep or not DEVICE_NAME.match(name):
-            raise ConfigError(f"DEVICE_KEYS: {item.split(':')[0]!r} is not name:key with a name of "
+        device, sep, key = item.partition(":")
+        device, key = device.strip(), key.strip()
+        if not sep or not DEVICE_NAME.match(device):
+            raise ConfigError(f"{name}: {item.split(':')[0]!r} is not name:key with a name of "
                               "letters, digits, '.', '_' or '-'")
         if not DEVICE_KEY.match(key):
-            raise ConfigError(f"DEVICE_KEYS: the key of {name!r} must be 16 to 256 letters, digits "
+            raise ConfigError(f"{name}: the key of {device!r} must be 16 to 256 letters, digits "
                               "or ._~+/=- (make one with: python config.py --new-key)")
-        if keys.get(key, name) != name:
-            raise ConfigError(f"DEVICE_KEYS: {name!r} and {keys[key]!r} share a key; each key is one device's")
-        keys[key] = name
+        if keys.get(key, device) != device:
+            raise ConfigError(f"{name}: {device!r} and {keys[key]!r} share a key; each key is one device's")
+        keys[key] = device
     return keys
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: where it goes in Config, its default, its reader, its meaning."""
+    name: str
+    field: str
+    default: str
+    read: object
+    meaning: str
+
+
+SETTINGS = (
+    Setting("PORT", "port", "3000", _number(int, 0, 65535),
+            "listen port (the Procfile binds `0.0.0.0:$PORT`)"),
+    Setting("DEVICE_KEYS", "device_keys", "", parse_device_keys,
+            "`name:key,name2:key2`; a device may have several keys. Empty: every push is refused with 401"),
+    Setting("DASHBOARD_USER", "dashboard_user", "admin", _text, "the viewer login's user name"),
+    Setting("DASHBOARD_PASSWORD", "dashboard_password", "", _text,
+            "set it to require a viewer login (HTTP Basic) for `/`, `/gpu/stream` and static files"),
+    Setting("STALE_AFTER_S", "stale_after_s", "15", _number(float, 0.1),
+            "a device with no push for this long turns stale"),
+    Setting("OFFLINE_AFTER_S", "offline_after_s", "60", _number(float, 0.1),
+            "a device with no push for this long turns offline; longer than `STALE_AFTER_S`"),
+    Setting("HEARTBEAT_S", "heartbeat_s", "15", _number(float, 0.05, 3600),
+            "a stream with nothing to send gets a `: heartbeat` comment at least this often"),
+    Setting("HISTORY_S", "history_s", "600", _number(int, 0, 86400),
+            "seconds of history kept per GPU (one point a second at most)"),
+    Setting("MAX_BODY_BYTES", "max_body_bytes", "65536", _number(int, 256, 16 << 20), "largest push accepted"),
+    Setting("PUSH_RATE_LIMIT", "push_rate_limit", "5", _number(float, 0.01),
+            "pushes per second one device may send (bursts up to twice that), bad ones included; "
+            "more get 429"),
+    Setting("PUSH_BODY_TIMEOUT_S", "push_body_timeout_s", "10", _number(float, 0.1, 600),
+            "a push whose body stops arriving for this long gets 408 and its connection is closed"),
+    Setting("CORS_ORIGINS", "cors_origins", "", _origins,
+            "other origins allowed to read the stream and `/healthz` (`*` for any)"),
+    Setting("WORKER_CONNECTIONS", "worker_connections", "10000", _number(int, 20, 1_000_000),
+            "connections one worker serves at once (the Procfile passes it to gunicorn); streams may "
+            "use at most 90 % of it, so pushes always get in"),
+    Setting("MAX_SUBSCRIBERS", "max_subscribers", "9000", _number(int, 1),
+            "open streams allowed at once; past it `/gpu/stream` answers 503 with `Retry-After`. "
+            "At most 90 % of `WORKER_CONNECTIONS`"),
+    Setting("MAX_SUBSCRIBERS_PER_CLIENT", "max_subscribers_per_client", "100", _number(int, 1),
+            "open streams allowed from one client address; past it 429 with `Retry-After`"),
+    Setting("VIEWER_TIMEOUT_S", "viewer_timeout_s", "60", _number(float, 1, 86400),
+            "a viewer that takes no data for this long is dropped (by the kernel, `TCP_USER_TIMEOUT`)"),
+    Setting("RING_SIZE", "ring_size", "1024", _number(int, 16, 1 << 20),
+            "recent events kept for viewers that reconnect with `Last-Event-ID` or fall behind; "
+            "older ones get a fresh snapshot"),
+    Setting("TRUSTED_PROXIES", "trusted_proxies", "127.0.0.1,::1", _addresses,
+            "proxies whose `X-Forwarded-For` gives the client's address (for the bad-key slow-down and "
+            "the per-client stream cap)"),
+)
+# Streams may take at most this share of a worker's connections: the rest is for agents
+# (each holds one keep-alive connection), page loads and refused viewers.
+STREAM_SHARE = 0.9
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated settings; built only by load_config, so defaults live in SETTINGS alone."""
+    port: int
+    device_keys: dict  # key -> device name
+    dashboard_user: str
+    dashboard_password: str
+    stale_after_s: float
+    offline_after_s: float
+    heartbeat_s: float
+    history_s: int
+    max_body_bytes: int
+    push_rate_limit: float
+    push_body_timeout_s: float
+    cors_origins: tuple
+    worker_connections: int
+    max_subscribers: int
+    max_subscribers_per_client: int
+    viewer_timeout_s: float
+    ring_size: int
+    trusted_proxies: tuple
+    sweep_s: float  # derived: how often statuses are checked
+
+    @property
+    def devices(self):
+        """Return the device names that have at least one key."""
+        return sorted(set(self.device_keys.values()))
 
 
 def load_config(overrides=None, environ=None):
@@ -91,30 +165,25 @@ def load_config(overrides=None, environ=None):
     values = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
     values.update(environ)
     values.update({k: str(v) for k, v in (overrides or {}).items()})
-    get = values.get
-    stale = _number("STALE_AFTER_S", get("STALE_AFTER_S", "15"), float, 0.1)
-    offline = _number("OFFLINE_AFTER_S", get("OFFLINE_AFTER_S", "60"), float, 0.1)
-    if offline <= stale:
-        raise ConfigError(f"OFFLINE_AFTER_S: {offline:g} must be longer than STALE_AFTER_S ({stale:g})")
-    origins = tuple(o.strip().rstrip("/") for o in get("CORS_ORIGINS", "").split(",") if o.strip())
-    return Config(
-        port=_number("PORT", get("PORT", "3000"), int, 0, 65535),
-        device_keys=parse_device_keys(get("DEVICE_KEYS", "")),
-        dashboard_user=get("DASHBOARD_USER", "") or "admin",
-        dashboard_password=get("DASHBOARD_PASSWORD", ""),
-        stale_after_s=stale,
-        offline_after_s=offline,
-        heartbeat_s=_number("HEARTBEAT_S", get("HEARTBEAT_S", "15"), float, 0.05, 3600),
-        history_s=_number("HISTORY_S", get("HISTORY_S", "600"), int, 0, 86400),
-        max_body_bytes=_number("MAX_BODY_BYTES", get("MAX_BODY_BYTES", "65536"), int, 256, 16 << 20),
-        push_rate_limit=_number("PUSH_RATE_LIMIT", get("PUSH_RATE_LIMIT", "5"), float, 0.01),
-        cors_origins=origins,
-        max_subscribers=_number("MAX_SUBSCRIBERS", get("MAX_SUBSCRIBERS", "10000"), int, 1),
-        viewer_timeout_s=_number("VIEWER_TIMEOUT_S", get("VIEWER_TIMEOUT_S", "60"), float, 1, 86400),
-        trusted_proxies=_addresses("TRUSTED_PROXIES", get("TRUSTED_PROXIES", "127.0.0.1,::1")),
-        ring_size=_number("RING_SIZE", get("RING_SIZE", "1024"), int, 16, 1 << 20),
-        sweep_s=min(1.0, stale / 4),
-    )
+    read = {s.field: s.read(s.name, values.get(s.name, s.default)) for s in SETTINGS}
+    read["dashboard_user"] = read["dashboard_user"] or "admin"
+    if read["offline_after_s"] <= read["stale_after_s"]:
+        raise ConfigError(f"OFFLINE_AFTER_S: {read['offline_after_s']:g} must be longer than "
+                          f"STALE_AFTER_S ({read['stale_after_s']:g})")
+    most = int(read["worker_connections"] * STREAM_SHARE)
+    if read["max_subscribers"] > most:
+        raise ConfigError(f"MAX_SUBSCRIBERS: {read['max_subscribers']} leaves too few of WORKER_CONNECTIONS "
+                          f"({read['worker_connections']}) for pushes; set it to {most} or less")
+    return Config(**read, sweep_s=min(1.0, read["stale_after_s"] / 4))
+
+
+def settings_table():
+    """Return the README's configuration table, in Markdown."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for s in SETTINGS:
+        default = f"`{s.default}`" if "," in s.default else (s.default or "empty")
+        rows.append(f"| `{s.name}` | {default} | {s.meaning} |")
+    return "\n".join(rows)
 
 
 def init_env_file(path, port=3000):
@@ -138,9 +207,12 @@ def agent_command(key, port):
 
 
 def main(argv):
-    """Run `--init-env` (write .env, print agent commands), `--new-key` or `--port`."""
+    """Run `--init-env` (write .env, print agent commands), `--new-key`, `--port` or `--settings-table`."""
     if "--new-key" in argv:
         print(secrets.token_urlsafe(24))
+        return 0
+    if "--settings-table" in argv:
+        print(settings_table())
         return 0
     if "--port" in argv:
         try:
@@ -164,7 +236,7 @@ def main(argv):
         if not config.device_keys:
             print("DEVICE_KEYS is empty in .env: add name:key pairs (python config.py --new-key).")
         return 0
-    print("usage: python config.py --init-env | --new-key | --port", file=sys.stderr)
+    print("usage: python config.py --init-env | --new-key | --port | --settings-table", file=sys.stderr)
     return 2
 
 
