@@ -1,5 +1,6 @@
 """The GPU Stats Dashboard server: an app factory that wires config, fleet and broadcaster."""
 import logging
+import resource
 import signal
 import socket
 import sys
@@ -7,19 +8,17 @@ import threading
 import time
 
 from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
 
-import payload
-from auth import DeviceKeys, client_address, presented_key, viewer_allowed
-from broadcaster import Broadcaster
+from auth import DeviceKeys, client_address, viewer_allowed
+from broadcaster import Broadcaster, ViewerLimit
 from config import ConfigError, load_config
 from fleet import Fleet
+from ingest import error, register_ingest
 from pages import register_pages
-from ratelimit import RateLimiter
 
 log = logging.getLogger("gpustats")
 OPEN_ROUTES = {"/healthz", "/push-sse"}
-# Bad keys from one address: 10 at once, then one every 6 s; past that, 429 before any check.
-BAD_KEYS_BURST, BAD_KEYS_PER_S = 10, 1 / 6
 
 
 def create_app(overrides=None):
@@ -27,9 +26,10 @@ def create_app(overrides=None):
     config = load_config(overrides)
     app = Flask(__name__)
     fleet = Fleet(config.stale_after_s, config.offline_after_s, config.history_s)
-    broadcaster = Broadcaster(fleet.snapshot, ring_size=config.ring_size, heartbeat_s=config.heartbeat_s)
-    keys, limiter = DeviceKeys(config.device_keys), RateLimiter(config.push_rate_limit)
-    bad_keys = RateLimiter(BAD_KEYS_PER_S, burst=BAD_KEYS_BURST)
+    broadcaster = Broadcaster(fleet.snapshot, ring_size=config.ring_size, heartbeat_s=config.heartbeat_s,
+                              max_subscribers=config.max_subscribers,
+                              max_per_client=config.max_subscribers_per_client)
+    keys = DeviceKeys(config.device_keys)
     started = time.monotonic()
     app.extensions["gpustats"] = {"config": config, "fleet": fleet, "broadcaster": broadcaster}
     if not keys:
@@ -54,48 +54,27 @@ def create_app(overrides=None):
             response.headers.add("Vary", "Origin")
         return response
 
-    @app.post("/push-sse")
-    def push():
-        address = client_address(request.remote_addr, request.headers.get("X-Forwarded-For"),
-                                 config.trusted_proxies)
-        wait = bad_keys.blocked_for(address)
-        if wait:
-            return _error(429, "too many bad device keys from this address", headers={"Retry-After": str(wait)})
-        key = presented_key(request.headers)
-        device = keys.device_for(key) if key else None
-        if device is None:
-            bad_keys.take(address)
-            reason = ("no device keys are configured on this server (DEVICE_KEYS)" if not keys
-                      else "unknown device key" if key
-                      else "missing device key: send Authorization: Bearer <key>")
-            return _error(401, reason, headers={"WWW-Authenticate": "Bearer"})
-        if request.mimetype != "application/json":
-            return _error(415, f"Content-Type must be application/json, not {request.mimetype or 'missing'!r}")
-        if (request.content_length or 0) > config.max_body_bytes:
-            return _too_large(config.max_body_bytes)
-        body = request.stream.read(config.max_body_bytes + 1)
-        if len(body) > config.max_body_bytes:
-            return _too_large(config.max_body_bytes)
-        try:
-            push = payload.validate(payload.decode(body))
-        except payload.PushError as error:
-            return _error(400, str(error), field=error.field)
-        wait = limiter.take(device)
-        if wait:
-            return _error(429, f"{device} pushes faster than {config.push_rate_limit:g}/s",
-                          headers={"Retry-After": str(wait)})
-        event_id = broadcaster.publish(device, fleet.record(device, push))
-        return jsonify(ok=True, device=device, id=event_id)
+    @app.errorhandler(HTTPException)
+    def http_error(problem):
+        headers = {k: v for k, v in problem.get_headers() if k.lower() != "content-type"}
+        return error(problem.code, problem.description, headers=headers)
+
+    @app.errorhandler(Exception)
+    def server_error(problem):
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error(500, "internal server error; the server's log has the details")
 
     @app.get("/gpu/stream")
     def stream():
-        if broadcaster.subscribers >= config.max_subscribers:
-            return _error(503, "too many viewers are connected; try again shortly",
-                          headers={"Retry-After": "5"})
+        address = client_address(request.remote_addr, request.headers.get("X-Forwarded-For"),
+                                 config.trusted_proxies)
         devices = request.args.get("device")
         devices = {d.strip() for d in devices.split(",") if d.strip()} if devices else None
         _drop_when_stuck(request.environ.get("gunicorn.socket"), config.viewer_timeout_s)
-        chunks = broadcaster.subscribe(devices, request.headers.get("Last-Event-ID"))
+        try:
+            chunks = broadcaster.subscribe(devices, request.headers.get("Last-Event-ID"), client=address)
+        except ViewerLimit as refused:
+            return error(refused.status, str(refused), headers={"Retry-After": "5"})
         # direct_passthrough hands gunicorn the generator itself: no per-event wrapper layers.
         return Response(chunks, content_type="text/event-stream", direct_passthrough=True, headers={
             "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -107,6 +86,7 @@ def create_app(overrides=None):
                        subscribers=broadcaster.subscribers,
                        uptimeS=round(time.monotonic() - started, 1))
 
+    register_ingest(app, config, keys, fleet, broadcaster)
     register_pages(app, config)
     _start_status_watch(fleet, broadcaster, config.sweep_s)
     return app
@@ -117,8 +97,11 @@ def _start_status_watch(fleet, broadcaster, period_s):
     def watch():
         while True:
             time.sleep(period_s)
-            for device, change in fleet.sweep():
-                broadcaster.publish(device, change, event="status")
+            try:
+                for device, change in fleet.sweep():
+                    broadcaster.publish(device, change, event="status")
+            except Exception:  # never silently gone: say so loudly, and keep watching
+                log.exception("status watch failed; retrying")
 
     threading.Thread(target=watch, name="status-watch", daemon=True).start()
 
@@ -130,19 +113,10 @@ def _drop_when_stuck(sock, timeout_s):
     timeout would do it in user space, but costs 6 us per delivered event under gevent.
     """
     if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout_s * 1000))
-
-
-def _error(status, message, field=None, headers=None):
-    body = {"ok": False, "error": message}
-    if field:
-        body["field"] = field
-    return jsonify(body), status, headers or {}
-
-
-def _too_large(limit):
-    # Answered before the body is read; gunicorn then discards the rest as it streams in.
-    return _error(413, f"body is larger than MAX_BODY_BYTES ({limit} bytes)")
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout_s * 1000))
+        except OSError:
+            pass  # the viewer is gone already; its first write ends the stream
 
 
 def wsgi_app():
@@ -150,11 +124,29 @@ def wsgi_app():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(name)s: %(message)s")
     try:
         app = create_app()
-    except ConfigError as error:
-        log.error("config error: %s", error)
+    except ConfigError as problem:
+        log.error("config error: %s", problem)
         sys.exit(4)  # gunicorn's "App failed to load": it stops instead of respawning.
+    _allow_open_files(app.extensions["gpustats"]["config"].worker_connections)
     _end_streams_on_sigterm(app.extensions["gpustats"]["broadcaster"])
     return app
+
+
+def _allow_open_files(connections):
+    """Raise the soft open-files limit so the worker can hold WORKER_CONNECTIONS sockets.
+
+    systemd and most shells start services with a soft limit of 1,024: far below the pool,
+    so accept() would fail long before MAX_SUBSCRIBERS. The hard limit is usually higher.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 64  # the listening socket, logs and Python's own files
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    if raised < wanted:
+        log.warning("the open-files limit (ulimit -n) is %d, below WORKER_CONNECTIONS (%d): raise it "
+                    "(LimitNOFILE= in a systemd unit) or lower WORKER_CONNECTIONS", raised, connections)
 
 
 def _end_streams_on_sigterm(broadcaster):

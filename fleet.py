@@ -20,16 +20,19 @@ class Fleet:
         self._devices = {}  # name -> latest event data
         self._history = {}  # (name, gpu index) -> deque of (t, *HISTORY_FIELDS)
 
-    def record(self, device, push):
-        """Store an accepted push and return the event every viewer gets."""
-        now = self._clock()
-        event = {"device": device, "status": "online", "receivedAt": round(now, 3),
-                 "sampledAt": push["sampledAt"], "host": push["host"],
-                 "agent": push["agent"], "error": push["error"], "gpus": push["gpus"]}
+    def event(self, device, push):
+        """Return the event every viewer gets for an accepted push; stores nothing."""
+        return {"device": device, "status": "online", "receivedAt": round(self._clock(), 3),
+                "sampledAt": push["sampledAt"], "host": push["host"],
+                "agent": push["agent"], "error": push["error"], "gpus": push["gpus"]}
+
+    def record(self, event):
+        """Store an accepted push's event as its device's latest state, and its GPUs' history."""
+        device, now = event["device"], event["receivedAt"]
         with self._lock:
             self._devices[device] = event
             if self.history_s:
-                for gpu in push["gpus"]:
+                for gpu in event["gpus"]:
                     self._remember(device, gpu, now)
         return event
 

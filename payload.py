@@ -8,7 +8,11 @@ MAX_GPUS = 64
 MAX_PROCESSES = 64
 MAX_DEPTH = 6  # body -> gpus -> gpu -> processes -> process -> value: deeper is not a push
 MAX_MIB = 1 << 24  # 16 TiB in MiB: far above any GPU, far below nonsense.
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 controls, DEL, and the invisible characters that reorder or break lines in a
+# browser (bidi overrides and isolates, U+2028/2029): a GPU name should not rearrange a tile.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# JSON's \uD800 escapes can make a lone or swapped UTF-16 surrogate, which no UTF-8 holds.
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class PushError(ValueError):
@@ -24,10 +28,11 @@ def _number(low, high):
         # bool is an int in Python, but `true` is no temperature.
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PushError(where, f"must be a number or null, not {type(value).__name__}")
-        if not math.isfinite(value):
+        # math.isfinite of an int past float range raises OverflowError: ints are finite anyway.
+        if isinstance(value, float) and not math.isfinite(value):
             raise PushError(where, "must be finite")
         if not low <= value <= high:
-            raise PushError(where, f"{value!r} is out of range {low} to {high}")
+            raise PushError(where, f"{_short(value)} is out of range {low} to {high}")
         return value
     check.bounds = (low, high)
     return check
@@ -46,11 +51,19 @@ def _integer(low, high):
     return check
 
 
+def _short(value):
+    """Return a number as text for a message: a 4,000-digit integer is no message."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"a {len(str(abs(value)))}-digit number"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _string(value, where):
     if not isinstance(value, str):
         raise PushError(where, f"must be a string or null, not {type(value).__name__}")
     if len(value) > MAX_STRING:
         raise PushError(where, f"is {len(value)} characters long, at most {MAX_STRING} are accepted")
+    if SURROGATE.search(value):
+        raise PushError(where, "is not valid Unicode: it holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
     if CONTROL.search(value):
         raise PushError(where, "contains control characters")
     return value
@@ -125,19 +138,36 @@ def _reject_constant(name):
     raise PushError("body", f"{name} is not a number JSON allows; send null for a missing value")
 
 
+def _unique_keys(pairs):
+    """Build an object, refusing a key given twice: parsers disagree on which one wins."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise PushError("body", f"the key {ascii(key)[:60]} appears twice in one object")
+            seen.add(key)
+    return obj
+
+
 def decode(body):
-    """Decode a UTF-8 JSON body; NaN, Infinity and out-of-range literals are refused."""
+    """Decode a UTF-8 JSON body; NaN, Infinity, out-of-range literals and duplicate keys are refused.
+
+    A leading UTF-8 byte order mark is skipped, as RFC 8259 allows (Windows tools add one).
+    """
     try:
-        text = body.decode("utf-8")
+        text = body.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise PushError("body", f"is not valid UTF-8 (byte {error.start})") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except PushError:
         raise
     except RecursionError:
         raise PushError("body", "is nested too deeply") from None
     except ValueError as error:
+        if "integer string conversion" in str(error):  # Python's guard against quadratic parsing
+            raise PushError("body", "holds a number of over 4,300 digits") from None
         raise PushError("body", f"is not valid JSON ({error})") from None
 
 

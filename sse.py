@@ -9,15 +9,24 @@ def encode_json(data):
 
 def frame(data, event_id=None, event=None):
     """Return one SSE event as bytes: optional `id:` and `event:` lines, then `data:`."""
-    lines = []
-    if event_id is not None:
-        lines.append(f"id: {_one_line(event_id)}")
-    if event is not None:
-        lines.append(f"event: {_one_line(event)}")
+    head = b"" if event_id is None else f"id: {_one_line(event_id)}\n".encode()
+    return head + event_head(event) + data_block(data)
+
+
+def data_block(data):
+    """Return the `data:` lines of an event and its blank line, as bytes.
+
+    Raises ValueError (UnicodeEncodeError is one) for what cannot be sent: NaN, Infinity,
+    or a string holding a lone UTF-16 surrogate, which JSON can carry but UTF-8 cannot.
+    """
     text = data if isinstance(data, str) else encode_json(data)
     # A newline in data would end the field early; each line gets its own `data:` prefix.
-    lines.extend(f"data: {line}" for line in text.split("\n"))
-    return ("\n".join(lines) + "\n\n").encode()
+    return ("".join(f"data: {line}\n" for line in text.split("\n")) + "\n").encode()
+
+
+def event_head(event=None):
+    """Return the `event:` line of a named event, or nothing for an unnamed one."""
+    return b"" if event is None else f"event: {_one_line(event)}\n".encode()
 
 
 def comment(text=""):

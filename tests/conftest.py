@@ -93,6 +93,29 @@ class Server:
     def health(self):
         return requests.get(self.url + "/healthz", timeout=5).json()
 
+    def snapshot(self):
+        """Return the data of every snapshot event a new viewer gets, then close that viewer."""
+        stream = Stream(self.port)
+        try:
+            events = []
+            while True:  # the snapshot comes first, in one write; a heartbeat follows within HEARTBEAT_S
+                event = stream.next(with_comments=True)
+                if event["event"] == ":comment":
+                    return events
+                events.append(event["data"])
+        finally:
+            stream.close()
+
+    def state(self):
+        """Return what a user can observe: a new viewer's snapshot and /healthz without its clock."""
+        viewers = self.health()["subscribers"]
+        snapshot = self.snapshot()
+        deadline = time.monotonic() + 5  # the closed viewer is counted out when its next write fails
+        while (health := self.health())["subscribers"] != viewers and time.monotonic() < deadline:
+            time.sleep(0.02)
+        health.pop("uptimeS")
+        return snapshot, health
+
 
 @pytest.fixture
 def start_server(tmp_path):
@@ -194,6 +217,22 @@ def open_stream():
     yield open_
     for stream in streams:
         stream.close()
+
+
+def seq(event_id):
+    """Return the sequence number in an event id `<boot>-<seq>`."""
+    return int(event_id.rsplit("-", 1)[1])
+
+
+def wait_for(predicate, timeout=5, interval=0.02):
+    """Poll `predicate` until it returns something true and return that; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(interval)
 
 
 def gpu(index=0, **fields):

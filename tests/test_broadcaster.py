@@ -1,8 +1,12 @@
 """The broadcaster on its own, driven by real threads."""
 import threading
 import time
+import tracemalloc
+from collections import deque
 
-from broadcaster import Broadcaster
+import pytest
+
+from broadcaster import Broadcaster, ViewerLimit
 
 
 def events(chunk):
@@ -14,11 +18,19 @@ def ids(chunk):
     return [line[4:] for line in chunk.decode().split("\n") if line.startswith("id: ")]
 
 
-def make(state=None, ring_size=8, heartbeat_s=5):
+def make(state=None, ring_size=8, heartbeat_s=5, **limits):
     state = {} if state is None else state
     return Broadcaster(lambda devices: [(d, v) for d, v in sorted(state.items())
                                         if devices is None or d in devices],
-                       ring_size=ring_size, heartbeat_s=heartbeat_s), state
+                       ring_size=ring_size, heartbeat_s=heartbeat_s, **limits), state
+
+
+def wait_for(predicate, timeout=5):
+    """Poll `predicate` until it holds; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
 
 
 def test_first_chunk_is_retry_then_snapshot_of_every_device():
@@ -36,7 +48,7 @@ def test_a_waiting_subscriber_gets_everything_published_in_one_chunk():
     got = []
     reader = threading.Thread(target=lambda: got.append(next(stream)))
     reader.start()
-    time.sleep(0.05)
+    wait_for(lambda: b._cond._lock.locked() is False and not b._cond._generation.is_set() and reader.is_alive())
     for i in range(3):
         b.publish("a", {"n": i})
     reader.join(2)
@@ -45,11 +57,17 @@ def test_a_waiting_subscriber_gets_everything_published_in_one_chunk():
     assert len(events(got[0]) + rest) == 3
 
 
-def test_publish_with_no_subscribers_is_bounded_by_the_ring():
-    b, _ = make(ring_size=4)
-    for i in range(1000):
-        b.publish("a", {"n": i})
-    assert len(b._ring) == 4
+def test_publish_with_no_subscribers_keeps_only_the_last_ring_of_events():
+    b, _ = make({"a": {"snap": True}}, ring_size=4)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    ids_ = deque((b.publish("a", {"n": i, "pad": "x" * 10_000}) for i in range(1000)), maxlen=6)
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert grown < 10 * 10_000, f"{grown} bytes kept for 1,000 events of 10 kB"  # 4 kept, not 1,000
+    replayed = events(next(b.subscribe(last_event_id=ids_[-5])))
+    assert [e[:10] for e in replayed] == ['{"n":996,"', '{"n":997,"', '{"n":998,"', '{"n":999,"']
+    assert events(next(b.subscribe(last_event_id=ids_[-6]))) == ['{"snap":true}']  # older: gone
 
 
 def test_resume_replays_only_what_was_missed():
@@ -130,7 +148,7 @@ def test_ids_are_unique_across_restarts():
 
 
 def test_many_threads_publishing_lose_nothing():
-    b, _ = make(ring_size=4096)
+    b, _ = make(ring_size=4096, heartbeat_s=0.2)  # heartbeats bound each wait, so a lost event fails, not hangs
     stream = b.subscribe()
     next(stream)
     workers = [threading.Thread(target=lambda: [b.publish("a", {}) for _ in range(500)]) for _ in range(4)]
@@ -138,7 +156,73 @@ def test_many_threads_publishing_lose_nothing():
         w.start()
     for w in workers:
         w.join()
-    seen = []
-    while len(seen) < 2000:
+    seen, deadline = [], time.monotonic() + 5
+    while len(seen) < 2000 and time.monotonic() < deadline:
         seen += ids(next(stream))
-    assert len(set(seen)) == 2000
+    assert len(seen) == len(set(seen)) == 2000
+    b.close()
+
+
+def test_an_event_that_cannot_be_sent_is_refused_whole_and_the_stream_goes_on():
+    b, state = make({"a": {"ok": 1}})
+    stream = b.subscribe()
+    next(stream)
+    first = b.publish("a", {"n": 1})
+    for bad in ({"name": "\ud800x"}, {"t": float("nan")}):
+        with pytest.raises(ValueError):
+            b.publish("a", bad)
+    after = b.publish("a", {"n": 2})
+    assert int(after.rsplit("-", 1)[1]) == int(first.rsplit("-", 1)[1]) + 1  # no sequence number lost
+    got = events(next(stream))
+    assert got + (events(next(stream)) if len(got) < 2 else []) == ['{"n":1}', '{"n":2}']
+    chunk = next(b.subscribe(last_event_id=first))
+    assert events(chunk) == ['{"n":2}']
+
+
+def test_a_device_whose_state_cannot_be_sent_is_left_out_and_the_viewer_still_connects():
+    b, state = make({"a": {"name": "\udc00"}, "b": {"ok": 1}})
+    stream = b.subscribe()
+    assert events(next(stream)) == ['{"ok":1}']
+    assert b.subscribers == 1
+
+
+def test_the_count_is_given_back_however_a_stream_ends():
+    b, _ = make({"a": {"n": 1}})
+    never_read = b.subscribe()
+    assert b.subscribers == 1
+    never_read.close()  # closed before its first chunk: a HEAD request, a client gone at once
+    assert b.subscribers == 0
+    read = b.subscribe()
+    next(read)
+    read.close()
+    assert b.subscribers == 0
+    dropped = b.subscribe()
+    del dropped  # garbage-collected without close()
+    assert b.subscribers == 0
+    b.close()
+    ended = b.subscribe()
+    assert list(ended) and b.subscribers == 0  # ended by shutdown, read to the end
+
+
+def test_the_caps_refuse_in_the_same_step_that_counts():
+    b, _ = make(max_subscribers=5, max_per_client=3)
+    admitted, refused, start = [], [], threading.Barrier(24)
+
+    def connect(client):
+        start.wait()
+        try:
+            admitted.append((client, b.subscribe(client=client)))
+        except ViewerLimit as limit:
+            refused.append(limit.status)
+    threads = [threading.Thread(target=connect, args=(f"10.0.0.{i % 2}",)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(admitted) == 5 and b.subscribers == 5 and len(refused) == 19
+    assert max(sum(1 for c, _ in admitted if c == client) for client in ("10.0.0.0", "10.0.0.1")) == 3
+    assert set(refused) <= {429, 503} and 503 in refused
+    for _, stream in admitted:
+        stream.close()
+    assert b.subscribers == 0 and b._per_client == {}
+    assert next(b.subscribe(client="10.0.0.0")).startswith(b"retry:")

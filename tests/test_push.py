@@ -1,9 +1,11 @@
 """POST /push-sse on the real gunicorn server: auth, answers, limits, and no side effects."""
 import json
+import socket
+import time
 
 import requests
 
-from conftest import KEYS, gpu, multi
+from conftest import KEYS, gpu, multi, seq
 
 
 def test_accepted_push_answers_ok_with_device_and_event_id(server, open_stream):
@@ -65,14 +67,6 @@ def test_nan_and_infinity_are_400_and_never_reach_a_viewer(server, open_stream):
     assert stream.next()["data"]["gpus"][0]["powerDraw"] == 100
 
 
-def test_bad_field_is_400_naming_it_and_changes_nothing(server):
-    server.push(multi(gpu(0, utilizationGpu=10)))
-    answer = server.push(multi(gpu(0, utilizationGpu=10), gpu(1, temperatureGpu="hot")))
-    assert answer.status_code == 400
-    assert answer.json()["field"] == "gpus[1].temperatureGpu"
-    assert "gpus[1].temperatureGpu" in answer.json()["error"]
-
-
 def test_wrong_content_type_is_415(server):
     answer = server.push(json.dumps(multi()), headers={"Content-Type": "text/plain"})
     assert answer.status_code == 415 and "application/json" in answer.json()["error"]
@@ -119,3 +113,105 @@ def test_an_8_mib_body_is_refused_at_once_without_being_read(server):
     assert answer.startswith(b"HTTP/1.1 413") and b"MAX_BODY_BYTES" in answer
     assert time.monotonic() - started < 1
     assert server.push(multi()).status_code == 200
+
+
+# ---- a push is refused whole or accepted whole (issue 8) -------------------------------------
+
+def test_a_lone_surrogate_is_400_and_changes_nothing_for_anyone(server, open_stream):
+    watcher = open_stream(server)
+    good = server.push(multi(gpu(0, utilizationGpu=10))).json()["id"]
+    assert watcher.next()["id"] == good
+    before = server.state()
+    for text in ('\\ud800x', '\\udfff', '\\udc00\\ud800', 'a\\ud83d'):  # lone, swapped, cut pair
+        body = json.dumps(multi(gpu(0))).replace('"NVIDIA GeForce RTX 3080"', f'"{text}"')
+        answer = server.push(body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400 and answer.json()["field"] == "gpus[0].name", answer.text
+        assert "surrogate" in answer.json()["error"]
+    assert server.state() == before  # a new viewer connects and sees exactly the good state
+    after = server.push(multi(gpu(0, utilizationGpu=20))).json()["id"]
+    assert seq(after) == seq(good) + 1  # no sequence number was used up by a refused push
+    assert watcher.next()["id"] == after
+    assert "Traceback" not in server.output()
+
+
+def test_a_bad_field_is_400_naming_it_and_changes_nothing(server):
+    server.push(multi(gpu(0, utilizationGpu=10)))
+    before = server.state()
+    answer = server.push(multi(gpu(0, utilizationGpu=99), gpu(1, temperatureGpu="hot")))
+    assert answer.status_code == 400
+    assert answer.json()["field"] == "gpus[1].temperatureGpu"
+    assert "gpus[1].temperatureGpu" in answer.json()["error"]
+    assert server.state() == before
+    [event] = before[0]
+    assert [g["utilizationGpu"] for g in event["gpus"]] == [10]
+
+
+def test_numbers_past_float_range_are_400_not_500(server):
+    before = server.state()
+    for number in ("1" + "0" * 400, "-" + "9" * 4000, "1" + "0" * 5000):
+        body = json.dumps(multi(gpu(0))).replace('"utilizationGpu": 80', f'"utilizationGpu": {number}')
+        answer = server.push(body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400 and len(answer.text) < 300, answer.text[:300]
+    assert server.state() == before
+
+
+def test_duplicate_keys_are_refused_and_a_leading_bom_is_not(server):
+    text = json.dumps(multi(gpu(0)))
+    duplicate = text.replace('"utilizationGpu": 80', '"utilizationGpu": 80, "utilizationGpu": 5')
+    answer = server.push(duplicate, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 and "'utilizationGpu' appears twice" in answer.json()["error"]
+    assert server.push(b"\xef\xbb\xbf" + text.encode(), headers={"Content-Type": "application/json"}).status_code == 200
+
+
+def test_bad_bodies_count_against_the_devices_rate_limit(start_server):
+    server = start_server(PUSH_RATE_LIMIT="1")  # a burst of 2
+    codes = [server.push(b"{not json", headers={"Content-Type": "application/json"}).status_code for _ in range(3)]
+    assert codes == [400, 400, 429]
+    assert server.push(multi(), headers={"Content-Type": "text/plain"}).status_code == 429
+    assert server.push(multi(), device="rig-2").status_code == 200  # another device is not affected
+
+
+def raw_push(server, head_length, body, close_write=False, timeout=5):
+    """Send a push with a chosen Content-Length over a raw socket; return the status line and JSON."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+    sock.sendall(b"POST /push-sse HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEYS["rig-1"].encode() + b"\r\n"
+                 b"Content-Length: %d\r\n\r\n" % head_length + body)
+    if close_write:
+        sock.shutdown(socket.SHUT_WR)
+    answer = b""
+    try:
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        sock.close()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode(), json.loads(rest) if rest else None
+
+
+def test_a_body_cut_short_or_stalled_is_refused_and_changes_nothing(start_server):
+    server = start_server(PUSH_BODY_TIMEOUT_S="0.5", PUSH_RATE_LIMIT="1000")
+    before = server.state()
+    body = json.dumps(multi()).encode()
+    # Complete JSON, but the client promised more and hung up: the transfer was cut.
+    status, answer = raw_push(server, len(body) + 40, body, close_write=True)
+    assert status.startswith("HTTP/1.1 400") and "Content-Length announced" in answer["error"]
+    started = time.monotonic()
+    status, answer = raw_push(server, len(body) + 40, body)  # ... and stalls instead
+    assert status.startswith("HTTP/1.1 408") and "PUSH_BODY_TIMEOUT_S" in answer["error"]
+    assert time.monotonic() - started < 3
+    status, answer = raw_push(server, len(body) - 5, body)  # a Content-Length short of the body
+    assert status.startswith("HTTP/1.1 400")
+    assert server.state() == before
+    assert server.push(multi()).status_code == 200
+
+
+def test_every_error_is_json_with_a_message_never_an_html_page_or_a_traceback(server):
+    wrong_method = requests.get(server.url + "/push-sse", timeout=5)
+    assert wrong_method.status_code == 405 and wrong_method.json()["ok"] is False
+    assert "POST" in wrong_method.headers["Allow"]
+    missing = requests.get(server.url + "/nothing-here", timeout=5)
+    assert missing.status_code == 404 and missing.json()["error"]

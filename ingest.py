@@ -1,0 +1,107 @@
+"""POST /push-sse: authenticate, rate-limit, read and check a push, then commit it whole or not at all."""
+import socket
+
+from flask import jsonify, request
+
+import payload
+from auth import client_address, presented_key
+from ratelimit import RateLimiter
+
+# Bad keys from one address: 10 at once, then one every 6 s; past that, 429 before any check.
+BAD_KEYS_BURST, BAD_KEYS_PER_S = 10, 1 / 6
+
+
+class BodyError(Exception):
+    """A body that could not be read whole; `status` is the HTTP answer to give."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def register_ingest(app, config, keys, fleet, broadcaster):
+    """Add `POST /push-sse`, with its per-device rate limit and per-address bad-key slow-down."""
+    limiter = RateLimiter(config.push_rate_limit)
+    bad_keys = RateLimiter(BAD_KEYS_PER_S, burst=BAD_KEYS_BURST)
+
+    @app.post("/push-sse")
+    def push():
+        address = client_address(request.remote_addr, request.headers.get("X-Forwarded-For"),
+                                 config.trusted_proxies)
+        wait = bad_keys.blocked_for(address)
+        if wait:
+            return error(429, "too many bad device keys from this address", headers={"Retry-After": str(wait)})
+        key = presented_key(request.headers)
+        device = keys.device_for(key) if key else None
+        if device is None:
+            bad_keys.take(address)
+            reason = ("no device keys are configured on this server (DEVICE_KEYS)" if not keys
+                      else "unknown device key" if key
+                      else "missing device key: send Authorization: Bearer <key>")
+            return error(401, reason, headers={"WWW-Authenticate": "Bearer"})
+        # Every authenticated push counts, a refused one too: a key cannot send junk without limit.
+        wait = limiter.take(device)
+        if wait:
+            return error(429, f"{device} pushes faster than {config.push_rate_limit:g}/s",
+                         headers={"Retry-After": str(wait)})
+        if request.mimetype != "application/json":
+            return error(415, f"Content-Type must be application/json, not {request.mimetype or 'missing'!r}")
+        try:
+            body = read_body(request, config.max_body_bytes, config.push_body_timeout_s)
+            push = payload.validate(payload.decode(body))
+            event = fleet.event(device, push)
+            # All that can fail happens before anything is stored: a push changes all or nothing.
+            encoded = broadcaster.encode(device, event)
+        except BodyError as problem:
+            return error(problem.status, str(problem), field="body")
+        except payload.PushError as problem:
+            return error(400, str(problem), field=problem.field)
+        except ValueError:  # validation lets nothing unsendable through; this is the last guard
+            return error(400, "body: holds text or numbers that cannot be sent on", field="body")
+        fleet.record(event)
+        return jsonify(ok=True, device=device, id=broadcaster.publish_encoded(encoded))
+
+
+def read_body(request, limit, timeout_s):
+    """Return the whole body, or raise BodyError: too large, cut short, stalled or unreadable."""
+    expected = request.content_length
+    if expected is not None and expected > limit:
+        # Answered before the body is read; gunicorn then discards the rest as it streams in.
+        raise BodyError(413, f"body is larger than MAX_BODY_BYTES ({limit} bytes)")
+    sock = request.environ.get("gunicorn.socket")
+    previous = sock.gettimeout() if sock is not None else None
+    if sock is not None:
+        sock.settimeout(timeout_s)  # between two reads, like nginx's client_body_timeout
+    try:
+        body = request.stream.read(limit + 1)
+    except TimeoutError:
+        _stop_reading(sock)
+        raise BodyError(408, f"the body stopped arriving for {timeout_s:g} s (PUSH_BODY_TIMEOUT_S)") from None
+    except OSError as broken:  # a reset connection, or gunicorn's errors for a bad chunked body
+        _stop_reading(sock)
+        raise BodyError(400, f"body could not be read ({type(broken).__name__})") from None
+    finally:
+        if sock is not None:
+            sock.settimeout(previous)
+    if len(body) > limit:
+        raise BodyError(413, f"body is larger than MAX_BODY_BYTES ({limit} bytes)")
+    if expected is not None and len(body) < expected:
+        # gunicorn marks its input as terminated, so nothing else checks the length.
+        raise BodyError(400, f"body: ended after {len(body)} of the {expected} bytes its Content-Length announced")
+    return body
+
+
+def _stop_reading(sock):
+    """Stop reading a broken request, so gunicorn closes the connection instead of waiting on it."""
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except (AttributeError, OSError):
+        pass  # no socket (the test client), or it is gone already
+
+
+def error(status, message, field=None, headers=None):
+    """Return a JSON error answer: {"ok": false, "error": message, "field": field}."""
+    body = {"ok": False, "error": message}
+    if field:
+        body["field"] = field
+    return jsonify(body), status, headers or {}
