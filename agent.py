@@ -5,6 +5,7 @@ Copy this one file to each GPU PC. Needs: requests, nvidia-ml-py and/or GPUtil (
 setuptools on Python 3.12+), python-dotenv (optional). See requirements-agent.txt.
 """
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ VERSION = "1.0.0"
 BACKOFF_CAP_S = 30.0
 SMI_TIMEOUT_S = 10.0
 HTTP_TIMEOUT_S = (5.0, 10.0)  # connect, read
+MAX_INDEX = 1023  # the highest GPU index the server accepts
 log = logging.getLogger("agent")
 
 # Payload field -> nvidia-smi --query-gpu field (gpustat's habit: the tool's own names).
@@ -60,6 +62,18 @@ class Retry(Exception):
     def __init__(self, message, after=None):
         super().__init__(message)
         self.after = after
+
+
+class Rejected(Exception):
+    """The server refused this sample (400, 413, 415, 422...); the next sample may pass, so no backoff."""
+
+    def __init__(self, status, error, field=None):
+        if field:  # the server's error usually starts with the field already: "gpus[0].x: ..."
+            text = error if error.startswith(f"{field}:") else f"{field}: {error}"
+            super().__init__(f"server rejected the sample: {text}")
+        else:
+            super().__init__(f"server rejected the sample ({status}): {error}")
+        self.status, self.error, self.field = status, error, field
 
 
 # ---- parsing nvidia-smi ---------------------------------------------------------------
@@ -122,9 +136,21 @@ def run_nvidia_smi(names, timeout=SMI_TIMEOUT_S, run=subprocess.run):
 
 # ---- backends ---------------------------------------------------------------------------
 
-def _broken(errors, first_index):
-    """Turn nvidia-smi's per-GPU error lines into GPU entries with an error and nulls."""
-    return [{"index": first_index + i, "error": line[:128]} for i, line in enumerate(errors)]
+def _free_indices(taken):
+    """Yield the GPU indices no GPU in `taken` uses, lowest first."""
+    return (i for i in itertools.count() if i not in taken)
+
+
+def _broken(errors, taken):
+    """Turn nvidia-smi's per-GPU error lines into entries with an error and nulls, at indices not `taken`.
+
+    nvidia-smi prints the error line in the lost GPU's place and gives the GPUs after it their
+    true indices, so the gaps are where lost GPUs are (0 and 2 readable: the lost one is 1).
+    Numbering them from the count of readable GPUs instead gave a used index, and the server
+    refused the whole push ("gpus[2].index: 2 is used twice"): the PC left the dashboard.
+    """
+    free = _free_indices(taken)
+    return [{"index": next(free), "error": line[:128]} for line in errors]
 
 
 class GputilBackend:
@@ -155,7 +181,7 @@ class GputilBackend:
             gpu = {"vendor": "NVIDIA", **basics.get(index, {})}
             gpu.update((k, v) for k, v in row.items() if v is not None or k not in gpu)
             gpus.append(gpu)
-        return gpus + _broken(errors, len(extra))
+        return sorted(gpus + _broken(errors, set(extra)), key=lambda g: g["index"])
 
 
 def _finite(value):
@@ -307,29 +333,40 @@ class Pusher:
                                      "User-Agent": f"gpu-stats-agent/{VERSION}"})
 
     def push(self, payload):
-        """Send one payload; raise Retry for what may pass, Refused for what will not."""
+        """Send one payload; raise Retry for what may pass later, Rejected for this sample, Refused for all."""
         try:
             answer = self.session.post(self.url, data=json.dumps(_fit(payload), allow_nan=False),
                                        timeout=HTTP_TIMEOUT_S)
         except Exception as error:  # requests' ConnectionError, Timeout and friends
             raise Retry(f"server unreachable: {type(error).__name__}") from None
-        if answer.status_code == 200:
+        status = answer.status_code
+        if status == 200:
             return answer
-        detail = _error_text(answer)
-        if answer.status_code in (401, 403):
-            raise Refused(f"the server refused the device key ({answer.status_code}: {detail})")
-        if answer.status_code == 404:
+        body = _error_body(answer)
+        detail = _one_line(body.get("error") or answer.text or answer.reason or "")[:200]
+        if status in (401, 403):
+            raise Refused(f"the server refused the device key ({status}: {detail})")
+        if status == 404:
             raise Refused(f"nothing at {self.url} (404): the URL should end in /push-sse")
-        if answer.status_code == 429 or answer.status_code >= 500:
-            raise Retry(f"server answered {answer.status_code}: {detail}", _retry_after(answer))
-        raise Retry(f"server rejected the sample ({answer.status_code}: {detail})")
+        if 400 <= status < 500 and status not in (408, 429):
+            # The server is up and said what is wrong with this sample (400 names the field):
+            # not a network failure, so no backoff; the next sample may well pass.
+            field = body.get("field")
+            raise Rejected(status, detail, _one_line(field)[:128] if isinstance(field, str) else None)
+        raise Retry(f"server answered {status}: {detail}", _retry_after(answer))
 
 
-def _error_text(answer):
+def _error_body(answer):
+    """Return the server's JSON error body ({"error": ..., "field": ...}), or {} if it sent none."""
     try:
-        return str(answer.json().get("error"))[:200]
+        body = answer.json()
     except ValueError:
-        return answer.text.strip()[:200] or answer.reason
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
 
 
 def _retry_after(answer):
@@ -356,11 +393,30 @@ def _fit(value):
     return value
 
 
+def distinct_indices(gpus):
+    """Return the GPUs sorted by index, each index used once, as the server demands of a push.
+
+    Readable GPUs keep theirs; an entry that repeats a used index (or has none) gets the lowest
+    index nobody uses, so one GPU that cannot be read never costs the others their place.
+    """
+    taken, kept, moved = set(), [], []
+    for gpu in sorted(gpus, key=lambda g: g.get("error") is not None):  # readable GPUs claim first
+        index = gpu.get("index")
+        if type(index) is int and 0 <= index <= MAX_INDEX and index not in taken:
+            taken.add(index)
+            kept.append(gpu)
+        else:
+            moved.append(gpu)
+    free = _free_indices(taken)
+    moved = [{**gpu, "index": next(free)} for gpu in moved]
+    return sorted(kept + moved, key=lambda g: g["index"])
+
+
 def build_payload(backend, clock=time.time):
     """Sample the GPUs once; a sample that fails whole carries `error` and no GPUs."""
     sampled_at = clock()
     try:
-        gpus, error = backend.sample(), None
+        gpus, error = distinct_indices(backend.sample()), None
     except GpuReadError as failure:
         gpus, error = [], str(failure)
     payload = {"host": socket.gethostname(), "sampledAt": round(sampled_at, 3),
@@ -378,18 +434,20 @@ class StateLog:
     def __init__(self):
         self.states = {}
 
-    def set(self, topic, problem):
-        if self.states.get(topic) == problem:
+    def set(self, topic, problem, key=None):
+        """Log `problem` when the topic's state (`key`, else the text) changes, and a line when it clears."""
+        state = (key or problem) if problem else None
+        if self.states.get(topic) == state:
             return
         if problem:
             log.warning("%s", problem)
         elif self.states.get(topic):
             log.info("%s recovered", topic)
-        self.states[topic] = problem
+        self.states[topic] = state
 
 
 def run_loop(backend, pusher, interval, clock=time.monotonic, sleep=time.sleep, stop=lambda: False):
-    """Sample and push forever; back off on failures; always send the newest sample."""
+    """Sample and push forever; back off only while the server is down or busy; send the newest sample."""
     states, failures = StateLog(), 0
     while not stop():
         started = clock()
@@ -399,6 +457,14 @@ def run_loop(backend, pusher, interval, clock=time.monotonic, sleep=time.sleep, 
             pusher.push(payload)
             failures, wait = 0, interval
             states.set("server", None)
+            states.set("sample rejection", None)
+        except Rejected as problem:
+            # The server is up and refused this sample only: backing off would keep the PC off
+            # the dashboard longer while every new sample is refused the same way.
+            failures, wait = 0, interval
+            states.set("server", None)
+            # Keyed on the field, so a reading that stays out of range is logged once, not per sample.
+            states.set("sample rejection", str(problem), key=(problem.status, problem.field or str(problem)))
         except Retry as problem:
             failures += 1
             wait = backoff_s(failures, interval, problem.after)
@@ -488,7 +554,7 @@ def main(argv=None, environ=None):
     except GpuReadError as error:
         _say(f"cannot read GPUs: {error}")
         return 1
-    except Retry as error:
+    except (Retry, Rejected) as error:
         _say(str(error))
         return 1
     except Refused as error:

@@ -1,8 +1,11 @@
 """Reading GPUs: the nvidia-smi parser on real captures, GPUtil through a fake nvidia-smi, NVML."""
+import json
+
 import pynvml
 import pytest
 
 import agent
+import payload as server_payload
 from agent_fakes import (DRIVER_NOT_LOADED, FIXTURES, H100_MIG, L40S, NO_GPUS, RTX2080S, FakeSmi,
                          nvml_gpu, nvml_module)
 
@@ -71,12 +74,50 @@ def test_mig_gpu_reports_null_utilization_not_zero(smi):
     assert gpu["memoryTotal"] == 81559 and gpu["powerDraw"] == 98
 
 
-def test_a_lost_gpu_goes_out_with_an_error_while_the_others_still_report(smi):
+def test_a_lost_gpu_keeps_its_own_index_and_the_others_keep_theirs(smi):
+    # GPU 1 fell off the bus: nvidia-smi prints an error line in its place and numbers the others
+    # truly (0, 2). The lost one was numbered from the count of readable GPUs, 2, and the server
+    # refused every push ("gpus[2].index: 2 is used twice"): the whole PC left the dashboard.
     smi.set(gpus=[L40S, "lost:0000:0B:00.0", RTX2080S])
-    gpus = gputil().sample()
-    assert [g["name"] for g in gpus[:2]] == ["NVIDIA L40S", "NVIDIA GeForce RTX 2080 SUPER"]
-    assert gpus[1]["utilizationGpu"] == 7 and gpus[1]["fanSpeed"] == 38
-    assert "Unknown Error" in gpus[2]["error"] and "utilizationGpu" not in gpus[2]
+    l40s, lost, rtx = gputil().sample()
+    assert (l40s["index"], l40s["name"]) == (0, "NVIDIA L40S")
+    assert (rtx["index"], rtx["name"]) == (2, "NVIDIA GeForce RTX 2080 SUPER")
+    assert rtx["utilizationGpu"] == 7 and rtx["fanSpeed"] == 38
+    assert lost["index"] == 1 and lost["error"] == ("Unable to determine the device handle for GPU "
+                                                    "0000:0B:00.0: Unknown Error")
+    assert all(lost.get(field) is None for field in agent.SMI_FIELDS if field != "index")  # nulls, no readings
+    body = agent.build_payload(gputil())
+    checked = server_payload.validate(json.loads(json.dumps(agent._fit(body))))  # the server's own checks
+    assert [(g["index"], g.get("name")) for g in checked["gpus"]] == [
+        (0, "NVIDIA L40S"), (1, None), (2, "NVIDIA GeForce RTX 2080 SUPER")]
+
+
+@pytest.mark.parametrize("gpus,readable,lost", [
+    ([L40S, "lost:0000:0B:00.0", RTX2080S], [0, 2], [1]),  # the gap is where it is
+    (["lost:0000:01:00.0", "lost:0000:0B:00.0", L40S], [2], [0, 1]),
+    ([L40S, RTX2080S, "lost:0000:0C:00.0"], [0, 1], [2]),  # no gap: past the highest
+])
+def test_lost_gpus_take_the_lowest_indices_no_readable_gpu_uses(smi, gpus, readable, lost):
+    smi.set(gpus=gpus)
+    payload = agent.build_payload(gputil())
+    assert [g["index"] for g in payload["gpus"]] == sorted(readable + lost)  # sorted by index
+    assert [g["index"] for g in payload["gpus"] if g.get("error")] == lost
+    server_payload.validate(payload)
+
+
+def test_no_backend_can_send_an_index_twice_or_out_of_order():
+    # The server refuses a whole push that repeats an index; whatever a backend returns, the
+    # readable GPUs keep their indices and the rest take the lowest free ones.
+    class Backend:
+        name = "test"
+
+        def sample(self):
+            return [{"index": 2, "error": "NVML: GPU is lost"}, {"index": 2, "name": "B"},
+                    {"index": 0, "name": "A"}, {"error": "no index"}, {"index": 5000, "error": "too high"}]
+    payload = agent.build_payload(Backend())
+    assert [(g["index"], g.get("name") or g["error"]) for g in payload["gpus"]] == [
+        (0, "A"), (1, "NVML: GPU is lost"), (2, "B"), (3, "no index"), (4, "too high")]
+    server_payload.validate(payload)
 
 
 @pytest.mark.parametrize("total", ["0 MiB", "[N/A]"])
@@ -142,10 +183,12 @@ def test_nvml_not_supported_means_null_as_on_mig_and_passive_cards():
     assert read["temperatureGpu"] == 65 and read["processes"] == [{"pid": 77, "name": "game.exe", "memoryUsed": None}]
 
 
-def test_nvml_lost_gpu_is_an_error_entry_and_the_others_report():
-    gpus = agent.NvmlBackend(nvml_module([nvml_gpu(), pynvml.NVMLError_GpuIsLost, nvml_gpu()])).sample()
+def test_nvml_lost_gpu_is_an_error_entry_at_its_own_index_and_the_others_report():
+    backend = agent.NvmlBackend(nvml_module([nvml_gpu(), pynvml.NVMLError_GpuIsLost, nvml_gpu()]))
+    gpus = backend.sample()
     assert [g.get("error") for g in gpus] == [None, "NVML: GPU is lost", None]
-    assert gpus[2]["utilizationGpu"] == 80
+    assert [g["index"] for g in gpus] == [0, 1, 2] and gpus[2]["utilizationGpu"] == 80
+    server_payload.validate(agent.build_payload(backend))
 
 
 def test_simulated_gpus_move_and_stay_in_range():
@@ -158,7 +201,6 @@ def test_simulated_gpus_move_and_stay_in_range():
 
 
 def test_what_the_agent_sends_always_fits_the_servers_limits():
-    import payload as server_payload
     procs = [{"pid": i, "name": "C:\\Program Files\\Game\tLauncher\x00" + "x" * 300, "memoryUsed": 1}
              for i in range(100)]
     body = agent._fit({"host": "h" * 300, "gpus": [{"index": 0, "name": "n\x1b" * 100, "processes": procs}],

@@ -1,9 +1,12 @@
 """The real agent process: settings, --once, failures, and pushes to the real server."""
+import http.server
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,15 +28,29 @@ def run_agent(*args, env=None, cwd=ROOT, script=None, timeout=30):
                           env={**environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
-def stop_agent(process, log, wait_for):
-    """Give the agent up to 5 s to log `wait_for`, then stop it; return its whole log.
+def poll(predicate, timeout):
+    """Call `predicate` until it is true or `timeout` s have passed; return whether it came true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def wait_for(predicate, what, timeout=10):
+    """Wait until `predicate` is true; fail the test, saying `what` never happened, after `timeout` s."""
+    if not poll(predicate, timeout):
+        pytest.fail(f"waited {timeout:g} s for {what}")
+
+
+def stop_agent(process, log, line):
+    """Give the agent up to 5 s to log `line`, then stop it; return its whole log.
 
     Viewers get an event before the agent gets its answer, so its line can come later.
     """
     path = Path(log.name)
-    deadline = time.monotonic() + 5
-    while wait_for not in path.read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    poll(lambda: line in path.read_text(), 5)
     process.terminate()
     process.wait(10)
     log.close()
@@ -117,6 +134,32 @@ def test_a_wrong_path_stops_it_rather_than_retrying_forever(server):
     assert result.returncode == 3 and "should end in /push-sse" in result.stderr
 
 
+def test_a_lost_gpu_does_not_take_the_pc_off_the_dashboard(server, open_stream, smi):
+    # The issue: GPU 1 off the bus gave the error entry index 2, the 2080's, and the server
+    # refused every push from that PC ("gpus[2].index: 2 is used twice").
+    smi.set(gpus=[L40S, "lost:0000:0B:00.0", RTX2080S])
+    stream = open_stream(server)
+    result = run_agent("--once", "--url", server.url + "/push-sse", "--key", KEYS["rig-5"], "--backend", "gputil")
+    assert result.returncode == 0, result.stderr
+    shown = stream.until(lambda e: e["data"].get("device") == "rig-5", timeout=10)["data"]["gpus"]
+    assert [g["index"] for g in shown] == [0, 1, 2]
+    l40s, lost, rtx = shown
+    assert (l40s["name"], l40s["temperatureGpu"], l40s["utilizationGpu"]) == ("NVIDIA L40S", 63, 100)
+    assert (rtx["name"], rtx["utilizationGpu"], rtx["fanSpeed"]) == ("NVIDIA GeForce RTX 2080 SUPER", 7, 38)
+    assert "0000:0B:00.0: Unknown Error" in lost["error"]
+    assert lost.get("name") is None and lost.get("temperatureGpu") is None
+
+
+REJECTED = "server rejected the sample: gpus[0].temperatureGpu: 300 is out of range -100 to 250"
+
+
+def test_once_with_a_sample_the_server_refuses_exits_1_naming_the_field(server, smi):
+    smi.set(gpus=[L40S], set={"0": {"temperature.gpu": "300"}})  # the server accepts -100 to 250
+    result = run_agent("--once", "--url", server.url + "/push-sse", "--key", KEYS["rig-6"], "--backend", "gputil")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"agent: {REJECTED}"]
+
+
 # ---- the loop against the real server ----------------------------------------------------------
 
 def test_agent_pushes_resume_after_the_server_restarts_newest_sample_first(server, open_stream, tmp_path):
@@ -128,7 +171,7 @@ def test_agent_pushes_resume_after_the_server_restarts_newest_sample_first(serve
         first = stream.until(lambda e: e["data"].get("gpus"), timeout=10)
         assert first["data"]["device"] == "rig-1" and len(first["data"]["gpus"]) == 2
         server.stop()
-        time.sleep(2)  # the agent backs off meanwhile
+        wait_for(lambda: "server unreachable" in Path(log.name).read_text(), "the agent to find the server down")
         server.start(server.port)
         restarted = time.time()
         stream = open_stream(server)
@@ -151,13 +194,56 @@ def test_gpu_failure_is_logged_once_pushed_as_an_error_and_recovers(server, open
         stream = open_stream(server)
         failed = stream.until(lambda e: e["data"].get("device") == "rig-2", timeout=10)
         assert failed["data"]["gpus"] == [] and "exit 9" in failed["data"]["error"]
-        time.sleep(1.5)
+        # Several failed samples, so the log below shows the failure once, not once per sample.
+        wait_for(lambda: "cannot read GPUs" in Path(log.name).read_text() and len(smi.calls()) >= 4,
+                 "the agent to log the failure and sample a few more times")
         smi.set(gpus=[L40S])
         recovered = stream.until(lambda e: e["data"].get("gpus"), timeout=10)
         assert recovered["data"]["gpus"][0]["name"] == "NVIDIA L40S" and recovered["data"]["error"] is None
     finally:
         text = stop_agent(process, log, "GPU reading recovered")
     assert text.count("cannot read GPUs") == 1 and "GPU reading recovered" in text
+
+
+def most_samples_with_backoff(elapsed, interval):
+    """Return the most samples backoff_s allows in `elapsed` s: after the nth failure it waits
+    at least half of interval * 2**n (its jitter), capped."""
+    samples, waited = 1, 0.0
+    while True:
+        waited += min(agent.BACKOFF_CAP_S, interval * 2 ** samples) / 2
+        if waited > elapsed:
+            return samples
+        samples += 1
+
+
+def test_a_sample_the_server_refuses_is_logged_once_and_the_agent_keeps_its_pace(server, open_stream, smi,
+                                                                                  tmp_path):
+    # A 400 is no network failure: backing off kept the PC off the dashboard ever longer.
+    smi.set(gpus=[L40S], set={"0": {"temperature.gpu": "300"}})
+    # The one query per sample for what GPUtil lacks: it counts samples whatever GPUtil runs.
+    query = "--query-gpu=" + ",".join(agent.SMI_FIELDS[n] for n in agent.GPUTIL_LACKS)
+
+    def samples():
+        return sum(query in call for call in smi.calls())
+    interval = 0.3
+    log = open(tmp_path / "agent.log", "w")
+    started = time.monotonic()
+    process = start_agent("--url", server.url + "/push-sse", "--key", KEYS["rig-6"], "--backend", "gputil",
+                          "--interval", str(interval), log=log)
+    try:
+        stream = open_stream(server)
+        wait_for(lambda: samples() > 2 * most_samples_with_backoff(time.monotonic() - started, interval),
+                 "twice as many samples as backoff would allow", timeout=15)
+        assert REJECTED in Path(log.name).read_text()
+        smi.set(gpus=[L40S])
+        shown = stream.until(lambda e: e["data"].get("device") == "rig-6", timeout=10)["data"]
+        assert shown["gpus"][0]["name"] == "NVIDIA L40S" and shown["gpus"][0]["temperatureGpu"] == 63
+        assert process.poll() is None
+    finally:
+        text = stop_agent(process, log, "sample rejection recovered")
+    assert text.count("server rejected the sample") == 1 and f"WARNING: {REJECTED}\n" in text
+    assert "sample rejection recovered" in text
+    assert "backoff" not in text and "Traceback" not in text
 
 
 # ---- backoff, as pure functions ---------------------------------------------------------------
@@ -185,3 +271,76 @@ def test_loop_retries_after_retry_after_and_takes_a_fresh_sample_each_time():
     agent.run_loop(Backend(1), Pusher(), 2, clock=lambda: 0.0, sleep=sleeps.append, stop=lambda: not answers)
     assert sleeps[0] >= 7 and 2 <= sleeps[1] <= 8 and sleeps[2] == 2
     assert sent == [0, 1, 2, 3]  # every try sends a new sample: no backlog, no resend
+
+
+def test_a_rejected_sample_is_no_network_failure_the_loop_keeps_its_interval(caplog):
+    caplog.set_level(logging.INFO, logger="agent")
+    field = "gpus[0].temperatureGpu"
+
+    def rejected(value):
+        return agent.Rejected(400, f"{field}: {value} is out of range -100 to 250", field)
+    answers = [agent.Retry("down"), rejected(300), rejected(301), rejected(302), agent.Retry("down"), None]
+    sleeps = []
+
+    class Pusher:
+        def push(self, payload):
+            answer = answers.pop(0)
+            if answer:
+                raise answer
+    agent.run_loop(agent.SimulatedBackend(1), Pusher(), 2, clock=lambda: 0.0, sleep=sleeps.append,
+                   stop=lambda: not answers)
+    assert 2 <= sleeps[0] < 4 and sleeps[1:4] == [2, 2, 2]  # the plain interval, no backoff
+    assert 2 <= sleeps[4] < 4 and sleeps[5] == 2  # the failure count started over: a first failure again
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if "rejected" in line] == [REJECTED]  # once, though the value moved
+    assert lines[-1] == "sample rejection recovered"
+
+
+@pytest.fixture
+def answering():
+    """A real HTTP server on port 0 that answers every POST with the status, body and headers set on it."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            status, body, headers = server.answer
+            data = json.dumps(body).encode() if isinstance(body, dict) else body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json" if isinstance(body, dict) else "text/html")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("status,body,headers,raised,message", [
+    (400, {"error": REJECTED.split(": ", 1)[1], "field": "gpus[0].temperatureGpu"}, {}, agent.Rejected, REJECTED),
+    (400, {"error": "gpus[1].index: 2 is used twice", "field": "gpus[1].index"}, {}, agent.Rejected,
+     "server rejected the sample: gpus[1].index: 2 is used twice"),
+    (413, {"error": "body is larger than MAX_BODY_BYTES (65536 bytes)"}, {}, agent.Rejected,
+     "server rejected the sample (413): body is larger than MAX_BODY_BYTES (65536 bytes)"),
+    (415, {"error": "Content-Type must be application/json"}, {}, agent.Rejected, "(415)"),
+    (422, "<html>\n<h1>Unprocessable</h1>\n</html>", {}, agent.Rejected, "(422): <html> <h1>Unprocessable</h1>"),
+    (401, {"error": "unknown device key"}, {}, agent.Refused, "refused the device key (401"),
+    (403, {"error": "forbidden"}, {}, agent.Refused, "refused the device key (403"),
+    (404, "<h1>Not Found</h1>", {}, agent.Refused, "should end in /push-sse"),
+    (408, "timeout", {}, agent.Retry, "server answered 408"),
+    (429, {"error": "rig-1 pushes faster than 5/s"}, {"Retry-After": "3"}, agent.Retry, "server answered 429"),
+    (503, {"error": "busy"}, {}, agent.Retry, "server answered 503: busy"),
+], ids=["400-field", "400-index", "413", "415", "422-html", "401", "403", "404", "408", "429", "503"])
+def test_each_answer_is_a_rejected_sample_a_refusal_or_a_retry(answering, status, body, headers, raised, message):
+    answering.answer = (status, body, headers)
+    pusher = agent.Pusher(f"http://127.0.0.1:{answering.server_port}/push-sse", "k" * 20)
+    with pytest.raises(raised) as error:
+        pusher.push({"gpus": []})
+    assert message in str(error.value) and "\n" not in str(error.value)
+    if status == 429:
+        assert error.value.after == 3
