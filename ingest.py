@@ -2,6 +2,7 @@
 import socket
 
 from flask import jsonify, request
+from gunicorn.http.errors import ParseException
 
 import payload
 from auth import client_address, presented_key
@@ -77,7 +78,7 @@ def read_body(request, limit, timeout_s):
     except TimeoutError:
         _stop_reading(sock)
         raise BodyError(408, f"the body stopped arriving for {timeout_s:g} s (PUSH_BODY_TIMEOUT_S)") from None
-    except OSError as broken:  # a reset connection, or gunicorn's errors for a bad chunked body
+    except (OSError, ParseException) as broken:  # a reset connection; a bad chunked body
         _stop_reading(sock)
         raise BodyError(400, f"body could not be read ({type(broken).__name__})") from None
     finally:
