@@ -88,7 +88,17 @@ class Server:
             kwargs["json"] = body
         else:
             kwargs["data"] = body
-        return requests.post(self.url + "/push-sse", headers=headers, timeout=10, **kwargs)
+        answer = requests.post(self.url + "/push-sse", headers=headers, timeout=10, **kwargs)
+        self.answered_at = time.time()  # the server took the push before this: its receivedAt is earlier
+        return answer
+
+    def push_as_new_history_point(self, body, **kwargs):
+        """Push once a full second has passed on the server's clock since the last push was taken.
+
+        History keeps one point a second; a push sooner replaces the last point instead.
+        """
+        wait_for(lambda: time.time() >= getattr(self, "answered_at", 0) + 1.0, timeout=2, interval=0.01)
+        return self.push(body, **kwargs)
 
     def health(self):
         return requests.get(self.url + "/healthz", timeout=5).json()

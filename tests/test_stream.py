@@ -22,8 +22,7 @@ def test_stream_headers_and_retry_first(server, open_stream):
 
 def test_snapshot_on_connect_has_every_device_with_history(server, open_stream):
     for util in (10, 20):
-        server.push(multi(gpu(0, utilizationGpu=util), gpu(1)), device="rig-1")
-        time.sleep(1.05)  # history keeps one point a second
+        server.push_as_new_history_point(multi(gpu(0, utilizationGpu=util), gpu(1)), device="rig-1")
     server.push(multi(gpu(0, utilizationGpu=30)), device="rig-2")
     stream = open_stream(server)
     first, second = stream.next(), stream.next()
