@@ -141,12 +141,12 @@ def _wait_up(url, process, log):
     sys.exit("server did not start")
 
 
-def start_ours(port, keys, log):
+def start_ours(port, keys, log, **settings):
     """Start this server with the Procfile's own command."""
     command = next(l for l in (ROOT / "Procfile").read_text().splitlines() if l.startswith("web:"))[4:]
     env = {**os.environ, "ENV_FILE": os.devnull, "PORT": str(port),
            "DEVICE_KEYS": ",".join(f"bench-{i}:{k}" for i, k in enumerate(keys)),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **settings}
     process = subprocess.Popen(["sh", "-c", "exec " + command.strip()], cwd=ROOT, env=env,
                                stdout=log, stderr=subprocess.STDOUT)
     _wait_up(f"http://127.0.0.1:{port}/healthz", process, log)
@@ -203,7 +203,9 @@ def run(target, args):
     keys = [f"bench-key-{i}-{os.urandom(8).hex()}" for i in range(DEVICES)]
     port = _free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{target}-", suffix=".log", delete=False)
-    server = start_ours(port, keys, log) if target == "flask-gevent" else start_node(port, log, args.node_dir)
+    # Every bench viewer comes from 127.0.0.1: lift the per-address cap, which is not what is measured here.
+    server = (start_ours(port, keys, log, MAX_SUBSCRIBERS_PER_CLIENT=str(args.subscribers + args.stuck + 1))
+              if target == "flask-gevent" else start_node(port, log, args.node_dir))
     clients = []
     try:
         share = [args.subscribers // args.clients + (i < args.subscribers % args.clients)
@@ -281,6 +283,74 @@ def bench_agent(samples):
           f"{wall / samples * 1000:.1f} ms wall per sample")
 
 
+def _open_stream(port, source):
+    """Open one viewer from a loopback address; return its socket and HTTP status."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    sock.sendall(b"GET /gpu/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return sock, int(head.split(b" ")[1]) if head else 0
+
+
+def bench_cap(pushes):
+    """At the default sizes: fill MAX_SUBSCRIBERS with streams, then time pushes and refused viewers."""
+    import config
+    defaults = {s.name: int(s.default) for s in config.SETTINGS
+                if s.name in ("WORKER_CONNECTIONS", "MAX_SUBSCRIBERS", "MAX_SUBSCRIBERS_PER_CLIENT")}
+    cap, per_client = defaults["MAX_SUBSCRIBERS"], defaults["MAX_SUBSCRIBERS_PER_CLIENT"]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    keys = [f"bench-key-{i}-0123456789abcdef" for i in range(DEVICES)]
+    port, log = _free_port(), tempfile.NamedTemporaryFile("w+", suffix=".log")
+    server = start_ours(port, keys, log, PUSH_RATE_LIMIT="1000")
+    worker = _tree_pids(server.pid)[-1]
+    rss = lambda: int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{worker}/status").read_text())[1])  # noqa: E731
+    try:
+        before, started, viewers = rss(), time.monotonic(), []
+        for n in range(per_client):  # the first address takes its whole share; one more is refused
+            viewers.append(_open_stream(port, "127.0.8.1"))
+        sock, own_status = _open_stream(port, "127.0.8.1")
+        sock.close()
+        for n in range(per_client, cap):  # from cap / per_client addresses, as many clients would
+            viewers.append(_open_stream(port, f"127.0.{8 + n // per_client // 250}.{1 + n // per_client % 250}"))
+        opened = time.monotonic() - started
+        assert all(status == 200 for _, status in viewers), "a viewer under the cap was refused"
+        per_viewer_kib = (rss() - before) / cap
+        session, latencies, codes = requests.Session(), [], []
+        for n in range(pushes):
+            body = {"host": "bench", "gpus": [gpu_payload(i, n) for i in range(4)]}
+            sent = time.monotonic()
+            answer = session.post(f"http://127.0.0.1:{port}/push-sse", json=body, timeout=30,
+                                  headers={"Authorization": f"Bearer {keys[n % DEVICES]}"})
+            latencies.append(time.monotonic() - sent)
+            codes.append(answer.status_code)
+        refusals, refused_codes = [], []
+        for n in range(100):
+            sent = time.monotonic()
+            sock, status = _open_stream(port, f"127.0.200.{n + 1}")
+            refusals.append(time.monotonic() - sent)
+            refused_codes.append(status)
+            sock.close()
+        health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()
+    finally:
+        server.terminate()
+        server.wait(30)
+    latencies.sort()
+    ms = lambda v: f"{v * 1000:.1f} ms"  # noqa: E731
+    print(f"defaults: WORKER_CONNECTIONS {defaults['WORKER_CONNECTIONS']}, MAX_SUBSCRIBERS {cap}, "
+          f"MAX_SUBSCRIBERS_PER_CLIENT {per_client}; {os.cpu_count()} cores")
+    print(f"{cap} streams open from {cap // per_client} addresses in {opened:.1f} s; /healthz subscribers "
+          f"{health['subscribers']}; worker memory per idle viewer {per_viewer_kib:.1f} KiB")
+    print(f"{pushes} pushes with every stream taken: {codes.count(200)} answered 200; p50 "
+          f"{ms(latencies[len(latencies) // 2])}, p99 {ms(latencies[int(len(latencies) * 0.99)])}, "
+          f"max {ms(latencies[-1])}")
+    print(f"100 viewers past the cap: {refused_codes.count(503)} answered 503 with Retry-After, slowest in "
+          f"{ms(max(refusals))}; one more stream from a full address: {own_status}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", choices=["flask-gevent", "node-seed", "both"], default="both")
@@ -295,11 +365,15 @@ def main():
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per server, interleaved; the row shows the median run")
     parser.add_argument("--json", action="store_true", help="print one JSON object per run")
+    parser.add_argument("--cap", type=int, metavar="PUSHES", default=0,
+                        help="instead: fill the viewer cap at the default sizes and time PUSHES pushes")
     parser.add_argument("--agent", type=int, metavar="SAMPLES", default=0,
                         help="instead: measure the agent's CPU per sample on the nvidia-smi path")
     args = parser.parse_args()
     if args.agent:
         return bench_agent(args.agent)
+    if args.cap:
+        return bench_cap(args.cap)
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     targets = ["flask-gevent", "node-seed"] if args.target == "both" else [args.target]
     if "node-seed" in targets and not shutil.which("node"):
