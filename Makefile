@@ -1,18 +1,34 @@
-# The two commands a user needs: `make run` and `make test`.
+# The two commands a user needs: `make run` and `make test`. Each installs what it needs.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BENCH_ARGS ?=
+# One stamp per requirements file: each is installed once, and again when it changes.
+SERVER := $(VENV)/.installed-server
+AGENT := $(VENV)/.installed-agent
+TESTS := $(VENV)/.installed-tests
 
 .PHONY: run demo test bench bench-agent screenshot venv clean
 
-$(VENV)/.installed: requirements.txt requirements-agent.txt
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
+
+# Order-only on the venv: the interpreter's own timestamp must not trigger a reinstall.
+$(SERVER): requirements.txt | $(PY)
 	$(VENV)/bin/pip install -q -r requirements.txt
 	touch $@
 
-venv: $(VENV)/.installed
+$(AGENT): requirements-agent.txt | $(PY)
+	$(VENV)/bin/pip install -q -r requirements-agent.txt
+	touch $@
+
+$(TESTS): requirements-test.txt requirements.txt requirements-agent.txt | $(PY)
+	$(VENV)/bin/pip install -q -r requirements-test.txt
+	touch $@
+
+# The server's runtime only: what a droplet needs.
+venv: $(SERVER)
 
 # Writes .env on first run, prints the agent command, then runs the Procfile's own command.
 run: venv
@@ -21,7 +37,7 @@ run: venv
 	cmd=$$(sed -n 's/^web: //p' Procfile); echo "+ $$cmd"; exec sh -c "exec $$cmd"
 
 # The server plus three simulated agents with their own fresh keys: a live fleet, no GPU needed.
-demo: venv
+demo: $(SERVER) $(AGENT)
 	@export PATH="$(abspath $(VENV))/bin:$$PATH" PORT="$${PORT:-$$($(PY) config.py --port)}"; \
 	k1=$$($(PY) config.py --new-key); k2=$$($(PY) config.py --new-key); k3=$$($(PY) config.py --new-key); \
 	export DEVICE_KEYS="render-box:$$k1,workstation:$$k2,lab-rig:$$k3"; \
@@ -36,16 +52,17 @@ demo: venv
 	echo "Demo fleet of 3 simulated PCs is live: open http://localhost:$$PORT/  (Ctrl-C stops it)"; \
 	wait $$server
 
-test: venv
+test: $(TESTS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: venv
+# bench.py starts the server and pushes with requests; --agent runs the agent's GPUtil backend.
+bench: $(SERVER) $(AGENT)
 	$(PY) bench.py $(BENCH_ARGS)
 
-bench-agent: venv
+bench-agent: $(AGENT)
 	$(PY) bench.py --agent 200
 
-screenshot: venv
+screenshot: $(TESTS)
 	$(PY) docs/screenshot.py
 
 clean:
