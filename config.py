@@ -108,8 +108,8 @@ SETTINGS = (
     Setting("CORS_ORIGINS", "cors_origins", "", _origins,
             "other origins allowed to read the stream and `/healthz` (`*` for any)"),
     Setting("WORKER_CONNECTIONS", "worker_connections", "10000", _number(int, 20, 1_000_000),
-            "connections one worker serves at once (the Procfile passes it to gunicorn); streams may "
-            "use at most 90 % of it, so pushes always get in"),
+            "connections one worker serves at once (`gunicorn.conf.py` hands it to gunicorn); streams "
+            "may use at most 90 % of it, so pushes always get in"),
     Setting("MAX_SUBSCRIBERS", "max_subscribers", "9000", _number(int, 1),
             "open streams allowed at once; past it `/gpu/stream` answers 503 with `Retry-After`. "
             "At most 90 % of `WORKER_CONNECTIONS`"),
