@@ -23,7 +23,8 @@ def stuck_viewer(port):
 
 
 def test_a_viewer_that_never_reads_does_not_slow_the_others_or_grow_memory(start_server, open_stream):
-    server = start_server(PUSH_RATE_LIMIT="10000", RING_SIZE="64", MAX_BODY_BYTES="1048576")
+    server = start_server(PUSH_RATE_LIMIT="10000", RING_SIZE="64", MAX_BODY_BYTES="1048576",
+                          MAX_SUBSCRIBERS_PER_CLIENT="1000")  # all from 127.0.0.1: not the cap under test
     stuck = [stuck_viewer(server.port) for _ in range(200)]
     readers = [open_stream(server) for _ in range(3)]
     big = multi(*[gpu(i, processes=[{"pid": p, "name": "p" * 100, "memoryUsed": 1} for p in range(60)])
@@ -65,8 +66,9 @@ def test_a_viewer_that_never_reads_is_dropped_after_viewer_timeout_s(start_serve
     stuck.close()
 
 
-def test_300_viewers_that_vanish_are_reaped_within_a_few_heartbeats(server, open_stream):
+def test_300_viewers_that_vanish_are_reaped_within_a_few_heartbeats(start_server, open_stream):
     # HEARTBEAT_S is 0.5: a closed socket fails the write of the heartbeat after next.
+    server = start_server(MAX_SUBSCRIBERS_PER_CLIENT="1000")  # all from 127.0.0.1: not the cap under test
     watcher = open_stream(server)
     gone = []
     for _ in range(300):
