@@ -4,7 +4,6 @@ import resource
 import signal
 import socket
 import sys
-import threading
 import time
 
 from flask import Flask, Response, jsonify, request
@@ -13,9 +12,10 @@ from werkzeug.exceptions import HTTPException
 from auth import DeviceKeys, client_address, viewer_allowed
 from broadcaster import Broadcaster, ViewerLimit
 from config import ConfigError, load_config
-from fleet import Fleet
-from ingest import error, register_ingest
+from fleet import Fleet, Unavailable
+from ingest import BAD_KEYS_BURST, BAD_KEYS_PER_S, error, register_ingest
 from pages import register_pages
+from ratelimit import RateLimiter
 
 log = logging.getLogger("gpustats")
 OPEN_ROUTES = {"/healthz", "/push-sse"}
@@ -25,10 +25,10 @@ def create_app(overrides=None):
     """Build an isolated app from the environment plus `overrides` (a dict of settings)."""
     config = load_config(overrides)
     app = Flask(__name__)
-    fleet = Fleet(config.stale_after_s, config.offline_after_s, config.history_s)
+    fleet, push_limits, bad_key_limits = _parts(config)
     broadcaster = Broadcaster(fleet.snapshot, ring_size=config.ring_size, heartbeat_s=config.heartbeat_s,
                               max_subscribers=config.max_subscribers,
-                              max_per_client=config.max_subscribers_per_client)
+                              max_per_client=config.max_subscribers_per_client, shared_ids=fleet.shared_ids)
     keys = DeviceKeys(config.device_keys)
     started = time.monotonic()
     app.extensions["gpustats"] = {"config": config, "fleet": fleet, "broadcaster": broadcaster}
@@ -59,6 +59,10 @@ def create_app(overrides=None):
         headers = {k: v for k, v in problem.get_headers() if k.lower() != "content-type"}
         return error(problem.code, problem.description, headers=headers)
 
+    @app.errorhandler(Unavailable)
+    def unavailable(problem):
+        return error(503, "the shared store (Redis) is unavailable; try again shortly", headers={"Retry-After": "5"})
+
     @app.errorhandler(Exception)
     def server_error(problem):
         log.exception("internal error on %s %s", request.method, request.path)
@@ -83,27 +87,25 @@ def create_app(overrides=None):
     def healthz():
         counts = fleet.counts()
         return jsonify(ok=True, devices=sum(counts.values()), **counts,
-                       subscribers=broadcaster.subscribers,
+                       subscribers=broadcaster.subscribers, **fleet.health(),
                        uptimeS=round(time.monotonic() - started, 1))
 
-    register_ingest(app, config, keys, fleet, broadcaster)
+    register_ingest(app, config, keys, fleet, broadcaster, push_limits, bad_key_limits)
     register_pages(app, config)
-    _start_status_watch(fleet, broadcaster, config.sweep_s)
+    fleet.start(broadcaster, config.sweep_s)
     return app
 
 
-def _start_status_watch(fleet, broadcaster, period_s):
-    """Publish `event: status` when a device turns stale or offline, with no push needed."""
-    def watch():
-        while True:
-            time.sleep(period_s)
-            try:
-                for device, change in fleet.sweep():
-                    broadcaster.publish(device, change, event="status")
-            except Exception:  # never silently gone: say so loudly, and keep watching
-                log.exception("status watch failed; retrying")
-
-    threading.Thread(target=watch, name="status-watch", daemon=True).start()
+def _parts(config):
+    """Choose the fleet and the rate limits: in this process, or shared through Redis."""
+    if config.redis_url:
+        from fleet_redis import RedisFleet
+        fleet = RedisFleet(config.redis_url, config.stale_after_s, config.offline_after_s, config.history_s,
+                           config.ring_size)
+        return (fleet, fleet.rate_limiter("push", config.push_rate_limit),
+                fleet.rate_limiter("bad-key", BAD_KEYS_PER_S, burst=BAD_KEYS_BURST))
+    return (Fleet(config.stale_after_s, config.offline_after_s, config.history_s),
+            RateLimiter(config.push_rate_limit), RateLimiter(BAD_KEYS_PER_S, burst=BAD_KEYS_BURST))
 
 
 def _drop_when_stuck(sock, timeout_s):

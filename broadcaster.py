@@ -60,6 +60,12 @@ class ViewerLimit(Exception):
         self.status = status
 
 
+def stream_key(event_id):
+    """Return a Redis stream id `<ms>-<n>` as a sortable (ms, n), or None if it is not one."""
+    ms, _, n = (event_id or "").partition("-")
+    return (int(ms), int(n)) if ms.isdigit() and n.isdigit() else None
+
+
 def new_boot_id():
     """Return an id prefix unique to this server start, so resumed ids never match old events."""
     return f"{int(time.time()):x}{secrets.token_hex(3)}"
@@ -80,13 +86,19 @@ class Broadcaster:
     """
 
     def __init__(self, snapshot, ring_size=1024, heartbeat_s=15.0, boot_id=None, clock=time.monotonic,
-                 max_subscribers=None, max_per_client=None):
+                 max_subscribers=None, max_per_client=None, shared_ids=False):
         self._snapshot = snapshot  # callable(devices or None) -> [(device, data)]
         self._max_subscribers = max_subscribers
         self._max_per_client = max_per_client
         self._per_client = {}  # client address -> open streams
         self._cond = BroadcastCondition()
         self._ring = [None] * ring_size
+        # With shared_ids, events arrive with ids every host agrees on (a Redis stream's), kept
+        # here as sortable keys so a Last-Event-ID from another host resumes at the right place.
+        self._shared_ids = shared_ids
+        self._keys = [None] * ring_size
+        self._floor = 0  # a subscriber behind this sequence gets a fresh snapshot (after reset())
+        self._newest_id = "0-0" if shared_ids else None
         self._size = ring_size
         self._seq = 0
         self._closed = False
@@ -110,15 +122,28 @@ class Broadcaster:
         """Frame `data` once, store it for every subscriber, wake them; return its id."""
         return self.publish_encoded(self.encode(device, data, event))
 
-    def publish_encoded(self, encoded):
-        """Publish what encode() returned; cannot fail, so no publish is ever half done."""
+    def publish_encoded(self, encoded, event_id=None):
+        """Publish what encode() returned, under `event_id` if the ids are shared; cannot fail."""
         device, head, block = encoded
         with self._cond:
             self._seq += 1
-            event_id = self.event_id(self._seq)
-            self._ring[self._seq % self._size] = (device, b"id: %s\n%s%s" % (event_id.encode(), head, block))
+            slot = self._seq % self._size
+            if self._shared_ids:
+                self._keys[slot], self._newest_id = stream_key(event_id), event_id
+            else:
+                event_id = self.event_id(self._seq)
+            self._ring[slot] = (device, b"id: %s\n%s%s" % (event_id.encode(), head, block))
             self._cond.notify_all()
         return event_id
+
+    def reset(self):
+        """Send every subscriber a fresh snapshot: events may have been lost upstream."""
+        with self._cond:
+            self._seq += 1
+            slot = self._seq % self._size
+            self._ring[slot], self._keys[slot] = (None, b""), self._keys[(self._seq - 1) % self._size]
+            self._floor = self._seq
+            self._cond.notify_all()
 
     def close(self):
         """End every stream, as on shutdown; takes no lock, so a signal handler may call it."""
@@ -133,16 +158,35 @@ class Broadcaster:
 
     def _resume_seq(self, last_event_id):
         """Return the sequence to resume after, or None when a snapshot is needed."""
+        if self._shared_ids:
+            return self._shared_resume_seq(stream_key(last_event_id))
         boot, _, seq = (last_event_id or "").rpartition("-")
         if boot != self.boot_id or not seq.isdigit():
             return None
         seq = int(seq)
-        if seq > self._seq or self._seq - seq > self._size:
+        if seq > self._seq or self._seq - seq > self._size or seq < self._floor:
             return None
         return seq
 
+    def _shared_resume_seq(self, key):
+        """Find the last event at or before `key` in the ring; None if it is older or newer than it all."""
+        if key is None:
+            return None
+        if self._seq == 0:
+            return 0 if key == (0, 0) else None
+        low, high = max(1, self._seq - self._size + 1, self._floor), self._seq
+        if key < self._keys[low % self._size] or key > self._keys[high % self._size]:
+            return None  # older: it may have missed what fell off; newer: this host has not read it yet
+        while low < high:  # keys rise with the sequence: binary search
+            middle = (low + high + 1) // 2
+            if self._keys[middle % self._size] <= key:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
     def _snapshot_frames(self, devices):
-        event_id = self.event_id(self._seq)
+        event_id = self._newest_id if self._shared_ids else self.event_id(self._seq)
         # Snapshot events share the id of the stream position they describe: resuming
         # from any of them replays exactly the events published after the snapshot.
         frames = []
@@ -155,7 +199,7 @@ class Broadcaster:
 
     def _since(self, seq, devices):
         """Return (frames after `seq`, new seq); a snapshot if `seq` fell off the ring."""
-        if self._seq - seq > self._size:
+        if self._seq - seq > self._size or seq < self._floor:
             return self._snapshot_frames(devices), self._seq
         ring, size = self._ring, self._size
         if devices is None:

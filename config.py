@@ -55,6 +55,13 @@ def _origins(name, raw):
     return tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
 
 
+def _redis_url(name, raw):
+    raw = raw.strip()
+    if raw and not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{name}: {raw!r} is not a redis://, rediss:// or unix:// URL")
+    return raw
+
+
 def parse_device_keys(name, raw):
     """Parse `name:key,name2:key2` into {key: name}; a device may have several keys."""
     keys = {}
@@ -120,6 +127,11 @@ SETTINGS = (
     Setting("RING_SIZE", "ring_size", "1024", _number(int, 16, 1 << 20),
             "recent events kept for viewers that reconnect with `Last-Event-ID` or fall behind; "
             "older ones get a fresh snapshot"),
+    Setting("REDIS_URL", "redis_url", "", _redis_url,
+            "`redis://host:6379/0` (`rediss://` for TLS): workers and hosts share one fleet through Redis "
+            "(see Scale out). Empty: one process holds everything, nothing else to run"),
+    Setting("WEB_CONCURRENCY", "web_concurrency", "1", _number(int, 1, 256),
+            "gunicorn workers (`gunicorn.conf.py` hands it to gunicorn); more than one needs `REDIS_URL`"),
     Setting("TRUSTED_PROXIES", "trusted_proxies", "127.0.0.1,::1", _addresses,
             "proxies whose `X-Forwarded-For` gives the client's address (for the bad-key slow-down and "
             "the per-client stream cap)"),
@@ -149,6 +161,8 @@ class Config:
     max_subscribers_per_client: int
     viewer_timeout_s: float
     ring_size: int
+    redis_url: str
+    web_concurrency: int
     trusted_proxies: tuple
     sweep_s: float  # derived: how often statuses are checked
 
@@ -170,6 +184,9 @@ def load_config(overrides=None, environ=None):
     if read["offline_after_s"] <= read["stale_after_s"]:
         raise ConfigError(f"OFFLINE_AFTER_S: {read['offline_after_s']:g} must be longer than "
                           f"STALE_AFTER_S ({read['stale_after_s']:g})")
+    if read["web_concurrency"] > 1 and not read["redis_url"]:
+        raise ConfigError(f"WEB_CONCURRENCY: {read['web_concurrency']} workers need REDIS_URL to share one fleet; "
+                          "set REDIS_URL or run 1 worker")
     most = int(read["worker_connections"] * STREAM_SHARE)
     if read["max_subscribers"] > most:
         raise ConfigError(f"MAX_SUBSCRIBERS: {read['max_subscribers']} leaves too few of WORKER_CONNECTIONS "

@@ -1,12 +1,18 @@
 """gunicorn reads this file from its working directory: settings that must come from config.py.
 
 The Procfile's shell sees only the real environment, so a value in `.env` would never
-reach a command-line flag. Here gunicorn gets the same WORKER_CONNECTIONS that the app
-checks MAX_SUBSCRIBERS against, wherever it was set.
+reach a command-line flag. Here gunicorn gets the same workers and connections that the
+app checks its limits against, wherever they were set, and a bad setting stops the
+server here, once, with one line, before any worker starts.
 """
+import sys
+
 from config import ConfigError, load_config
 
 try:
-    worker_connections = load_config().worker_connections
-except ConfigError:
-    pass  # the worker's wsgi_app() names the bad setting in one line and stops the server
+    _config = load_config()
+except ConfigError as problem:
+    sys.exit(f"config error: {problem}")  # SystemExit passes gunicorn's config loader: no traceback
+
+workers = _config.web_concurrency
+worker_connections = _config.worker_connections

@@ -6,7 +6,6 @@ from gunicorn.http.errors import ParseException
 
 import payload
 from auth import client_address, presented_key
-from ratelimit import RateLimiter
 
 # Bad keys from one address: 10 at once, then one every 6 s; past that, 429 before any check.
 BAD_KEYS_BURST, BAD_KEYS_PER_S = 10, 1 / 6
@@ -20,10 +19,8 @@ class BodyError(Exception):
         self.status = status
 
 
-def register_ingest(app, config, keys, fleet, broadcaster):
+def register_ingest(app, config, keys, fleet, broadcaster, limiter, bad_keys):
     """Add `POST /push-sse`, with its per-device rate limit and per-address bad-key slow-down."""
-    limiter = RateLimiter(config.push_rate_limit)
-    bad_keys = RateLimiter(BAD_KEYS_PER_S, burst=BAD_KEYS_BURST)
 
     @app.post("/push-sse")
     def push():
@@ -59,8 +56,7 @@ def register_ingest(app, config, keys, fleet, broadcaster):
             return error(400, str(problem), field=problem.field)
         except ValueError:  # validation lets nothing unsendable through; this is the last guard
             return error(400, "body: holds text or numbers that cannot be sent on", field="body")
-        fleet.record(event)
-        return jsonify(ok=True, device=device, id=broadcaster.publish_encoded(encoded))
+        return jsonify(ok=True, device=device, id=fleet.commit(event, encoded))
 
 
 def read_body(request, limit, timeout_s):

@@ -3,12 +3,15 @@ import http.client
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,13 +130,84 @@ class Server:
         return snapshot, health
 
 
+def require(program, package):
+    """Return the path of `program`; missing, fail the run in CI and skip elsewhere."""
+    path = shutil.which(program) or next((p for p in (f"/usr/sbin/{program}", f"/usr/bin/{program}")
+                                          if os.path.exists(p)), None)
+    if path is None:
+        message = f"{program} is not installed: apt-get install {package} (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, with no persistence: a restart starts empty."""
+
+    def __init__(self, tmp_path):
+        self.binary = require("redis-server", "redis-server")
+        self.dir, self.port, self.process = tmp_path, free_port(), None
+
+    def start(self):
+        self.process = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                                         "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_for(self.ping, timeout=10)
+        return self
+
+    def ping(self):
+        try:
+            return redis.Redis(port=self.port, socket_timeout=1).ping()
+        except redis.RedisError:
+            return False
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
 @pytest.fixture
-def start_server(tmp_path):
-    """Start servers with given settings; all are stopped at the end of the test."""
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_backends: run against the in-process and the Redis backend")
+
+
+def pytest_generate_tests(metafunc):
+    """Run the tests of a module marked both_backends once per backend: one contract, two parts."""
+    if metafunc.definition.get_closest_marker("both_backends") and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", ["memory", "redis"], indirect=True)
+
+
+@pytest.fixture
+def backend(request):
+    return getattr(request, "param", "memory")
+
+
+@pytest.fixture
+def start_server(tmp_path, backend, request):
+    """Start servers with given settings (on the Redis backend when `backend` says); all stopped after."""
     servers = []
+    shared = {"REDIS_URL": request.getfixturevalue("redis_server").url} if backend == "redis" else {}
 
     def start(**settings):
-        server = Server(settings, tmp_path).start()
+        server = Server({**shared, **settings}, tmp_path).start()
         servers.append(server)
         return server
     yield start
