@@ -132,6 +132,7 @@ class RedisFleet:
             try:
                 if last is None:
                     last = self._backfill()
+                    self.redis_up = True
                 elif check_gap and last != "0-0" and not self._reader.xrange(STREAM, last, last):
                     # What we read last is gone (Redis restarted empty, or trimmed past it):
                     # events may be lost in between, so every viewer gets a fresh snapshot.

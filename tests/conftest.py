@@ -149,15 +149,16 @@ def free_port():
 
 
 class RedisServer:
-    """A real redis-server on a free loopback port, with no persistence: a restart starts empty."""
+    """A real redis-server on a free loopback port; without `persist` a restart starts empty."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, persist=False):
         self.binary = require("redis-server", "redis-server")
         self.dir, self.port, self.process = tmp_path, free_port(), None
+        self.persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
 
     def start(self):
         self.process = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                                         "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+                                         "--save", "", *self.persistence, "--dir", str(self.dir)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         wait_for(self.ping, timeout=10)
         return self
