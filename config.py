@@ -10,7 +10,7 @@ import re
 import secrets
 import socket
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from dotenv import dotenv_values

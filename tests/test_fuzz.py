@@ -366,7 +366,7 @@ def mangled_bytes(draw):
     def case(target):
         status, answer = target.post(body)
         try:
-            text = body.decode("utf-8-sig")
+            body.decode("utf-8-sig")
         except UnicodeDecodeError:
             assert status == 400 and "UTF-8" in answer["error"], (body, answer)
             return

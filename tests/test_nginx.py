@@ -1,38 +1,31 @@
 """The shipped deploy/nginx.conf, run by a real nginx on loopback in front of the real server."""
 import http.client
 import json
-import os
 import re
-import shutil
 import socket
 import subprocess
 import time
 
 import pytest
 
-from conftest import KEYS, ROOT, Stream, multi
+from conftest import KEYS, ROOT, Stream, free_port, multi, require
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def proxy(server, tmp_path):
-    """Start nginx with deploy/nginx.conf, pointed at the test server, on a loopback port."""
-    binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("nginx is not installed: apt-get install nginx (.ci/run does)")
-        pytest.skip("nginx is not installed")
+def start_nginx(tmp_path, backends):
+    """Start nginx with deploy/nginx.conf on a loopback port, its upstream set to `backends`' ports."""
+    binary = require("nginx", "nginx")
     port = free_port()
     site = (ROOT / "deploy" / "nginx.conf").read_text()
-    site = site.replace("server 127.0.0.1:3000;", f"server 127.0.0.1:{server.port};")
+    if len(backends) == 1:
+        site = site.replace("server 127.0.0.1:3000;", f"server 127.0.0.1:{backends[0]};")
+    else:  # the scale-out lines, as the README says to write them: one per host
+        site = re.sub(r"\n\s*server 127\.0\.0\.1:3000;[^\n]*", "", site)
+        pattern = re.search(r"# (server 10\.0\.0\.2:3000 (.*))\n", site)
+        hosts = "\n".join(f"    server 127.0.0.1:{p} {pattern[2]}" for p in backends)
+        site = re.sub(r"    # server 10\.0\.0\.\d:3000 .*\n", "", site).replace("    keepalive", hosts + "\n    keepalive")
     site = re.sub(r"listen 80;\n\s*listen \[::\]:80;", f"listen 127.0.0.1:{port};", site)
-    assert f"127.0.0.1:{port}" in site and f"127.0.0.1:{server.port}" in site
-    (tmp_path / "logs").mkdir()
+    assert f"127.0.0.1:{port}" in site and all(f"127.0.0.1:{p}" in site for p in backends)
+    (tmp_path / "logs").mkdir(exist_ok=True)
     (tmp_path / "site.conf").write_text(site)
     (tmp_path / "nginx.conf").write_text(f"""
 worker_processes 1;
@@ -55,11 +48,18 @@ http {{
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
+            return process, port
         except OSError:
             if process.poll() is not None:
                 pytest.fail("nginx did not start: " + process.stdout.read().decode())
             time.sleep(0.05)
+    pytest.fail("nginx did not open its port")
+
+
+@pytest.fixture
+def proxy(server, tmp_path):
+    """nginx with deploy/nginx.conf in front of the test server."""
+    process, port = start_nginx(tmp_path, [server.port])
     yield port
     process.terminate()
     process.wait(10)
@@ -109,3 +109,24 @@ def test_the_bad_key_slow_down_sees_each_clients_real_address(server, proxy):
     assert push_via(proxy, "127.0.0.2", KEYS["rig-1"], forwarded_for="127.0.0.77")[0] == 429
     # Another client behind the same proxy is not slowed down.
     assert push_via(proxy, "127.0.0.3", KEYS["rig-1"])[0] == 200
+
+
+def test_two_hosts_behind_the_shipped_upstream_serve_one_fleet_and_survive_a_deploy(redis_server, start_server,
+                                                                                     tmp_path):
+    hosts = [start_server(REDIS_URL=redis_server.url, PUSH_RATE_LIMIT="1000") for _ in range(2)]
+    process, port = start_nginx(tmp_path, [host.port for host in hosts])
+    viewers = [Stream(port) for _ in range(4)]  # nginx spreads them over both hosts
+    try:
+        sent = [json.loads(push_via(port, "127.0.0.1", KEYS["rig-1"])[1])["id"] for _ in range(6)]
+        for viewer in viewers:
+            assert [viewer.until(lambda e: e["event"] is None)["id"] for _ in range(6)] == sent
+        hosts[0].stop()  # deploy host by host: the first one goes away
+        missed = [json.loads(push_via(port, "127.0.0.1", KEYS["rig-2"])[1])["id"] for _ in range(3)]
+        again = Stream(port, headers={"Last-Event-ID": sent[-1]})  # as a browser reconnects
+        assert [again.until(lambda e: e["event"] is None)["id"] for _ in range(3)] == missed
+        again.close()
+    finally:
+        for viewer in viewers:
+            viewer.close()
+        process.terminate()
+        process.wait(10)

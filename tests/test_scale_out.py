@@ -6,9 +6,8 @@ import sys
 import time
 
 import pytest
-import requests
 
-from conftest import ROOT, RedisServer, Server, Stream, gpu, multi, procfile_command, wait_for
+from conftest import ROOT, RedisServer, Stream, gpu, multi, procfile_command, wait_for
 
 
 @pytest.fixture
