@@ -150,7 +150,26 @@ def start_ours(port, keys, log, **settings):
     process = subprocess.Popen(["sh", "-c", "exec " + command.strip()], cwd=ROOT, env=env,
                                stdout=log, stderr=subprocess.STDOUT)
     _wait_up(f"http://127.0.0.1:{port}/healthz", process, log)
+    workers, deadline = int(settings.get("WEB_CONCURRENCY", 1)), time.monotonic() + 30
+    while Path(log.name).read_text().count("Booting worker") < workers and time.monotonic() < deadline:
+        time.sleep(0.1)  # every worker up before viewers connect, or the first takes them all
+    time.sleep(0.5 if workers > 1 else 0)
     return process
+
+
+def start_redis():
+    """Start a redis-server on a free port for one run, with no persistence."""
+    port = _free_port()
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    import redis
+    for _ in range(100):
+        try:
+            redis.Redis(port=port, socket_timeout=1).ping()
+            return process, f"redis://127.0.0.1:{port}/0"
+        except redis.RedisError:
+            time.sleep(0.05)
+    sys.exit("redis-server did not start")
 
 
 def start_node(port, log, node_dir):
@@ -204,8 +223,13 @@ def run(target, args):
     port = _free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{target}-", suffix=".log", delete=False)
     # Every bench viewer comes from 127.0.0.1: lift the per-address cap, which is not what is measured here.
-    server = (start_ours(port, keys, log, MAX_SUBSCRIBERS_PER_CLIENT=str(args.subscribers + args.stuck + 1))
-              if target == "flask-gevent" else start_node(port, log, args.node_dir))
+    ours = {"MAX_SUBSCRIBERS_PER_CLIENT": str(args.subscribers + args.stuck + 1)}
+    redis_server = None
+    if target == "flask-redis":  # Redis' own CPU and memory count as the server's
+        redis_server, url = start_redis()
+        ours.update(REDIS_URL=url, WEB_CONCURRENCY=str(args.workers))
+    server = (start_ours(port, keys, log, **ours) if target != "node-seed" else start_node(port, log, args.node_dir))
+    pids = [server.pid] + ([redis_server.pid] if redis_server else [])
     clients = []
     try:
         share = [args.subscribers // args.clients + (i < args.subscribers % args.clients)
@@ -217,7 +241,7 @@ def run(target, args):
             clients.append((proc, parent))
         connected = sum(parent.recv()[1] for _, parent in clients)
         stuck = [_stuck_viewer(port) for _ in range(args.stuck)]
-        cpu_before = server_cpu_s(server.pid)
+        cpu_before = sum(server_cpu_s(pid) for pid in pids)
         started = time.monotonic()
         refused = []
         # Open loop, as real agents push: one sender per device on a fixed schedule, so
@@ -232,8 +256,8 @@ def run(target, args):
         push_s = time.monotonic() - started
         expected = connected * args.pushes
         time.sleep(args.drain)
-        cpu = server_cpu_s(server.pid) - cpu_before
-        peak = server_peak_mib(server.pid)
+        cpu = sum(server_cpu_s(pid) for pid in pids) - cpu_before
+        peak = sum(server_peak_mib(pid) for pid in pids)
         latencies, closed = [], 0
         for _, parent in clients:
             parent.send("stop")
@@ -249,12 +273,16 @@ def run(target, args):
             proc.kill()
         server.terminate()
         server.wait(10)
+        if redis_server:
+            redis_server.terminate()
+            redis_server.wait(10)
     latencies.sort()
 
     def pct(q):
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
     delivered = len(latencies)
-    return {"server": target, "subscribers": connected, "pushes": args.pushes,
+    name = f"{target} x{args.workers}" if target == "flask-redis" else target
+    return {"server": name, "subscribers": connected, "pushes": args.pushes,
             "rate": round(args.pushes / push_s, 1), "delivered": delivered, "expected": expected,
             "p50_ms": round(pct(0.50), 1), "p99_ms": round(pct(0.99), 1),
             "cpu_us_per_event": round(cpu / max(delivered, 1) * 1e6, 2), "cpu_s": round(cpu, 2),
@@ -353,7 +381,11 @@ def bench_cap(pushes):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", choices=["flask-gevent", "node-seed", "both"], default="both")
+    parser.add_argument("--target", choices=["flask-gevent", "flask-redis", "node-seed", "both"], default="both",
+                        help="flask-redis: REDIS_URL with --workers workers and a redis-server of its own")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers for flask-redis")
+    parser.add_argument("--sweep", default="", metavar="N,N,...",
+                        help="run each of these subscriber counts in turn (instead of -n)")
     parser.add_argument("--subscribers", "-n", type=int, default=1000)
     parser.add_argument("--pushes", "-m", type=int, default=400)
     parser.add_argument("--rate", "-r", type=float, default=20.0, help="pushes per second")
@@ -376,23 +408,26 @@ def main():
         return bench_cap(args.cap)
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     targets = ["flask-gevent", "node-seed"] if args.target == "both" else [args.target]
+    if args.target == "flask-redis" and not shutil.which("redis-server"):
+        sys.exit("redis-server is not installed: apt-get install redis-server")
     if "node-seed" in targets and not shutil.which("node"):
         sys.exit("node is not installed: run with --target flask-gevent")
     print("| server | subscribers | pushes/s | delivered/expected | fan-out p50 | fan-out p99 "
           "| server CPU per delivered event | peak memory |")
     print("|---|---|---|---|---|---|---|---|")
-    rows = {target: [] for target in targets}
-    for _ in range(args.repeat):
+    for subscribers in ([int(n) for n in args.sweep.split(",")] if args.sweep else [args.subscribers]):
+        args.subscribers = subscribers
+        rows = {target: [] for target in targets}
+        for _ in range(args.repeat):
+            for target in targets:
+                rows[target].append(run(target, args))
+                if args.json:
+                    print(json.dumps(rows[target][-1]), file=sys.stderr)
         for target in targets:
-            rows[target].append(run(target, args))
-            if args.json:
-                print(json.dumps(rows[target][-1]), file=sys.stderr)
-    for target in targets:
-        row = sorted(rows[target], key=lambda r: r["cpu_us_per_event"])[len(rows[target]) // 2]
-        print(f"| {row['server']} | {row['subscribers']} | {row['rate']} | {row['delivered']}/{row['expected']} "
-              f"| {row['p50_ms']} ms | {row['p99_ms']} ms | {row['cpu_us_per_event']} µs "
-              f"| {row['peak_mib']} MiB |", flush=True)
-
+            row = sorted(rows[target], key=lambda r: r["cpu_us_per_event"])[len(rows[target]) // 2]
+            print(f"| {row['server']} | {row['subscribers']} | {row['rate']} | {row['delivered']}/{row['expected']} "
+                  f"| {row['p50_ms']} ms | {row['p99_ms']} ms | {row['cpu_us_per_event']} µs "
+                  f"| {row['peak_mib']} MiB |", flush=True)
 
 if __name__ == "__main__":
     main()
