@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {f"rig-{i}": f"test-key-rig-{i}-0123456789" for i in range(1, 10)}
+HEARTBEAT_S = "0.25"  # short, so closed viewers are counted out and heartbeats come quickly
 
 
 def procfile_command():
@@ -29,23 +31,27 @@ class Server:
 
     def __init__(self, settings, tmp_path):
         self.settings = {"DEVICE_KEYS": ",".join(f"{d}:{k}" for d, k in KEYS.items()),
-                         "HEARTBEAT_S": "0.5", **settings}
+                         "HEARTBEAT_S": HEARTBEAT_S, **settings}
         self.log_path = tmp_path / f"gunicorn-{time.monotonic_ns()}.log"
         self.port = 0
         self.process = None
 
     def start(self, port=None):
-        env = {**os.environ, "ENV_FILE": os.devnull, **self.settings,
-               "PORT": str(port if port is not None else self.port)}
+        port = port if port is not None else self.port
+        if not port and int(self.settings.get("WEB_CONCURRENCY", "1")) > 1:
+            port = free_port()  # several workers bind SO_REUSEPORT sockets of their own: one real port
+        env = {**os.environ, "ENV_FILE": os.devnull, **self.settings, "PORT": str(port)}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
         self.log = open(self.log_path, "a")
         self.process = subprocess.Popen(["sh", "-c", "exec " + procfile_command()], cwd=ROOT, env=env,
                                         stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            found = re.findall(r"Listening at: http://[^:]+:(\d+)", self.log_path.read_text())
-            if found and "Booting worker" in self.log_path.read_text() and self._healthy(found[-1]):
-                self.port = int(found[-1])
+            text = self.log_path.read_text()
+            found = re.findall(r"Listening at: http://[^:]+:(\d+)", text)
+            listening = int(found[-1]) if found else port
+            if listening and "Booting worker" in text and self._healthy(listening):
+                self.port = listening
                 return self
             if self.process.poll() is not None:
                 raise RuntimeError("server exited:\n" + self.log_path.read_text())
@@ -60,8 +66,9 @@ class Server:
             return False
 
     def stop(self):
+        """Stop it at once: SIGINT is gunicorn's quick shutdown (SIGTERM's graceful one polls for 1-3 s)."""
         if self.process and self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
@@ -108,14 +115,10 @@ class Server:
 
     def snapshot(self):
         """Return the data of every snapshot event a new viewer gets, then close that viewer."""
+        devices = self.health()["devices"]  # a new viewer's snapshot has one event per device
         stream = Stream(self.port)
         try:
-            events = []
-            while True:  # the snapshot comes first, in one write; a heartbeat follows within HEARTBEAT_S
-                event = stream.next(with_comments=True)
-                if event["event"] == ":comment":
-                    return events
-                events.append(event["data"])
+            return [stream.next()["data"] for _ in range(devices)]
         finally:
             stream.close()
 
@@ -188,12 +191,14 @@ def redis_server(tmp_path):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "both_backends: run against the in-process and the Redis backend")
+    config.addinivalue_line("markers", "no_backend: the backend plays no part (HTTP parsing, startup): run once")
 
 
 def pytest_generate_tests(metafunc):
     """Run the tests of a module marked both_backends once per backend: one contract, two parts."""
     if metafunc.definition.get_closest_marker("both_backends") and "backend" in metafunc.fixturenames:
-        metafunc.parametrize("backend", ["memory", "redis"], indirect=True)
+        once = metafunc.definition.get_closest_marker("no_backend")
+        metafunc.parametrize("backend", ["memory"] if once else ["memory", "redis"], indirect=True)
 
 
 @pytest.fixture
@@ -318,6 +323,32 @@ def wait_for(predicate, timeout=5, interval=0.02):
             return result
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(interval)
+
+
+def raw_exchange(port, request, close_write, timeout=5):
+    """Send raw bytes; return the first status code and its JSON body, if any. Never hangs."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(request)
+        if close_write:
+            sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            head, sep, rest = data.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: (\d+)", head) if sep else None
+            if length and len(rest) >= int(length.group(1)):
+                break
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    is_json = re.search(rb"(?i)content-type: application/json", head)
+    return status, json.loads(rest[:length]) if is_json else None
 
 
 def gpu(index=0, **fields):

@@ -8,7 +8,6 @@ viewer gets and /healthz must be exactly what the accepted pushes alone would gi
 import json
 import math
 import re
-import socket
 import threading
 import time
 
@@ -18,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import payload
-from conftest import KEYS, Server, Stream, gpu, multi
+from conftest import KEYS, Server, Stream, gpu, multi, raw_exchange
 
 FUZZ = dict(deadline=None, database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -434,32 +433,6 @@ def duplicate_key(draw):
 
 
 # ---- the HTTP framing around the body -------------------------------------------------------------
-
-def raw_exchange(port, request, close_write, timeout=5):
-    """Send raw bytes; return the first status code and its JSON body, if any. Never hangs."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        sock.sendall(request)
-        if close_write:
-            sock.shutdown(socket.SHUT_WR)
-        data = b""
-        while True:
-            head, sep, rest = data.partition(b"\r\n\r\n")
-            length = re.search(rb"(?i)content-length: (\d+)", head) if sep else None
-            if length and len(rest) >= int(length.group(1)):
-                break
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        sock.close()
-    head, _, rest = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ")[1])
-    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
-    is_json = re.search(rb"(?i)content-type: application/json", head)
-    return status, json.loads(rest[:length]) if is_json else None
-
 
 @st.composite
 def broken_framing(draw):

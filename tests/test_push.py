@@ -1,12 +1,11 @@
 """POST /push-sse on the real gunicorn server: auth, answers, limits, and no side effects; both backends."""
 import json
-import socket
 import time
 
 import pytest
 import requests
 
-from conftest import KEYS, gpu, multi, seq
+from conftest import KEYS, gpu, multi, raw_exchange, seq
 
 pytestmark = pytest.mark.both_backends
 
@@ -59,6 +58,7 @@ def test_seed_style_single_gpu_object_is_accepted(server, open_stream):
     assert data["status"] == "online" and data["receivedAt"] > 0
 
 
+@pytest.mark.no_backend  # HTTP parsing only: the backend plays no part
 def test_nan_and_infinity_are_400_and_never_reach_a_viewer(server, open_stream):
     stream = open_stream(server)
     for literal in ("NaN", "Infinity", "-Infinity", "1e999"):
@@ -70,6 +70,7 @@ def test_nan_and_infinity_are_400_and_never_reach_a_viewer(server, open_stream):
     assert stream.next()["data"]["gpus"][0]["powerDraw"] == 100
 
 
+@pytest.mark.no_backend  # HTTP parsing only: the backend plays no part
 def test_wrong_content_type_is_415(server):
     answer = server.push(json.dumps(multi()), headers={"Content-Type": "text/plain"})
     assert answer.status_code == 415 and "application/json" in answer.json()["error"]
@@ -101,6 +102,7 @@ def test_no_device_keys_refuses_every_push_and_says_how_to_add_one(start_server)
     assert "DEVICE_KEYS is empty" in server.output() and "config.py --new-key" in server.output()
 
 
+@pytest.mark.no_backend  # HTTP parsing only: the backend plays no part
 def test_an_8_mib_body_is_refused_at_once_without_being_read(server):
     import socket
     import time
@@ -150,6 +152,7 @@ def test_a_bad_field_is_400_naming_it_and_changes_nothing(server):
     assert [g["utilizationGpu"] for g in event["gpus"]] == [10]
 
 
+@pytest.mark.no_backend  # HTTP parsing only: the backend plays no part
 def test_numbers_past_float_range_are_400_not_500(server):
     before = server.state()
     for number in ("1" + "0" * 400, "-" + "9" * 4000, "1" + "0" * 5000):
@@ -175,44 +178,32 @@ def test_bad_bodies_count_against_the_devices_rate_limit(start_server):
     assert server.push(multi(), device="rig-2").status_code == 200  # another device is not affected
 
 
-def raw_push(server, head_length, body, close_write=False, timeout=5):
-    """Send a push with a chosen Content-Length over a raw socket; return the status line and JSON."""
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
-    sock.sendall(b"POST /push-sse HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Authorization: Bearer " + KEYS["rig-1"].encode() + b"\r\n"
-                 b"Content-Length: %d\r\n\r\n" % head_length + body)
-    if close_write:
-        sock.shutdown(socket.SHUT_WR)
-    answer = b""
-    try:
-        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    finally:
-        sock.close()
-    head, _, rest = answer.partition(b"\r\n\r\n")
-    return head.split(b"\r\n")[0].decode(), json.loads(rest) if rest else None
+def raw_push(server, head_length, body, close_write=False):
+    """Send a push with a chosen Content-Length over a raw socket; return the status and JSON."""
+    return raw_exchange(server.port, b"POST /push-sse HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Authorization: Bearer " + KEYS["rig-1"].encode() + b"\r\n"
+                        b"Content-Length: %d\r\n\r\n" % head_length + body, close_write)
 
 
+@pytest.mark.no_backend  # HTTP parsing only: the backend plays no part
 def test_a_body_cut_short_or_stalled_is_refused_and_changes_nothing(start_server):
     server = start_server(PUSH_BODY_TIMEOUT_S="0.5", PUSH_RATE_LIMIT="1000")
     before = server.state()
     body = json.dumps(multi()).encode()
     # Complete JSON, but the client promised more and hung up: the transfer was cut.
     status, answer = raw_push(server, len(body) + 40, body, close_write=True)
-    assert status.startswith("HTTP/1.1 400") and "Content-Length announced" in answer["error"]
+    assert status == 400 and "Content-Length announced" in answer["error"]
     started = time.monotonic()
     status, answer = raw_push(server, len(body) + 40, body)  # ... and stalls instead
-    assert status.startswith("HTTP/1.1 408") and "PUSH_BODY_TIMEOUT_S" in answer["error"]
+    assert status == 408 and "PUSH_BODY_TIMEOUT_S" in answer["error"]
     assert time.monotonic() - started < 3
     status, answer = raw_push(server, len(body) - 5, body)  # a Content-Length short of the body
-    assert status.startswith("HTTP/1.1 400")
+    assert status == 400
     assert server.state() == before
     assert server.push(multi()).status_code == 200
 
 
+@pytest.mark.no_backend  # HTTP parsing only: the backend plays no part
 def test_every_error_is_json_with_a_message_never_an_html_page_or_a_traceback(server):
     wrong_method = requests.get(server.url + "/push-sse", timeout=5)
     assert wrong_method.status_code == 405 and wrong_method.json()["ok"] is False

@@ -151,3 +151,11 @@ def test_more_than_one_worker_without_redis_stops_the_server_with_one_line():
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip() == ("config error: WEB_CONCURRENCY: 2 workers need REDIS_URL to share one "
                                      "fleet; set REDIS_URL or run 1 worker")
+
+
+def test_the_bad_key_slow_down_counts_across_servers(pair):
+    from test_faults import push_from
+    a, b = pair
+    codes = [push_from(a if n % 2 else b, "127.0.0.5", f"guess-number-{n:02d}-xxxxxxxx")[0] for n in range(11)]
+    assert codes == [401] * 10 + [429]  # ten bad keys in all, wherever they were tried
+    assert push_from(a, "127.0.0.6", "guess-from-elsewhere-xxxx")[0] == 401  # per address

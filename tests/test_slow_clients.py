@@ -3,7 +3,7 @@ import socket
 import statistics
 import time
 
-from conftest import gpu, multi
+from conftest import HEARTBEAT_S, gpu, multi
 
 
 def rss_mib(pid):
@@ -67,7 +67,7 @@ def test_a_viewer_that_never_reads_is_dropped_after_viewer_timeout_s(start_serve
 
 
 def test_300_viewers_that_vanish_are_reaped_within_a_few_heartbeats(start_server, open_stream):
-    # HEARTBEAT_S is 0.5: a closed socket fails the write of the heartbeat after next.
+    # A closed socket fails the write of the heartbeat after next.
     server = start_server(MAX_SUBSCRIBERS_PER_CLIENT="1000")  # all from 127.0.0.1: not the cap under test
     watcher = open_stream(server)
     gone = []
@@ -85,7 +85,7 @@ def test_300_viewers_that_vanish_are_reaped_within_a_few_heartbeats(start_server
     while server.health()["subscribers"] > 1 and time.monotonic() - closed < 5:
         time.sleep(0.05)
     assert server.health()["subscribers"] == 1
-    print(f"300 vanished viewers reaped in {time.monotonic() - closed:.2f} s (HEARTBEAT_S 0.5)")
-    assert time.monotonic() - closed <= 3 * 0.5 + 0.5  # three heartbeats, plus slack
+    print(f"300 vanished viewers reaped in {time.monotonic() - closed:.2f} s (HEARTBEAT_S {HEARTBEAT_S})")
+    assert time.monotonic() - closed <= 3 * float(HEARTBEAT_S) + 0.5  # three heartbeats, plus slack
     server.push(multi())
     assert watcher.next()["data"]["device"] == "rig-1"

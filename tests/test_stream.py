@@ -8,11 +8,12 @@ import time
 import pytest
 import requests
 
-from conftest import ROOT, gpu, multi, procfile_command
+from conftest import HEARTBEAT_S, ROOT, gpu, multi, procfile_command
 
 pytestmark = pytest.mark.both_backends
 
 
+@pytest.mark.no_backend  # HTTP parsing only: the backend plays no part
 def test_stream_headers_and_retry_first(server, open_stream):
     stream = open_stream(server)
     assert stream.status == 200
@@ -81,7 +82,7 @@ def test_heartbeat_comments_keep_an_idle_stream_alive(server, open_stream):
     started = time.monotonic()
     for _ in range(3):
         assert stream.next(timeout=2, with_comments=True)["event"] == ":comment"
-    assert time.monotonic() - started < 2.5  # HEARTBEAT_S is 0.5 here
+    assert time.monotonic() - started < 3 * float(HEARTBEAT_S) + 1
 
 
 def test_reconnect_with_last_event_id_gets_only_what_was_missed(server, open_stream):
@@ -138,6 +139,7 @@ def test_viewer_login_guards_read_routes_but_not_pushes_or_healthz(start_server,
     assert stream.next()["data"]["device"] == "rig-1"
 
 
+@pytest.mark.no_backend  # HTTP parsing only: the backend plays no part
 def test_cors_allows_only_configured_origins(start_server):
     server = start_server(CORS_ORIGINS="https://ops.example")
     ok = requests.get(server.url + "/healthz", headers={"Origin": "https://ops.example"}, timeout=5)
@@ -146,6 +148,7 @@ def test_cors_allows_only_configured_origins(start_server):
     assert "Access-Control-Allow-Origin" not in other.headers
 
 
+@pytest.mark.no_backend  # HTTP parsing only: the backend plays no part
 def test_dashboard_page_is_served(server):
     page = requests.get(server.url + "/", timeout=5)
     assert page.status_code == 200 and "gpu/stream" in requests.get(
