@@ -1,5 +1,6 @@
 """Fan events out to every subscriber through one condition variable and a bounded ring."""
 import logging
+import re
 import secrets
 import threading
 import time
@@ -60,10 +61,15 @@ class ViewerLimit(Exception):
         self.status = status
 
 
+# ASCII digits only and not too many: '²'.isdigit() is true and int() of 5,000 digits raises.
+STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})", re.ASCII)
+SEQUENCE = re.compile(r"[0-9]{1,20}", re.ASCII)
+
+
 def stream_key(event_id):
     """Return a Redis stream id `<ms>-<n>` as a sortable (ms, n), or None if it is not one."""
-    ms, _, n = (event_id or "").partition("-")
-    return (int(ms), int(n)) if ms.isdigit() and n.isdigit() else None
+    found = STREAM_ID.fullmatch(event_id or "")
+    return (int(found[1]), int(found[2])) if found else None
 
 
 def new_boot_id():
@@ -161,7 +167,7 @@ class Broadcaster:
         if self._shared_ids:
             return self._shared_resume_seq(stream_key(last_event_id))
         boot, _, seq = (last_event_id or "").rpartition("-")
-        if boot != self.boot_id or not seq.isdigit():
+        if boot != self.boot_id or not SEQUENCE.fullmatch(seq):
             return None
         seq = int(seq)
         if seq > self._seq or self._seq - seq > self._size or seq < self._floor:
@@ -183,7 +189,8 @@ class Broadcaster:
                 low = middle
             else:
                 high = middle - 1
-        return low
+        # At or before a reset: what was lost upstream lies after this id, so a fresh snapshot.
+        return None if self._floor and low <= self._floor else low
 
     def _snapshot_frames(self, devices):
         event_id = self._newest_id if self._shared_ids else self.event_id(self._seq)

@@ -30,7 +30,8 @@ def _number(kind, low, high=None):
             value = kind(raw)
         except ValueError:
             raise ConfigError(f"{name}: {raw!r} is not a {'whole ' if kind is int else ''}number") from None
-        if value != value or value < low or (high is not None and value > high):
+        if value != value or value in (float("inf"), float("-inf")) or value < low or (
+                high is not None and value > high):
             bound = f"from {low} to {high}" if high is not None else f"at least {low}"
             raise ConfigError(f"{name}: {raw!r} is out of range, it must be {bound}")
         return value
@@ -58,7 +59,14 @@ def _origins(name, raw):
 def _redis_url(name, raw):
     raw = raw.strip()
     if raw and not raw.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"{name}: {raw!r} is not a redis://, rediss:// or unix:// URL")
+        # The URL may hold a password: name its scheme, never the whole of it.
+        raise ConfigError(f"{name}: {raw.partition(':')[0]!r} is not redis://, rediss:// or unix://")
+    if raw:
+        from redis.connection import parse_url  # redis-py's own reading: what it accepts, we accept
+        try:
+            parse_url(raw)
+        except ValueError as problem:
+            raise ConfigError(f"{name}: not a Redis URL redis-py can use ({problem})") from None
     return raw
 
 
@@ -107,7 +115,7 @@ SETTINGS = (
     Setting("HISTORY_S", "history_s", "600", _number(int, 0, 86400),
             "seconds of history kept per GPU (one point a second at most)"),
     Setting("MAX_BODY_BYTES", "max_body_bytes", "65536", _number(int, 256, 16 << 20), "largest push accepted"),
-    Setting("PUSH_RATE_LIMIT", "push_rate_limit", "5", _number(float, 0.01),
+    Setting("PUSH_RATE_LIMIT", "push_rate_limit", "5", _number(float, 0.01, 100_000),
             "pushes per second one device may send (bursts up to twice that), bad ones included; "
             "more get 429"),
     Setting("PUSH_BODY_TIMEOUT_S", "push_body_timeout_s", "10", _number(float, 0.1, 600),

@@ -99,6 +99,20 @@ class Fleet:
                     self._remember(device, gpu, now)
         return event
 
+    def restore(self, event, points):
+        """Take a device's state and history as another process kept them: points of (t, {index: values})."""
+        with self._lock:
+            self._devices[event["device"]] = event
+            for t, by_gpu in points:
+                for index, values in by_gpu.items():
+                    self._remember(event["device"], {"index": int(index), **dict(zip(HISTORY_FIELDS, values))}, t)
+
+    def set_status(self, device, status):
+        """Take a status change that another process found."""
+        with self._lock:
+            if device in self._devices:
+                self._devices[device] = dict(self._devices[device], status=status)
+
     def _remember(self, device, gpu, now):
         points = self._history.get((device, gpu["index"]))
         if points is None:

@@ -5,9 +5,12 @@
 - Events: one Redis stream (XADD ... MAXLEN ~ RING_SIZE). Its ids are ordered and the same
   on every host, and it keeps the recent past, so a viewer that moves to another host
   resumes exactly; pub/sub keeps nothing and would lose what a reconnecting reader missed.
-- One reader per worker, on its own connection, feeds the local broadcaster: viewers never
-  touch Redis, so the per-viewer path is the in-process one. Pushes and snapshots share a
-  small pool. A reader that fails says so and reconnects; it never dies quietly.
+- One reader per worker, on its own connection, feeds the local broadcaster and a mirror
+  of the fleet in this process (loaded from Redis at start): viewers never touch Redis, and
+  a snapshot or /healthz never waits on it. Pushes and sweeps share a small pool. A reader
+  that fails says so and reconnects; it never dies quietly. Every entry carries a sequence
+  number, so a reader that missed entries (trimmed, or lost with Redis' data) starts over
+  from Redis' state and gives its viewers a fresh snapshot.
 - Status changes are found by whichever worker holds a lease in Redis (renewed each sweep,
   taken over within seconds if that worker dies), so each is published once for the fleet.
 """
@@ -20,16 +23,19 @@ import time
 import redis
 
 import sse
-from fleet import HISTORY_FIELDS, HISTORY_STEP_S, Unavailable, new_event, status_at, status_change, watch
+from broadcaster import stream_key
+from fleet import HISTORY_FIELDS, HISTORY_STEP_S, Fleet, Unavailable, new_event, status_at, status_change, watch
 from ratelimit_redis import RedisRateLimiter
 
 log = logging.getLogger("gpustats")
 PREFIX = "gpustats:"
-STREAM, DEVICES, LEASE = PREFIX + "events", PREFIX + "devices", PREFIX + "sweeper"
+STREAM, DEVICES, LEASE, SEQUENCE = PREFIX + "events", PREFIX + "devices", PREFIX + "sweeper", PREFIX + "seq"
 READ_BLOCK_MS = 1000  # well under the socket timeout: redis-py 8 sets one by default
 
-# KEYS: device hash, device set, history list, stream. ARGV: device, event JSON, receivedAt,
-# SSE data block, history point, history length, stream length. Returns the event's stream id.
+# KEYS: device hash, device set, history list, stream, sequence. ARGV: device, event JSON,
+# receivedAt, SSE data block, history point, history length, stream length. Returns the
+# event's stream id. Each entry carries n, one more than the last: a reader that sees a jump
+# knows it missed entries (trimmed before it read them, or lost with Redis' data).
 COMMIT = """
 redis.call('HSET', KEYS[1], 'event', ARGV[2], 'rx', ARGV[3], 'status', 'online')
 redis.call('SADD', KEYS[2], ARGV[1])
@@ -43,15 +49,18 @@ if keep > 0 then
     redis.call('LTRIM', KEYS[3], -keep, -1)
   end
 end
-return redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'd', ARGV[1], 'e', '', 'b', ARGV[4])
+local n = redis.call('INCR', KEYS[5])
+return redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'd', ARGV[1], 'e', '', 'b', ARGV[4], 'n', n)
 """ % {"step": HISTORY_STEP_S}
-# KEYS: device hash, stream. ARGV: receivedAt read, new status, data block, device, stream length.
-# Changes the status only if no push came in meanwhile and another sweep did not do it first.
+# KEYS: device hash, stream, sequence. ARGV: receivedAt and status read, new status, data block,
+# device, stream length. Changes the status only if no push came in meanwhile and the status is
+# still the one read (two sweepers after a lease lapse cannot turn it back).
 SET_STATUS = """
 local now = redis.call('HMGET', KEYS[1], 'rx', 'status')
-if now[1] ~= ARGV[1] or now[2] == ARGV[2] then return false end
-redis.call('HSET', KEYS[1], 'status', ARGV[2])
-return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[4], 'e', 'status', 'b', ARGV[3])
+if now[1] ~= ARGV[1] or now[2] ~= ARGV[2] then return false end
+redis.call('HSET', KEYS[1], 'status', ARGV[3])
+local n = redis.call('INCR', KEYS[3])
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'd', ARGV[5], 'e', 'status', 'b', ARGV[4], 'n', n)
 """
 RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 
@@ -84,19 +93,29 @@ class RedisFleet:
         self._token = secrets.token_hex(8)  # this worker's name on the sweeper lease
         self._broadcaster = None
         self._closed = False
-        self._cache = (None, [])  # (reader position, snapshot of every device): rebuilt once per change
-        self._position = 0
-        self._counts = {"online": 0, "stale": 0, "offline": 0}
+        # What viewers are shown: a fleet in this process, loaded from Redis once and then kept
+        # current by the reader from the stream, so a snapshot or /healthz never waits on Redis.
+        self._mirror = self._new_mirror()
+        self._last_n = None  # the last entry's sequence number
+        self._last = None  # the last entry's id
         self.redis_up = False
 
     def rate_limiter(self, name, rate, burst=None):
         """Return a rate limiter shared by every worker and host."""
         return RedisRateLimiter(self.client, f"{PREFIX}rate:{name}:", rate, burst)
 
+    def _new_mirror(self):
+        return Fleet(self.stale_after_s, self.offline_after_s, self.history_s, clock=self._clock)
+
     def start(self, broadcaster, sweep_s):
         """Read the stream into `broadcaster`, and sweep statuses while holding the lease."""
         self._broadcaster = broadcaster
         self._lease_ms = int(max(3.0, 3 * sweep_s) * 1000)
+        try:  # before this worker serves anyone, so nobody sees the recent past replayed as new
+            self._sync(backfill=True)
+            self.redis_up = True
+        except redis.RedisError as error:
+            log.error("Redis is unreachable at start (%s): pushes get 503 until it is back; retrying", error)
         threading.Thread(target=self._read, name="redis-reader", daemon=True).start()
         watch("status-sweep", sweep_s, self._sweep_if_leader, lambda: self._closed)
 
@@ -117,7 +136,7 @@ class RedisFleet:
         keep = int(self.history_s / HISTORY_STEP_S) + 1 if self.history_s else 0
         try:
             event_id = self._commit(
-                keys=[_device_key(device), DEVICES, _history_key(device), STREAM],
+                keys=[_device_key(device), DEVICES, _history_key(device), STREAM, SEQUENCE],
                 args=[device, sse.encode_json(event), repr(event["receivedAt"]), block,
                       f"{event['receivedAt']!r}|{sse.encode_json(point)}", keep, self._ring_size])
         except redis.RedisError as error:
@@ -127,27 +146,20 @@ class RedisFleet:
     # ---- reading the stream into the local broadcaster ------------------------------------------
 
     def _read(self):
-        last, down_since, check_gap = None, None, False
+        down_since = None
         while not self._closed:
             try:
-                if last is None:
-                    last = self._backfill()
-                    self.redis_up = True
-                elif check_gap and last != "0-0" and not self._reader.xrange(STREAM, last, last):
-                    # What we read last is gone (Redis restarted empty, or trimmed past it):
-                    # events may be lost in between, so every viewer gets a fresh snapshot.
-                    log.warning("Redis lost events this worker had not read; viewers get a fresh snapshot")
-                    self._broadcaster.reset()
-                check_gap = False
-                for _, entries in self._reader.xread({STREAM: last}, count=1000, block=READ_BLOCK_MS) or ():
+                if self._last is None:  # Redis was down at start: viewers may have an empty fleet
+                    self._sync(backfill=True, reset=True)
+                for _, entries in self._reader.xread({STREAM: self._last}, count=1000, block=READ_BLOCK_MS) or ():
                     for entry_id, fields in entries:
-                        last = self._publish(entry_id, fields)
+                        self._take(entry_id, fields)
                 if down_since is not None:
                     log.info("Redis is back after %.1f s; events flow again", time.monotonic() - down_since)
                     down_since = None
                 self.redis_up = True
             except redis.RedisError as error:
-                self.redis_up, check_gap = False, True
+                self.redis_up = False
                 if down_since is None:
                     down_since = time.monotonic()
                     log.error("Redis is unreachable (%s): pushes get 503 until it is back; retrying", error)
@@ -156,66 +168,72 @@ class RedisFleet:
                 log.exception("the Redis reader failed; restarting it")
                 time.sleep(0.5)
 
-    def _backfill(self):
-        """Load the stream's recent events into the ring, so resuming works on a fresh worker."""
-        entries = self._reader.xrevrange(STREAM, count=self._ring_size)
-        last = "0-0"
-        for entry_id, fields in reversed(entries):
-            last = self._publish(entry_id, fields)
-        return last
+    def _sync(self, backfill, reset=False):
+        """Start from Redis' state now: load the mirror, and the stream's recent past into the ring."""
+        entries = self._reader.xrevrange(STREAM, count=self._ring_size if backfill else 1)
+        mirror = self._new_mirror()
+        for event, points in self._read_devices():
+            mirror.restore(event, points)
+        self._mirror = mirror
+        if backfill:
+            for entry_id, fields in reversed(entries):
+                self._publish(entry_id, fields)
+        self._last = entries[0][0].decode() if entries else "0-0"
+        self._last_n = int(entries[0][1].get(b"n", 0)) if entries else 0
+        if reset:
+            self._broadcaster.reset()
+
+    def _take(self, entry_id, fields):
+        """Apply one new entry to the mirror and publish it; a gap in the sequence starts over."""
+        if stream_key(entry_id.decode()) <= stream_key(self._last):
+            return  # already in the mirror: read again after a start-over in the same batch
+        try:
+            n, device, name, block = int(fields[b"n"]), fields[b"d"].decode(), fields[b"e"].decode(), fields[b"b"]
+            data = json.loads(b"".join(line[6:] for line in block.split(b"\n") if line.startswith(b"data: ")))
+        except (KeyError, ValueError, TypeError):  # not one of ours: say so, skip it, never stall on it
+            log.error("skipped a malformed entry %s in %s", entry_id, STREAM)
+            self._last = entry_id.decode()
+            return
+        if self._last_n is not None and n != self._last_n + 1:
+            log.warning("the event stream skipped from %s to %s (trimmed before this worker read it, or lost "
+                        "with Redis' data): viewers get a fresh snapshot", self._last_n, n)
+            self._sync(backfill=False, reset=True)
+            return
+        if name == "status":
+            self._mirror.set_status(device, data["status"])
+        else:
+            self._mirror.record(data)
+        self._publish(entry_id, fields)
+        self._last, self._last_n = entry_id.decode(), n
 
     def _publish(self, entry_id, fields):
-        entry_id = entry_id.decode()
         name = fields[b"e"].decode()
         head = sse.event_head(name) if name else b""
-        self._position += 1
-        self._broadcaster.publish_encoded((fields[b"d"].decode(), head, fields[b"b"]), event_id=entry_id)
-        return entry_id
+        self._broadcaster.publish_encoded((fields[b"d"].decode(), head, fields[b"b"]), event_id=entry_id.decode())
 
     # ---- reading the state ---------------------------------------------------------------------
 
     def snapshot(self, devices=None):
-        """Return [(device, event data with each GPU's history)]: built once per change, from Redis."""
-        position, every = self._cache
-        if position != self._position:
-            try:
-                every, position = self._read_snapshot(), self._position
-                self._cache = (position, every)
-            except redis.RedisError as error:
-                log.warning("snapshot from Redis failed (%s); serving the last one read", error)
-        return [(name, event) for name, event in every if devices is None or name in devices]
+        """Return [(device, event data with each GPU's history)], from this worker's mirror."""
+        return self._mirror.snapshot(devices)
 
-    def _read_snapshot(self):
+    def counts(self):
+        """Return how many devices are online, stale and offline."""
+        return self._mirror.counts()
+
+    def _read_devices(self):
+        """Yield (event, history points) of every device, as Redis keeps them."""
         names = sorted(name.decode() for name in self.client.smembers(DEVICES))
         pipe = self.client.pipeline(transaction=False)
         for name in names:
             pipe.hmget(_device_key(name), "event", "status")
             pipe.lrange(_history_key(name), 0, -1)
         replies = pipe.execute()
-        cutoff = self._clock() - self.history_s
-        result = []
-        for name, (state, points) in zip(names, zip(replies[::2], replies[1::2])):
+        for state, points in zip(replies[::2], replies[1::2]):
             if state[0] is None:
                 continue
-            event = dict(json.loads(state[0]), status=state[1].decode(), snapshot=True)
-            history = [(float(t), json.loads(p)) for t, _, p in (point.decode().partition("|") for point in points)]
-            history = [(t, p) for t, p in history if t >= cutoff]
-            event["gpus"] = [dict(gpu, history=_series(history, str(gpu["index"]))) for gpu in event["gpus"]]
-            result.append((name, event))
-        return result
-
-    def counts(self):
-        """Return how many devices are online, stale and offline (the last known, if Redis is down)."""
-        try:
-            names = [name.decode() for name in self.client.smembers(DEVICES)]
-            pipe = self.client.pipeline(transaction=False)
-            for name in names:
-                pipe.hget(_device_key(name), "status")
-            statuses = [s.decode() for s in pipe.execute() if s is not None]
-            self._counts = {s: statuses.count(s) for s in ("online", "stale", "offline")}
-        except redis.RedisError:
-            pass
-        return dict(self._counts)
+            event = dict(json.loads(state[0]), status=state[1].decode())
+            yield event, [(float(t), json.loads(p)) for t, _, p in (point.decode().partition("|") for point in points)]
 
     # ---- statuses, once for the fleet ------------------------------------------------------------
 
@@ -238,15 +256,8 @@ class RedisFleet:
             if received is None:
                 continue
             new = status_at(float(received), now, self.stale_after_s, self.offline_after_s)
-            if new != status.decode():
+            if new != status.decode():  # SET_STATUS checks both again, atomically
                 block = sse.data_block(status_change(name, new, float(received), now))
-                self._set_status(keys=[_device_key(name), STREAM],
-                                 args=[received, new, block, name, self._ring_size])
+                self._set_status(keys=[_device_key(name), STREAM, SEQUENCE],
+                                 args=[received, status, new, block, name, self._ring_size])
 
-
-def _series(history, index):
-    """Return one GPU's history as columns: t and each charted field."""
-    points = [(t, p[index]) for t, p in history if index in p]
-    series = {"t": [round(t, 3) for t, _ in points]}
-    series.update((name, [values[i] for _, values in points]) for i, name in enumerate(HISTORY_FIELDS))
-    return series

@@ -25,12 +25,14 @@ def test_defaults_match_the_spec():
     ("DEVICE_KEYS", "rig-1"), ("DEVICE_KEYS", "rig 1:abcdefghijklmnopq"), ("DEVICE_KEYS", "rig-1:short"),
     ("DEVICE_KEYS", "a:abcdefghijklmnopq,b:abcdefghijklmnopq"), ("OFFLINE_AFTER_S", "10"),
     ("RING_SIZE", "lots"), ("VIEWER_TIMEOUT_S", "0"), ("TRUSTED_PROXIES", "my-proxy"), ("MAX_SUBSCRIBERS", "0"),
+    ("PUSH_RATE_LIMIT", "inf"), ("HEARTBEAT_S", "-inf"), ("REDIS_URL", "http://cache:6379"),
+    ("REDIS_URL", "redis://:secret@cache:63x9/0"), ("REDIS_URL", "redis://cache:99999/0"), ("WEB_CONCURRENCY", "2"),
 ])
 def test_a_bad_value_is_one_error_naming_the_variable(name, value):
     with pytest.raises(ConfigError) as error:
         load(**{name: value})
     assert str(error.value).startswith(name + ":")
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and "secret" not in str(error.value)  # a URL's password stays out
 
 
 def test_device_keys_map_keys_to_devices_and_allow_several_keys_per_device():

@@ -159,3 +159,38 @@ def test_the_bad_key_slow_down_counts_across_servers(pair):
     codes = [push_from(a if n % 2 else b, "127.0.0.5", f"guess-number-{n:02d}-xxxxxxxx")[0] for n in range(11)]
     assert codes == [401] * 10 + [429]  # ten bad keys in all, wherever they were tried
     assert push_from(a, "127.0.0.6", "guess-from-elsewhere-xxxx")[0] == 401  # per address
+
+
+def test_a_hung_redis_freezes_no_viewer_and_no_health_check(redis_server, start_server, open_stream):
+    server = start_server(REDIS_URL=redis_server.url, PUSH_RATE_LIMIT="1000")
+    server.push(multi(gpu(0, utilizationGpu=40)))
+    watcher = open_stream(server)
+    assert watcher.next()["data"]["snapshot"] is True
+    os.kill(redis_server.process.pid, signal.SIGSTOP)  # hung, not gone: no reset, no answer
+    try:
+        started = time.monotonic()
+        assert server.health()["devices"] == 1 and time.monotonic() - started < 1
+        newcomer = open_stream(server)  # its snapshot comes from the worker's own mirror
+        assert newcomer.next(timeout=1)["data"]["gpus"][0]["utilizationGpu"] == 40
+        assert watcher.next(with_comments=True, timeout=1)["event"] == ":comment"  # heartbeats go on
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    answer = wait_for(lambda: (r := server.push(multi(gpu(0, utilizationGpu=41)))).status_code == 200 and r,
+                      timeout=10, interval=0.2)
+    assert watcher.until(lambda e: e["id"] == answer.json()["id"], timeout=5)
+
+
+def test_entries_a_worker_missed_or_cannot_read_never_stall_it(redis_server, start_server, open_stream):
+    server = start_server(REDIS_URL=redis_server.url, PUSH_RATE_LIMIT="1000")
+    first = server.push(multi(gpu(0, utilizationGpu=1))).json()["id"]
+    viewer = open_stream(server)
+    assert viewer.next()["id"] == first
+    client = redis_server_client(redis_server)
+    client.xadd("gpustats:events", {"junk": "not one of ours"})  # a malformed entry: skipped, logged
+    client.incr("gpustats:seq", 5)  # as if entries were trimmed before this worker read them
+    after = server.push(multi(gpu(0, utilizationGpu=2))).json()["id"]
+    event = viewer.until(lambda e: e["event"] is None, timeout=5)
+    assert event["data"].get("snapshot") is True and event["data"]["gpus"][0]["utilizationGpu"] == 2  # start over
+    again = server.push(multi(gpu(0, utilizationGpu=3))).json()["id"]
+    assert viewer.until(lambda e: e["event"] is None, timeout=5)["id"] == again != after
+    wait_for(lambda: "skipped a malformed entry" in server.output() and "skipped from" in server.output())

@@ -163,3 +163,12 @@ def test_a_bad_setting_stops_the_server_with_one_line_naming_it():
     assert result.returncode != 0
     assert "config error: HEARTBEAT_S: 'often' is not a number" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_last_event_id_of_any_shape_gets_a_fresh_snapshot_never_an_error(server, open_stream):
+    server.push(multi(gpu(0, utilizationGpu=5)))
+    for last in ("\xb2-1", "9" * 5000 + "-1", "1-" + "9" * 5000, "-", "abc", "1-2-3", "\uff11-1".encode().decode("latin-1")):
+        stream = open_stream(server, headers={"Last-Event-ID": last})
+        assert stream.status == 200, last
+        assert stream.next()["data"]["snapshot"] is True
+    assert "Traceback" not in server.output()
