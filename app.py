@@ -130,7 +130,8 @@ def wsgi_app():
         log.error("config error: %s", problem)
         sys.exit(4)  # gunicorn's "App failed to load": it stops instead of respawning.
     _allow_open_files(app.extensions["gpustats"]["config"].worker_connections)
-    _end_streams_on_sigterm(app.extensions["gpustats"]["broadcaster"])
+    parts = app.extensions["gpustats"]
+    _end_streams_on_sigterm(parts["broadcaster"], parts["fleet"])
     return app
 
 
@@ -151,8 +152,8 @@ def _allow_open_files(connections):
                     "(LimitNOFILE= in a systemd unit) or lower WORKER_CONNECTIONS", raised, connections)
 
 
-def _end_streams_on_sigterm(broadcaster):
-    """On SIGTERM, end every stream at once, then let gunicorn's own handler run.
+def _end_streams_on_sigterm(broadcaster, fleet):
+    """On SIGTERM, end every stream and the fleet's background work, then let gunicorn's handler run.
 
     Streams never finish by themselves, so without this a deploy would wait out the
     whole --graceful-timeout. gunicorn installs its handler before loading the app.
@@ -161,6 +162,7 @@ def _end_streams_on_sigterm(broadcaster):
 
     def handler(signum, frame):
         broadcaster.close()
+        fleet.close()  # both only set a flag: safe in a signal handler
         if callable(previous):
             previous(signum, frame)
     signal.signal(signal.SIGTERM, handler)

@@ -48,9 +48,7 @@ def watch(name, period_s, work, closed):
                 work()
             except Exception:  # never silently gone: say so loudly, and keep going
                 log.exception("%s failed; it goes on", name)
-    thread = threading.Thread(target=loop, name=name, daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=loop, name=name, daemon=True).start()
 
 
 class Fleet:
@@ -75,6 +73,7 @@ class Fleet:
         watch("status-watch", sweep_s, self._publish_status_changes, lambda: self._closed)
 
     def close(self):
+        """Stop the background work (on SIGTERM)."""
         self._closed = True
 
     def health(self):

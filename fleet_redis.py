@@ -120,6 +120,7 @@ class RedisFleet:
         watch("status-sweep", sweep_s, self._sweep_if_leader, lambda: self._closed)
 
     def close(self):
+        """Stop the reader and the sweeps (on SIGTERM); the lease lapses and another worker sweeps."""
         self._closed = True
 
     def health(self):
