@@ -13,6 +13,8 @@ from auth import DeviceKeys, client_address, viewer_allowed
 from broadcaster import Broadcaster, ViewerLimit
 from config import ConfigError, load_config
 from fleet import Fleet, Unavailable
+from history_api import register_history
+from history_sqlite import SqliteHistory
 from ingest import BAD_KEYS_BURST, BAD_KEYS_PER_S, error, register_ingest
 from pages import register_pages
 from ratelimit import RateLimiter
@@ -25,13 +27,13 @@ def create_app(overrides=None):
     """Build an isolated app from the environment plus `overrides` (a dict of settings)."""
     config = load_config(overrides)
     app = Flask(__name__)
-    fleet, push_limits, bad_key_limits = _parts(config)
+    fleet, history, push_limits, bad_key_limits = _parts(config)
     broadcaster = Broadcaster(fleet.snapshot, ring_size=config.ring_size, heartbeat_s=config.heartbeat_s,
                               max_subscribers=config.max_subscribers,
                               max_per_client=config.max_subscribers_per_client, shared_ids=fleet.shared_ids)
     keys = DeviceKeys(config.device_keys)
     started = time.monotonic()
-    app.extensions["gpustats"] = {"config": config, "fleet": fleet, "broadcaster": broadcaster}
+    app.extensions["gpustats"] = {"config": config, "fleet": fleet, "broadcaster": broadcaster, "history": history}
     if not keys:
         log.warning("DEVICE_KEYS is empty, so every push is refused with 401. Add a device with "
                     "DEVICE_KEYS=name:key in .env (make a key with: python config.py --new-key)")
@@ -91,20 +93,23 @@ def create_app(overrides=None):
                        uptimeS=round(time.monotonic() - started, 1))
 
     register_ingest(app, config, keys, fleet, broadcaster, push_limits, bad_key_limits)
+    register_history(app, config, history)
     register_pages(app, config)
     fleet.start(broadcaster, config.sweep_s)
+    history.start()
     return app
 
 
 def _parts(config):
-    """Choose the fleet and the rate limits: in this process, or shared through Redis."""
+    """Choose the fleet, the history and the rate limits: in this process, or shared through Redis."""
     if config.redis_url:
         from fleet_redis import RedisFleet
-        fleet = RedisFleet(config.redis_url, config.stale_after_s, config.offline_after_s, config.history_s,
-                           config.ring_size)
-        return (fleet, fleet.rate_limiter("push", config.push_rate_limit),
+        from history_redis import RedisHistory
+        fleet = RedisFleet(config.redis_url, config.stale_after_s, config.offline_after_s, config.ring_size)
+        return (fleet, RedisHistory(fleet.client, config.stale_after_s), fleet.rate_limiter("push", config.push_rate_limit),
                 fleet.rate_limiter("bad-key", BAD_KEYS_PER_S, burst=BAD_KEYS_BURST))
-    return (Fleet(config.stale_after_s, config.offline_after_s, config.history_s),
+    history = SqliteHistory(config.history_db, config.stale_after_s)
+    return (Fleet(config.stale_after_s, config.offline_after_s, history), history,
             RateLimiter(config.push_rate_limit), RateLimiter(BAD_KEYS_PER_S, burst=BAD_KEYS_BURST))
 
 
@@ -131,7 +136,7 @@ def wsgi_app():
         sys.exit(4)  # gunicorn's "App failed to load": it stops instead of respawning.
     _allow_open_files(app.extensions["gpustats"]["config"].worker_connections)
     parts = app.extensions["gpustats"]
-    _end_streams_on_sigterm(parts["broadcaster"], parts["fleet"])
+    _end_streams_on_sigterm(parts["broadcaster"], parts["fleet"], parts["history"])
     return app
 
 
@@ -152,8 +157,8 @@ def _allow_open_files(connections):
                     "(LimitNOFILE= in a systemd unit) or lower WORKER_CONNECTIONS", raised, connections)
 
 
-def _end_streams_on_sigterm(broadcaster, fleet):
-    """On SIGTERM, end every stream and the fleet's background work, then let gunicorn's handler run.
+def _end_streams_on_sigterm(broadcaster, fleet, history):
+    """On SIGTERM, end every stream and the background work, then let gunicorn's handler run.
 
     Streams never finish by themselves, so without this a deploy would wait out the
     whole --graceful-timeout. gunicorn installs its handler before loading the app.
@@ -162,7 +167,8 @@ def _end_streams_on_sigterm(broadcaster, fleet):
 
     def handler(signum, frame):
         broadcaster.close()
-        fleet.close()  # both only set a flag: safe in a signal handler
+        fleet.close()
+        history.close()  # each only sets a flag: safe in a signal handler
         if callable(previous):
             previous(signum, frame)
     signal.signal(signal.SIGTERM, handler)

@@ -93,7 +93,10 @@ class Broadcaster:
 
     def __init__(self, snapshot, ring_size=1024, heartbeat_s=15.0, boot_id=None, clock=time.monotonic,
                  max_subscribers=None, max_per_client=None, shared_ids=False):
-        self._snapshot = snapshot  # callable(devices or None) -> [(device, data)]
+        # callable() -> ((seq, event id), [(device, data)]): every device's state at that position
+        self._snapshot = snapshot
+        self._snapshot_lock = threading.Lock()
+        self._snapshot_built = (None, [], b"")  # (seq, [(device, frame)], all frames joined)
         self._max_subscribers = max_subscribers
         self._max_per_client = max_per_client
         self._per_client = {}  # client address -> open streams
@@ -192,22 +195,38 @@ class Broadcaster:
         # At or before a reset: what was lost upstream lies after this id, so a fresh snapshot.
         return None if self._floor and low <= self._floor else low
 
-    def _snapshot_frames(self, devices):
-        event_id = self._newest_id if self._shared_ids else self.event_id(self._seq)
-        # Snapshot events share the id of the stream position they describe: resuming
-        # from any of them replays exactly the events published after the snapshot.
-        frames = []
-        for device, data in self._snapshot(devices):
-            try:
-                frames.append(sse.frame(data, event_id))
-            except ValueError:  # pushes are checked before they are stored; this is the last guard
-                log.exception("left %s out of a snapshot: its state cannot be sent", device)
-        return frames
+    def position(self):
+        """Return (sequence, event id) of the newest event; a snapshot taken now describes this point."""
+        with self._cond:
+            return self._seq, self._newest_id if self._shared_ids else self.event_id(self._seq)
+
+    def _snapshot_chunk(self, devices):
+        """Return (every device's latest state as one chunk, the sequence it matches).
+
+        Built once per sequence number, whatever the number of viewers that connect at it, and
+        never under the broadcaster's lock: 1,000 pages reconnecting after a deploy share one build.
+        """
+        with self._snapshot_lock:
+            if self._snapshot_built[0] != self._seq:
+                (seq, event_id), states = self._snapshot()
+                # Snapshot events share the id of the stream position they describe: resuming
+                # from any of them replays exactly the events published after the snapshot.
+                frames = []
+                for device, data in states:
+                    try:
+                        frames.append((device, sse.frame(data, event_id)))
+                    except ValueError:  # pushes are checked before they are stored; this is the last guard
+                        log.exception("left %s out of a snapshot: its state cannot be sent", device)
+                self._snapshot_built = (seq, frames, b"".join(frame for _, frame in frames))
+            seq, frames, joined = self._snapshot_built
+        if devices is None:
+            return joined, seq
+        return b"".join(frame for device, frame in frames if device in devices), seq
 
     def _since(self, seq, devices):
-        """Return (frames after `seq`, new seq); a snapshot if `seq` fell off the ring."""
+        """Return (frames after `seq`, new seq), or None if `seq` fell off the ring: a snapshot is needed."""
         if self._seq - seq > self._size or seq < self._floor:
-            return self._snapshot_frames(devices), self._seq
+            return None
         ring, size = self._ring, self._size
         if devices is None:
             return [ring[s % size][1] for s in range(seq + 1, self._seq + 1)], self._seq
@@ -255,11 +274,12 @@ class Broadcaster:
                     self._ticker = threading.Thread(target=self._tick, name="heartbeat", daemon=True)
                     self._ticker.start()
                 seq = self._resume_seq(last_event_id)
-                if seq is None:
-                    frames, seq = self._snapshot_frames(devices), self._seq
-                else:
-                    frames, seq = self._since(seq, devices)
-            yield sse.retry(retry_ms) + b"".join(frames)
+                missed = None if seq is None else self._since(seq, devices)
+            if missed is None:
+                chunk, seq = self._snapshot_chunk(devices)
+            else:
+                chunk, seq = b"".join(missed[0]), missed[1]
+            yield sse.retry(retry_ms) + chunk
             last_write = self._clock()
             while True:
                 with self._cond:
@@ -267,7 +287,12 @@ class Broadcaster:
                         self._cond.wait()
                     if self._closed:
                         return
-                    frames, seq = self._since(seq, devices) if seq != self._seq else ((), seq)
+                    news = self._since(seq, devices) if seq != self._seq else ((), seq)
+                if news is None:  # fell a whole ring behind: the latest state replaces what it missed
+                    chunk, seq = self._snapshot_chunk(devices)
+                    frames = [chunk] if chunk else []
+                else:
+                    frames, seq = news
                 now = self._clock()
                 if frames:
                     yield frames[0] if len(frames) == 1 else b"".join(frames)

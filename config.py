@@ -56,6 +56,11 @@ def _origins(name, raw):
     return tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
 
 
+def _database(name, raw):
+    raw = raw.strip()
+    return str(HERE / raw) if raw else ""  # relative to the project, not to wherever gunicorn was started
+
+
 def _redis_url(name, raw):
     raw = raw.strip()
     if raw and not raw.startswith(("redis://", "rediss://", "unix://")):
@@ -112,8 +117,11 @@ SETTINGS = (
             "a device with no push for this long turns offline; longer than `STALE_AFTER_S`"),
     Setting("HEARTBEAT_S", "heartbeat_s", "15", _number(float, 0.05, 3600),
             "a stream with nothing to send gets a `: heartbeat` comment at least this often"),
-    Setting("HISTORY_S", "history_s", "600", _number(int, 0, 86400),
-            "seconds of history kept per GPU (one point a second at most)"),
+    Setting("HISTORY_S", "history_s", "600", _number(int, 10, 86400),
+            "seconds of history the live charts show, and `/api/history`'s range when it names no `from`"),
+    Setting("HISTORY_DB", "history_db", "history.sqlite3", _database,
+            "the SQLite file history is kept in (30 days of minutes, 400 of hours; a path relative to "
+            "`config.py`'s folder). Empty: kept in memory, gone at restart. Not used with `REDIS_URL`"),
     Setting("MAX_BODY_BYTES", "max_body_bytes", "65536", _number(int, 256, 16 << 20), "largest push accepted"),
     Setting("PUSH_RATE_LIMIT", "push_rate_limit", "5", _number(float, 0.01, 100_000),
             "pushes per second one device may send (bursts up to twice that), bad ones included; "
@@ -160,6 +168,7 @@ class Config:
     offline_after_s: float
     heartbeat_s: float
     history_s: int
+    history_db: str  # empty: in memory
     max_body_bytes: int
     push_rate_limit: float
     push_body_timeout_s: float

@@ -1,7 +1,7 @@
 """The fleet shared through Redis: any worker on any host takes pushes and serves viewers.
 
-- State: a hash per device (its latest event, when it was received, its status) and a
-  list of its history points, written by one Lua script together with the event.
+- State: a hash per device (its latest event, when it was received, its status), written by
+  one Lua script together with the event.
 - Events: one Redis stream (XADD ... MAXLEN ~ RING_SIZE). Its ids are ordered and the same
   on every host, and it keeps the recent past, so a viewer that moves to another host
   resumes exactly; pub/sub keeps nothing and would lose what a reconnecting reader missed.
@@ -24,7 +24,7 @@ import redis
 
 import sse
 from broadcaster import stream_key
-from fleet import HISTORY_FIELDS, HISTORY_STEP_S, Fleet, Unavailable, new_event, status_at, status_change, watch
+from fleet import Fleet, Unavailable, new_event, status_at, status_change, watch
 from ratelimit_redis import RedisRateLimiter
 
 log = logging.getLogger("gpustats")
@@ -32,26 +32,16 @@ PREFIX = "gpustats:"
 STREAM, DEVICES, LEASE, SEQUENCE = PREFIX + "events", PREFIX + "devices", PREFIX + "sweeper", PREFIX + "seq"
 READ_BLOCK_MS = 1000  # well under the socket timeout: redis-py 8 sets one by default
 
-# KEYS: device hash, device set, history list, stream, sequence. ARGV: device, event JSON,
-# receivedAt, SSE data block, history point, history length, stream length. Returns the
-# event's stream id. Each entry carries n, one more than the last: a reader that sees a jump
-# knows it missed entries (trimmed before it read them, or lost with Redis' data).
+# KEYS: device hash, device set, stream, sequence. ARGV: device, event JSON, receivedAt, SSE data
+# block, stream length. Returns the event's stream id. Each entry carries n, one more than the
+# last: a reader that sees a jump knows it missed entries (trimmed before it read them, or lost
+# with Redis' data).
 COMMIT = """
 redis.call('HSET', KEYS[1], 'event', ARGV[2], 'rx', ARGV[3], 'status', 'online')
 redis.call('SADD', KEYS[2], ARGV[1])
-local keep = tonumber(ARGV[6])
-if keep > 0 then
-  local last = redis.call('LINDEX', KEYS[3], -1)
-  if last and tonumber(ARGV[3]) - tonumber(string.match(last, '^[^|]+')) < %(step)s then
-    redis.call('LSET', KEYS[3], -1, ARGV[5])
-  else
-    redis.call('RPUSH', KEYS[3], ARGV[5])
-    redis.call('LTRIM', KEYS[3], -keep, -1)
-  end
-end
-local n = redis.call('INCR', KEYS[5])
-return redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'd', ARGV[1], 'e', '', 'b', ARGV[4], 'n', n)
-""" % {"step": HISTORY_STEP_S}
+local n = redis.call('INCR', KEYS[4])
+return redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[1], 'e', '', 'b', ARGV[4], 'n', n)
+"""
 # KEYS: device hash, stream, sequence. ARGV: receivedAt and status read, new status, data block,
 # device, stream length. Changes the status only if no push came in meanwhile and the status is
 # still the one read (two sweepers after a lease lapse cannot turn it back).
@@ -65,12 +55,15 @@ return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'd', ARGV[5], 'e
 RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 
 
+def read_entry(fields):
+    """Return (sequence number, device, event name, data) of a stream entry; raise if it is not one of ours."""
+    block = fields[b"b"]
+    data = json.loads(b"".join(line[6:] for line in block.split(b"\n") if line.startswith(b"data: ")))
+    return int(fields[b"n"]), fields[b"d"].decode(), fields[b"e"].decode(), data
+
+
 def _device_key(name):
     return f"{PREFIX}device:{name}"
-
-
-def _history_key(name):
-    return f"{PREFIX}history:{name}"
 
 
 class RedisFleet:
@@ -78,8 +71,8 @@ class RedisFleet:
 
     shared_ids = True  # event ids are the stream's, valid on every host
 
-    def __init__(self, url, stale_after_s, offline_after_s, history_s, ring_size, clock=time.time):
-        self.stale_after_s, self.offline_after_s, self.history_s = stale_after_s, offline_after_s, history_s
+    def __init__(self, url, stale_after_s, offline_after_s, ring_size, clock=time.time):
+        self.stale_after_s, self.offline_after_s = stale_after_s, offline_after_s
         self._ring_size = ring_size
         self._clock = clock
         # A small blocking pool for pushes, snapshots and sweeps; the reader has its own connection.
@@ -105,11 +98,14 @@ class RedisFleet:
         return RedisRateLimiter(self.client, f"{PREFIX}rate:{name}:", rate, burst)
 
     def _new_mirror(self):
-        return Fleet(self.stale_after_s, self.offline_after_s, self.history_s, clock=self._clock)
+        mirror = Fleet(self.stale_after_s, self.offline_after_s, clock=self._clock)
+        mirror.attach(self._broadcaster)
+        return mirror
 
     def start(self, broadcaster, sweep_s):
         """Read the stream into `broadcaster`, and sweep statuses while holding the lease."""
         self._broadcaster = broadcaster
+        self._mirror.attach(broadcaster)
         self._lease_ms = int(max(3.0, 3 * sweep_s) * 1000)
         try:  # before this worker serves anyone, so nobody sees the recent past replayed as new
             self._sync(backfill=True)
@@ -133,13 +129,10 @@ class RedisFleet:
     def commit(self, event, encoded):
         """Store the event and append it to the stream in one step; return its stream id."""
         device, _, block = encoded
-        point = {str(g["index"]): [g.get(name) for name in HISTORY_FIELDS] for g in event["gpus"]}
-        keep = int(self.history_s / HISTORY_STEP_S) + 1 if self.history_s else 0
         try:
-            event_id = self._commit(
-                keys=[_device_key(device), DEVICES, _history_key(device), STREAM, SEQUENCE],
-                args=[device, sse.encode_json(event), repr(event["receivedAt"]), block,
-                      f"{event['receivedAt']!r}|{sse.encode_json(point)}", keep, self._ring_size])
+            event_id = self._commit(keys=[_device_key(device), DEVICES, STREAM, SEQUENCE],
+                                    args=[device, sse.encode_json(event), repr(event["receivedAt"]), block,
+                                          self._ring_size])
         except redis.RedisError as error:
             raise Unavailable(f"Redis: {error}") from None
         return event_id.decode()
@@ -173,8 +166,8 @@ class RedisFleet:
         """Start from Redis' state now: load the mirror, and the stream's recent past into the ring."""
         entries = self._reader.xrevrange(STREAM, count=self._ring_size if backfill else 1)
         mirror = self._new_mirror()
-        for event, points in self._read_devices():
-            mirror.restore(event, points)
+        for event in self._read_devices():
+            mirror.restore(event)
         self._mirror = mirror
         if backfill:
             for entry_id, fields in reversed(entries):
@@ -189,8 +182,7 @@ class RedisFleet:
         if stream_key(entry_id.decode()) <= stream_key(self._last):
             return  # already in the mirror: read again after a start-over in the same batch
         try:
-            n, device, name, block = int(fields[b"n"]), fields[b"d"].decode(), fields[b"e"].decode(), fields[b"b"]
-            data = json.loads(b"".join(line[6:] for line in block.split(b"\n") if line.startswith(b"data: ")))
+            n, device, name, data = read_entry(fields)
         except (KeyError, ValueError, TypeError):  # not one of ours: say so, skip it, never stall on it
             log.error("skipped a malformed entry %s in %s", entry_id, STREAM)
             self._last = entry_id.decode()
@@ -200,11 +192,11 @@ class RedisFleet:
                         "with Redis' data): viewers get a fresh snapshot", self._last_n, n)
             self._sync(backfill=False, reset=True)
             return
+        publish = lambda: self._publish(entry_id, fields)  # noqa: E731 under the mirror's lock: snapshots match it
         if name == "status":
-            self._mirror.set_status(device, data["status"])
+            self._mirror.set_status(device, data["status"], publish)
         else:
-            self._mirror.record(data)
-        self._publish(entry_id, fields)
+            self._mirror.record(data, publish)
         self._last, self._last_n = entry_id.decode(), n
 
     def _publish(self, entry_id, fields):
@@ -214,27 +206,23 @@ class RedisFleet:
 
     # ---- reading the state ---------------------------------------------------------------------
 
-    def snapshot(self, devices=None):
-        """Return [(device, event data with each GPU's history)], from this worker's mirror."""
-        return self._mirror.snapshot(devices)
+    def snapshot(self):
+        """Return the broadcaster's position and every device's state there, from this worker's mirror."""
+        return self._mirror.snapshot()
 
     def counts(self):
         """Return how many devices are online, stale and offline."""
         return self._mirror.counts()
 
     def _read_devices(self):
-        """Yield (event, history points) of every device, as Redis keeps them."""
+        """Yield the latest event of every device, as Redis keeps them."""
         names = sorted(name.decode() for name in self.client.smembers(DEVICES))
         pipe = self.client.pipeline(transaction=False)
         for name in names:
             pipe.hmget(_device_key(name), "event", "status")
-            pipe.lrange(_history_key(name), 0, -1)
-        replies = pipe.execute()
-        for state, points in zip(replies[::2], replies[1::2]):
-            if state[0] is None:
-                continue
-            event = dict(json.loads(state[0]), status=state[1].decode())
-            yield event, [(float(t), json.loads(p)) for t, _, p in (point.decode().partition("|") for point in points)]
+        for state in pipe.execute():
+            if state[0] is not None:
+                yield dict(json.loads(state[0]), status=state[1].decode())
 
     # ---- statuses, once for the fleet ------------------------------------------------------------
 

@@ -18,6 +18,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {f"rig-{i}": f"test-key-rig-{i}-0123456789" for i in range(1, 10)}
 HEARTBEAT_S = "0.25"  # short, so closed viewers are counted out and heartbeats come quickly
+# Servers started outside Server() keep history in memory: none may write history.sqlite3 into the checkout.
+os.environ["HISTORY_DB"] = ""
 
 
 def procfile_command():
@@ -31,7 +33,7 @@ class Server:
 
     def __init__(self, settings, tmp_path):
         self.settings = {"DEVICE_KEYS": ",".join(f"{d}:{k}" for d, k in KEYS.items()),
-                         "HEARTBEAT_S": HEARTBEAT_S, **settings}
+                         "HEARTBEAT_S": HEARTBEAT_S, "HISTORY_DB": str(tmp_path / "history.sqlite3"), **settings}
         self.log_path = tmp_path / f"gunicorn-{time.monotonic_ns()}.log"
         self.port = 0
         self.process = None

@@ -19,10 +19,11 @@ def ids(chunk):
 
 
 def make(state=None, ring_size=8, heartbeat_s=5, **limits):
+    """Return a broadcaster over `state` ({device: data}), as a fleet would hand it snapshots."""
     state = {} if state is None else state
-    return Broadcaster(lambda devices: [(d, v) for d, v in sorted(state.items())
-                                        if devices is None or d in devices],
-                       ring_size=ring_size, heartbeat_s=heartbeat_s, **limits), state
+    b = Broadcaster(lambda: (b.position(), sorted(state.items())),
+                    ring_size=ring_size, heartbeat_s=heartbeat_s, **limits)
+    return b, state
 
 
 def wait_for(predicate, timeout=5):
@@ -85,7 +86,7 @@ def test_resume_from_another_boot_or_too_far_back_gets_a_snapshot():
     for i in range(10):
         b.publish("a", {"n": i})
     assert events(next(b.subscribe(last_event_id=old))) == ['{"snap":true}']
-    other = Broadcaster(lambda d: [], ring_size=4).event_id(5)
+    other = Broadcaster(lambda: ((0, ''), []), ring_size=4).event_id(5)
     assert events(next(b.subscribe(last_event_id=other))) == ['{"snap":true}']
     assert events(next(b.subscribe(last_event_id="garbage"))) == ['{"snap":true}']
 
@@ -144,7 +145,7 @@ def test_subscriber_count_follows_open_streams_and_close_ends_them():
 
 
 def test_ids_are_unique_across_restarts():
-    assert Broadcaster(lambda d: []).event_id(1) != Broadcaster(lambda d: []).event_id(1)
+    assert Broadcaster(lambda: ((0, ''), [])).event_id(1) != Broadcaster(lambda: ((0, ''), [])).event_id(1)
 
 
 def test_many_threads_publishing_lose_nothing():
@@ -226,3 +227,20 @@ def test_the_caps_refuse_in_the_same_step_that_counts():
         stream.close()
     assert b.subscribers == 0 and b._per_client == {}
     assert next(b.subscribe(client="10.0.0.0")).startswith(b"retry:")
+
+
+def test_a_snapshot_is_built_once_per_sequence_number_and_never_under_the_lock():
+    state, builds = {"a": {"n": 1}, "b": {"n": 2}}, []
+
+    def snapshot():
+        builds.append(b._cond._lock.locked())  # publishes would wait behind a build under the lock
+        return b.position(), sorted(state.items())
+    b = Broadcaster(snapshot, ring_size=8)
+    first = [next(b.subscribe()) for _ in range(50)]  # 50 viewers reconnecting at once
+    assert len(builds) == 1 and builds == [False]
+    assert len(set(first)) == 1 and events(first[0]) == ['{"n":1}', '{"n":2}']
+    state["a"] = {"n": 3}
+    b.publish("a", state["a"])
+    later = next(b.subscribe(devices={"a"}))
+    assert len(builds) == 2 and events(later) == ['{"n":3}']
+    assert ids(later) == [f"{b.boot_id}-1"]  # resuming from it replays only what came after

@@ -1,0 +1,139 @@
+"""History's shared rules: the tiers kept, pushes turned into buckets (with energy), queries planned and answered.
+
+Samples are kept as pushed (one a second per GPU at most) for 24 hours, as 1-minute buckets
+for 30 days and as 1-hour buckets for 400 days. A bucket holds sums and counts, never means,
+so buckets add up exactly: each write adds its samples to their minute and hour at once (no
+roll-up job that can fall behind), and a query merges buckets into any step by adding them.
+A store (history_sqlite.py, history_redis.py) only keeps buckets and adds them up.
+"""
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+FIELDS = ("utilizationGpu", "memoryUsed", "temperatureGpu", "powerDraw")
+# A bucket's sums: for each field its sum and its count of reported values, then joules drawn.
+WIDTH = 2 * len(FIELDS) + 1
+DEFAULT_POINTS = 1000  # the most buckets a query gets when it names no step (SPEC)
+MOST_POINTS = 10_000  # the most buckets a query may ask for with its own step
+NICE_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One resolution history is kept at: buckets of `step_s`, kept for `keep_s`."""
+    name: str
+    step_s: int
+    keep_s: int
+
+
+SECOND, MINUTE, HOUR = Tier("second", 1, 24 * 3600), Tier("minute", 60, 30 * 86400), Tier("hour", 3600, 400 * 86400)
+TIERS = (SECOND, MINUTE, HOUR)
+
+
+class QueryError(ValueError):
+    """A query parameter the history cannot answer; `field` names it."""
+
+    def __init__(self, field, message):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class Batch:
+    """Samples gathered between two writes: each second's newest values, and minute and hour sums."""
+
+    def __init__(self):
+        self.seconds = {}  # (device, gpu, second) -> [*values, joules]: the newest values win, joules add
+        self.buckets = {MINUTE: {}, HOUR: {}}  # tier -> {(device, gpu, start): sums}
+        self.gpus = {}  # (device, gpu) -> (uuid, name), the latest seen
+
+    def __bool__(self):
+        return bool(self.seconds)
+
+    def add(self, device, gpu, t, joules):
+        index, values = gpu["index"], [gpu.get(name) for name in FIELDS]
+        self.gpus[(device, index)] = (gpu.get("uuid"), gpu.get("name"))
+        second = math.floor(t)
+        kept = self.seconds.get((device, index, second))
+        self.seconds[(device, index, second)] = values + [joules + (kept[-1] if kept else 0.0)]
+        for tier, buckets in self.buckets.items():
+            sums = buckets.setdefault((device, index, second - second % tier.step_s), [0] * WIDTH)
+            for i, value in enumerate(values):
+                if value is not None:
+                    sums[2 * i] += value
+                    sums[2 * i + 1] += 1
+            sums[-1] += joules
+
+
+class Sampler:
+    """Turn accepted pushes into a Batch, with the energy each GPU drew since its previous sample.
+
+    Energy is the trapezoid between two samples' power draws. A gap longer than `max_gap_s`
+    (a device stale, offline or restarting) counts as no power drawn, not as the last value
+    held: we do not know what the GPU did then.
+    """
+
+    def __init__(self, max_gap_s, last=None):
+        self.max_gap_s = max_gap_s
+        self.last = dict(last or {})  # (device, gpu) -> (t, powerDraw) of its newest sample
+
+    def add(self, batch, event):
+        t, device = event["receivedAt"], event["device"]
+        for gpu in event["gpus"]:
+            key, power = (device, gpu["index"]), gpu.get("powerDraw")
+            previous = self.last.get(key)
+            joules = 0.0
+            if previous is not None:
+                if t <= previous[0]:
+                    continue  # older than what is kept already (two hosts' clocks): drop it
+                if power is not None and previous[1] is not None and t - previous[0] <= self.max_gap_s:
+                    joules = (previous[1] + power) / 2 * (t - previous[0])
+            self.last[key] = (t, power)
+            batch.add(device, gpu, t, joules)
+
+
+def plan(start, end, now, step=None):
+    """Return (tier, step) for a query from `start` to `end`; raise QueryError naming `step` if it cannot be."""
+    span = end - start
+    finest = next((tier for tier in TIERS if start >= now - tier.keep_s), HOUR)
+    if step is None:
+        step = next((s for s in NICE_STEPS if s % finest.step_s == 0 and span / s <= DEFAULT_POINTS), None)
+        step = step or math.ceil(span / DEFAULT_POINTS / 86400) * 86400
+    elif step % finest.step_s:
+        raise QueryError("step", f"history from {rfc3339(start)} is kept in {finest.step_s} s buckets, "
+                                 f"so step must be a multiple of {finest.step_s}")
+    elif span / step > MOST_POINTS:
+        raise QueryError("step", f"{step} s gives {math.ceil(span / step)} buckets over this range; at most "
+                                 f"{MOST_POINTS}, so a step of {math.ceil(span / MOST_POINTS)} s or more")
+    # The coarsest tier that divides the step reads the fewest rows for the same sums.
+    return max((t for t in TIERS if step % t.step_s == 0 and t.step_s >= finest.step_s), key=lambda t: t.step_s), step
+
+
+def answer(device, start, end, step, rows, gpus):
+    """Return the API's answer from {gpu: [(bucket start, sums)]} and {gpu: (uuid, name)}."""
+    result = []
+    for index in sorted(rows):
+        uuid, name = gpus.get(index, (None, None))
+        series = {"index": index, "uuid": uuid, "name": name, "t": []}
+        series.update((field, []) for field in FIELDS)
+        steps = []  # each bucket's energy: the CSV has it per row
+        for bucket, sums in rows[index]:
+            series["t"].append(bucket)
+            for i, field in enumerate(FIELDS):
+                count = sums[2 * i + 1]
+                series[field].append(_tidy(sums[2 * i] / count) if count else None)
+            steps.append(round(sums[-1] / 3600, 4))
+        series["energyWh"] = round(sum(sums[-1] for _, sums in rows[index]) / 3600, 3)
+        series["energyWhSteps"] = steps
+        result.append(series)
+    return {"device": device, "from": _tidy(start), "to": _tidy(end), "step": step, "gpus": result}
+
+
+def _tidy(value):
+    """Return a number rounded to 2 places, and whole numbers as integers: 80, not 80.0."""
+    value = round(value, 2)
+    return int(value) if value == int(value) else value
+
+
+def rfc3339(t):
+    """Return unix seconds `t` as an RFC 3339 UTC time."""
+    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,94 @@
+"""GET /api/history and /api/history.csv: one device's GPUs over a range, in buckets of a step."""
+import csv
+import io
+import json
+import re
+import time
+
+from flask import Response, request
+
+from history import FIELDS, QueryError, answer, plan, rfc3339
+from ingest import error
+
+# Unix seconds as digits: float() would also take ' 1e3', '1_000', 'nan' and 'inf'.
+UNIX_S = re.compile(r"[0-9]{1,11}(\.[0-9]{1,9})?", re.ASCII)
+STEP_S = re.compile(r"[0-9]{1,9}", re.ASCII)
+CSV_HEADER = ("device", "gpu", "uuid", "name", "t", "time", *FIELDS, "energyWh")
+
+
+def register_history(app, config, history, clock=time.time):
+    """Add the history routes; they sit behind the viewer login like the page."""
+
+    def serve(render, mimetype, headers=None):
+        now = clock()
+        try:
+            device, start, end, step = read_query(request.args, now, config.history_s)
+            tier, step = plan(start, end, now, step)
+        except QueryError as problem:
+            return error(400, str(problem), field=problem.field)
+        # Read and encoded off the event loop: a 30-day query never holds up pushes or streams.
+        body = history.query(device, tier, start, end, step, render)
+        if body is None:
+            if device not in config.devices:
+                return error(404, f"unknown device {device[:64]!r}")
+            body = render(answer(device, start, end, step, {}, {}))  # known, but it has not pushed yet
+        return Response(body, mimetype=mimetype, headers={"Cache-Control": "no-store", **(headers or {})})
+
+    @app.get("/api/history")
+    def history_json():
+        return serve(to_json, "application/json")
+
+    @app.get("/api/history.csv")
+    def history_csv():
+        device = re.sub(r"[^A-Za-z0-9._-]", "_", request.args.get("device", ""))[:64]
+        return serve(to_csv, "text/csv", {"Content-Disposition": f'attachment; filename="history-{device}.csv"'})
+
+
+def read_query(args, now, history_s):
+    """Return (device, from, to, step or None) from the query string; raise QueryError naming a bad one."""
+    device = args.get("device", "")
+    if not device:
+        raise QueryError("device", "missing; name the device: ?device=NAME")
+    end = _unix_s(args, "to", now)
+    start = _unix_s(args, "from", end - history_s)
+    if start >= end:
+        raise QueryError("from", f"{start:g} is not before to ({end:g})")
+    step = args.get("step")
+    if step is not None:
+        if not STEP_S.fullmatch(step) or int(step) < 1:
+            raise QueryError("step", f"{step[:32]!r} is not a whole number of seconds, 1 or more")
+        step = int(step)
+    return device, start, end, step
+
+
+def _unix_s(args, name, default):
+    raw = args.get(name)
+    if raw is None:
+        return default
+    if not UNIX_S.fullmatch(raw):
+        raise QueryError(name, f"{raw[:32]!r} is not a time in unix seconds, like {1763900000}")
+    return float(raw) if "." in raw else int(raw)
+
+
+def to_json(result):
+    """Encode an answer as JSON bytes."""
+    gpus = [{k: v for k, v in gpu.items() if k != "energyWhSteps"} for gpu in result["gpus"]]
+    return json.dumps(dict(result, gpus=gpus), separators=(",", ":"), allow_nan=False).encode()
+
+
+def to_csv(result):
+    """Encode an answer as CSV: a header, then one row per GPU and bucket, with that bucket's energy."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_HEADER)
+    for gpu in result["gpus"]:
+        for i, t in enumerate(gpu["t"]):
+            writer.writerow((result["device"], gpu["index"], _cell(gpu["uuid"]), _cell(gpu["name"]), t, rfc3339(t),
+                             *("" if gpu[f][i] is None else gpu[f][i] for f in FIELDS), gpu["energyWhSteps"][i]))
+    return out.getvalue().encode()
+
+
+def _cell(text):
+    """Return agent-sent text safe to open in a spreadsheet: no leading = + - @ to run as a formula."""
+    text = text or ""
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text

@@ -1,0 +1,209 @@
+"""History kept in Redis, with REDIS_URL: every worker on every host answers the same history.
+
+It is written from the event stream every host already shares, by one worker at a time
+(whichever holds the `gpustats:historian` lease), in stream order: so energy, which needs
+each GPU's samples in order, comes out the same whichever worker took each push. The
+writer keeps its place in the stream (`gpustats:history:cursor`) and each GPU's newest
+sample in Redis and changes them in the same transaction as the buckets, so a new leader
+picks up exactly where the last one stopped, and a writer that lost its lease meanwhile
+writes nothing (the cursor it watched has moved).
+
+Buckets live in strings of one chunk each (a minute of seconds, an hour of minutes, a day of
+hours) that expire with their tier: a query reads a few large values rather than thousands
+of small ones, and the parsing and adding up happens in an OS thread, off the event loop.
+"""
+import json
+import logging
+import secrets
+import time
+
+import redis
+
+import offload
+from fleet import Unavailable, watch
+from fleet_redis import PREFIX, RENEW, STREAM, read_entry
+from history import HOUR, MINUTE, SECOND, WIDTH, Batch, Sampler, answer
+
+log = logging.getLogger("gpustats")
+CURSOR, LAST, LEASE = PREFIX + "history:cursor", PREFIX + "history:last", PREFIX + "historian"
+CHUNK_S = {SECOND: 60, MINUTE: 3600, HOUR: 86400}
+LEASE_MS = 3000
+MOST_ENTRIES = 5000  # stream entries one write takes
+
+
+def _chunk_key(tier, device, gpu, chunk):
+    return f"{PREFIX}history:{tier.name}:{device}:{gpu}:{chunk}"
+
+
+def _gpus_key(device):
+    return f"{PREFIX}history:gpus:{device}"
+
+
+def _text(value):
+    return "" if value is None else repr(value)
+
+
+def _number(text):
+    return None if text == "" else float(text)
+
+
+def parse_chunk(text):
+    """Return {bucket start: [numbers or None]} from a chunk's `start,n,n,...;start,...`."""
+    records = {}
+    for record in filter(None, (text or "").split(";")):
+        start, *numbers = record.split(",")
+        records[int(start)] = [_number(n) for n in numbers]
+    return records
+
+
+def merge_chunk(text, tier, updates):
+    """Return a chunk with `updates` ([(start, numbers)]) added: a second's newest values win, sums add."""
+    records = parse_chunk(text)
+    for start, numbers in updates:
+        kept = records.get(start)
+        if kept is None:
+            records[start] = list(numbers)
+        elif tier is SECOND:  # the newest values, and all the energy drawn up to them
+            records[start] = list(numbers[:-1]) + [numbers[-1] + kept[-1]]
+        else:
+            records[start] = [a + b for a, b in zip(kept, numbers)]
+    return ";".join(",".join([str(start)] + [_text(n) for n in numbers]) for start, numbers in sorted(records.items()))
+
+
+def bucket_rows(texts, tier, start, end, step):
+    """Return [(bucket start, sums)] over the chunks `texts`, in buckets of `step`."""
+    buckets = {}
+    for text in texts:
+        for t, numbers in parse_chunk(text.decode() if text else "").items():
+            if not start <= t <= end:
+                continue
+            sums = buckets.setdefault(t - t % step, [0] * WIDTH)
+            if tier is SECOND:  # values as pushed: each one is a sum of itself over a count of one
+                for i, value in enumerate(numbers[:-1]):
+                    if value is not None:
+                        sums[2 * i] += value
+                        sums[2 * i + 1] += 1
+                sums[-1] += numbers[-1]
+            else:
+                for i, value in enumerate(numbers):
+                    sums[i] += value
+    return sorted(buckets.items())
+
+
+class RedisHistory:
+    """The fleet's history in Redis, written by one worker at a time from the shared event stream."""
+
+    def __init__(self, client, max_gap_s, clock=time.time, write_s=1.0):
+        self.client = client
+        self._max_gap_s = max_gap_s
+        self._clock = clock
+        self._write_s = write_s
+        self._renew = client.register_script(RENEW)
+        self._token = secrets.token_hex(8)
+        self._worker = offload.Worker("history-reader")
+        self._sampler = None  # set while this worker writes; None: read the writer's state from Redis first
+        self._cursor = None
+        self._closed = False
+
+    def start(self):
+        """Write history while holding the lease, once a second, until close()."""
+        watch("history-writer", self._write_s, self._write_if_leader, lambda: self._closed)
+
+    def close(self):
+        self._closed = True
+
+    def _write_if_leader(self):
+        try:
+            leader = (self.client.set(LEASE, self._token, nx=True, px=LEASE_MS)
+                      or self._renew(keys=[LEASE], args=[self._token, LEASE_MS]))
+            if not leader:
+                self._sampler = None
+                return
+            if self._sampler is None:
+                self._load()
+            self.write()
+        except redis.RedisError:
+            self._sampler = None  # start again from what Redis holds; the reader reports outages
+        except Exception:
+            self._sampler = None
+            raise  # logged loudly by watch(), which goes on
+
+    def _load(self):
+        cursor = self.client.get(CURSOR)
+        last = {}
+        for key, value in self.client.hgetall(LAST).items():
+            device, _, gpu = key.decode().rpartition("|")
+            t, _, power = value.decode().partition("|")
+            last[(device, int(gpu))] = (float(t), _number(power))
+        self._cursor = cursor.decode() if cursor else "0-0"
+        self._sampler = Sampler(self._max_gap_s, last)
+
+    def write(self):
+        """Write the stream's pushes after the cursor into their buckets, and move the cursor, as one step."""
+        entries = self.client.xrange(STREAM, min="(" + self._cursor, max="+", count=MOST_ENTRIES)
+        if not entries:
+            return
+        batch = Batch()
+        for _, fields in entries:
+            try:
+                _, _, name, data = read_entry(fields)
+            except (KeyError, ValueError, TypeError):
+                continue  # the fleet's reader logs malformed entries
+            if name == "":
+                self._sampler.add(batch, data)
+        cursor = entries[-1][0].decode()
+        chunks = {}  # key -> (tier, chunk start, [(bucket start, numbers)])
+        for (device, gpu, second), numbers in batch.seconds.items():
+            self._chunk(chunks, SECOND, device, gpu, second).append((second, numbers))
+        for tier, buckets in batch.buckets.items():
+            for (device, gpu, start), sums in buckets.items():
+                self._chunk(chunks, tier, device, gpu, start).append((start, sums))
+        keys = list(chunks)
+        with self.client.pipeline() as pipe:
+            pipe.watch(CURSOR)  # another writer that moved it meanwhile makes this one write nothing
+            kept = pipe.get(CURSOR)
+            if (kept.decode() if kept else "0-0") != self._cursor:
+                self._sampler = None
+                return
+            old = pipe.mget(keys) if keys else []
+            pipe.multi()
+            for key, text in zip(keys, old):
+                tier, chunk, updates = chunks[key]
+                merged = merge_chunk(text.decode() if text else "", tier, updates)
+                pipe.set(key, merged, exat=chunk + CHUNK_S[tier] + tier.keep_s)
+            for (device, gpu), meta in batch.gpus.items():
+                pipe.hset(_gpus_key(device), str(gpu), json.dumps(meta))
+                t, power = self._sampler.last[(device, gpu)]
+                pipe.hset(LAST, f"{device}|{gpu}", f"{t!r}|{_text(power)}")
+            pipe.set(CURSOR, cursor)
+            pipe.execute()
+        self._cursor = cursor
+
+    @staticmethod
+    def _chunk(chunks, tier, device, gpu, start):
+        chunk = start - start % CHUNK_S[tier]
+        return chunks.setdefault(_chunk_key(tier, device, gpu, chunk), (tier, chunk, []))[2]
+
+    def query(self, device, tier, start, end, step, render):
+        """Return render(answer) for `device`; None if it has no history. Redis is read here, the rest off the loop."""
+        size, now = CHUNK_S[tier], self._clock()
+        # Only chunks that can exist: a far-off from or to must not become millions of keys.
+        first, last = max(start, now - tier.keep_s - size), min(end, now + size)
+        chunks = range(int(first) - int(first) % size, int(last) + 1, size)
+        try:
+            meta = {int(gpu): tuple(json.loads(value)) for gpu, value in self.client.hgetall(_gpus_key(device)).items()}
+            if not meta:
+                return None
+            pipe = self.client.pipeline(transaction=False)
+            for gpu in meta:
+                pipe.mget([_chunk_key(tier, device, gpu, chunk) for chunk in chunks])
+            texts = dict(zip(meta, pipe.execute())) if chunks else {}
+        except redis.RedisError as error:
+            raise Unavailable(f"Redis: {error}") from None
+        return self._worker.run(self._answer, device, tier, start, end, step, texts, meta, render)
+
+    @staticmethod
+    def _answer(device, tier, start, end, step, texts, meta, render):
+        rows = {gpu: rows for gpu, rows in ((gpu, bucket_rows(t, tier, start, end, step)) for gpu, t in texts.items())
+                if rows}
+        return render(answer(device, start, end, step, rows, meta))

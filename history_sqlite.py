@@ -1,0 +1,178 @@
+"""History kept in SQLite: in the file HISTORY_DB (the default), or in memory when it is empty.
+
+SQLite blocks the thread that calls it, and under gevent that thread runs every push and
+stream: so the database is only used from OS threads of its own (offload.Worker). A push
+only appends its event to a queue; once a second the writer turns what gathered into
+buckets and writes them in one transaction, and once a minute it deletes what is past its
+tier's keep. Queries run in a second thread on their own connection (WAL lets them read
+while the writer writes) and hand back the answer already encoded.
+"""
+import collections
+import logging
+import sqlite3
+import time
+from contextlib import contextmanager
+
+import offload
+from config import ConfigError
+from fleet import watch
+from history import SECOND, TIERS, Batch, Sampler, answer
+
+log = logging.getLogger("gpustats")
+# Columns without a type keep whole numbers as small integers: most readings are whole.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS gpu (id INTEGER PRIMARY KEY, device TEXT NOT NULL, gpu INTEGER NOT NULL,
+                                uuid TEXT, name TEXT, UNIQUE (device, gpu));
+CREATE TABLE IF NOT EXISTS second (id INTEGER NOT NULL, t INTEGER NOT NULL, util, mem, temp, power, joules,
+                                   PRIMARY KEY (id, t)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS minute (id INTEGER NOT NULL, t INTEGER NOT NULL, util, util_n, mem, mem_n, temp, temp_n,
+                                   power, power_n, joules, PRIMARY KEY (id, t)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS hour (id INTEGER NOT NULL, t INTEGER NOT NULL, util, util_n, mem, mem_n, temp, temp_n,
+                                 power, power_n, joules, PRIMARY KEY (id, t)) WITHOUT ROWID;
+"""
+SUMS = ("util", "util_n", "mem", "mem_n", "temp", "temp_n", "power", "power_n", "joules")
+# A second holds the newest values pushed in it, and all the energy drawn up to them.
+PUT_SECOND = ("INSERT INTO second VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, t) DO UPDATE SET util = excluded.util, "
+              "mem = excluded.mem, temp = excluded.temp, power = excluded.power, joules = joules + excluded.joules")
+ADD_BUCKET = ("INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, t) DO UPDATE SET "
+              + ", ".join(f"{c} = {c} + excluded.{c}" for c in SUMS))
+READ_SECONDS = ("SELECT t - t % ?, sum(util), count(util), sum(mem), count(mem), sum(temp), count(temp), sum(power), "
+                "count(power), sum(joules) FROM second WHERE id = ? AND t >= ? AND t <= ? GROUP BY 1 ORDER BY 1")
+READ_BUCKETS = ("SELECT t - t % ?, " + ", ".join(f"sum({c})" for c in SUMS)
+                + " FROM {table} WHERE id = ? AND t >= ? AND t <= ? GROUP BY 1 ORDER BY 1")
+MAX_PENDING = 100_000  # events waiting for the writer; past it the oldest go, with a log line
+
+
+class SqliteHistory:
+    """Every GPU's history in one SQLite database, written once a second off the event loop."""
+
+    def __init__(self, path, max_gap_s, clock=time.time, flush_s=1.0, prune_s=60.0):
+        self.path = path or None  # None: in memory, gone with the process
+        self._clock = clock
+        self._flush_s, self._prune_s = flush_s, prune_s
+        self._pending = collections.deque(maxlen=MAX_PENDING)
+        self._dropped = 0
+        self._closed = False
+        self._writer = offload.Worker("history-writer")
+        self._db = self._open()
+        if self.path is None:  # one connection to one in-memory database: one thread for all of it
+            self._reader, self._read_db = self._writer, self._db
+        else:
+            self._reader, self._read_db = offload.Worker("history-reader"), self._connect()
+        self._ids = {(device, gpu): (gpu_id, uuid, name) for gpu_id, device, gpu, uuid, name
+                     in self._db.execute("SELECT id, device, gpu, uuid, name FROM gpu")}
+        self._sampler = Sampler(max_gap_s, self._newest_samples())
+        self._pruned = float("-inf")
+
+    def _connect(self):
+        db = sqlite3.connect(self.path or ":memory:", timeout=10, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout = 10000")
+        return db
+
+    def _open(self):
+        """Open and check the database now, so a bad HISTORY_DB stops the server at start with one line."""
+        try:
+            db = self._connect()
+            if self.path is not None:
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = NORMAL")  # WAL stays consistent; a power cut loses a second
+                problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+                if problems != ["ok"]:
+                    raise sqlite3.DatabaseError(f"damaged ({problems[0]})")
+            db.executescript(SCHEMA)
+            with _transaction(db):  # proves it writable: BEGIN IMMEDIATE takes the write lock
+                db.execute("DELETE FROM gpu WHERE 0")
+            return db
+        except sqlite3.Error as problem:
+            raise ConfigError(f"HISTORY_DB: cannot use {self.path} as the history database: {problem}") from None
+
+    def _newest_samples(self):
+        """Return each GPU's newest kept sample, so energy runs on across a restart."""
+        last = {}
+        for key, (gpu_id, _, _) in self._ids.items():
+            row = self._db.execute("SELECT t, power FROM second WHERE id = ? ORDER BY t DESC LIMIT 1", (gpu_id,)).fetchone()
+            if row:
+                last[key] = (float(row[0]), row[1])
+        return last
+
+    def start(self):
+        """Write what pushes bring once a second, until close()."""
+        watch("history-writer", self._flush_s, self.flush, lambda: self._closed)
+
+    def close(self):
+        self._closed = True
+
+    def add(self, event):
+        """Queue an accepted push's event for the next write; never blocks."""
+        if len(self._pending) == MAX_PENDING:
+            self._dropped += 1
+        self._pending.append(event)
+
+    def flush(self):
+        """Write what gathered since the last flush in one transaction; prune once a minute."""
+        events = [self._pending.popleft() for _ in range(len(self._pending))]
+        if self._dropped:
+            log.error("history fell behind: %d samples were dropped unwritten", self._dropped)
+            self._dropped = 0
+        now = self._clock()
+        prune = now - self._pruned >= self._prune_s
+        if events or prune:
+            self._writer.run(self._write, events, now if prune else None)
+        if prune:
+            self._pruned = now
+
+    def _write(self, events, prune_at):
+        batch = Batch()
+        for event in events:
+            self._sampler.add(batch, event)
+        with _transaction(self._db):
+            ids = self._gpu_ids(batch.gpus)
+            self._db.executemany(PUT_SECOND, [(ids[device, gpu], second, *values[:-1], round(values[-1], 1))
+                                              for (device, gpu, second), values in batch.seconds.items()])
+            for tier, buckets in batch.buckets.items():
+                self._db.executemany(ADD_BUCKET.format(table=tier.name), [
+                    (ids[device, gpu], start, *sums) for (device, gpu, start), sums in buckets.items()])
+            if prune_at is not None:
+                for gpu_id, _, _ in self._ids.values():
+                    for tier in TIERS:
+                        self._db.execute(f"DELETE FROM {tier.name} WHERE id = ? AND t < ?",
+                                         (gpu_id, prune_at - tier.keep_s))
+
+    def _gpu_ids(self, gpus):
+        """Return {(device, gpu): id}, adding new GPUs and a changed uuid or name."""
+        for key, (uuid, name) in gpus.items():
+            kept = self._ids.get(key)
+            if kept is None or kept[1:] != (uuid, name):
+                gpu_id = self._db.execute(
+                    "INSERT INTO gpu (device, gpu, uuid, name) VALUES (?, ?, ?, ?) ON CONFLICT (device, gpu) "
+                    "DO UPDATE SET uuid = excluded.uuid, name = excluded.name RETURNING id", (*key, uuid, name)).fetchone()[0]
+                self._ids[key] = (gpu_id, uuid, name)
+        return {key: kept[0] for key, kept in self._ids.items()}
+
+    def query(self, device, tier, start, end, step, render):
+        """Return render(answer) for `device` from `start` to `end` in buckets of `step`; None if it has no history."""
+        return self._reader.run(self._query, device, tier, start, end, step, render)
+
+    def _query(self, device, tier, start, end, step, render):
+        gpus = self._read_db.execute("SELECT id, gpu, uuid, name FROM gpu WHERE device = ?", (device,)).fetchall()
+        if not gpus:
+            return None
+        sql = READ_SECONDS if tier is SECOND else READ_BUCKETS.format(table=tier.name)
+        rows = {}
+        for gpu_id, gpu, _, _ in gpus:
+            buckets = [(row[0], row[1:]) for row in self._read_db.execute(sql, (step, gpu_id, start, end))]
+            if buckets:
+                rows[gpu] = buckets
+        return render(answer(device, start, end, step, rows, {gpu: (uuid, name) for _, gpu, uuid, name in gpus}))
+
+
+@contextmanager
+def _transaction(db):
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
