@@ -1,0 +1,193 @@
+"""History stores, each run on the same tests: SQLite in memory, SQLite on disk, and Redis.
+
+The clock is injected, so 40 days pass in seconds. Redis expires keys by its own clock,
+so the simulated days end at the real now.
+"""
+import itertools
+import json
+import time
+
+import pytest
+import redis
+
+import sse
+from fleet_redis import STREAM
+from history import HOUR, MINUTE, SECOND, plan
+from history_redis import RedisHistory
+from history_sqlite import SqliteHistory
+
+DAY = 86400
+
+
+class Clock:
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def event(t, util, power=100.0, device="rig-1", index=0, **fields):
+    gpu = {"index": index, "uuid": f"GPU-{index}", "name": "NVIDIA L40S", "utilizationGpu": util,
+           "memoryUsed": 1000, "temperatureGpu": None, "powerDraw": power, **fields}
+    return {"device": device, "status": "online", "receivedAt": t, "sampledAt": t, "host": device,
+            "agent": None, "error": None, "gpus": [gpu]}
+
+
+class Feeder:
+    """Hand a store accepted pushes the way its server would, then have it write them."""
+
+    def __init__(self, store, redis_client=None):
+        self.store, self.redis, self.n = store, redis_client, itertools.count(1)
+
+    def feed(self, events):
+        if self.redis is None:
+            for e in events:
+                self.store.add(e)
+            self.store.flush()
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for e in events:  # the entries RedisFleet's COMMIT appends to the shared stream
+            pipe.xadd(STREAM, {"d": e["device"], "e": "", "b": sse.data_block(e), "n": next(self.n)})
+        pipe.execute()
+        while self.redis.xrange(STREAM, "(" + (self.store._cursor or "0-0"), "+", count=1):
+            self.store._write_if_leader()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def make_store(request, tmp_path):
+    """Return make(clock, max_gap_s) -> (store, feeder) for each kind of store."""
+    def make(clock, max_gap_s=15):
+        if request.param == "redis":
+            client = redis.Redis.from_url(request.getfixturevalue("redis_server").url)
+            store = RedisHistory(client, max_gap_s, clock=clock)
+            return store, Feeder(store, client)
+        path = str(tmp_path / "history.sqlite3") if request.param == "sqlite" else ""
+        store = SqliteHistory(path, max_gap_s, clock=clock)
+        return store, Feeder(store)
+    return make
+
+
+def read(store, clock, start, end, step=None, device="rig-1"):
+    tier, step = plan(start, end, clock(), step)
+    return store.query(device, tier, start, end, step, lambda answer: answer)
+
+
+def test_forty_days_are_kept_as_seconds_minutes_and_hours_and_pruned_as_they_age(make_store):
+    now = int(time.time()) // 3600 * 3600
+    clock = Clock(now - 40 * DAY)
+    store, feeder = make_store(clock, max_gap_s=600)
+    # 40 days at one push every 5 minutes (utilization: the day number), then the last hour every second.
+    for day in range(40):
+        events = [event(t, util=day) for t in range(now - (40 - day) * DAY, now - (39 - day) * DAY, 300)
+                  if t < now - 3600]
+        clock.now = events[-1]["receivedAt"]
+        feeder.feed(events)
+    clock.now = now
+    feeder.feed([event(now - 3600 + i, util=50) for i in range(3600)])
+    feeder.feed([])  # the prune that runs once a minute
+
+    recent = read(store, clock, now - 600, now)
+    [gpu] = recent["gpus"]
+    assert recent["step"] == 1 and gpu["t"] == list(range(now - 600, now))  # seconds, as pushed
+    assert set(gpu["utilizationGpu"]) == {50} and set(gpu["temperatureGpu"]) == {None}
+    assert gpu["uuid"] == "GPU-0" and gpu["name"] == "NVIDIA L40S"
+
+    # 10 days ago: minutes are kept, seconds are pruned after 24 hours.
+    ten_days_ago = now - 10 * DAY
+    minutes = read(store, clock, ten_days_ago, ten_days_ago + 3599)  # from and to are both included
+    assert minutes["step"] == 60 and len(minutes["gpus"][0]["t"]) == 12  # one push every 5 minutes
+    assert store.query("rig-1", SECOND, ten_days_ago, ten_days_ago + 3600, 1, lambda a: a)["gpus"] == []
+    with pytest.raises(ValueError, match="step: .* multiple of 60"):
+        read(store, clock, ten_days_ago, ten_days_ago + 3600, step=1)
+
+    # 35 days ago: hours only; minutes are pruned after 30 days.
+    days_35_ago = now - 35 * DAY
+    hours = read(store, clock, days_35_ago, days_35_ago + DAY - 1)
+    assert hours["step"] == 3600 and len(hours["gpus"][0]["t"]) == 24
+    assert set(hours["gpus"][0]["utilizationGpu"]) == {5}  # the mean of the hour's 12 samples
+    assert store.query("rig-1", MINUTE, days_35_ago, days_35_ago + DAY, 3600, lambda a: a)["gpus"] == []
+
+    # 30 days in hours: the energy is 100 W for every hour that had samples at most 600 s apart.
+    month = read(store, clock, now - 30 * DAY, now)
+    assert month["step"] == 3600
+    assert month["gpus"][0]["energyWh"] == pytest.approx(100 * 24 * 30, rel=0.01)
+
+
+def test_a_gap_without_samples_draws_no_energy_and_leaves_no_bucket(make_store):
+    now = int(time.time())
+    clock = Clock(now)
+    store, feeder = make_store(clock, max_gap_s=15)
+    first = [event(now - 600 + i * 2, util=10, power=200.0) for i in range(30)]  # a minute at 200 W
+    second = [event(now - 300 + i * 2, util=20, power=200.0) for i in range(30)]  # 4 minutes later, another
+    feeder.feed(first + second)
+    answer = read(store, clock, now - 600, now)
+    [gpu] = answer["gpus"]
+    assert len(gpu["t"]) == 60 and now - 540 not in gpu["t"]  # no entry in the gap
+    assert gpu["energyWh"] == pytest.approx(2 * 200 * 58 / 3600, rel=0.01)  # 58 s each; the gap counts nothing
+
+
+def test_buckets_hold_the_mean_of_what_was_reported_and_null_where_nothing_was(make_store):
+    now = int(time.time()) // 60 * 60
+    clock = Clock(now)
+    store, feeder = make_store(clock)
+    feeder.feed([event(now - 120 + i, util=u, power=None, index=1) for i, u in enumerate([10, 30, None, 50])])
+    answer = read(store, clock, now - 120, now, step=60)
+    [gpu] = answer["gpus"]
+    assert gpu["index"] == 1 and gpu["t"] == [now - 120]
+    assert gpu["utilizationGpu"] == [30] and gpu["powerDraw"] == [None] and gpu["energyWh"] == 0
+
+
+def test_two_pushes_in_one_second_keep_the_newest_point_and_all_the_energy(make_store):
+    now = int(time.time())
+    clock = Clock(now)
+    store, feeder = make_store(clock)
+    feeder.feed([event(now - 10.9, util=1), event(now - 10.2, util=2), event(now - 9.5, util=3)])
+    [gpu] = read(store, clock, now - 60, now)["gpus"]
+    assert gpu["t"] == [now - 11, now - 10] and gpu["utilizationGpu"] == [2, 3]
+    assert gpu["energyWh"] == pytest.approx(100 * 1.4 / 3600, rel=0.01)
+
+
+def test_an_unknown_device_has_no_history(make_store):
+    clock = Clock(time.time())
+    store, feeder = make_store(clock)
+    feeder.feed([event(clock.now - 5, util=1)])
+    assert read(store, clock, clock.now - 60, clock.now, device="rig-2") is None
+
+
+@pytest.mark.parametrize("span, step, tier", [
+    (600, 1, SECOND), (3600, 5, SECOND), (6 * 3600, 30, SECOND), (DAY, 120, MINUTE),
+    (7 * DAY, 900, MINUTE), (30 * DAY, 3600, HOUR), (365 * DAY, 43200, HOUR)])
+def test_the_default_step_is_the_finest_kept_that_gives_at_most_1000_points(span, step, tier):
+    now = 1_800_000_000
+    assert plan(now - span, now, now) == (tier, step)
+
+
+def test_a_step_is_refused_when_that_resolution_is_not_kept_or_gives_too_many_points():
+    now = 1_800_000_000
+    assert plan(now - 600, now, now, step=7) == (SECOND, 7)
+    assert plan(now - 7 * DAY, now, now, step=120) == (MINUTE, 120)
+    with pytest.raises(ValueError, match="step: .* kept in 3600 s buckets"):
+        plan(now - 60 * DAY, now, now, step=60)
+    with pytest.raises(ValueError, match="step: 1 s gives 86400 buckets"):
+        plan(now - DAY, now, now, step=1)
+
+
+def test_a_redis_writer_that_lost_its_lease_writes_nothing_and_the_next_one_goes_on(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    now = int(time.time())
+    clock = Clock(now)
+    first, second = RedisHistory(client, 15, clock=clock), RedisHistory(client, 15, clock=clock)
+    feeder = Feeder(first, client)
+    feeder.feed([event(now - 20 + i, util=i) for i in range(10)])
+    client.delete("gpustats:historian")  # first's lease lapses; second takes over from the cursor
+    second._write_if_leader()
+    feeder.store = second
+    feeder.feed([event(now - 10 + i, util=10 + i) for i in range(10)])
+    stale_cursor = first._cursor
+    first.write()  # still thinks it leads: the cursor moved, so it writes nothing
+    assert first._cursor == stale_cursor
+    [gpu] = read(second, clock, now - 60, now)["gpus"]
+    assert gpu["utilizationGpu"] == list(range(20))
+    assert gpu["energyWh"] == pytest.approx(100 * 19 / 3600, rel=0.01)  # energy runs on across writers
+    assert json.loads(client.hget("gpustats:history:gpus:rig-1", "0")) == ["GPU-0", "NVIDIA L40S"]
