@@ -8,7 +8,7 @@ SERVER := $(VENV)/.installed-server
 AGENT := $(VENV)/.installed-agent
 TESTS := $(VENV)/.installed-tests
 
-.PHONY: run demo test bench bench-agent screenshot venv clean
+.PHONY: run demo test bench bench-agent bench-disk screenshot venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench: $(SERVER) $(AGENT)
 
 bench-agent: $(AGENT)
 	$(PY) bench.py --agent 200
+
+# History's disk and Redis memory per GPU in steady state (400 simulated days through the real stores).
+bench-disk: $(TESTS)
+	$(PY) bench_disk.py --redis $(BENCH_ARGS)
 
 screenshot: $(TESTS)
 	$(PY) docs/screenshot.py
