@@ -3,7 +3,7 @@
 It is written from the event stream every host already shares, by one worker at a time
 (whichever holds the `gpustats:historian` lease), in stream order: so energy, which needs
 each GPU's samples in order, comes out the same whichever worker took each push. The
-writer keeps its place in the stream (`gpustats:history:cursor`) and each GPU's newest
+writer keeps its place in the stream (`gpustats:hist:cursor`) and each GPU's newest
 sample in Redis and changes them in the same transaction as the buckets, so a new leader
 picks up exactly where the last one stopped, and a writer that lost its lease meanwhile
 writes nothing (the cursor it watched has moved).
@@ -25,18 +25,19 @@ from fleet_redis import PREFIX, RENEW, STREAM, read_entry
 from history import HOUR, MINUTE, SECOND, WIDTH, Batch, Sampler, answer
 
 log = logging.getLogger("gpustats")
-CURSOR, LAST, LEASE = PREFIX + "history:cursor", PREFIX + "history:last", PREFIX + "historian"
+# Not "history:": the previous version kept a list per device at gpustats:history:<device>.
+CURSOR, LAST, LEASE = PREFIX + "hist:cursor", PREFIX + "hist:last", PREFIX + "historian"
 CHUNK_S = {SECOND: 60, MINUTE: 3600, HOUR: 86400}
 LEASE_MS = 3000
 MOST_ENTRIES = 5000  # stream entries one write takes
 
 
 def _chunk_key(tier, device, gpu, chunk):
-    return f"{PREFIX}history:{tier.name}:{device}:{gpu}:{chunk}"
+    return f"{PREFIX}hist:{tier.name}:{device}:{gpu}:{chunk}"
 
 
 def _gpus_key(device):
-    return f"{PREFIX}history:gpus:{device}"
+    return f"{PREFIX}hist:gpus:{device}"
 
 
 def _text(value):

@@ -190,4 +190,4 @@ def test_a_redis_writer_that_lost_its_lease_writes_nothing_and_the_next_one_goes
     [gpu] = read(second, clock, now - 60, now)["gpus"]
     assert gpu["utilizationGpu"] == list(range(20))
     assert gpu["energyWh"] == pytest.approx(100 * 19 / 3600, rel=0.01)  # energy runs on across writers
-    assert json.loads(client.hget("gpustats:history:gpus:rig-1", "0")) == ["GPU-0", "NVIDIA L40S"]
+    assert json.loads(client.hget("gpustats:hist:gpus:rig-1", "0")) == ["GPU-0", "NVIDIA L40S"]
