@@ -14,15 +14,9 @@ import sqlite3
 import tempfile
 import time
 
+from tests.test_history import Clock, event
+
 DAY = 86400
-
-
-class Clock:
-    def __init__(self, now):
-        self.now = now
-
-    def __call__(self):
-        return self.now
 
 
 def samples(now, busy_days, days=400):
@@ -34,17 +28,11 @@ def samples(now, busy_days, days=400):
         yield t, (t // 60) % 100, 100.0 + (t % 7) * 10.5
 
 
-def event(t, util, power):
-    gpu = {"index": 0, "uuid": "GPU-5a1c0000-0000-0000-0000-000000000000", "name": "NVIDIA GeForce RTX 3080",
-           "utilizationGpu": util, "memoryUsed": 6144 + util, "temperatureGpu": 40 + util // 3, "powerDraw": power}
-    return {"device": "render-box", "receivedAt": t, "gpus": [gpu]}
-
-
 def feed(add, write, clock, now, busy_days, batch_s=600):
     """Hand the samples to a store a batch at a time, its clock moving with them."""
     pending, started, count = [], time.monotonic(), 0
     for t, util, power in samples(now, busy_days):
-        pending.append(event(t, util, power))
+        pending.append(event(t, util, power, device="render-box", memoryUsed=6144 + util, temperatureGpu=40 + util // 3))
         if t - pending[0]["receivedAt"] >= batch_s * (60 if t < now - busy_days * DAY else 1):
             clock.now = t
             for e in pending:
