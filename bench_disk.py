@@ -57,11 +57,20 @@ def sqlite_bytes(busy_days):
     count, took = feed(store.add, store.flush, clock, now, busy_days)
     store._pruned = float("-inf")
     store.flush()  # the once-a-minute prune, at the end
+    from history import plan
+    from history_api import to_json
+    timings = {}
+    for name, span in (("10 min", 600), ("24 h", DAY), ("7 d", 7 * DAY), ("30 d", 30 * DAY)):
+        tier, step = plan(now - span, now, now)
+        started = time.perf_counter()
+        for _ in range(5):
+            body = store.query("render-box", tier, now - span, now, step, to_json)
+        timings[name] = f"{(time.perf_counter() - started) / 5 * 1000:.1f} ms ({len(body) // 1024} KiB, step {step})"
     db = sqlite3.connect(path)
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     rows = {table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in ("second", "minute", "hour")}
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
-    return count, took, rows, size
+    return count, took, rows, size, timings
 
 
 def redis_bytes(busy_days):
@@ -103,9 +112,10 @@ def main():
                                                                    "the 30 days of minutes)")
     parser.add_argument("--redis", action="store_true", help="also measure Redis (needs redis-server)")
     args = parser.parse_args()
-    count, took, rows, size = sqlite_bytes(args.busy_days)
+    count, took, rows, size, timings = sqlite_bytes(args.busy_days)
     print(f"SQLite: {count:,} samples of one GPU over 400 days written in {took:.1f} s ({count / took:,.0f}/s); "
           f"rows kept {rows}; file {size / 2**20:.2f} MiB per GPU")
+    print("SQLite: one GPU's /api/history answer, read and encoded: " + "; ".join(f"{k} {v}" for k, v in timings.items()))
     if args.redis:
         count, took, keys, used = redis_bytes(args.busy_days)
         print(f"Redis: {count:,} samples written in {took:.1f} s; {keys} keys; used_memory "
