@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import re
+import threading
 import time
 
 from flask import Response, request
@@ -18,6 +19,7 @@ CSV_HEADER = ("device", "gpu", "uuid", "name", "t", "time", *FIELDS, "energyWh")
 
 def register_history(app, config, history, clock=time.time):
     """Add the history routes; they sit behind the viewer login like the page."""
+    shared = SharedAnswers()
 
     def serve(render, mimetype, headers=None):
         now = clock()
@@ -27,7 +29,8 @@ def register_history(app, config, history, clock=time.time):
         except QueryError as problem:
             return error(400, str(problem), field=problem.field)
         # Read and encoded off the event loop: a 30-day query never holds up pushes or streams.
-        body = history.query(device, tier, start, end, step, render)
+        body = shared.get((render, device, start, end, step), int(now),
+                          lambda: history.query(device, tier, start, end, step, render))
         if body is None:
             if device not in config.devices:
                 return error(404, f"unknown device {device[:64]!r}")
@@ -44,12 +47,48 @@ def register_history(app, config, history, clock=time.time):
         return serve(to_csv, "text/csv", {"Content-Disposition": f'attachment; filename="history-{device}.csv"'})
 
 
+class SharedAnswers:
+    """One answer for every request of the same query in the same second, computed once.
+
+    After a deploy every open page reconnects and asks for the same history at once; they
+    wait on the first one's answer instead of each queueing its own. Writes land once a
+    second, so an answer cannot change within one.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._second, self._answers = None, {}  # key -> [done, body, problem]
+
+    def get(self, key, second, compute):
+        with self._lock:
+            if second != self._second:
+                self._second, self._answers = second, {}
+            found = self._answers.get(key)
+            if found is None:
+                found = self._answers[key] = [threading.Event(), None, None]
+                mine = True
+            else:
+                mine = False
+        if mine:
+            try:
+                found[1] = compute()
+            except Exception as problem:
+                found[2] = problem
+                raise
+            finally:
+                found[0].set()
+        found[0].wait()
+        if found[2] is not None:
+            raise found[2]
+        return found[1]
+
+
 def read_query(args, now, history_s):
     """Return (device, from, to, step or None) from the query string; raise QueryError naming a bad one."""
     device = args.get("device", "")
     if not device:
         raise QueryError("device", "missing; name the device: ?device=NAME")
-    end = _unix_s(args, "to", now)
+    end = _unix_s(args, "to", int(now))  # whole seconds: the same query in one second is the same
     start = _unix_s(args, "from", end - history_s)
     if start >= end:
         raise QueryError("from", f"{start:g} is not before to ({end:g})")

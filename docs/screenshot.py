@@ -50,6 +50,9 @@ def main(seconds=40):
             page.goto(f"http://127.0.0.1:{port}/")
             page.wait_for_selector("#connection.live")
             page.wait_for_timeout(1500)
+            # Charts draw only while on screen: a viewport as tall as the page shows them all.
+            page.set_viewport_size({"width": 1280, "height": page.evaluate("document.documentElement.scrollHeight")})
+            page.wait_for_timeout(1500)
             page.screenshot(path=str(ROOT / "docs" / "screenshot.png"), full_page=True)
             browser.close()
     finally:

@@ -1,5 +1,6 @@
 // The dashboard: one EventSource, one card per device, one tile per GPU, all updated in place
 // (the DOM does not grow with time). Every string from an agent is set with textContent.
+// History comes from api/history for the chosen range; the live range also grows with pushes.
 "use strict";
 
 (() => {
@@ -8,10 +9,17 @@
   const STALE_AFTER_S = Number(settings.staleAfterS) || 15;
   const OFFLINE_AFTER_S = Number(settings.offlineAfterS) || 60;
   const BUSY_PERCENT = 20;
-  const SVG = "http://www.w3.org/2000/svg";
-  const SERIES = ["util", "mem", "temp", "power"];
-  const devices = new Map(); // name -> {data, status, card parts, gpus: Map(index -> tile)}
+  const RANGES = {"1h": 3600, "6h": 6 * 3600, "24h": 24 * 3600, "7d": 7 * 86400, "30d": 30 * 86400};
+  // Longer ranges are loaded again every minute (or step); the live range grows with pushes and
+  // is loaded again only for its energy. A fifth of jitter keeps 1,000 pages from asking at once.
+  const REFRESH_MS = 60000;
+  const LIVE_REFRESH_MS = 300000;
+  const RECONNECT_SPREAD_MS = 5000; // after a reconnect (a deploy: every page at once), load within this
+  const RETRY_MS = 5000;
+  const FIELDS = ["utilizationGpu", "memoryUsed", "temperatureGpu", "powerDraw"]; // the API's series
+  const devices = new Map(); // name -> {data, status, card parts, history state, gpus: Map(index -> tile)}
   let skewS = 0; // this browser's clock minus the server's, in seconds
+  let range = rangeFrom(new URLSearchParams(location.search).get("range")); // {key, s, live, label}
 
   // ---- formatting: a value the GPU did not report is a dash, never 0 ----------------------
   const known = v => typeof v === "number" && Number.isFinite(v);
@@ -44,6 +52,20 @@
       return g.memoryUsed / g.memoryTotal >= 0.95 ? "level-warn" : "";
     }
     return "";
+  }
+
+  function duration(s) {
+    if (s % 86400 === 0) return `${s / 86400} d`;
+    if (s % 3600 === 0) return `${s / 3600} h`;
+    if (s % 60 === 0) return `${s / 60} min`;
+    return `${s} s`;
+  }
+
+  function energy(wh) {
+    if (!known(wh)) return dash;
+    const text = wh >= 1e6 ? `${(wh / 1e6).toFixed(2)} MWh` : wh >= 1000 ? `${(wh / 1000).toFixed(2)} kWh`
+      : wh >= 100 ? `${round(wh)} Wh` : wh >= 1 ? `${wh.toFixed(1)} Wh` : `${wh.toFixed(2)} Wh`;
+    return `${text} in ${range.label}`;
   }
 
   function age(seconds) {
@@ -79,12 +101,15 @@
     card.dataset.device = name;
     const head = make("div", "device-head", card);
     entry = {
-      card, gpus: new Map(), data: null, status: "online",
+      name, card, gpus: new Map(), data: null, status: "online",
+      load: null, loadedAt: 0, step: 0, window: null, // the history request and its answer's step and span
+      jitter: Math.random(), // spreads this device's reloads from other pages
       title: make("h2", "", head, name),
       badge: make("span", "badge online", head, "online"),
       seen: make("span", "seen", head, ""),
       host: make("span", "host", head, ""),
       error: make("p", "device-error", card, ""),
+      note: make("p", "history-note", card, ""),
       grid: make("div", "gpus", card),
     };
     devices.set(name, entry);
@@ -100,7 +125,7 @@
     const root = make("article", "gpu");
     root.dataset.index = String(index);
     const head = make("div", "gpu-head", root);
-    tile = {root, history: [], processesKey: "", rows: {}};
+    tile = {root, gpu: {}, history: emptyColumns(), recent: [], energyWh: null, dirty: false, processesKey: "", rows: {}};
     make("span", "gpu-id", head, `${device}:${index}`);
     tile.name = make("span", "gpu-name", head, "");
     tile.error = make("p", "gpu-error", root, "");
@@ -110,24 +135,10 @@
       make("dt", "", row, LABELS[kind]);
       tile.rows[kind] = {row, value: make("dd", "", row, dash)};
     }
-    const svg = document.createElementNS(SVG, "svg");
-    svg.setAttribute("class", "chart");
-    svg.setAttribute("viewBox", "0 0 100 100");
-    svg.setAttribute("preserveAspectRatio", "none");
-    svg.setAttribute("role", "img");
-    svg.setAttribute("aria-label", `${device}:${index} history`);
-    tile.lines = {};
-    for (const series of SERIES) {
-      const line = document.createElementNS(SVG, "polyline");
-      line.setAttribute("class", series);
-      svg.append(line);
-      tile.lines[series] = line;
-    }
-    root.append(svg);
-    const legend = make("div", "legend", root);
-    for (const [series, label] of [["util", "util %"], ["mem", "memory %"], ["temp", "°C"], ["power", "power %"]]) {
-      make("span", series, legend, label);
-    }
+    const energyRow = make("div", "stat energy", stats);
+    make("dt", "", energyRow, "Energy");
+    tile.energy = make("dd", "", energyRow, dash);
+    tile.chart = GpuCharts.create(root, `${device}:${index} history`);
     tile.processes = make("ul", "processes", root);
     entry.gpus.set(index, tile);
     insertSorted(entry.grid, root, index, child => Number(child.dataset.index));
@@ -157,43 +168,167 @@
     }
   }
 
-  // ---- history charts: util %, memory % of total, °C, power % of limit, on one 0-100 scale ----
-  function point(t, g, util, memUsed, temp, power) {
-    const limit = known(g.powerLimit) && g.powerLimit > 0 ? g.powerLimit : null;
-    return [t, util,
-      known(memUsed) && known(g.memoryTotal) && g.memoryTotal > 0 ? 100 * memUsed / g.memoryTotal : null,
-      temp, known(power) && limit ? 100 * power / limit : null];
-  }
+  // ---- history: the API's columns per GPU, the live range extended by pushes --------------------
+  const emptyColumns = () => ({t: [], utilizationGpu: [], memoryUsed: [], temperatureGpu: [], powerDraw: []});
 
-  function remember(tile, g, t, snapshotHistory) {
-    if (snapshotHistory) {
-      const h = snapshotHistory;
-      tile.history = (h.t || []).map((ht, i) => point(ht, g, h.utilizationGpu[i], h.memoryUsed[i],
-        h.temperatureGpu[i], h.powerDraw[i]));
-    } else {
-      const p = point(t, g, g.utilizationGpu, g.memoryUsed, g.temperatureGpu, g.powerDraw);
-      const last = tile.history[tile.history.length - 1];
-      if (last && t - last[0] < 1) tile.history[tile.history.length - 1] = p; // one point a second, as the server
-      else tile.history.push(p);
-    }
-    const cutoff = t - HISTORY_S;
-    while (tile.history.length && tile.history[0][0] < cutoff) tile.history.shift();
-    draw(tile, t);
-  }
-
-  function draw(tile, now) {
-    SERIES.forEach((series, i) => {
-      const points = [];
-      for (const p of tile.history) {
-        const v = p[i + 1];
-        if (!known(v)) continue;
-        const x = 100 - (now - p[0]) / HISTORY_S * 100;
-        const y = 100 - Math.max(0, Math.min(100, v));
-        points.push(`${x.toFixed(2)},${y.toFixed(2)}`);
+  function columnsFrom(g) {
+    const columns = emptyColumns();
+    const t = g && Array.isArray(g.t) ? g.t : [];
+    t.forEach((ti, i) => {
+      if (!known(ti)) return;
+      columns.t.push(ti);
+      for (const field of FIELDS) {
+        const v = Array.isArray(g[field]) ? g[field][i] : null;
+        columns[field].push(known(v) ? v : null);
       }
-      tile.lines[series].setAttribute("points", points.join(" "));
     });
+    return columns;
   }
+
+  // A push is a point in its step's bucket, as the server keeps it: one a second at the live step.
+  function append(columns, p, step) {
+    const bucket = Math.floor(p[0] / step) * step;
+    const n = columns.t.length;
+    if (n && bucket < columns.t[n - 1]) return;
+    if (n && bucket === columns.t[n - 1]) FIELDS.forEach((field, i) => { columns[field][n - 1] = p[i + 1]; });
+    else {
+      columns.t.push(bucket);
+      FIELDS.forEach((field, i) => columns[field].push(p[i + 1]));
+    }
+  }
+
+  function trim(columns, cutoff) {
+    let drop = 0;
+    while (drop < columns.t.length && columns.t[drop] < cutoff) drop += 1;
+    if (drop) for (const series of Object.values(columns)) series.splice(0, drop);
+  }
+
+  const serverNow = () => Date.now() / 1000 - skewS;
+  const refreshMs = entry => (range.live ? LIVE_REFRESH_MS : Math.max(REFRESH_MS, 1000 * entry.step))
+    * (1 + entry.jitter / 5);
+
+  function drawTile(entry, tile) {
+    tile.dirty = false;
+    const step = entry.step || 1;
+    let {from, to} = entry.window || {};
+    if (range.live || !known(from)) {
+      to = serverNow();
+      from = to - range.s;
+    }
+    if (range.live) trim(tile.history, from - step);
+    // A device is online until STALE_AFTER_S without a push, and agents push every few seconds,
+    // so a gap is a stretch of no data longer than that, or than 2.5 steps on longer ranges.
+    tile.chart.update(tile.history, tile.gpu, {from, to, rangeS: range.s, step, gapS: Math.max(2.5 * step, STALE_AFTER_S)});
+  }
+
+  function applyHistory(entry, answer) {
+    const step = known(answer.step) && answer.step > 0 ? answer.step : 1;
+    entry.step = step;
+    if (!range.live && known(answer.from) && known(answer.to)) entry.window = {from: answer.from, to: answer.to};
+    const sent = new Map((Array.isArray(answer.gpus) ? answer.gpus : []).map(g => [g.index, g]));
+    for (const [index, tile] of entry.gpus) {
+      const g = sent.get(index);
+      tile.history = columnsFrom(g);
+      if (range.live) {
+        // Samples newer than the answer's last bucket: history is written in batches, so the
+        // answer may not hold the latest second or two yet.
+        const last = tile.history.t.length ? tile.history.t[tile.history.t.length - 1] : -Infinity;
+        for (const p of tile.recent) if (Math.floor(p[0] / step) * step > last) append(tile.history, p, step);
+      }
+      tile.energyWh = g && known(g.energyWh) ? g.energyWh : null;
+      setText(tile.energy, energy(tile.energyWh));
+      drawTile(entry, tile);
+    }
+  }
+
+  async function loadHistory(entry) {
+    entry.load?.abort();
+    const controller = new AbortController();
+    entry.load = controller;
+    entry.loadedAt = Date.now();
+    const params = new URLSearchParams({device: entry.name});
+    if (!range.live) {
+      const to = Math.floor(serverNow());
+      entry.window = {from: to - range.s, to};
+      params.set("from", String(to - range.s));
+      params.set("to", String(to));
+    }
+    try {
+      const response = await fetch(`api/history?${params}`, {signal: controller.signal, cache: "no-store"});
+      // 404: the server has no history for this device (yet); the live range still grows with pushes.
+      if (!response.ok && response.status !== 404) throw new Error(`HTTP ${response.status}`);
+      const answer = response.ok ? await response.json() : {gpus: []};
+      if (entry.load !== controller) return; // a newer request (another range) took over
+      applyHistory(entry, answer);
+      setText(entry.note, "");
+    } catch (problem) {
+      if (entry.load !== controller) return;
+      setText(entry.note, `History could not be loaded (${problem.message}); trying again shortly.`);
+      entry.loadedAt = Date.now() - refreshMs(entry) + RETRY_MS;
+    } finally {
+      if (entry.load === controller) entry.load = null;
+    }
+  }
+
+  // Live charts are redrawn at most once a second (the window slides even without pushes);
+  // other ranges when their data changes. Both load again every REFRESH_MS.
+  setInterval(() => {
+    if (document.hidden) return;
+    for (const entry of devices.values()) {
+      if (!entry.load && Date.now() - entry.loadedAt >= refreshMs(entry)) loadHistory(entry);
+      for (const tile of entry.gpus.values()) if (range.live || tile.dirty) drawTile(entry, tile);
+    }
+  }, 1000);
+
+  // ---- the range picker: the live range (HISTORY_S) and longer ones; kept in the URL (?range=) ----
+  const picker = document.getElementById("ranges");
+
+  function rangeFrom(key) {
+    return Object.hasOwn(RANGES, key) && RANGES[key] > HISTORY_S
+      ? {key, s: RANGES[key], live: false, label: key.replace(/^\d+/, "$& ")} // "24h" -> "24 h", as on its button
+      : {key: "live", s: HISTORY_S, live: true, label: duration(HISTORY_S)};
+  }
+
+  function showRange() {
+    for (const button of picker.querySelectorAll("button")) {
+      button.setAttribute("aria-pressed", String(button.dataset.range === range.key));
+    }
+  }
+
+  function chooseRange(key) {
+    const next = rangeFrom(key);
+    if (next.key === range.key) return;
+    range = next;
+    const params = new URLSearchParams(location.search);
+    if (range.live) params.delete("range");
+    else params.set("range", range.key);
+    const query = params.toString();
+    history.replaceState(null, "", query ? `?${query}` : location.pathname);
+    showRange();
+    for (const entry of devices.values()) {
+      entry.window = null;
+      entry.step = 0;
+      for (const tile of entry.gpus.values()) {
+        tile.history = emptyColumns();
+        tile.energyWh = null;
+        setText(tile.energy, dash);
+        drawTile(entry, tile);
+      }
+      loadHistory(entry);
+    }
+  }
+
+  for (const button of picker.querySelectorAll("button")) {
+    const seconds = button.dataset.range === "live" ? HISTORY_S : RANGES[button.dataset.range];
+    if (button.dataset.range === "live") {
+      button.textContent = rangeFrom("live").label;
+      button.title = `live: the last ${duration(HISTORY_S)}, extended as pushes arrive`;
+    } else if (seconds <= HISTORY_S) {
+      button.hidden = true; // not longer than the live range
+    }
+    button.addEventListener("click", () => chooseRange(button.dataset.range));
+  }
+  showRange();
 
   // ---- events -------------------------------------------------------------------------------
   function setStatus(entry, status) {
@@ -210,6 +345,7 @@
   function onPush(data) {
     if (!data || typeof data.device !== "string") return;
     if (!data.snapshot) skewS = Date.now() / 1000 - data.receivedAt;
+    const firstSight = !devices.has(data.device);
     const entry = deviceEntry(data.device);
     entry.data = data;
     setText(entry.host, data.host && data.host !== data.device ? `host ${data.host}` : "");
@@ -219,13 +355,28 @@
       const tile = gpuTile(entry, data.device, g.index);
       seen.add(g.index);
       renderGpu(tile, g);
-      remember(tile, g, data.receivedAt, data.snapshot ? g.history : null);
+      tile.gpu = g;
+      if (known(data.receivedAt)) remember(entry, tile, g, data.receivedAt); // a snapshot's state is a sample too
     }
     for (const [index, tile] of entry.gpus) {
-      if (!seen.has(index)) { tile.root.remove(); entry.gpus.delete(index); }
+      if (!seen.has(index)) { tile.chart.destroy(); tile.root.remove(); entry.gpus.delete(index); }
     }
     setStatus(entry, data.status || "online");
     updateTotals();
+    // A snapshot comes on every (re)connect: what we missed while away is in the history. After
+    // a reconnect, the load waits a random moment, so a deploy's reconnecting pages spread out.
+    if (firstSight) loadHistory(entry);
+    else if (data.snapshot) entry.loadedAt = Date.now() - refreshMs(entry) + Math.random() * RECONNECT_SPREAD_MS;
+  }
+
+  function remember(entry, tile, g, t) {
+    const p = [t, ...FIELDS.map(field => known(g[field]) ? g[field] : null)];
+    tile.recent.push(p);
+    while (tile.recent.length && tile.recent[0][0] < t - 120) tile.recent.shift();
+    if (range.live) {
+      append(tile.history, p, entry.step || 1);
+      tile.dirty = true;
+    }
   }
 
   function onStatus(change) {

@@ -1,11 +1,47 @@
 """The dashboard in a real headless Chromium against the real server."""
 import os
+import re
 import signal
+import time
+from datetime import datetime, timedelta
+from urllib.parse import parse_qs, urlsplit
 
+import pytest
 import requests
 from playwright.sync_api import expect
 
-from conftest import Stream, gpu, multi
+from conftest import Stream, gpu, multi, wait_for
+
+# What a user sees on a chart's canvas, kept where a test can read it: the text each canvas drew
+# since it was last cleared (its axis labels), and every CSP violation the page caused.
+WATCH_PAGE = """
+(() => {
+  const proto = CanvasRenderingContext2D.prototype;
+  const clearRect = proto.clearRect, fillText = proto.fillText;
+  proto.clearRect = function (x, y, w, h) {
+    if (x <= 0 && y <= 0 && w >= this.canvas.width && h >= this.canvas.height) this.canvas.drawnText = [];
+    return clearRect.apply(this, arguments);
+  };
+  proto.fillText = function (text) {
+    (this.canvas.drawnText ||= []).push(String(text));
+    return fillText.apply(this, arguments);
+  };
+  window.cspViolations = [];
+  document.addEventListener("securitypolicyviolation",
+    event => window.cspViolations.push(`${event.violatedDirective} ${event.blockedURI}`));
+})();
+"""
+CLOCK = re.compile(r"^\d\d:\d\d$")
+CLOCK_S = re.compile(r"^\d\d:\d\d:\d\d$")
+DATE = re.compile(r"^\d{1,2} (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)$")
+AT_REST = ["", "util %", "memory %", "°C", "power %"]  # the legend with the pointer off the chart
+
+
+@pytest.fixture
+def page(page):
+    """The conftest page, watched from its first script on (see WATCH_PAGE)."""
+    page.add_init_script(WATCH_PAGE)
+    return page
 
 
 def open_dashboard(page, server, path="/"):
@@ -19,6 +55,91 @@ def tile(page, device, index):
 
 def stat(page, device, index, label):
     return tile(page, device, index).locator(".stat", has=page.locator("dt", has_text=label)).locator("dd")
+
+
+def legend(page, device, index):
+    return tile(page, device, index).locator(".legend span")
+
+
+def hover(page, device, index, fraction):
+    """Point at `fraction` of the chart's plot width, half-way up."""
+    box = tile(page, device, index).locator(".u-over").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * fraction, box["y"] + box["height"] / 2)
+
+
+def points_under_pointer(page, device, index):
+    """Sweep the pointer across the chart; return [(time, util text)] for each point the legend showed."""
+    box = tile(page, device, index).locator(".u-over").bounding_box()
+    spans, seen = legend(page, device, index), []
+    for x in range(int(box["x"]) + 1, int(box["x"] + box["width"]), 3):
+        page.mouse.move(x, box["y"] + box["height"] / 2)
+        when, util = spans.evaluate_all("spans => spans.slice(0, 2).map(s => s.textContent)")
+        if when and (when, util) not in seen:
+            seen.append((when, util))
+    page.mouse.move(0, 0)
+    return seen
+
+
+def axis_labels(page, device, index, predicate, timeout=5):
+    """Return the text drawn on the chart's canvas once `predicate(labels)` holds; fail at the timeout."""
+    canvas = tile(page, device, index).locator("canvas")
+    got = []
+
+    def check():
+        got[:] = canvas.evaluate("c => c.drawnText || []")
+        return predicate(got)
+    try:
+        wait_for(check, timeout=timeout, interval=0.1)
+    except AssertionError:
+        raise AssertionError(f"the chart's labels are {got}") from None
+    return list(got)
+
+
+def line_runs(page, device, index):
+    """Return [(first, last)] plot columns of each unbroken stretch of coloured (series) pixels."""
+    return tile(page, device, index).locator(".uplot").evaluate("""root => {
+      const canvas = root.querySelector("canvas"), over = root.querySelector(".u-over");
+      const ratio = canvas.width / canvas.getBoundingClientRect().width;
+      const c = canvas.getBoundingClientRect(), o = over.getBoundingClientRect();
+      const x0 = Math.round((o.left - c.left) * ratio), y0 = Math.round((o.top - c.top) * ratio);
+      const w = Math.round(o.width * ratio), h = Math.round(o.height * ratio);
+      const px = canvas.getContext("2d").getImageData(x0, y0, w, h).data;
+      const runs = [];
+      for (let x = 0; x < w; x++) {
+        let coloured = false;
+        for (let y = 0; y < h && !coloured; y++) {
+          const i = 4 * (y * w + x);
+          const [r, g, b, a] = [px[i], px[i + 1], px[i + 2], px[i + 3]];
+          coloured = a > 100 && Math.max(r, g, b) - Math.min(r, g, b) > 80; // grid lines are grey
+        }
+        if (!coloured) continue;
+        if (runs.length && runs[runs.length - 1][1] >= x - 2) runs[runs.length - 1][1] = x;
+        else runs.push([x, x]);
+      }
+      return runs;
+    }""")
+
+
+def history_requests(page):
+    """Record the page's api/history requests as dicts of their query parameters."""
+    seen = []
+    page.on("request", lambda r: seen.append({k: v[0] for k, v in parse_qs(urlsplit(r.url).query).items()})
+            if urlsplit(r.url).path.endswith("/api/history") else None)
+    return seen
+
+
+def written(server, points, device="rig-1", auth=None):
+    """Wait until api/history holds `points` points of the device's GPU 0 (history is written in batches)."""
+    def count():
+        answer = requests.get(server.url + "/api/history", params={"device": device}, auth=auth, timeout=5).json()
+        return answer["gpus"] and len(answer["gpus"][0]["t"]) >= points
+    wait_for(count, timeout=5, interval=0.1)
+
+
+def recent_clock(label, minutes):
+    """Whether `label` (HH:MM) is a clock time of the last `minutes` minutes, here and now."""
+    now = datetime.now()
+    return any((now - timedelta(minutes=m)).strftime("%H:%M") == label for m in range(-1, minutes + 1))
 
 
 def test_fleet_appears_with_readable_values_and_totals(server, page):
@@ -46,21 +167,178 @@ def test_fleet_appears_with_readable_values_and_totals(server, page):
     assert page.console_errors == []
 
 
-def test_values_and_charts_update_live_and_the_dom_does_not_grow(server, page):
+def test_values_and_charts_update_live_and_the_dom_does_not_grow(start_server, page):
+    server = start_server(PUSH_RATE_LIMIT="1000", HISTORY_S="30")  # 30 s across the chart: points apart
     for util in (10, 20, 30):
         server.push_as_new_history_point(multi(gpu(0, utilizationGpu=util)))
     open_dashboard(page, server)
-    line = tile(page, "rig-1", 0).locator("polyline.util")
-    assert len(line.get_attribute("points").split()) == 3  # drawn at once from the snapshot's history
+    # The snapshot holds only the latest state: the two points before it come from api/history.
+    expect(tile(page, "rig-1", 0).locator(".legend .util")).to_have_text("util %")
+    wait_for(lambda: [u for _, u in points_under_pointer(page, "rig-1", 0)] == ["util 10 %", "util 20 %", "util 30 %"],
+             timeout=5, interval=0.2)
     nodes = page.evaluate("document.getElementsByTagName('*').length")
+    began = time.time()
     server.push_as_new_history_point(multi(gpu(0, utilizationGpu=40)))  # a 4th point, then 29 pushes into it
     for util in range(42, 100, 2):
         server.push(multi(gpu(0, utilizationGpu=util)))
+    seconds = int(server.answered_at) - int(began) + 1  # the burst's clock seconds: one point each at most
     expect(stat(page, "rig-1", 0, "Util")).to_have_text("98 %")
     server.push_as_new_history_point(multi(gpu(0, utilizationGpu=7)))
     expect(stat(page, "rig-1", 0, "Util")).to_have_text("7 %")
-    assert len(line.get_attribute("points").split()) == 5  # extended live, one point a second
+    # Extended live, one point a second as the server keeps them, without loading again.
+    seen = wait_for(lambda: (p := points_under_pointer(page, "rig-1", 0)) and p[-1][1] == "util 7 %" and p,
+                    timeout=3, interval=0.2)
+    utils = [u for _, u in seen]
+    assert utils[:3] == ["util 10 %", "util 20 %", "util 30 %"] and utils[-2:] == ["util 98 %", "util 7 %"], utils
+    assert 1 <= len(utils) - 4 <= seconds, utils  # the burst's pushes went into its points, not one each
     assert page.evaluate("document.getElementsByTagName('*').length") == nodes
+
+
+def test_the_live_chart_loads_history_from_the_api_with_a_time_and_a_value_axis(server, page):
+    asked = history_requests(page)
+    for util in (10, 20, 30):
+        server.push_as_new_history_point(multi(gpu(0, utilizationGpu=util)))
+    written(server, 3)
+    open_dashboard(page, server)
+    expect(page.locator('#ranges button[aria-pressed="true"]')).to_have_text("10 min")
+    wait_for(lambda: asked, timeout=5)
+    assert asked[0] == {"device": "rig-1"}  # the live range: the server's HISTORY_S up to now
+    labels = axis_labels(page, "rig-1", 0, lambda got: {"0", "50", "100"} <= set(got)
+                         and len([t for t in got if CLOCK.match(t)]) >= 2)
+    times = [t for t in labels if not t.isdigit()]
+    assert all(CLOCK.match(t) and recent_clock(t, 11) for t in times), labels  # 10 minutes up to now
+    expect(stat(page, "rig-1", 0, "Energy")).to_have_text(re.compile(r"^\d+\.\d+ Wh in 10 min$"))
+    hover(page, "rig-1", 0, 0.999)  # the latest point is at the right edge
+    expect(legend(page, "rig-1", 0)).to_have_text([CLOCK_S, "util 30 %", "mem 6.0 GiB", "65 °C", "221 W"])
+
+
+def test_hovering_a_chart_shows_the_values_at_that_moment_in_real_units(start_server, page):
+    server = start_server(PUSH_RATE_LIMIT="1000", HISTORY_S="30")
+    server.push_as_new_history_point(multi(gpu(0, utilizationGpu=10, memoryUsed=2048, temperatureGpu=50,
+                                               powerDraw=100)))
+    first = server.answered_at
+    for _ in range(3):
+        server.push_as_new_history_point(multi(gpu(0, utilizationGpu=90, memoryUsed=8192, temperatureGpu=81,
+                                                   powerDraw=None)))
+    last = server.answered_at
+    open_dashboard(page, server)
+    expect(legend(page, "rig-1", 0)).to_have_text(AT_REST)
+    hover(page, "rig-1", 0, 0.02)  # left of every point: the nearest is the first
+    expect(legend(page, "rig-1", 0)).to_have_text([CLOCK_S, "util 10 %", "mem 2.0 GiB", "50 °C", "100 W"])
+    shown = datetime.strptime(legend(page, "rig-1", 0).first.text_content(), "%H:%M:%S").time()
+    assert shown in {datetime.fromtimestamp(first - d).time().replace(microsecond=0) for d in (0, 1, 2)}
+    hover(page, "rig-1", 0, 0.999)
+    expect(legend(page, "rig-1", 0)).to_have_text([CLOCK_S, "util 90 %", "mem 8.0 GiB", "81 °C", "– W"])
+    shown = datetime.strptime(legend(page, "rig-1", 0).first.text_content(), "%H:%M:%S").time()
+    assert shown in {datetime.fromtimestamp(last - d).time().replace(microsecond=0) for d in (0, 1, 2)}
+    page.mouse.move(0, 0)
+    expect(legend(page, "rig-1", 0)).to_have_text(AT_REST)
+
+
+def test_a_stretch_without_data_is_drawn_as_a_gap(start_server, page):
+    # With pushes 1 s apart and STALE_AFTER_S=1, 4 s without a push is a gap (over 2.5 steps of 1 s).
+    server = start_server(PUSH_RATE_LIMIT="1000", HISTORY_S="30", STALE_AFTER_S="1", OFFLINE_AFTER_S="60")
+    only_util = {"memoryUsed": None, "temperatureGpu": None, "powerDraw": None}  # one line to look at
+
+    def two_points():
+        for util in (40, 60):
+            server.push_as_new_history_point(multi(gpu(0, utilizationGpu=util, **only_util)))
+    two_points()
+    time.sleep(4)
+    two_points()
+    open_dashboard(page, server)  # the gap comes from api/history
+    runs = wait_for(lambda: len(r := line_runs(page, "rig-1", 0)) == 2 and r, timeout=5, interval=0.2)
+    px_per_s = tile(page, "rig-1", 0).locator(".u-over").bounding_box()["width"] / 30
+    assert runs[1][0] - runs[0][1] >= 2 * px_per_s, runs  # about 3 s of nothing between the lines
+    time.sleep(4)
+    two_points()  # and a gap while the page watches
+    runs = wait_for(lambda: len(r := line_runs(page, "rig-1", 0)) == 3 and r, timeout=5, interval=0.2)
+    assert runs[2][0] - runs[1][1] >= 2 * px_per_s, runs
+
+
+def test_switching_ranges_loads_them_from_the_api_with_matching_axes(server, page):
+    asked = history_requests(page)
+    server.push(multi(gpu(0, utilizationGpu=55)))
+    written(server, 1)
+    open_dashboard(page, server)
+    wait_for(lambda: len(asked) == 1)
+    page.get_by_role("button", name="24 h").click()
+    wait_for(lambda: len(asked) == 2)
+    assert asked[1]["device"] == "rig-1" and int(asked[1]["to"]) - int(asked[1]["from"]) == 24 * 3600
+    assert abs(int(asked[1]["to"]) - time.time()) < 5
+    expect(page.get_by_role("button", name="24 h")).to_have_attribute("aria-pressed", "true")
+    assert page.url.endswith("/?range=24h")
+    labels = axis_labels(page, "rig-1", 0, lambda got: sum(bool(CLOCK.match(t)) for t in got) >= 2)
+    assert all(t.isdigit() or CLOCK.match(t) or DATE.match(t) for t in labels), labels  # a date at midnight
+    expect(stat(page, "rig-1", 0, "Energy")).to_have_text(re.compile(r" in 24 h$"))
+
+    page.get_by_role("button", name="7 d").focus()  # the keyboard works too
+    page.keyboard.press("Enter")
+    wait_for(lambda: len(asked) == 3)
+    assert int(asked[2]["to"]) - int(asked[2]["from"]) == 7 * 86400
+    labels = axis_labels(page, "rig-1", 0, lambda got: sum(bool(DATE.match(t)) for t in got) >= 2)
+    dates = [t for t in labels if not t.isdigit()]
+    assert all(DATE.match(t) for t in dates), labels  # dates, no clock times
+    week = {f"{(datetime.now() - timedelta(days=d)).day} {(datetime.now() - timedelta(days=d)):%b}" for d in range(8)}
+    assert set(dates) <= week, labels
+    expect(stat(page, "rig-1", 0, "Energy")).to_have_text(re.compile(r" in 7 d$"))
+    hover(page, "rig-1", 0, 0.999)  # the moment of a bucket names its day
+    expect(legend(page, "rig-1", 0).first).to_have_text(re.compile(r"^\d{1,2} [A-Z][a-z]{2} \d\d:\d\d$"))
+
+    page.reload()  # the range is kept in the URL
+    expect(page.get_by_role("button", name="7 d")).to_have_attribute("aria-pressed", "true")
+    wait_for(lambda: len(asked) == 4)
+    assert int(asked[3]["to"]) - int(asked[3]["from"]) == 7 * 86400
+    page.get_by_role("button", name="10 min").click()
+    wait_for(lambda: len(asked) == 5)
+    assert asked[4] == {"device": "rig-1"} and page.url.endswith("/")
+    axis_labels(page, "rig-1", 0, lambda got: sum(bool(CLOCK.match(t)) for t in got) >= 2)
+
+
+def test_charts_run_under_the_pages_csp_without_a_violation(server, page):
+    server.push(multi(gpu(0), gpu(1)))
+    open_dashboard(page, server)
+    axis_labels(page, "rig-1", 1, lambda got: "100" in got)
+    hover(page, "rig-1", 0, 0.5)  # uPlot styles its cursor and points from script (CSSOM, allowed)
+    expect(legend(page, "rig-1", 0).first).to_have_text(CLOCK_S)
+    page.get_by_role("button", name="30 d").click()
+    axis_labels(page, "rig-1", 0, lambda got: sum(bool(DATE.match(t)) for t in got) >= 2)
+    page.set_viewport_size({"width": 700, "height": 900})
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.cspViolations") == [] and page.console_errors == []
+    # The watch works: an inline style attribute is a violation it sees.
+    page.evaluate("document.body.setAttribute('style', 'color: red')")
+    wait_for(lambda: page.evaluate("window.cspViolations"), timeout=2)
+
+
+def test_history_loads_behind_the_viewer_login(start_server, browser):
+    server = start_server(DASHBOARD_PASSWORD="s3cret-viewer")
+    for util in (10, 20):
+        server.push_as_new_history_point(multi(gpu(0, utilizationGpu=util)))
+    written(server, 2, auth=("admin", "s3cret-viewer"))
+    context = browser.new_context(http_credentials={"username": "admin", "password": "s3cret-viewer"})
+    page = context.new_page()
+    open_dashboard(page, server)
+    expect(stat(page, "rig-1", 0, "Energy")).to_have_text(re.compile(r" Wh in 10 min$"))  # the API answered
+    hover(page, "rig-1", 0, 0.01)
+    expect(legend(page, "rig-1", 0).nth(1)).to_have_text("util 10 %")  # older than the snapshot: from the API
+    expect(page.locator(".history-note")).to_have_text("")
+    context.close()
+
+
+def test_charts_follow_their_tiles_width(server, page):
+    server.push(multi(gpu(0)))
+    open_dashboard(page, server)
+    chart, box = tile(page, "rig-1", 0).locator(".uplot"), tile(page, "rig-1", 0).locator(".chart")
+
+    def fits():
+        return abs(chart.bounding_box()["width"] - box.bounding_box()["width"]) <= 1
+    wait_for(fits)
+    wide = chart.bounding_box()["width"]
+    page.set_viewport_size({"width": 360, "height": 900})
+    wait_for(fits)
+    assert chart.bounding_box()["width"] < wide
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
 
 
 def test_a_device_that_stops_pushing_turns_stale_then_offline(start_server, page):
@@ -141,6 +419,7 @@ def test_page_headers_allow_no_inline_script_and_assets_are_cached(server):
     csp = page.headers["Content-Security-Policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert "<script>" not in page.text and "<style>" not in page.text and "http" not in page.text.split("<body")[0]
+    assert re.search(r'<script src="/static/uPlot\.iife\.min\.js\?v=\w+" defer>', page.text)  # served here, no CDN
     asset = page.text.split('src="')[1].split('"')[0]
     cached = requests.get(server.url + asset, timeout=5)
     assert cached.headers["Cache-Control"] == "public, max-age=31536000, immutable"

@@ -4,11 +4,14 @@ import io
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import requests
 
 from conftest import ROOT, gpu, multi, procfile_command, wait_for
+from history_api import SharedAnswers
 
 pytestmark = pytest.mark.both_backends
 CSV_HEADER = ["device", "gpu", "uuid", "name", "t", "time", "utilizationGpu", "memoryUsed", "temperatureGpu",
@@ -119,3 +122,20 @@ def test_a_corrupt_or_unwritable_history_db_stops_the_server_with_one_line(tmp_p
         errors = [line for line in result.stderr.splitlines() if "config error" in line]
         assert len(errors) == 1 and f"HISTORY_DB: cannot use {path} as the history database" in errors[0], result.stderr
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.no_backend
+def test_the_same_query_in_the_same_second_is_answered_once_for_everyone_asking():
+    shared, computed, answers = SharedAnswers(), [], []
+
+    def compute():
+        computed.append(1)
+        time.sleep(0.2)  # a slow query: the others arrive while it runs
+        return b"answer"
+    threads = [threading.Thread(target=lambda: answers.append(shared.get(("q",), 100, compute))) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == [b"answer"] * 20 and len(computed) == 1
+    assert shared.get(("q",), 101, lambda: b"next second") == b"next second"  # a second later: asked again
