@@ -1,10 +1,13 @@
 """Load benchmark: N stream subscribers, M pushes at R per second, against this server and the Node seed.
 
 Prints delivered/expected, fan-out latency p50/p99 (push sent -> event read), server CPU
-per delivered event and the server's peak memory, one Markdown row per server.
+per delivered event and the server's peak memory, one Markdown row per server. Other
+scenarios: --reconnect-storm (bench_storm.py), --history-load (bench_history.py), --cap, --agent;
+--server-dir runs another tree's server, such as an older commit's, with this same bench.
 """
 import argparse
 import asyncio
+import atexit
 import json
 import multiprocessing
 import os
@@ -42,25 +45,28 @@ async def _subscriber(port, stats, ready):
         return
     writer.write(f"GET /gpu/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
     ready()
-    buffer = b""
+    buffer, streaming = b"", False
     while True:
         chunk = await reader.read(262144)
         if not chunk:
             stats["closed"] += 1
             return
         now = time.time()
+        if not streaming:
+            stats["streaming"], streaming = stats["streaming"] + 1, True
         buffer += chunk
         end = buffer.rfind(b"\n\n")
         if end < 0:
             continue
+        # (push sent, event read): a snapshot's sampledAt counts too, so callers window by send time.
         for value in SAMPLED_AT.findall(buffer, 0, end):
-            stats["latencies"].append(now - float(value))
+            stats["arrivals"].append((float(value), now))
         buffer = buffer[end + 2:]
 
 
 def _client_process(port, count, conn):
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
-    stats = {"latencies": [], "failed": 0, "closed": 0}
+    stats = {"arrivals": [], "failed": 0, "closed": 0, "streaming": 0}
 
     async def run():
         opened = 0
@@ -141,13 +147,17 @@ def _wait_up(url, process, log):
     sys.exit("server did not start")
 
 
-def start_ours(port, keys, log, **settings):
-    """Start this server with the Procfile's own command."""
-    command = next(l for l in (ROOT / "Procfile").read_text().splitlines() if l.startswith("web:"))[4:]
+def start_ours(port, keys, log, server_dir=ROOT, **settings):
+    """Start the server in `server_dir` (this tree, or an older one) with its Procfile's own command."""
+    command = next(l for l in (Path(server_dir) / "Procfile").read_text().splitlines() if l.startswith("web:"))[4:]
+    # History on disk as in production, but in a scratch file, never the tree's own (older trees ignore it).
+    history_dir = tempfile.mkdtemp(prefix="bench-history-")
+    atexit.register(shutil.rmtree, history_dir, True)
     env = {**os.environ, "ENV_FILE": os.devnull, "PORT": str(port),
            "DEVICE_KEYS": ",".join(f"bench-{i}:{k}" for i, k in enumerate(keys)),
+           "HISTORY_DB": os.path.join(history_dir, "history.sqlite3"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **settings}
-    process = subprocess.Popen(["sh", "-c", "exec " + command.strip()], cwd=ROOT, env=env,
+    process = subprocess.Popen(["sh", "-c", "exec " + command.strip()], cwd=server_dir, env=env,
                                stdout=log, stderr=subprocess.STDOUT)
     _wait_up(f"http://127.0.0.1:{port}/healthz", process, log)
     workers, deadline = int(settings.get("WEB_CONCURRENCY", 1)), time.monotonic() + 30
@@ -228,7 +238,8 @@ def run(target, args):
     if target == "flask-redis":  # Redis' own CPU and memory count as the server's
         redis_server, url = start_redis()
         ours.update(REDIS_URL=url, WEB_CONCURRENCY=str(args.workers))
-    server = (start_ours(port, keys, log, **ours) if target != "node-seed" else start_node(port, log, args.node_dir))
+    server = (start_ours(port, keys, log, args.server_dir, **ours) if target != "node-seed"
+              else start_node(port, log, args.node_dir))
     pids = [server.pid] + ([redis_server.pid] if redis_server else [])
     clients = []
     try:
@@ -263,7 +274,7 @@ def run(target, args):
             parent.send("stop")
         for proc, parent in clients:
             _, stats = parent.recv()
-            latencies += stats["latencies"]
+            latencies += [read - sent for sent, read in stats["arrivals"]]
             closed += stats["closed"]
             proc.join(5)
         for sock in stuck:
@@ -324,7 +335,7 @@ def _open_stream(port, source):
     return sock, int(head.split(b" ")[1]) if head else 0
 
 
-def bench_cap(pushes):
+def bench_cap(pushes, server_dir=ROOT):
     """At the default sizes: fill MAX_SUBSCRIBERS with streams, then time pushes and refused viewers."""
     import config
     defaults = {s.name: int(s.default) for s in config.SETTINGS
@@ -333,7 +344,7 @@ def bench_cap(pushes):
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     keys = [f"bench-key-{i}-0123456789abcdef" for i in range(DEVICES)]
     port, log = _free_port(), tempfile.NamedTemporaryFile("w+", suffix=".log")
-    server = start_ours(port, keys, log, PUSH_RATE_LIMIT="1000")
+    server = start_ours(port, keys, log, server_dir, PUSH_RATE_LIMIT="1000")
     worker = _tree_pids(server.pid)[-1]
     rss = lambda: int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{worker}/status").read_text())[1])  # noqa: E731
     try:
@@ -401,11 +412,49 @@ def main():
                         help="instead: fill the viewer cap at the default sizes and time PUSHES pushes")
     parser.add_argument("--agent", type=int, metavar="SAMPLES", default=0,
                         help="instead: measure the agent's CPU per sample on the nvidia-smi path")
+    parser.add_argument("--server-dir", type=Path, default=ROOT, metavar="DIR",
+                        help="the tree whose server runs (default: this one), e.g. an older commit's export")
+    live = parser.add_argument_group("--reconnect-storm and --history-load (bench_storm.py, bench_history.py)")
+    live.add_argument("--reconnect-storm", action="store_true",
+                      help="instead: --reconnecters viewers open a stream at once while devices push and "
+                           "--stayers viewers stay; time their snapshots and the stayers' latency")
+    live.add_argument("--history-load", action="store_true",
+                      help="instead: --requesters clients query /api/history back to back for --load-s "
+                           "while devices push and --stayers viewers watch")
+    live.add_argument("--stayers", type=int, default=200, help="viewers connected throughout, whose "
+                      "push-to-viewer latency is measured")
+    live.add_argument("--reconnecters", type=int, default=1000, help="viewers that connect at once")
+    live.add_argument("--push-interval", type=float, default=2.0,
+                      help="seconds between one device's pushes, as agent.py's --interval")
+    live.add_argument("--fill-s", type=float, default=120.0, help="seconds of history to build first, one "
+                      "push per device every --fill-interval (the server keeps one point a second)")
+    live.add_argument("--fill-interval", type=float, default=1.02,
+                      help="seconds between one device's pushes while filling history")
+    live.add_argument("--baseline-s", type=float, default=10.0, help="seconds measured before the load")
+    live.add_argument("--after-s", type=float, default=5.0, help="seconds measured after the load")
+    live.add_argument("--storm-timeout", type=float, default=120.0,
+                      help="seconds to wait for every reconnecting viewer's snapshot")
+    live.add_argument("--load-s", type=float, default=20.0, help="seconds of history queries")
+    live.add_argument("--requesters", type=int, default=4, help="concurrent history requesters")
+    live.add_argument("--history-from-s", type=float, default=30 * 86400,
+                      help="each history query asks from now minus this many seconds")
+    live.add_argument("--history-query", default="", metavar="PARAMS",
+                      help="more query parameters for every history request, e.g. step=60")
+    live.add_argument("--history-days", type=float, default=0.0, metavar="DAYS",
+                      help="write this many days of history for the devices before the server starts")
+    live.add_argument("--history-db", type=Path, metavar="FILE",
+                      help="start from a copy of this HISTORY_DB file instead")
     args = parser.parse_args()
     if args.agent:
         return bench_agent(args.agent)
     if args.cap:
-        return bench_cap(args.cap)
+        return bench_cap(args.cap, args.server_dir)
+    if args.reconnect_storm:
+        import bench_storm
+        return bench_storm.reconnect_storm(args)
+    if args.history_load:
+        import bench_history
+        return bench_history.history_load(args)
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     targets = ["flask-gevent", "node-seed"] if args.target == "both" else [args.target]
     if args.target == "flask-redis" and not shutil.which("redis-server"):
