@@ -135,6 +135,10 @@ def wsgi_app():
         log.error("config error: %s", problem)
         sys.exit(4)  # gunicorn's "App failed to load": it stops instead of respawning.
     _allow_open_files(app.extensions["gpustats"]["config"].worker_connections)
+    # History reads run in OS threads (offload.py) beside the event loop's thread. When both want
+    # the GIL, the loop's thread waits up to a switch interval each time it takes it back, after
+    # every socket call: 5 ms by default. 1 ms bounds that wait (CPython issue 7946, the convoy).
+    sys.setswitchinterval(0.001)
     parts = app.extensions["gpustats"]
     _end_streams_on_sigterm(parts["broadcaster"], parts["fleet"], parts["history"])
     return app

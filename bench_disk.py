@@ -64,7 +64,7 @@ def sqlite_bytes(busy_days):
         tier, step = plan(now - span, now, now)
         started = time.perf_counter()
         for _ in range(5):
-            body = store.query("render-box", tier, now - span, now, step, to_json)
+            body = to_json(store.query("render-box", tier, now - span, now, step))
         timings[name] = f"{(time.perf_counter() - started) / 5 * 1000:.1f} ms ({len(body) // 1024} KiB, step {step})"
     db = sqlite3.connect(path)
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

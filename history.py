@@ -30,6 +30,10 @@ SECOND, MINUTE, HOUR = Tier("second", 1, 24 * 3600), Tier("minute", 60, 30 * 864
 TIERS = (SECOND, MINUTE, HOUR)
 
 
+class RawJSON(str):
+    """A value already encoded as JSON (a series SQLite built), to be sent as it is."""
+
+
 class QueryError(ValueError):
     """A query parameter the history cannot answer; `field` names it."""
 
@@ -120,15 +124,15 @@ def answer(device, start, end, step, rows, gpus):
             series["t"].append(bucket)
             for i, field in enumerate(FIELDS):
                 count = sums[2 * i + 1]
-                series[field].append(_tidy(sums[2 * i] / count) if count else None)
+                series[field].append(tidy(sums[2 * i] / count) if count else None)
             steps.append(round(sums[-1] / 3600, 4))
         series["energyWh"] = round(sum(sums[-1] for _, sums in rows[index]) / 3600, 3)
         series["energyWhSteps"] = steps
         result.append(series)
-    return {"device": device, "from": _tidy(start), "to": _tidy(end), "step": step, "gpus": result}
+    return {"device": device, "from": tidy(start), "to": tidy(end), "step": step, "gpus": result}
 
 
-def _tidy(value):
+def tidy(value):
     """Return a number rounded to 2 places, and whole numbers as integers: 80, not 80.0."""
     value = round(value, 2)
     return int(value) if value == int(value) else value

@@ -10,7 +10,7 @@ writes nothing (the cursor it watched has moved).
 
 Buckets live in strings of one chunk each (a minute of seconds, an hour of minutes, a day of
 hours) that expire with their tier: a query reads a few large values rather than thousands
-of small ones, and the parsing and adding up happens in an OS thread, off the event loop.
+of small ones, and adds them up in slices that let pushes and streams go on between them.
 """
 import json
 import logging
@@ -19,7 +19,7 @@ import time
 
 import redis
 
-import offload
+from offload import cooperate
 from fleet import Unavailable, watch
 from fleet_redis import PREFIX, RENEW, STREAM, read_entry
 from history import HOUR, MINUTE, SECOND, WIDTH, Batch, Sampler, answer
@@ -74,7 +74,9 @@ def merge_chunk(text, tier, updates):
 def bucket_rows(texts, tier, start, end, step):
     """Return [(bucket start, sums)] over the chunks `texts`, in buckets of `step`."""
     buckets = {}
-    for text in texts:
+    for i, text in enumerate(texts):
+        if i % 32 == 31:
+            cooperate()  # 32 chunks are ~1 ms of parsing: pushes and streams go on between them
         for t, numbers in parse_chunk(text.decode() if text else "").items():
             if not start <= t <= end:
                 continue
@@ -101,7 +103,6 @@ class RedisHistory:
         self._write_s = write_s
         self._renew = client.register_script(RENEW)
         self._token = secrets.token_hex(8)
-        self._worker = offload.Worker("history-reader")
         self._sampler = None  # set while this worker writes; None: read the writer's state from Redis first
         self._cursor = None
         self._closed = False
@@ -185,8 +186,8 @@ class RedisHistory:
         chunk = start - start % CHUNK_S[tier]
         return chunks.setdefault(_chunk_key(tier, device, gpu, chunk), (tier, chunk, []))[2]
 
-    def query(self, device, tier, start, end, step, render):
-        """Return render(answer) for `device`; None if it has no history. Redis is read here, the rest off the loop."""
+    def query(self, device, tier, start, end, step):
+        """Return the answer for `device`; None if it has no history. Added up in slices between pushes and streams."""
         size, now = CHUNK_S[tier], self._clock()
         # Only chunks that can exist: a far-off from or to must not become millions of keys.
         first, last = max(start, now - tier.keep_s - size), min(end, now + size)
@@ -201,10 +202,6 @@ class RedisHistory:
             texts = dict(zip(meta, pipe.execute())) if chunks else {}
         except redis.RedisError as error:
             raise Unavailable(f"Redis: {error}") from None
-        return self._worker.run(self._answer, device, tier, start, end, step, texts, meta, render)
-
-    @staticmethod
-    def _answer(device, tier, start, end, step, texts, meta, render):
         rows = {gpu: rows for gpu, rows in ((gpu, bucket_rows(t, tier, start, end, step)) for gpu, t in texts.items())
                 if rows}
-        return render(answer(device, start, end, step, rows, meta))
+        return answer(device, start, end, step, rows, meta)

@@ -1,11 +1,22 @@
-"""Run blocking calls (SQLite, big encodes) in an OS thread, so the event loop keeps serving meanwhile.
+"""Keep long work from stalling the event loop: blocking calls in an OS thread, Python loops in slices.
 
 Under gunicorn's gevent worker every "thread" is a greenlet on one OS thread: a SQLite call
-or a long loop in Python there stalls every push and stream until it returns. gevent's
-ThreadPool runs the call in a real thread and the calling greenlet waits without blocking
-the loop; without gevent (tests, scripts), a plain thread does the same job.
+or a long loop in Python there stalls every push and stream until it returns.
+- A blocking call that runs without the GIL (SQLite) goes to an OS thread: gevent's
+  ThreadPool runs it and the calling greenlet waits without blocking the loop; without
+  gevent (tests, scripts), a plain thread does the same job.
+- A long loop in Python must not go there: it holds the GIL, and the loop's thread, which
+  gives the GIL up at every socket call, waits a switch interval to get it back each time
+  (CPython's convoy effect: 200 viewers' writes came 200 ms late). It stays on the loop and
+  calls cooperate() every millisecond or so of work instead.
 """
+import time
 from concurrent.futures import ThreadPoolExecutor
+
+
+def cooperate():
+    """Let the event loop run whatever is ready (pushes, streams), then come back."""
+    time.sleep(0)  # gevent's sleep once monkey-patched: a yield to the loop; otherwise next to nothing
 
 
 def _gevent_running():
@@ -17,7 +28,7 @@ def _gevent_running():
 
 
 class Worker:
-    """One OS thread that runs the calls handed to it one at a time, in order."""
+    """One OS thread that runs the calls handed to it one at a time, in order (for calls that drop the GIL)."""
 
     def __init__(self, name):
         if _gevent_running():
