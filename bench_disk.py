@@ -95,7 +95,8 @@ def redis_bytes(busy_days):
 
         def write():
             pipe.execute()
-            while client.xlen(STREAM) and client.xrange(STREAM, "(" + (store._cursor or "0-0"), "+", count=1):
+            while client.xlen(STREAM) and client.xrange(STREAM, "(" + (store._cursor or "0-0").partition("|")[0], "+",
+                                                        count=1):
                 store._write_if_leader()
             client.xtrim(STREAM, maxlen=0)  # the stream is the fleet's ring, not history: leave it out
         count, took = feed(add, write, clock, now, busy_days, batch_s=3000)

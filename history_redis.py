@@ -3,7 +3,8 @@
 It is written from the event stream every host already shares, by one worker at a time
 (whichever holds the `gpustats:historian` lease), in stream order: so energy, which needs
 each GPU's samples in order, comes out the same whichever worker took each push. The
-writer keeps its place in the stream (`gpustats:hist:cursor`) and each GPU's newest
+writer keeps its place in the stream (`gpustats:hist:cursor`: the last entry's id and
+sequence number, so entries trimmed before it wrote them are logged) and each GPU's newest
 sample in Redis and changes them in the same transaction as the buckets, so a new leader
 picks up exactly where the last one stopped, and a writer that lost its lease meanwhile
 writes nothing (the cursor it watched has moved).
@@ -137,23 +138,28 @@ class RedisHistory:
             device, _, gpu = key.decode().rpartition("|")
             t, _, power = value.decode().partition("|")
             last[(device, int(gpu))] = (float(t), _number(power))
-        self._cursor = cursor.decode() if cursor else "0-0"
+        self._cursor = cursor.decode() if cursor else "0-0|0"
         self._sampler = Sampler(self._max_gap_s, last)
 
     def write(self):
         """Write the stream's pushes after the cursor into their buckets, and move the cursor, as one step."""
-        entries = self.client.xrange(STREAM, min="(" + self._cursor, max="+", count=MOST_ENTRIES)
+        after, _, written = self._cursor.partition("|")  # the last entry written: its id and sequence number
+        entries = self.client.xrange(STREAM, min="(" + after, max="+", count=MOST_ENTRIES)
         if not entries:
             return
-        batch = Batch()
+        batch, sequence = Batch(), int(written or 0)
         for _, fields in entries:
             try:
-                _, _, name, data = read_entry(fields)
+                n, _, name, data = read_entry(fields)
             except (KeyError, ValueError, TypeError):
                 continue  # the fleet's reader logs malformed entries
+            if sequence and n > sequence + 1:
+                log.warning("history missed %d events: the stream was trimmed (RING_SIZE) before they were "
+                            "written", n - sequence - 1)
+            sequence = n
             if name == "":
                 self._sampler.add(batch, data)
-        cursor = entries[-1][0].decode()
+        cursor = f"{entries[-1][0].decode()}|{sequence}"
         chunks = {}  # key -> (tier, chunk start, [(bucket start, numbers)])
         for (device, gpu, second), numbers in batch.seconds.items():
             self._chunk(chunks, SECOND, device, gpu, second).append((second, numbers))
@@ -164,7 +170,7 @@ class RedisHistory:
         with self.client.pipeline() as pipe:
             pipe.watch(CURSOR)  # another writer that moved it meanwhile makes this one write nothing
             kept = pipe.get(CURSOR)
-            if (kept.decode() if kept else "0-0") != self._cursor:
+            if (kept.decode() if kept else "0-0|0") != self._cursor:
                 self._sampler = None
                 return
             old = pipe.mget(keys) if keys else []

@@ -51,7 +51,7 @@ class Feeder:
         for e in events:  # the entries RedisFleet's COMMIT appends to the shared stream
             pipe.xadd(STREAM, {"d": e["device"], "e": "", "b": sse.data_block(e), "n": next(self.n)})
         pipe.execute()
-        while self.redis.xrange(STREAM, "(" + (self.store._cursor or "0-0"), "+", count=1):
+        while self.redis.xrange(STREAM, "(" + (self.store._cursor or "0-0").partition("|")[0], "+", count=1):
             self.store._write_if_leader()
 
 
@@ -198,3 +198,19 @@ def test_a_redis_writer_that_lost_its_lease_writes_nothing_and_the_next_one_goes
     assert gpu["utilizationGpu"] == list(range(20))
     assert gpu["energyWh"] == pytest.approx(100 * 19 / 3600, rel=0.01)  # energy runs on across writers
     assert json.loads(client.hget("gpustats:hist:gpus:rig-1", "0")) == ["GPU-0", "NVIDIA L40S"]
+
+
+def test_pushes_trimmed_from_the_stream_before_the_redis_writer_wrote_them_are_logged(redis_server, caplog):
+    client = redis.Redis.from_url(redis_server.url)
+    now = int(time.time())
+    clock = Clock(now)
+    store = RedisHistory(client, 15, clock=clock)
+    feeder = Feeder(store, client)
+    feeder.feed([event(now - 30 + i, util=i) for i in range(5)])
+    ids = [client.xadd(STREAM, {"d": "rig-1", "e": "", "b": sse.data_block(event(now - 20 + i, util=i)),
+                                "n": next(feeder.n)}) for i in range(5)]
+    client.xdel(STREAM, *ids[:3])  # trimmed (RING_SIZE) while the writer was away
+    store._write_if_leader()
+    assert "history missed 3 events" in caplog.text
+    [gpu] = read(store, clock, now - 60, now)["gpus"]
+    assert len(gpu["t"]) == 7  # the rest were written
