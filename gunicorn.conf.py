@@ -20,3 +20,14 @@ worker_connections = _config.worker_connections
 # connections evenly over them. On one shared socket gevent workers took viewers about 2:1
 # (686 and 1,314 of 2,000, measured), so one worker carried twice its share.
 reuse_port = workers > 1
+
+
+def worker_exit(server, worker):
+    """Write the history still queued when a worker stops (a deploy, a restart): a second's pushes at most."""
+    app = getattr(worker, "wsgi", None)
+    history = getattr(app, "extensions", {}).get("gpustats", {}).get("history")
+    if history is not None:
+        try:
+            history.flush()
+        except Exception:  # noqa: BLE001 the worker is going anyway; say so, never hang it
+            server.log.exception("the last history write failed")

@@ -53,9 +53,8 @@ class Batch:
     def __bool__(self):
         return bool(self.seconds)
 
-    def add(self, device, gpu, t, joules):
-        index, values = gpu["index"], [gpu.get(name) for name in FIELDS]
-        self.gpus[(device, index)] = (gpu.get("uuid"), gpu.get("name"))
+    def add(self, device, index, uuid, name, values, t, joules):
+        self.gpus[(device, index)] = (uuid, name)
         second = math.floor(t)
         kept = self.seconds.get((device, index, second))
         self.seconds[(device, index, second)] = values + [joules + (kept[-1] if kept else 0.0)]
@@ -68,8 +67,14 @@ class Batch:
             sums[-1] += joules
 
 
+def sample(event):
+    """Return what history keeps of an accepted push: (device, t, [(gpu, uuid, name, *FIELDS values)])."""
+    return event["device"], event["receivedAt"], [
+        (gpu["index"], gpu.get("uuid"), gpu.get("name"), *(gpu.get(name) for name in FIELDS)) for gpu in event["gpus"]]
+
+
 class Sampler:
-    """Turn accepted pushes into a Batch, with the energy each GPU drew since its previous sample.
+    """Turn samples into a Batch, with the energy each GPU drew since its previous sample.
 
     Energy is the trapezoid between two samples' power draws. A gap longer than `max_gap_s`
     (a device stale, offline or restarting) counts as no power drawn, not as the last value
@@ -80,10 +85,10 @@ class Sampler:
         self.max_gap_s = max_gap_s
         self.last = dict(last or {})  # (device, gpu) -> (t, powerDraw) of its newest sample
 
-    def add(self, batch, event):
-        t, device = event["receivedAt"], event["device"]
-        for gpu in event["gpus"]:
-            key, power = (device, gpu["index"]), gpu.get("powerDraw")
+    def add(self, batch, sampled):
+        device, t, gpus = sampled
+        for index, uuid, name, *values in gpus:
+            key, power = (device, index), values[FIELDS.index("powerDraw")]
             previous = self.last.get(key)
             joules = 0.0
             if previous is not None:
@@ -92,7 +97,7 @@ class Sampler:
                 if power is not None and previous[1] is not None and t - previous[0] <= self.max_gap_s:
                     joules = (previous[1] + power) / 2 * (t - previous[0])
             self.last[key] = (t, power)
-            batch.add(device, gpu, t, joules)
+            batch.add(device, index, uuid, name, values, t, joules)
 
 
 def plan(start, end, now, step=None):

@@ -74,14 +74,14 @@ class SharedAnswers:
         if mine:
             try:
                 found[1] = compute()
-            except Exception as problem:
+            except BaseException as problem:  # a killed greenlet too: the others must not take "no history"
                 found[2] = problem
                 raise
             finally:
                 found[0].set()
         found[0].wait()
         if found[2] is not None:
-            raise found[2]
+            raise found[2].with_traceback(None)  # each waiter's own traceback, not a growing shared one
         return found[1]
 
 

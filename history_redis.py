@@ -23,7 +23,7 @@ import redis
 from offload import cooperate
 from fleet import Unavailable, watch
 from fleet_redis import PREFIX, RENEW, STREAM, read_entry
-from history import HOUR, MINUTE, SECOND, WIDTH, Batch, Sampler, answer
+from history import HOUR, MINUTE, SECOND, WIDTH, Batch, Sampler, answer, sample
 
 log = logging.getLogger("gpustats")
 # Not "history:": the previous version kept a list per device at gpustats:history:<device>.
@@ -79,8 +79,8 @@ def bucket_rows(texts, tier, start, end, step):
         if i % 32 == 31:
             cooperate()  # 32 chunks are ~1 ms of parsing: pushes and streams go on between them
         for t, numbers in parse_chunk(text.decode() if text else "").items():
-            if not start <= t <= end:
-                continue
+            if not start - tier.step_s < t <= end:
+                continue  # every bucket that overlaps the range, the one `from` falls in included
             sums = buckets.setdefault(t - t % step, [0] * WIDTH)
             if tier is SECOND:  # values as pushed: each one is a sum of itself over a count of one
                 for i, value in enumerate(numbers[:-1]):
@@ -125,11 +125,15 @@ class RedisHistory:
             if self._sampler is None:
                 self._load()
             self.write()
-        except redis.RedisError:
+        except (redis.ConnectionError, redis.TimeoutError, redis.WatchError):
             self._sampler = None  # start again from what Redis holds; the reader reports outages
         except Exception:
             self._sampler = None
             raise  # logged loudly by watch(), which goes on
+
+    def flush(self):
+        """Write what the stream holds that is not written yet, if this worker is the writer (at exit)."""
+        self._write_if_leader()
 
     def _load(self):
         cursor = self.client.get(CURSOR)
@@ -148,7 +152,9 @@ class RedisHistory:
         if not entries:
             return
         batch, sequence = Batch(), int(written or 0)
-        for _, fields in entries:
+        for i, (_, fields) in enumerate(entries):
+            if i % 200 == 199:
+                cooperate()  # up to 5,000 entries: pushes and streams go on between slices
             try:
                 n, _, name, data = read_entry(fields)
             except (KeyError, ValueError, TypeError):
@@ -158,7 +164,7 @@ class RedisHistory:
                             "written", n - sequence - 1)
             sequence = n
             if name == "":
-                self._sampler.add(batch, data)
+                self._sampler.add(batch, sample(data))
         cursor = f"{entries[-1][0].decode()}|{sequence}"
         chunks = {}  # key -> (tier, chunk start, [(bucket start, numbers)])
         for (device, gpu, second), numbers in batch.seconds.items():

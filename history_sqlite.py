@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import offload
 from config import ConfigError
 from fleet import watch
-from history import FIELDS, SECOND, TIERS, Batch, RawJSON, Sampler, tidy
+from history import FIELDS, SECOND, TIERS, Batch, RawJSON, Sampler, sample, tidy
 
 log = logging.getLogger("gpustats")
 # Columns without a type keep whole numbers as small integers: most readings are whole.
@@ -42,7 +42,7 @@ MEANS = {SECOND: ("avg(util)", "avg(mem)", "avg(temp)", "avg(power)"),
          "buckets": tuple(f"sum({c}) * 1.0 / nullif(sum({c}_n), 0)" for c in ("util", "mem", "temp", "power"))}
 READ = """SELECT count(*), json_group_array(b), {arrays}, json_group_array(round(e / 3600.0, 4)), sum(e) FROM (
   SELECT t - t % :step AS b, {means}, sum(joules) AS e FROM {table}
-  WHERE id = :id AND t >= :start AND t <= :end GROUP BY b ORDER BY b)"""
+  WHERE id = :id AND t > :start - {resolution} AND t <= :end GROUP BY b ORDER BY b)"""
 
 
 def _read_sql(tier):
@@ -51,7 +51,8 @@ def _read_sql(tier):
     # Whole numbers as integers (80, not 80.0), like the answers built in Python.
     arrays = ", ".join(f"json_group_array(CASE WHEN v{i} = CAST(v{i} AS INTEGER) THEN CAST(v{i} AS INTEGER) "
                        f"ELSE v{i} END)" for i in range(len(means)))
-    return READ.format(arrays=arrays, table=tier.name,
+    # Every bucket that overlaps the range, the one `from` falls in included.
+    return READ.format(arrays=arrays, table=tier.name, resolution=tier.step_s,
                        means=", ".join(f"round({mean}, 2) AS v{i}" for i, mean in enumerate(means)))
 
 
@@ -118,30 +119,32 @@ class SqliteHistory:
         self._closed = True
 
     def add(self, event):
-        """Queue an accepted push's event for the next write; never blocks."""
+        """Queue what history keeps of an accepted push (a few numbers a GPU) for the next write; never blocks."""
         if len(self._pending) == MAX_PENDING:
             self._dropped += 1
-        self._pending.append(event)
+        self._pending.append(sample(event))
 
     def flush(self):
         """Write what gathered since the last flush in one transaction; prune once a minute."""
-        events = [self._pending.popleft() for _ in range(len(self._pending))]
+        samples = [self._pending.popleft() for _ in range(len(self._pending))]
         if self._dropped:
             log.error("history fell behind: %d samples were dropped unwritten", self._dropped)
             self._dropped = 0
         now = self._clock()
         prune = now - self._pruned >= self._prune_s
-        if events or prune:
-            self._writer.run(self._write, events, now if prune else None)
+        if not samples and not prune:
+            return
+        batch = Batch()  # in Python, so here: in the writer's thread it would hold the GIL against the loop
+        for sampled in samples:
+            self._sampler.add(batch, sampled)
+        self._writer.run(self._write, batch, now if prune else None)
         if prune:
             self._pruned = now
 
-    def _write(self, events, prune_at):
-        batch = Batch()
-        for event in events:
-            self._sampler.add(batch, event)
+    def _write(self, batch, prune_at):
+        added = {}  # new GPUs' ids: kept only once the transaction commits
         with _transaction(self._db):
-            ids = self._gpu_ids(batch.gpus)
+            ids = self._gpu_ids(batch.gpus, added)
             self._db.executemany(PUT_SECOND, [(ids[device, gpu], second, *values[:-1], round(values[-1], 1))
                                               for (device, gpu, second), values in batch.seconds.items()])
             for tier, buckets in batch.buckets.items():
@@ -152,17 +155,18 @@ class SqliteHistory:
                     for tier in TIERS:
                         self._db.execute(f"DELETE FROM {tier.name} WHERE id = ? AND t < ?",
                                          (gpu_id, prune_at - tier.keep_s))
+        self._ids.update(added)
 
-    def _gpu_ids(self, gpus):
-        """Return {(device, gpu): id}, adding new GPUs and a changed uuid or name."""
+    def _gpu_ids(self, gpus, added):
+        """Return {(device, gpu): id}, adding new GPUs and a changed uuid or name to `added`."""
         for key, (uuid, name) in gpus.items():
             kept = self._ids.get(key)
             if kept is None or kept[1:] != (uuid, name):
                 gpu_id = self._db.execute(
                     "INSERT INTO gpu (device, gpu, uuid, name) VALUES (?, ?, ?, ?) ON CONFLICT (device, gpu) "
                     "DO UPDATE SET uuid = excluded.uuid, name = excluded.name RETURNING id", (*key, uuid, name)).fetchone()[0]
-                self._ids[key] = (gpu_id, uuid, name)
-        return {key: kept[0] for key, kept in self._ids.items()}
+                added[key] = (gpu_id, uuid, name)
+        return {key: kept[0] for key, kept in {**self._ids, **added}.items()}
 
     def query(self, device, tier, start, end, step):
         """Return the answer for `device` from `start` to `end` in buckets of `step`; None if it has no history."""
@@ -190,7 +194,8 @@ def _transaction(db):
     try:
         yield
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:  # SQLite may have rolled back already (a full disk): keep the real error
+            db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
 

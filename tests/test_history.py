@@ -143,6 +143,9 @@ def test_buckets_hold_the_mean_of_what_was_reported_and_null_where_nothing_was(m
     [gpu] = answer["gpus"]
     assert gpu["index"] == 1 and gpu["t"] == [now - 120]
     assert gpu["utilizationGpu"] == [30] and gpu["powerDraw"] == [None] and gpu["energyWh"] == 0
+    # A range inside one hour, in hours: the bucket it falls in, not nothing.
+    [hour] = read(store, clock, now - 119, now - 100, step=3600)["gpus"]
+    assert hour["t"] == [(now - 120) // 3600 * 3600] and hour["utilizationGpu"] == [30]
 
 
 def test_two_pushes_in_one_second_keep_the_newest_point_and_all_the_energy(make_store):
