@@ -18,7 +18,7 @@ import requests
 
 import bench
 from bench import DEVICES
-from bench_storm import (DRAIN_S, SETTLE_S, TABLE_HEAD, Devices, Meter, ms, pct, start_viewers, stop_viewers,
+from bench_storm import (SETTLE_S, TABLE_HEAD, Devices, Meter, ms, pct, shut_down, start_viewers, wind_down,
                          window_row)
 
 PATHS = ("/api/history", "/api/history.csv")
@@ -136,17 +136,9 @@ def history_load(args):
         requester.start()
         records = parent.recv()
         meter.mark("load end")
-        time.sleep(args.after_s)
-        meter.mark("after")
-        devices.stop()
-        time.sleep(DRAIN_S)
-        arrivals = stop_viewers(clients)
+        arrivals = wind_down(meter, args, devices, clients)
     finally:
-        for proc in [proc for proc, _ in clients] + [requester] * bool(requester):
-            proc.kill()
-        devices.stop()
-        server.terminate()
-        server.wait(10)
+        shut_down(server, devices, [proc for proc, _ in clients] + [requester] * bool(requester))
     print(f"pushes: {DEVICES} devices x {args.gpus} GPUs, one push per device every {args.push_interval:g} s; "
           f"viewers: {stayers} in {args.clients} client processes")
     extra = f"&{args.history_query}" if args.history_query else ""

@@ -269,17 +269,9 @@ def reconnect_storm(args):
         last = max(s[1] for s in done) if len(done) == args.reconnecters else storm + args.storm_timeout
         time.sleep(max(0.0, storm + STORM_WINDOW_S - time.time()))
         meter.mark("storm end")
-        time.sleep(args.after_s)
-        meter.mark("after")
-        devices.stop()
-        time.sleep(DRAIN_S)
-        arrivals = stop_viewers(clients)
+        arrivals = wind_down(meter, args, devices, clients)
     finally:
-        for proc, _ in clients:
-            proc.kill()
-        devices.stop()
-        server.terminate()
-        server.wait(10)
+        shut_down(server, devices, [proc for proc, _ in clients])
     print(f"viewers: {stayers} stayed, in {args.clients} client processes with the reconnecters; "
           f"{args.reconnecters} reconnected, their requests sent within "
           f"{max(s[0] for s in snapshots) - min(s[0] for s in snapshots):.2f} s")
@@ -298,3 +290,21 @@ def reconnect_storm(args):
     problems = sorted({s[3] for s in snapshots if s[3]})
     if problems:
         print(f"{len(snapshots) - len(done)} reconnecters failed: {'; '.join(problems[:5])}")
+
+
+def wind_down(meter, args, devices, clients):
+    """Measure the quiet after the load, stop the pushes, and return what every viewer read."""
+    time.sleep(args.after_s)
+    meter.mark("after")
+    devices.stop()
+    time.sleep(DRAIN_S)
+    return stop_viewers(clients)
+
+
+def shut_down(server, devices, processes):
+    """Stop the client processes, the pushes and the server, whatever state the run ended in."""
+    for proc in processes:
+        proc.kill()
+    devices.stop()
+    server.terminate()
+    server.wait(10)
