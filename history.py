@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 FIELDS = ("utilizationGpu", "memoryUsed", "temperatureGpu", "powerDraw")
 # A bucket's sums: for each field its sum and its count of reported values, then joules drawn.
 WIDTH = 2 * len(FIELDS) + 1
+POWER = FIELDS.index("powerDraw")
 DEFAULT_POINTS = 1000  # the most buckets a query gets when it names no step (SPEC)
 MOST_POINTS = 10_000  # the most buckets a query may ask for with its own step
 NICE_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
@@ -50,9 +51,6 @@ class Batch:
         self.buckets = {MINUTE: {}, HOUR: {}}  # tier -> {(device, gpu, start): sums}
         self.gpus = {}  # (device, gpu) -> (uuid, name), the latest seen
 
-    def __bool__(self):
-        return bool(self.seconds)
-
     def add(self, device, index, uuid, name, values, t, joules):
         self.gpus[(device, index)] = (uuid, name)
         second = math.floor(t)
@@ -88,7 +86,7 @@ class Sampler:
     def add(self, batch, sampled):
         device, t, gpus = sampled
         for index, uuid, name, *values in gpus:
-            key, power = (device, index), values[FIELDS.index("powerDraw")]
+            key, power = (device, index), values[POWER]
             previous = self.last.get(key)
             joules = 0.0
             if previous is not None:
@@ -124,14 +122,15 @@ def answer(device, start, end, step, rows, gpus):
         uuid, name = gpus.get(index, (None, None))
         series = {"index": index, "uuid": uuid, "name": name, "t": []}
         series.update((field, []) for field in FIELDS)
-        steps = []  # each bucket's energy: the CSV has it per row
+        steps, joules = [], 0.0  # each bucket's energy (the CSV has it per row), and the range's
         for bucket, sums in rows[index]:
             series["t"].append(bucket)
             for i, field in enumerate(FIELDS):
                 count = sums[2 * i + 1]
                 series[field].append(tidy(sums[2 * i] / count) if count else None)
             steps.append(round(sums[-1] / 3600, 4))
-        series["energyWh"] = round(sum(sums[-1] for _, sums in rows[index]) / 3600, 3)
+            joules += sums[-1]
+        series["energyWh"] = round(joules / 3600, 3)
         series["energyWhSteps"] = steps
         result.append(series)
     return {"device": device, "from": tidy(start), "to": tidy(end), "step": step, "gpus": result}
