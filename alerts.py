@@ -1,0 +1,268 @@
+"""Alert rules: pure functions of pushes and status changes, which carry their own time.
+
+Rules(settings) takes each push (`push(event)`) and each status change (`status(change)`)
+in order and returns the alerts that fire or resolve at that moment, as the dicts
+/api/alerts and `event: alert` carry. It keeps no clock of its own: time is the push's
+`receivedAt` or the change's `at`, so the same events give the same alerts on any worker,
+and tests play days in a blink. Its whole state is plain JSON (`state()`), kept across
+restarts so a deploy never fires an alert twice.
+"""
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+
+GPUS_WINDOW_S = 6 * 3600  # GpuError: fewer GPUs than the device had in this long
+BUSY, IDLE = 50, 5  # GpuJobDone: utilization that starts a job, and under which it has ended
+SEVERITY = {"GpuHot": "critical", "GpuMemoryFull": "warning", "DeviceOffline": "critical",
+            "GpuError": "critical", "GpuJobDone": "info"}
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """The rules' thresholds; 0 switches a rule off."""
+    temp_c: float = 85
+    vram_pct: float = 95
+    offline: bool = True
+    gpu_error: bool = True
+    job_min_s: float = 900
+    for_s: float = 120
+
+
+def fingerprint(labels):
+    """Return Alertmanager's fingerprint of `labels`: FNV-1a 64 over the sorted names and values."""
+    h = 0xcbf29ce484222325
+    for name in sorted(labels):
+        for byte in name.encode() + b"\xff" + labels[name].encode() + b"\xff":
+            h = ((h ^ byte) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def duration(seconds):
+    """Return `seconds` as people say it: 50 s, 2 min, 3 h 12 min, 2 d 4 h."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min" if s % 3600 >= 60 else f"{s // 3600} h"
+    return f"{s // 86400} d {s % 86400 // 3600} h" if s % 86400 >= 3600 else f"{s // 86400} d"
+
+
+def clock_time(t):
+    """Return the server's local time of day at `t`, with its zone (TZ sets it): 04:10 UTC."""
+    return time.strftime("%H:%M %Z", time.localtime(t))
+
+
+def _time(t):
+    """Return unix seconds `t` as RFC 3339 in UTC, to the millisecond."""
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _number(value):
+    return f"{value:g}"
+
+
+class Rules:
+    """The alert rules over the fleet's pushes and status changes, with their hold-downs."""
+
+    def __init__(self, settings, state=None):
+        self.settings = settings
+        state = state or {}
+        self._firing = state.get("firing", {})  # key -> {"alert": the firing alert, "t": when it fired}
+        self._pending = state.get("pending", {})  # key -> since when its condition holds
+        self._clearing = state.get("clearing", {})  # key -> since when a firing alert's condition is false
+        self._jobs = state.get("jobs", {})  # device|gpu -> {"start": t, "idle": t or None}
+        self._gpus = state.get("gpus", {})  # device -> {GPU count: when last reported}
+
+    def state(self):
+        """Return everything the rules remember, as JSON-able data."""
+        return {"firing": self._firing, "pending": self._pending, "clearing": self._clearing,
+                "jobs": self._jobs, "gpus": self._gpus}
+
+    def active(self):
+        """Return the firing alerts, oldest first."""
+        return [entry["alert"] for entry in sorted(self._firing.values(), key=lambda e: e["t"])]
+
+    def push(self, event):
+        """Return the alerts that fire or resolve with this accepted push."""
+        s, device, now = self.settings, event["device"], event["receivedAt"]
+        out = self._resolve(_key("DeviceOffline", device), now, f"{device} is back online")
+        gpus = event.get("gpus") or []
+        for gpu in gpus:
+            index = gpu.get("index")
+            if index is None:
+                continue
+            where = f"{device}:{index}"
+            if s.temp_c:
+                temp = gpu.get("temperatureGpu")
+                out += self._hold("GpuHot", device, index, now, None if temp is None else temp >= s.temp_c, temp,
+                                  lambda v: f"{where} is at {_number(v)} °C, at or above {_number(s.temp_c)} °C"
+                                            f"{self._for()}",
+                                  lambda v: f"{where} is back to {_number(v)} °C, under {_number(s.temp_c)} °C"
+                                            f"{self._for()}")
+            if s.vram_pct:
+                share = _share(gpu.get("memoryUsed"), gpu.get("memoryTotal"))
+                out += self._hold("GpuMemoryFull", device, index, now, None if share is None else share >= s.vram_pct,
+                                  share, lambda v: f"{where} memory is {_number(v)} % full ({_gib(gpu)}), at or above "
+                                                   f"{_number(s.vram_pct)} %{self._for()}",
+                                  lambda v: f"{where} memory is down to {_number(v)} %, under "
+                                            f"{_number(s.vram_pct)} %{self._for()}")
+            if s.gpu_error:
+                error = gpu.get("error")
+                out += self._hold("GpuError", device, index, now, bool(error), None,
+                                  lambda v: f"{where} reports an error: {str(error)[:300]}",
+                                  lambda v: f"{where} reports no error{self._for()}", fire_after=0)
+            if s.job_min_s:
+                out += self._job(device, index, now, gpu.get("utilizationGpu"))
+        if s.gpu_error:
+            out += self._count(device, now, len(gpus), event.get("error"))
+        return out
+
+    def status(self, change):
+        """Return the alerts that fire with a status change (`event: status` data)."""
+        device, now = change["device"], change["at"]
+        if change["status"] != "offline":
+            return []
+        for key in [k for k in self._jobs if k.rpartition("|")[0] == device]:
+            del self._jobs[key]  # a PC that went quiet did not finish its jobs: it may have crashed
+        if not self.settings.offline or _key("DeviceOffline", device) in self._firing:
+            return []
+        summary = f"{device} is offline: no push since {clock_time(change['receivedAt'])}"
+        return [self._fire("DeviceOffline", device, None, now, summary, round(now - change["receivedAt"]))]
+
+    # ---- the kinds of rule ---------------------------------------------------------------------
+
+    def _for(self):
+        return f" for {duration(self.settings.for_s)}" if self.settings.for_s else ""
+
+    def _hold(self, name, device, gpu, now, condition, value, fired, resolved, fire_after=None):
+        """Fire when `condition` has held for the hold-down, resolve when it has been false as long."""
+        key, hold = _key(name, device, gpu), self.settings.for_s
+        if condition is None:  # not reported in this push: nothing is known, nothing changes
+            return []
+        if key in self._firing:
+            if condition:
+                self._clearing.pop(key, None)
+                return []
+            since = self._clearing.setdefault(key, now)
+            return self._resolve(key, now, resolved(value), value) if now - since >= hold else []
+        if not condition:
+            self._pending.pop(key, None)  # a flap inside the hold-down sends nothing
+            return []
+        since = self._pending.setdefault(key, now)
+        if now - since < (hold if fire_after is None else fire_after):
+            return []
+        del self._pending[key]
+        return [self._fire(name, device, gpu, now, fired(value), value)]
+
+    def _job(self, device, gpu, now, utilization):
+        """GpuJobDone: busy (50 % or more) for ALERT_JOB_MIN_S, then under 5 % for ALERT_FOR_S."""
+        key = f"{device}|{gpu}"
+        job = self._jobs.get(key)
+        if utilization is None:
+            return []
+        if utilization >= BUSY and job is None:
+            self._jobs[key] = {"start": now, "idle": None}
+        elif utilization >= IDLE and job is not None:
+            job["idle"] = None  # a dip that came back up: the job goes on
+        elif utilization < IDLE and job is not None:
+            idle = job["idle"] = now if job["idle"] is None else job["idle"]
+            if now - idle >= self.settings.for_s:
+                del self._jobs[key]
+                length = idle - job["start"]
+                if length >= self.settings.job_min_s:
+                    summary = f"{device}:{gpu} finished a {duration(length)} job at {clock_time(idle)}"
+                    fired = self._fire("GpuJobDone", device, gpu, now, summary, round(length))
+                    return [fired] + self._resolve(_key("GpuJobDone", device, gpu), now, summary, round(length))
+        return []
+
+    def _count(self, device, now, count, error):
+        """GpuError for the device: it reports fewer GPUs than it did within the last 6 hours."""
+        seen = self._gpus.setdefault(device, {})
+        seen[str(count)] = now
+        for kept in [c for c, t in seen.items() if now - t > GPUS_WINDOW_S]:
+            del seen[kept]
+        most = max(int(c) for c in seen)
+        why = f": {str(error)[:300]}" if error else ""
+        return self._hold("GpuError", device, None, now, count < most, count,
+                          lambda v: f"{device} reports {v} GPU{'' if v == 1 else 's'}; it had {most} "
+                                    f"within {GPUS_WINDOW_S // 3600} h{why}",
+                          lambda v: f"{device} reports {v} GPU{'' if v == 1 else 's'} again", fire_after=0)
+
+    # ---- transitions ---------------------------------------------------------------------------
+
+    def _fire(self, name, device, gpu, now, summary, value):
+        labels = {"alertname": name, "device": device, "severity": SEVERITY[name]}
+        if gpu is not None:
+            labels["gpu"] = str(gpu)
+        alert = {"alertname": name, "status": "firing", "device": device}
+        if gpu is not None:
+            alert["gpu"] = gpu
+        alert.update(severity=SEVERITY[name], summary=summary, value=value, startsAt=_time(now), endsAt=None,
+                     fingerprint=fingerprint(labels))
+        self._firing[_key(name, device, gpu)] = {"alert": alert, "t": now}
+        return alert
+
+    def _resolve(self, key, now, summary, value=None):
+        entry = self._firing.pop(key, None)
+        self._clearing.pop(key, None)
+        if entry is None:
+            return []
+        resolved = dict(entry["alert"], status="resolved", summary=summary, endsAt=_time(now))
+        if value is not None:
+            resolved["value"] = value
+        return [resolved]
+
+
+def _key(name, device, gpu=None):
+    return f"{name}|{device}|{'' if gpu is None else gpu}"
+
+
+def _share(used, total):
+    if used is None or not total:
+        return None
+    return round(100.0 * used / total, 1)
+
+
+def _gib(gpu):
+    return f"{gpu['memoryUsed'] / 1024:.1f} of {gpu['memoryTotal'] / 1024:.1f} GiB"
+
+
+class AlertBoard:
+    """What viewers are shown: the active alerts and the recent ones (firing or resolved), newest first."""
+
+    def __init__(self, keep=100):
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._active = {}  # fingerprint -> firing alert
+        self._recent = {}  # (fingerprint, startsAt) -> its latest state; insertion order: newest first
+
+    def restore(self, active, recent):
+        """Start from what was kept: the firing alerts and the recent list."""
+        with self._lock:
+            self._active = {a["fingerprint"]: a for a in active}
+            self._recent = {(a["fingerprint"], a["startsAt"]): a for a in list(recent)[:self._keep]}
+
+    def apply(self, alert):
+        """Take one firing or resolution."""
+        key = (alert["fingerprint"], alert["startsAt"])
+        with self._lock:
+            if alert["status"] == "firing":
+                self._active[alert["fingerprint"]] = alert
+            else:
+                self._active.pop(alert["fingerprint"], None)
+            if key in self._recent:
+                self._recent[key] = alert  # its resolution takes its place in the list
+            else:
+                self._recent = {key: alert, **self._recent}
+                if len(self._recent) > self._keep:
+                    del self._recent[next(reversed(self._recent))]
+
+    def view(self):
+        """Return {"active": [...], "recent": [...]} as /api/alerts answers, newest first."""
+        with self._lock:
+            active = sorted(self._active.values(), key=lambda a: a["startsAt"], reverse=True)
+            return {"active": active, "recent": list(self._recent.values())}

@@ -1,0 +1,188 @@
+"""The alert rules, played with an injected clock: each push and status change carries its time."""
+import pytest
+
+from alerts import AlertBoard, AlertSettings, Rules, duration, fingerprint
+
+T0 = 1_790_000_000.0
+
+
+def push(t, *gpus, device="rig-1", error=None):
+    return {"device": device, "receivedAt": T0 + t, "error": error, "gpus": list(gpus)}
+
+
+def gpu(index=0, **fields):
+    return {"index": index, "temperatureGpu": 60, "memoryUsed": 1000, "memoryTotal": 24000,
+            "utilizationGpu": 0, **fields}
+
+
+def offline(t, received, device="rig-1"):
+    return {"device": device, "status": "offline", "receivedAt": T0 + received, "at": T0 + t}
+
+
+def play(rules, *events):
+    """Feed pushes (and status changes) in order; return [(when, alertname, status)] of every transition."""
+    out = []
+    for event in events:
+        alerts = rules.status(event) if "status" in event else rules.push(event)
+        out += [(event.get("at", event.get("receivedAt")) - T0, a["alertname"], a["status"]) for a in alerts]
+    return out
+
+
+def rules(**settings):
+    return Rules(AlertSettings(**{"for_s": 120, **settings}))
+
+
+def test_hot_gpu_fires_after_the_hold_down_not_before_and_resolves_after_it():
+    r = rules()
+    assert play(r, *(push(t, gpu(temperatureGpu=90)) for t in range(0, 120, 10))) == []
+    fired = r.push(push(120, gpu(temperatureGpu=91)))
+    assert [(a["alertname"], a["status"], a["device"], a["gpu"], a["value"], a["severity"]) for a in fired] == [
+        ("GpuHot", "firing", "rig-1", 0, 91, "critical")]
+    assert fired[0]["summary"] == "rig-1:0 is at 91 °C, at or above 85 °C for 2 min"
+    assert fired[0]["endsAt"] is None and fired[0]["startsAt"].endswith("Z")
+    assert play(r, push(130, gpu(temperatureGpu=80)), push(249, gpu(temperatureGpu=70))) == []
+    resolved = r.push(push(250, gpu(temperatureGpu=70)))
+    assert [(a["status"], a["startsAt"], a["fingerprint"]) for a in resolved] == [
+        ("resolved", fired[0]["startsAt"], fired[0]["fingerprint"])]
+    assert resolved[0]["endsAt"] > resolved[0]["startsAt"]
+    assert r.active() == []
+
+
+def test_a_flap_inside_the_hold_down_sends_nothing():
+    r = rules()
+    flapping = [push(t, gpu(temperatureGpu=90 if t % 100 < 60 else 70)) for t in range(0, 1000, 10)]
+    assert play(r, *flapping) == []
+
+
+def test_a_firing_alert_that_dips_under_the_threshold_briefly_stays_firing():
+    r = rules()
+    assert play(r, push(0, gpu(temperatureGpu=90)), push(120, gpu(temperatureGpu=90))) == [(120, "GpuHot", "firing")]
+    dips = [push(t, gpu(temperatureGpu=70 if t % 100 < 60 else 90)) for t in range(130, 1000, 10)]
+    assert play(r, *dips) == []
+    assert [a["alertname"] for a in r.active()] == ["GpuHot"]
+
+
+def test_a_push_without_the_reading_changes_nothing():
+    r = rules()
+    events = [push(0, gpu(temperatureGpu=90)), push(60, gpu(temperatureGpu=None)), push(120, gpu(temperatureGpu=90))]
+    assert play(r, *events) == [(120, "GpuHot", "firing")]
+
+
+def test_full_memory_fires_per_gpu_with_its_share():
+    r = rules(vram_pct=95)
+    full = gpu(1, memoryUsed=23500, memoryTotal=24000)
+    events = [push(t, gpu(0), full) for t in range(0, 121, 30)]
+    assert play(r, *events) == [(120, "GpuMemoryFull", "firing")]
+    alert = r.active()[0]
+    assert (alert["gpu"], alert["value"], alert["severity"]) == (1, 97.9, "warning")
+    assert "97.9 % full (22.9 of 23.4 GiB)" in alert["summary"]
+
+
+def test_device_offline_fires_on_the_status_change_and_resolves_at_the_next_push():
+    r = rules()
+    assert play(r, push(0, gpu()), offline(60, 0)) == [(60, "DeviceOffline", "firing")]
+    alert = r.active()[0]
+    assert "gpu" not in alert and alert["value"] == 60 and alert["summary"].startswith("rig-1 is offline")
+    assert play(r, offline(70, 0)) == []  # already firing: not again
+    assert play(r, push(500, gpu())) == [(500, "DeviceOffline", "resolved")]
+
+
+def test_a_gpu_error_fires_at_once_and_resolves_after_the_hold_down():
+    r = rules()
+    broken = gpu(1, error="Unable to determine the device handle for GPU 0000:02:00.0: GPU is lost")
+    assert play(r, push(0, gpu(0), broken)) == [(0, "GpuError", "firing")]
+    assert "GPU is lost" in r.active()[0]["summary"] and r.active()[0]["gpu"] == 1
+    assert play(r, push(10, gpu(0), gpu(1)), push(129, gpu(0), gpu(1))) == []
+    assert play(r, push(130, gpu(0), gpu(1))) == [(130, "GpuError", "resolved")]
+
+
+def test_fewer_gpus_than_within_six_hours_is_a_device_gpu_error():
+    r = rules()
+    assert play(r, push(0, gpu(0), gpu(1)), push(10, gpu(0))) == [(10, "GpuError", "firing")]
+    alert = r.active()[0]
+    assert "gpu" not in alert and alert["value"] == 1
+    assert alert["summary"] == "rig-1 reports 1 GPU; it had 2 within 6 h"
+    # An agent that lost the driver reports no GPUs and its error.
+    r2 = rules()
+    events = [push(0, gpu(0)), push(2, device="rig-1", error="NVML: Driver/library version mismatch")]
+    assert play(r2, *events) == [(2, "GpuError", "firing")]
+    assert r2.active()[0]["summary"].endswith(": NVML: Driver/library version mismatch")
+    # Six hours with one GPU: that is the device now, and the alert resolves.
+    later = [push(t, gpu(0)) for t in range(20, 6 * 3600 + 200, 60)]
+    assert play(r, *later)[-1:] == [(6 * 3600 + 140, "GpuError", "resolved")]
+
+
+def test_a_job_done_fires_when_a_long_busy_gpu_goes_idle_and_resolves_at_once():
+    r = rules(job_min_s=900)
+    busy = [push(t, gpu(utilizationGpu=30 if t % 600 == 300 else 97)) for t in range(0, 3 * 3600 + 12 * 60, 30)]
+    assert play(r, *busy) == []  # dips to 30 % do not end a job
+    idle = [push(t, gpu(utilizationGpu=1)) for t in range(3 * 3600 + 12 * 60, 3 * 3600 + 15 * 60, 30)]
+    out = r.push(idle[0]) + [a for e in idle[1:] for a in r.push(e)]
+    assert [(a["alertname"], a["status"]) for a in out] == [("GpuJobDone", "firing"), ("GpuJobDone", "resolved")]
+    assert out[0]["summary"].startswith("rig-1:0 finished a 3 h 12 min job at ")
+    assert out[0]["value"] == 3 * 3600 + 12 * 60 and out[0]["severity"] == "info"
+    assert r.active() == []
+
+
+def test_a_short_job_or_a_brief_idle_sends_nothing():
+    r = rules(job_min_s=900)
+    short = [push(t, gpu(utilizationGpu=90)) for t in range(0, 600, 30)]
+    assert play(r, *short, *(push(t, gpu(utilizationGpu=0)) for t in range(600, 1000, 30))) == []
+    long = [push(t, gpu(utilizationGpu=90)) for t in range(1000, 3000, 30)]
+    pause = [push(t, gpu(utilizationGpu=2)) for t in range(3000, 3100, 20)]  # under the 120 s hold-down
+    assert play(r, *long, *pause, *(push(t, gpu(utilizationGpu=90)) for t in range(3100, 3400, 30))) == []
+
+
+def test_a_device_that_goes_offline_did_not_finish_its_job():
+    r = rules(job_min_s=900)
+    events = [push(t, gpu(utilizationGpu=90)) for t in range(0, 2000, 30)]
+    events += [offline(2100, 1980)] + [push(t, gpu(utilizationGpu=0)) for t in range(5000, 5300, 30)]
+    assert [name for _, name, _ in play(r, *events)] == ["DeviceOffline", "DeviceOffline"]
+
+
+@pytest.mark.parametrize("off, events", [
+    ({"temp_c": 0}, [push(t, gpu(temperatureGpu=99)) for t in range(0, 300, 30)]),
+    ({"vram_pct": 0}, [push(t, gpu(memoryUsed=24000)) for t in range(0, 300, 30)]),
+    ({"offline": False}, [push(0, gpu()), offline(60, 0)]),
+    ({"gpu_error": False}, [push(0, gpu(0), gpu(1)), push(10, gpu(0, error="GPU is lost"))]),
+    ({"job_min_s": 0}, [push(t, gpu(utilizationGpu=99 if t < 2000 else 0)) for t in range(0, 2400, 30)]),
+])
+def test_each_rule_is_switched_off_with_zero(off, events):
+    assert play(rules(**off), *events) == []
+    assert play(rules(), *events) != []  # and the same events fire it when it is on
+
+
+def test_state_survives_a_restart_without_firing_again():
+    r = rules()
+    play(r, push(0, gpu(temperatureGpu=90)), push(120, gpu(temperatureGpu=90)))
+    again = Rules(r.settings, r.state())
+    assert play(again, push(130, gpu(temperatureGpu=90))) == []
+    assert play(again, *(push(t, gpu(temperatureGpu=60)) for t in range(140, 300, 20)))[-1:] == [
+        (260, "GpuHot", "resolved")]
+
+
+def test_the_fingerprint_is_alertmanagers():
+    # The test vector of prometheus/common model/signature_test.go.
+    assert fingerprint({"name": "garland, briggs", "fear": "love is not enough"}) == f"{5799056148416392346:016x}"
+    assert fingerprint({}) == "cbf29ce484222325"
+    labels = {"alertname": "GpuHot", "device": "render-box", "gpu": "0", "severity": "warning"}
+    assert fingerprint(labels) == "619cd67eb62c8616"
+    assert fingerprint(dict(labels, severity="critical")) == "32506a81f5bcceef"
+
+
+def test_durations_read_as_people_say_them():
+    assert [duration(s) for s in (50, 120, 3 * 3600 + 12 * 60, 7200, 2 * 86400 + 4 * 3600)] == [
+        "50 s", "2 min", "3 h 12 min", "2 h", "2 d 4 h"]
+
+
+def test_the_board_keeps_the_active_ones_and_the_last_hundred():
+    board, r = AlertBoard(keep=100), rules()
+    for device in range(120):
+        for alert in r.status(offline(10, 0, device=f"d{device}")):
+            board.apply(alert)
+    for alert in r.push(push(20, gpu(), device="d119")):
+        board.apply(alert)
+    view = board.view()
+    assert len(view["active"]) == 119 and len(view["recent"]) == 100
+    assert view["recent"][0]["device"] == "d119" and view["recent"][0]["status"] == "resolved"
+    assert view["recent"][-1]["device"] == "d20"
