@@ -5,10 +5,13 @@ import signal
 import socket
 import sys
 import time
+from types import SimpleNamespace
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from alerter import Alerter, SavedState
+from alerts import AlertBoard
 from auth import DeviceKeys, client_address, viewer_allowed
 from broadcaster import Broadcaster, ViewerLimit
 from config import ConfigError, load_config
@@ -16,6 +19,7 @@ from fleet import Fleet, Unavailable
 from history_api import register_history
 from history_sqlite import SqliteHistory
 from ingest import BAD_KEYS_BURST, BAD_KEYS_PER_S, error, register_ingest
+from notify import MemoryOutbox, Sender
 from pages import register_pages
 from ratelimit import RateLimiter
 
@@ -27,13 +31,14 @@ def create_app(overrides=None):
     """Build an isolated app from the environment plus `overrides` (a dict of settings)."""
     config = load_config(overrides)
     app = Flask(__name__)
-    fleet, history, push_limits, bad_key_limits = _parts(config)
+    parts = _parts(config)
+    fleet, history = parts.fleet, parts.history
     broadcaster = Broadcaster(fleet.snapshot, ring_size=config.ring_size, heartbeat_s=config.heartbeat_s,
                               max_subscribers=config.max_subscribers,
                               max_per_client=config.max_subscribers_per_client, shared_ids=fleet.shared_ids)
     keys = DeviceKeys(config.device_keys)
     started = time.monotonic()
-    app.extensions["gpustats"] = {"config": config, "fleet": fleet, "broadcaster": broadcaster, "history": history}
+    app.extensions["gpustats"] = {"config": config, "broadcaster": broadcaster, **vars(parts)}
     if not keys:
         log.warning("DEVICE_KEYS is empty, so every push is refused with 401. Add a device with "
                     "DEVICE_KEYS=name:key in .env (make a key with: python config.py --new-key)")
@@ -92,25 +97,43 @@ def create_app(overrides=None):
                        subscribers=broadcaster.subscribers, **fleet.health(),
                        uptimeS=round(time.monotonic() - started, 1))
 
-    register_ingest(app, config, keys, fleet, broadcaster, push_limits, bad_key_limits)
+    @app.get("/api/alerts")
+    def alerts():
+        return jsonify(fleet.alerts())
+
+    register_ingest(app, config, keys, fleet, broadcaster, parts.push_limits, parts.bad_key_limits)
     register_history(app, config, history)
     register_pages(app, config)
     fleet.start(broadcaster, config.sweep_s)
-    history.start()
+    for part in (history, parts.alerter, parts.sender):
+        part.start()
     return app
 
 
 def _parts(config):
-    """Choose the fleet, the history and the rate limits: in this process, or shared through Redis."""
+    """Choose the fleet, history, alerts and rate limits: in this process, or shared through Redis."""
+    destinations = config.alert_webhook_urls
     if config.redis_url:
+        from alerter_redis import RedisAlerter
         from fleet_redis import RedisFleet
         from history_redis import RedisHistory
+        from outbox_redis import NotifierLease, RedisOutbox
         fleet = RedisFleet(config.redis_url, config.stale_after_s, config.offline_after_s, config.ring_size)
-        return (fleet, RedisHistory(fleet.client, config.stale_after_s), fleet.rate_limiter("push", config.push_rate_limit),
-                fleet.rate_limiter("bad-key", BAD_KEYS_PER_S, burst=BAD_KEYS_BURST))
+        outbox = RedisOutbox(fleet.client, destinations)
+        return SimpleNamespace(
+            fleet=fleet, history=RedisHistory(fleet.client, config.stale_after_s),
+            alerter=RedisAlerter(fleet.client, config.alert_settings, outbox, config.ring_size),
+            sender=Sender(destinations, outbox, config.alert_dashboard_url, lease=NotifierLease(fleet.client)),
+            push_limits=fleet.rate_limiter("push", config.push_rate_limit),
+            bad_key_limits=fleet.rate_limiter("bad-key", BAD_KEYS_PER_S, burst=BAD_KEYS_BURST))
     history = SqliteHistory(config.history_db, config.stale_after_s)
-    return (Fleet(config.stale_after_s, config.offline_after_s, history), history,
-            RateLimiter(config.push_rate_limit), RateLimiter(BAD_KEYS_PER_S, burst=BAD_KEYS_BURST))
+    board, outbox = AlertBoard(), MemoryOutbox(destinations)
+    alerter = Alerter(config.alert_settings, board, outbox, SavedState(config.history_db))
+    return SimpleNamespace(
+        fleet=Fleet(config.stale_after_s, config.offline_after_s, history, alerter, board), history=history,
+        alerter=alerter, sender=Sender(destinations, outbox, config.alert_dashboard_url),
+        push_limits=RateLimiter(config.push_rate_limit),
+        bad_key_limits=RateLimiter(BAD_KEYS_PER_S, burst=BAD_KEYS_BURST))
 
 
 def _drop_when_stuck(sock, timeout_s):
@@ -140,7 +163,7 @@ def wsgi_app():
     # every socket call: 5 ms by default. 1 ms bounds that wait (CPython issue 7946, the convoy).
     sys.setswitchinterval(0.001)
     parts = app.extensions["gpustats"]
-    _end_streams_on_sigterm(parts["broadcaster"], parts["fleet"], parts["history"])
+    _end_streams_on_sigterm(*(parts[name] for name in ("broadcaster", "fleet", "history", "alerter", "sender")))
     return app
 
 
@@ -161,7 +184,7 @@ def _allow_open_files(connections):
                     "(LimitNOFILE= in a systemd unit) or lower WORKER_CONNECTIONS", raised, connections)
 
 
-def _end_streams_on_sigterm(broadcaster, fleet, history):
+def _end_streams_on_sigterm(broadcaster, *background):
     """On SIGTERM, end every stream and the background work, then let gunicorn's handler run.
 
     Streams never finish by themselves, so without this a deploy would wait out the
@@ -171,8 +194,8 @@ def _end_streams_on_sigterm(broadcaster, fleet, history):
 
     def handler(signum, frame):
         broadcaster.close()
-        fleet.close()
-        history.close()  # each only sets a flag: safe in a signal handler
+        for part in background:
+            part.close()  # each only sets a flag: safe in a signal handler
         if callable(previous):
             previous(signum, frame)
     signal.signal(signal.SIGTERM, handler)

@@ -75,6 +75,27 @@ def _redis_url(name, raw):
     return raw
 
 
+def _switch(name, raw):
+    if raw.strip() not in ("0", "1"):
+        raise ConfigError(f"{name}: {raw!r} must be 1 (on) or 0 (off)")
+    return raw.strip() == "1"
+
+
+def _destinations(name, raw):
+    from notify_formats import parse_destinations
+    try:
+        return parse_destinations(raw)
+    except ValueError as problem:  # its message names the entry, never the URL's secret part
+        raise ConfigError(f"{name}: {problem}") from None
+
+
+def _web_address(name, raw):
+    raw = raw.strip().rstrip("/")
+    if raw and not re.match(r"^https?://[^\s/]+", raw):
+        raise ConfigError(f"{name}: {raw!r} is not an http:// or https:// address")
+    return raw
+
+
 def parse_device_keys(name, raw):
     """Parse `name:key,name2:key2` into {key: name}; a device may have several keys."""
     keys = {}
@@ -148,6 +169,22 @@ SETTINGS = (
             "(see Scale out). Empty: one process holds everything, nothing else to run"),
     Setting("WEB_CONCURRENCY", "web_concurrency", "1", _number(int, 1, 256),
             "gunicorn workers (`gunicorn.conf.py` hands it to gunicorn); more than one needs `REDIS_URL`"),
+    Setting("ALERT_TEMP_C", "alert_temp_c", "85", _number(float, 0, 250),
+            "`GpuHot`: a GPU at or above this temperature (°C) for `ALERT_FOR_S`; 0: off"),
+    Setting("ALERT_VRAM_PCT", "alert_vram_pct", "95", _number(float, 0, 100),
+            "`GpuMemoryFull`: memory used at or above this share (%) of total for `ALERT_FOR_S`; 0: off"),
+    Setting("ALERT_OFFLINE", "alert_offline", "1", _switch, "`DeviceOffline`: a device turns offline; 0: off"),
+    Setting("ALERT_GPU_ERROR", "alert_gpu_error", "1", _switch,
+            "`GpuError`: a GPU reports an error, or a device reports fewer GPUs than within 6 h; 0: off"),
+    Setting("ALERT_JOB_MIN_S", "alert_job_min_s", "900", _number(float, 0),
+            "`GpuJobDone`: a GPU busy (50 % or more) at least this long drops under 5 % for `ALERT_FOR_S`; 0: off"),
+    Setting("ALERT_FOR_S", "alert_for_s", "120", _number(float, 0, 86400),
+            "how long a condition must hold before its alert fires, and be false before it resolves"),
+    Setting("ALERT_WEBHOOK_URLS", "alert_webhook_urls", "", _destinations,
+            "where alerts are sent, comma-separated: `https://...` (Alertmanager webhook JSON), "
+            "`ntfy+https://host/topic`, `discord+https://...`, `slack+https://...`. Empty: shown on the page only"),
+    Setting("ALERT_DASHBOARD_URL", "alert_dashboard_url", "", _web_address,
+            "the dashboard's public address, linked from each notification (`externalURL`); empty: no link"),
     Setting("TRUSTED_PROXIES", "trusted_proxies", "127.0.0.1,::1", _addresses,
             "proxies whose `X-Forwarded-For` gives the client's address (for the bad-key slow-down and "
             "the per-client stream cap)"),
@@ -180,6 +217,14 @@ class Config:
     ring_size: int
     redis_url: str
     web_concurrency: int
+    alert_temp_c: float
+    alert_vram_pct: float
+    alert_offline: bool
+    alert_gpu_error: bool
+    alert_job_min_s: float
+    alert_for_s: float
+    alert_webhook_urls: tuple  # of notify_formats.Destination
+    alert_dashboard_url: str
     trusted_proxies: tuple
     sweep_s: float  # derived: how often statuses are checked
 
@@ -187,6 +232,13 @@ class Config:
     def devices(self):
         """Return the device names that have at least one key."""
         return sorted(set(self.device_keys.values()))
+
+    @property
+    def alert_settings(self):
+        """Return the alert rules' thresholds."""
+        from alerts import AlertSettings
+        return AlertSettings(temp_c=self.alert_temp_c, vram_pct=self.alert_vram_pct, offline=self.alert_offline,
+                             gpu_error=self.alert_gpu_error, job_min_s=self.alert_job_min_s, for_s=self.alert_for_s)
 
 
 def load_config(overrides=None, environ=None):

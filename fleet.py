@@ -8,6 +8,8 @@ import logging
 import threading
 import time
 
+from alerts import AlertBoard
+
 log = logging.getLogger("gpustats")
 
 
@@ -52,10 +54,12 @@ class Fleet:
 
     shared_ids = False  # event ids are this process's own
 
-    def __init__(self, stale_after_s, offline_after_s, history=None, clock=time.time):
+    def __init__(self, stale_after_s, offline_after_s, history=None, alerter=None, board=None, clock=time.time):
         self.stale_after_s = stale_after_s
         self.offline_after_s = offline_after_s
         self._history = history  # fed every accepted push
+        self._alerter = alerter  # fed every accepted push and status change; what it returns is published
+        self._board = board or AlertBoard()  # the active and recent alerts viewers are shown
         self._clock = clock
         self._lock = threading.Lock()
         self._devices = {}  # name -> latest event data
@@ -87,7 +91,28 @@ class Fleet:
         event_id = self.record(event, lambda: self._broadcaster.publish_encoded(encoded))
         if self._history is not None:
             self._history.add(event)
+        if self._alerter is not None:
+            for alert in self._alerter.push(event):
+                self.alert(alert)
         return event_id
+
+    def alert(self, alert, publish=None):
+        """Show an alert's firing or resolution to viewers, and publish it (`event: alert`) under the same lock."""
+        with self._lock:
+            self._board.apply(alert)
+            if publish is not None:
+                return publish()
+            if self._broadcaster is not None:
+                return self._broadcaster.publish(alert["device"], alert, event="alert")
+        return None
+
+    def restore_alerts(self, active, recent):
+        """Take the active and recent alerts as they were kept."""
+        self._board.restore(active, recent)
+
+    def alerts(self):
+        """Return {"active": [...], "recent": [...]}, newest first."""
+        return self._board.view()
 
     def record(self, event, publish=None):
         """Store an event as its device's latest state, and run `publish` under the same lock.
@@ -129,6 +154,9 @@ class Fleet:
                     changes.append((name, change))
                     if self._broadcaster is not None:
                         self._broadcaster.publish(name, change, event="status")
+        for _, change in changes if self._alerter is not None else ():
+            for alert in self._alerter.status(change):
+                self.alert(alert)
         return changes
 
     def counts(self):

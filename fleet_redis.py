@@ -23,6 +23,7 @@ import time
 import redis
 
 import sse
+from alerts import Rules
 from broadcaster import stream_key
 from fleet import Fleet, Unavailable, new_event, status_at, status_change, watch
 from ratelimit_redis import RedisRateLimiter
@@ -53,6 +54,21 @@ local n = redis.call('INCR', KEYS[3])
 return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'd', ARGV[5], 'e', 'status', 'b', ARGV[4], 'n', n)
 """
 RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+ALERTS = PREFIX + "alerts:state"  # the alerter's rules and recent alerts (alerter_redis.py)
+
+
+def hold_lease(client, renew, key, token, ms):
+    """Take the lease `key` for `token`, or renew it if `token` holds it; return whether it is held."""
+    return bool(client.set(key, token, nx=True, px=ms) or renew(keys=[key], args=[token, ms]))
+
+
+def saved_alerts(client):
+    """Return (active, recent) alerts as the alerter last saved them."""
+    text = client.get(ALERTS)
+    if not text:
+        return [], []
+    document = json.loads(text)
+    return Rules(None, document.get("rules")).active(), document.get("recent", [])
 
 
 def read_entry(fields):
@@ -168,6 +184,7 @@ class RedisFleet:
         mirror = self._new_mirror()
         for event in self._read_devices():
             mirror.restore(event)
+        mirror.restore_alerts(*saved_alerts(self.client))
         self._mirror = mirror
         if backfill:
             for entry_id, fields in reversed(entries):
@@ -195,6 +212,8 @@ class RedisFleet:
         publish = lambda: self._publish(entry_id, fields)  # noqa: E731 under the mirror's lock: snapshots match it
         if name == "status":
             self._mirror.set_status(device, data["status"], publish)
+        elif name == "alert":
+            self._mirror.alert(data, publish)
         else:
             self._mirror.record(data, publish)
         self._last, self._last_n = entry_id.decode(), n
@@ -214,6 +233,10 @@ class RedisFleet:
         """Return how many devices are online, stale and offline."""
         return self._mirror.counts()
 
+    def alerts(self):
+        """Return the active and recent alerts, from this worker's mirror."""
+        return self._mirror.alerts()
+
     def _read_devices(self):
         """Yield the latest event of every device, as Redis keeps them."""
         names = sorted(name.decode() for name in self.client.smembers(DEVICES))
@@ -228,9 +251,7 @@ class RedisFleet:
 
     def _sweep_if_leader(self):
         try:
-            leader = (self.client.set(LEASE, self._token, nx=True, px=self._lease_ms)
-                      or self._renew(keys=[LEASE], args=[self._token, self._lease_ms]))
-            if leader:
+            if hold_lease(self.client, self._renew, LEASE, self._token, self._lease_ms):
                 self._sweep()
         except redis.RedisError:
             pass  # the reader reports the outage; the next sweep tries again

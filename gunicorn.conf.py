@@ -23,11 +23,11 @@ reuse_port = workers > 1
 
 
 def worker_exit(server, worker):
-    """Write the history still queued when a worker stops (a deploy, a restart): a second's pushes at most."""
-    app = getattr(worker, "wsgi", None)
-    history = getattr(app, "extensions", {}).get("gpustats", {}).get("history")
-    if history is not None:
-        try:
-            history.flush()
-        except Exception:  # noqa: BLE001 the worker is going anyway; say so, never hang it
-            server.log.exception("the last history write failed")
+    """Write what is still queued when a worker stops (a deploy, a restart): a second of history, the alerts' state."""
+    parts = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("gpustats", {})
+    for name in ("history", "alerter"):
+        if name in parts:
+            try:
+                parts[name].flush()
+            except Exception:  # noqa: BLE001 the worker is going anyway; say so, never hang it
+                server.log.exception("the last %s write failed", name)

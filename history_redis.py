@@ -22,7 +22,7 @@ import redis
 
 from offload import cooperate
 from fleet import Unavailable, watch
-from fleet_redis import PREFIX, RENEW, STREAM, read_entry
+from fleet_redis import PREFIX, RENEW, STREAM, hold_lease, read_entry
 from history import HOUR, MINUTE, SECOND, WIDTH, Batch, Sampler, answer, sample
 
 log = logging.getLogger("gpustats")
@@ -117,9 +117,7 @@ class RedisHistory:
 
     def _write_if_leader(self):
         try:
-            leader = (self.client.set(LEASE, self._token, nx=True, px=LEASE_MS)
-                      or self._renew(keys=[LEASE], args=[self._token, LEASE_MS]))
-            if not leader:
+            if not hold_lease(self.client, self._renew, LEASE, self._token, LEASE_MS):
                 self._sampler = None
                 return
             if self._sampler is None:

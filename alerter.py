@@ -1,0 +1,97 @@
+"""Alerts evaluated in this process (no REDIS_URL): the rules, their saved state, the outbox.
+
+The fleet hands every accepted push and every status change to push()/status() and
+publishes what they return. The rules' state and the recent alerts are saved once a second
+when they changed (and at exit) in the history database, so a deploy neither fires an alert
+that is already firing nor forgets a job that is running.
+"""
+import json
+import logging
+import sqlite3
+import threading
+
+import offload
+from alerts import Rules
+from fleet import watch
+
+log = logging.getLogger("gpustats")
+SAVE_S = 1.0
+
+
+class SavedState:
+    """One JSON document kept in a table of the SQLite file `path`; with no path, nothing is kept."""
+
+    def __init__(self, path, name="alerts"):
+        self._path, self._name = path, name
+        self._worker = offload.Worker("alert-state") if path else None
+        if self._worker:
+            self._db = self._worker.run(self._open)
+
+    def _open(self):
+        db = sqlite3.connect(self._path, timeout=10, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE IF NOT EXISTS kept (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        return db
+
+    def load(self):
+        """Return the saved document, or None."""
+        if not self._worker:
+            return None
+        row = self._worker.run(lambda: self._db.execute("SELECT value FROM kept WHERE name = ?",
+                                                        (self._name,)).fetchone())
+        try:
+            return json.loads(row[0]) if row else None
+        except ValueError:
+            log.error("the saved alert state in %s is not JSON; starting with none", self._path)
+            return None
+
+    def save(self, document):
+        if self._worker:
+            text = json.dumps(document, separators=(",", ":"))
+            self._worker.run(lambda: self._db.execute("INSERT OR REPLACE INTO kept VALUES (?, ?)", (self._name, text)))
+
+
+class Alerter:
+    """The alert rules for a fleet in this process, with their state kept and alerts queued to send."""
+
+    def __init__(self, settings, board, outbox, state=None):
+        self._board, self._outbox = board, outbox
+        self._state = state or SavedState("")
+        saved = self._state.load() or {}
+        self.rules = Rules(settings, saved.get("rules"))
+        board.restore(self.rules.active(), saved.get("recent", ()))
+        self._lock = threading.Lock()
+        self._changed = False
+        self._closed = False
+
+    def start(self):
+        watch("alert-state", SAVE_S, self.flush, lambda: self._closed)
+
+    def close(self):
+        self._closed = True
+
+    def push(self, event):
+        """Return the alerts an accepted push fires or resolves, queued to send."""
+        with self._lock:
+            return self._queued(self.rules.push(event))
+
+    def status(self, change):
+        """Return the alerts a status change fires, queued to send."""
+        with self._lock:
+            return self._queued(self.rules.status(change))
+
+    def _queued(self, alerts):
+        self._changed = True  # hold-down timers move with every push, not only on a transition
+        for alert in alerts:
+            self._outbox.put(alert)
+        return alerts
+
+    def flush(self):
+        """Save the rules' state and the recent alerts, if they changed."""
+        with self._lock:
+            if not self._changed:
+                return
+            self._changed = False
+            document = json.loads(json.dumps({"rules": self.rules.state()}))  # a copy, taken under the lock
+        document["recent"] = self._board.view()["recent"]
+        self._state.save(document)

@@ -1,0 +1,105 @@
+"""Alerts end to end on a real server: /api/alerts, `event: alert`, webhooks, restarts; one contract, both backends."""
+import time
+
+import pytest
+import requests
+
+from conftest import Server, Stream, gpu, multi, wait_for
+from receiver import receiver  # noqa: F401 a fixture
+
+pytestmark = pytest.mark.both_backends
+FAST = {"ALERT_FOR_S": "0", "ALERT_TEMP_C": "80", "PUSH_RATE_LIMIT": "1000"}
+
+
+def alerts(server):
+    answer = requests.get(server.url + "/api/alerts", timeout=5)
+    assert answer.status_code == 200
+    return answer.json()
+
+
+def is_alert(status, name="GpuHot"):
+    return lambda e: e["event"] == "alert" and e["data"]["alertname"] == name and e["data"]["status"] == status
+
+
+def test_a_hot_gpu_fires_resolves_and_is_sent_once_each_way(start_server, open_stream, receiver):
+    server = start_server(**FAST, ALERT_WEBHOOK_URLS=receiver.url + "/hook")
+    stream = open_stream(server)
+    assert server.push(multi(gpu(0), gpu(1, temperatureGpu=91))).status_code == 200
+    fired = stream.until(is_alert("firing"))["data"]
+    assert (fired["device"], fired["gpu"], fired["value"], fired["endsAt"]) == ("rig-1", 1, 91, None)
+    assert alerts(server)["active"] == [fired]
+
+    assert server.push(multi(gpu(0), gpu(1, temperatureGpu=70))).status_code == 200
+    resolved = stream.until(is_alert("resolved"))["data"]
+    assert resolved["fingerprint"] == fired["fingerprint"] and resolved["endsAt"] >= fired["startsAt"]
+    view = alerts(server)
+    assert view["active"] == [] and view["recent"] == [resolved]
+
+    sent = wait_for(lambda: len(receiver.bodies("/hook")) == 2 and receiver.bodies("/hook"))
+    assert [(b["status"], b["alerts"][0]["labels"]["gpu"], b["alerts"][0]["endsAt"]) for b in sent] == [
+        ("firing", "1", "0001-01-01T00:00:00Z"), ("resolved", "1", resolved["endsAt"])]
+    assert all(b["version"] == "4" and b["receiver"] == "gpustats" for b in sent)
+
+
+def test_a_quiet_device_is_an_offline_alert_until_its_next_push(start_server, open_stream):
+    server = start_server(**FAST, STALE_AFTER_S="0.2", OFFLINE_AFTER_S="0.5")
+    stream = open_stream(server)
+    server.push(multi())
+    fired = stream.until(is_alert("firing", "DeviceOffline"), timeout=5)["data"]
+    assert "gpu" not in fired and fired["summary"].startswith("rig-1 is offline")
+    assert [a["alertname"] for a in alerts(server)["active"]] == ["DeviceOffline"]
+    server.push(multi())
+    stream.until(is_alert("resolved", "DeviceOffline"))
+    view = alerts(server)  # it may be offline again by now (0.5 s): that is a new alert, with a new start
+    assert fired["startsAt"] not in [a["startsAt"] for a in view["active"]]
+    assert [a["status"] for a in view["recent"] if a["startsAt"] == fired["startsAt"]] == ["resolved"]
+
+
+def test_a_firing_alert_survives_a_restart_and_is_not_sent_again(start_server, receiver):
+    server = start_server(**FAST, ALERT_WEBHOOK_URLS=receiver.url + "/hook")
+    server.push(multi(gpu(0, temperatureGpu=95)))
+    wait_for(lambda: alerts(server)["active"])
+    wait_for(lambda: receiver.bodies("/hook"))
+    server.restart()  # right away: the state is saved as the worker exits
+    assert [a["alertname"] for a in alerts(server)["active"]] == ["GpuHot"]
+    server.push(multi(gpu(0, temperatureGpu=96)))
+    server.push(multi(gpu(0, temperatureGpu=60)))
+    wait_for(lambda: len(receiver.bodies("/hook")) == 2)
+    assert [b["status"] for b in receiver.bodies("/hook")] == ["firing", "resolved"]
+
+
+def test_alerts_need_the_viewer_login(start_server):
+    server = start_server(DASHBOARD_PASSWORD="s3cret-enough")
+    assert requests.get(server.url + "/api/alerts", timeout=5).status_code == 401
+    answer = requests.get(server.url + "/api/alerts", auth=("admin", "s3cret-enough"), timeout=5)
+    assert answer.json() == {"active": [], "recent": []}
+
+
+@pytest.mark.no_backend
+def test_a_bad_webhook_url_stops_the_server_with_one_line_without_the_secret(tmp_path):
+    server = Server({"ALERT_WEBHOOK_URLS": "discord+ftp://discord.com/api/webhooks/123/SECRET-TOKEN"}, tmp_path)
+    with pytest.raises(RuntimeError) as failed:
+        server.start()
+    assert "ALERT_WEBHOOK_URLS" in str(failed.value) and "SECRET-TOKEN" not in str(failed.value)
+
+
+def test_two_servers_on_one_redis_send_each_alert_once(redis_server, tmp_path, receiver):
+    shared = {**FAST, "REDIS_URL": redis_server.url, "ALERT_WEBHOOK_URLS": receiver.url + "/hook"}
+    servers = [Server(shared, tmp_path).start() for _ in range(2)]
+    streams = [Stream(s.port) for s in servers]
+    try:
+        servers[0].push(multi(gpu(0, temperatureGpu=90)))
+        for stream in streams:  # each viewer, on either host, sees it once
+            stream.until(is_alert("firing"))
+        servers[1].push(multi(gpu(0, temperatureGpu=60)))
+        for stream in streams:
+            stream.until(is_alert("resolved"))
+        wait_for(lambda: len(receiver.bodies("/hook")) >= 2)
+        time.sleep(1.5)  # a second alerter or sender would have sent by now: each runs once a second
+        assert [b["status"] for b in receiver.bodies("/hook")] == ["firing", "resolved"]
+        assert alerts(servers[0]) == alerts(servers[1])
+    finally:
+        for stream in streams:
+            stream.close()
+        for server in servers:
+            server.stop()
