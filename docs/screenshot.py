@@ -4,6 +4,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -11,10 +12,28 @@ import requests
 from playwright.sync_api import sync_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import agent  # noqa: E402
 from conftest import CHROMIUM, CHROMIUM_ARGS, procfile_command  # noqa: E402
 
 FLEET = {"render-box": 4, "workstation": 2, "lab-rig": 1}
+HOT = "workstation"  # its last GPU runs hot, so the picture shows an alert
+COOL_SPELL_S = (12, 18)  # seconds after the start when it cools down for a while: a resolved alert too
+
+
+class RunningHot(agent.SimulatedBackend):
+    """Simulated GPUs, the last of which is busy and runs at 86-89 °C (a clogged fan, say), but for a cool spell."""
+
+    def __init__(self, count):
+        super().__init__(count)
+        self.started = time.monotonic()
+
+    def sample(self):
+        self.load[-1] = max(self.load[-1], 88)
+        gpus = super().sample()
+        cool = COOL_SPELL_S[0] <= time.monotonic() - self.started < COOL_SPELL_S[1]
+        gpus[-1].update(temperatureGpu=(76 if cool else 86) + self.rng.randint(0, 3), fanSpeed=100)
+        return gpus
 
 
 def main(seconds=40):
@@ -22,12 +41,13 @@ def main(seconds=40):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     keys = {device: secrets.token_urlsafe(24) for device in FLEET}
+    # Alerts at the default 85 °C, fired and resolved at once rather than after 2 min.
     env = {**os.environ, "ENV_FILE": os.devnull, "PORT": str(port), "HISTORY_S": "120", "STALE_AFTER_S": "8",
-           "DEVICE_KEYS": ",".join(f"{d}:{k}" for d, k in keys.items()),
+           "HISTORY_DB": "", "ALERT_FOR_S": "0", "DEVICE_KEYS": ",".join(f"{d}:{k}" for d, k in keys.items()),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     server = subprocess.Popen(["sh", "-c", "exec " + procfile_command()], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    agents = []
+    agents, done = [], threading.Event()
     try:
         for _ in range(100):
             try:
@@ -35,9 +55,13 @@ def main(seconds=40):
                 break
             except requests.RequestException:
                 time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}/push-sse"
         for device, gpus in FLEET.items():
-            agents.append(subprocess.Popen([sys.executable, str(ROOT / "agent.py"), "--url",
-                                            f"http://127.0.0.1:{port}/push-sse", "--key", keys[device],
+            if device == HOT:  # the real agent's loop, in this process, with the hot GPU
+                threading.Thread(target=agent.run_loop, args=(RunningHot(gpus), agent.Pusher(url, keys[device]), 1),
+                                 kwargs={"stop": done.is_set}, daemon=True).start()
+                continue
+            agents.append(subprocess.Popen([sys.executable, str(ROOT / "agent.py"), "--url", url, "--key", keys[device],
                                             "--simulate", str(gpus), "--interval", "1"],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(seconds - 12)
@@ -56,6 +80,7 @@ def main(seconds=40):
             page.screenshot(path=str(ROOT / "docs" / "screenshot.png"), full_page=True)
             browser.close()
     finally:
+        done.set()
         for process in agents + [server]:
             process.terminate()
     print("wrote docs/screenshot.png")

@@ -1,6 +1,7 @@
 // The dashboard: one EventSource, one card per device, one tile per GPU, all updated in place
 // (the DOM does not grow with time). Every string from an agent is set with textContent.
 // History comes from api/history for the chosen range; the live range also grows with pushes.
+// Alerts come from api/alerts and `event: alert`, and are shown on their tiles, cards and the header.
 "use strict";
 
 (() => {
@@ -108,6 +109,7 @@
       badge: make("span", "badge online", head, "online"),
       seen: make("span", "seen", head, ""),
       host: make("span", "host", head, ""),
+      alert: make("p", "device-alert", card),
       error: make("p", "device-error", card, ""),
       note: make("p", "history-note", card, ""),
       grid: make("div", "gpus", card),
@@ -116,6 +118,7 @@
     document.getElementById("empty")?.remove();
     // Cards keep a stable order: by name, whatever order pushes arrive in.
     insertSorted(document.getElementById("fleet"), card, name, child => child.dataset.device);
+    showAlerts(entry.card, entry.alert, deviceAlerts(name));
     return entry;
   }
 
@@ -125,9 +128,11 @@
     const root = make("article", "gpu");
     root.dataset.index = String(index);
     const head = make("div", "gpu-head", root);
-    tile = {root, gpu: {}, history: emptyColumns(), recent: [], energyWh: null, dirty: false, processesKey: "", rows: {}};
+    tile = {root, gpu: {}, alerts: [], history: emptyColumns(), recent: [], energyWh: null, dirty: false,
+      processesKey: "", rows: {}};
     make("span", "gpu-id", head, `${device}:${index}`);
     tile.name = make("span", "gpu-name", head, "");
+    tile.alert = make("p", "gpu-alert", root);
     tile.error = make("p", "gpu-error", root, "");
     const stats = make("dl", "stats", root);
     for (const kind of Object.keys(LABELS)) {
@@ -142,6 +147,8 @@
     tile.processes = make("ul", "processes", root);
     entry.gpus.set(index, tile);
     insertSorted(entry.grid, root, index, child => Number(child.dataset.index));
+    tile.alerts = gpuAlerts(device, index);
+    showAlerts(root, tile.alert, tile.alerts);
     return tile;
   }
 
@@ -152,7 +159,7 @@
       const sent = !OPTIONAL[kind] || OPTIONAL[kind].some(field => field in g);
       row.hidden = !sent;
       setText(value, show[kind](g));
-      const cls = level(kind, g);
+      const cls = alertLevel(tile, kind) || level(kind, g);
       if (value.className !== cls) value.className = cls;
     }
     const processes = Array.isArray(g.processes) ? g.processes : [];
@@ -434,6 +441,186 @@
     if (changed) updateTotals();
   }, 1000);
 
+  // ---- alerts: the server's rules fire and resolve them; this page shows the active ones on their
+  // tiles and cards and counts them in the header, and lists the newest few. api/alerts is loaded
+  // on every (re)connect (a page that was away missed events) and once a minute; between loads,
+  // `event: alert` events are applied as they come. Words always say what the colour says.
+  const ALERTS_REFRESH_MS = 60000;
+  const RECENT_SHOWN = 10;
+  const RECENT_KEPT = 100; // as many as the server keeps
+  const KINDS = {GpuHot: "Hot", GpuMemoryFull: "Memory full", DeviceOffline: "Offline", GpuError: "GPU error",
+    GpuJobDone: "Job done"};
+  const SEVERITIES = ["critical", "warning", "info"]; // worst first
+  const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+  // One entry per alert instance (`fingerprint startsAt`: its firing, then its resolution), with
+  // the moment this page learned its state.
+  const alerts = new Map(); // key -> {alert, seenAt}
+  let active = new Map(); // JSON [device, gpu or null] -> its firing alerts, newest first
+  let alertsKnown = false; // api/alerts has answered once: the count can be told
+  const alertsLoad = {request: null, at: 0, jitter: Math.random()};
+  const shownAlerts = new WeakMap(); // the line on a tile or card -> the key of what it shows
+  const counter = document.getElementById("alert-count");
+  const recentSection = document.getElementById("alerts");
+  const recentList = document.getElementById("alert-list");
+  let recentKey = "";
+  const onlyDevices = (() => { // the page's ?device= filter, as the stream applies it
+    const only = new URLSearchParams(location.search).get("device");
+    const names = only ? only.split(",").map(d => d.trim()).filter(Boolean) : [];
+    return names.length ? new Set(names) : null;
+  })();
+
+  const alertKey = a => `${a.fingerprint} ${a.startsAt}`;
+  const changedAt = a => Date.parse(a.endsAt || a.startsAt) || 0; // its latest transition
+  const where = (device, gpu) => JSON.stringify([device, gpu ?? null]);
+  const severity = a => SEVERITIES.includes(a.severity) ? a.severity : "warning";
+  const tone = a => a.alertname === "GpuJobDone" ? "good" : a.status === "resolved" ? "resolved" : severity(a);
+  const deviceAlerts = name => active.get(where(name, null)) || [];
+  const gpuAlerts = (name, index) => active.get(where(name, index)) || [];
+  // The stat an active alert is about takes its colour: the server's threshold, not the page's.
+  const STAT_ALERTS = {temp: "GpuHot", mem: "GpuMemoryFull"};
+  const LEVELS = {critical: "level-hot", warning: "level-warn"};
+
+  function alertLevel(tile, kind) {
+    const alert = tile.alerts.find(a => a.alertname === STAT_ALERTS[kind]);
+    return alert ? LEVELS[severity(alert)] || "" : "";
+  }
+
+  function isAlert(a) {
+    return Boolean(a) && typeof a.fingerprint === "string" && typeof a.startsAt === "string"
+      && typeof a.device === "string" && (a.status === "firing" || a.status === "resolved")
+      && (!onlyDevices || onlyDevices.has(a.device));
+  }
+
+  function when(iso) {
+    const d = new Date(iso);
+    if (!Number.isFinite(d.getTime())) return "";
+    const time = `${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}`;
+    return d.toDateString() === new Date().toDateString() ? time : `${d.getDate()} ${MONTHS[d.getMonth()]} ${time}`;
+  }
+
+  // A tile says "Hot: 91 °C since 04:10" (the value when it fired); a card, the alert's summary.
+  function label(a) {
+    if (a.gpu === undefined || a.gpu === null) return a.summary || KINDS[a.alertname] || a.alertname;
+    const unit = {GpuHot: " °C", GpuMemoryFull: " %"}[a.alertname];
+    const value = unit && known(a.value) ? `: ${round(a.value)}${unit}` : "";
+    return `${KINDS[a.alertname] || a.alertname}${value} since ${when(a.startsAt)}`;
+  }
+
+  // An instance fires, then resolves: its firing never undoes its resolution, whichever of the two
+  // this page hears last (an answer asked before the resolution was sent comes after it, say).
+  function takeAlert(alert, seenAt) {
+    if (!isAlert(alert)) return;
+    const key = alertKey(alert);
+    const had = alerts.get(key);
+    if (had && had.alert.status === "resolved" && alert.status === "firing") return;
+    alerts.set(key, {alert, seenAt});
+  }
+
+  function onAlert(alert) {
+    takeAlert(alert, Date.now());
+    renderAlerts();
+  }
+
+  function applyAlerts(answer, askedAt) {
+    // The answer knows all this page learned before it asked; what it leaves out is over (it
+    // resolved while this page was away, or the server no longer keeps it). Events that came
+    // after the question stay, and are merged with the answer instance by instance.
+    for (const [key, entry] of alerts) if (entry.seenAt < askedAt) alerts.delete(key);
+    for (const list of [answer.recent, answer.active]) {
+      for (const alert of Array.isArray(list) ? list : []) takeAlert(alert, askedAt);
+    }
+    alertsKnown = true;
+    renderAlerts();
+  }
+
+  // Show `list` on a tile or card; return whether that changed anything.
+  function showAlerts(root, line, list) {
+    const key = JSON.stringify(list.map(a => [alertKey(a), a.summary]));
+    if (shownAlerts.get(line) === key) return false;
+    shownAlerts.set(line, key);
+    line.replaceChildren(...list.map(a => {
+      const note = make("span", `alert-note ${severity(a)}`, null, label(a));
+      if (a.summary) note.title = a.summary;
+      return note;
+    }));
+    const worst = SEVERITIES.find(s => list.some(a => severity(a) === s));
+    if (worst) root.dataset.alert = worst;
+    else delete root.dataset.alert;
+    return true;
+  }
+
+  function alertItem(a) {
+    const item = make("li", `alert-item ${tone(a)}`);
+    const time = make("time", "", item, when(a.endsAt || a.startsAt));
+    time.dateTime = a.endsAt || a.startsAt;
+    const done = a.alertname === "GpuJobDone"; // news, not a problem: no kind word, no red
+    make("span", `badge ${tone(a)}`, item, done ? "job done" : a.status);
+    if (!done) make("span", "alert-kind", item, KINDS[a.alertname] || a.alertname);
+    make("span", "alert-summary", item, a.summary || "");
+    return item;
+  }
+
+  function renderAlerts() {
+    const recent = [...alerts.values()].map(entry => entry.alert).sort((a, b) => changedAt(b) - changedAt(a));
+    for (const a of recent.slice(RECENT_KEPT)) if (a.status !== "firing") alerts.delete(alertKey(a));
+    const latest = new Map(); // fingerprint -> its newest instance
+    for (const a of recent) {
+      const had = latest.get(a.fingerprint);
+      if (!had || Date.parse(a.startsAt) > Date.parse(had.startsAt)) latest.set(a.fingerprint, a);
+    }
+    // GpuJobDone fires and resolves at once: it is news for the list, never a standing problem.
+    const firing = [...latest.values()].filter(a => a.status === "firing" && a.alertname !== "GpuJobDone");
+    active = new Map();
+    for (const a of firing) {
+      const at = where(a.device, a.gpu);
+      active.set(at, [...(active.get(at) || []), a]);
+    }
+    for (const entry of devices.values()) {
+      showAlerts(entry.card, entry.alert, deviceAlerts(entry.name));
+      for (const [index, tile] of entry.gpus) {
+        tile.alerts = gpuAlerts(entry.name, index);
+        if (showAlerts(tile.root, tile.alert, tile.alerts)) renderGpu(tile, tile.gpu);
+      }
+    }
+    counter.hidden = !alertsKnown;
+    const worst = SEVERITIES.find(s => firing.some(a => severity(a) === s));
+    counter.className = `alert-count ${worst || "none"}`;
+    setText(counter, firing.length === 0 ? "no alerts" : firing.length === 1 ? "1 alert" : `${firing.length} alerts`);
+    const shown = recent.slice(0, RECENT_SHOWN);
+    recentSection.hidden = shown.length === 0;
+    const key = JSON.stringify(shown.map(a => [alertKey(a), a.status, a.summary]));
+    if (key !== recentKey) {
+      recentKey = key;
+      recentList.replaceChildren(...shown.map(alertItem));
+    }
+  }
+
+  const alertsRefreshMs = () => ALERTS_REFRESH_MS * (1 + alertsLoad.jitter / 5);
+
+  async function loadAlerts() {
+    alertsLoad.request?.abort();
+    const controller = new AbortController();
+    alertsLoad.request = controller;
+    const askedAt = alertsLoad.at = Date.now();
+    try {
+      const response = await fetch("api/alerts", {signal: controller.signal, cache: "no-store"});
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      const answer = await response.json();
+      if (alertsLoad.request === controller) applyAlerts(answer, askedAt);
+    } catch {
+      if (alertsLoad.request === controller) alertsLoad.at = Date.now() - alertsRefreshMs() + RETRY_MS;
+    } finally {
+      if (alertsLoad.request === controller) alertsLoad.request = null;
+    }
+  }
+
+  // Loaded again every minute (a page that fell behind may have missed events), from the first
+  // (re)connect on; see connect() for the loads that follow a reconnect.
+  setInterval(() => {
+    if (document.hidden || alertsLoad.request || !alertsLoad.at) return;
+    if (Date.now() - alertsLoad.at >= alertsRefreshMs()) loadAlerts();
+  }, 1000);
+
   // ---- the connection -------------------------------------------------------------------------
   const connection = document.getElementById("connection");
   let retryMs = 1000;
@@ -450,9 +637,18 @@
 
   function connect() {
     const source = new EventSource(streamUrl());
-    source.onopen = () => { retryMs = 1000; setConnection("live", "live"); };
+    source.onopen = () => {
+      retryMs = 1000;
+      setConnection("live", "live");
+      // Alerts fired or resolved while this page was not listening are in api/alerts, asked once
+      // the stream is open so nothing falls between the two. After a reconnect (a deploy: every
+      // page at once) the load waits a random moment, as history's does.
+      if (!alertsLoad.at) loadAlerts();
+      else alertsLoad.at = Date.now() - alertsRefreshMs() + Math.random() * RECONNECT_SPREAD_MS;
+    };
     source.onmessage = event => onPush(JSON.parse(event.data));
     source.addEventListener("status", event => onStatus(JSON.parse(event.data)));
+    source.addEventListener("alert", event => onAlert(JSON.parse(event.data)));
     source.onerror = () => {
       setConnection("reconnecting", "reconnecting…");
       if (source.readyState === EventSource.CLOSED) {
