@@ -236,7 +236,7 @@ def test_hovering_a_chart_shows_the_values_at_that_moment_in_real_units(start_se
 
 
 def test_a_stretch_without_data_is_drawn_as_a_gap(start_server, page):
-    # With pushes 1 s apart and STALE_AFTER_S=1, 4 s without a push is a gap (over 2.5 steps of 1 s).
+    # With points 1 s apart and STALE_AFTER_S=1, 3 s from one point to the next is a gap (over 2.5 steps of 1 s).
     server = start_server(PUSH_RATE_LIMIT="1000", HISTORY_S="30", STALE_AFTER_S="1", OFFLINE_AFTER_S="60")
     only_util = {"memoryUsed": None, "temperatureGpu": None, "powerDraw": None}  # one line to look at
 
@@ -244,13 +244,13 @@ def test_a_stretch_without_data_is_drawn_as_a_gap(start_server, page):
         for util in (40, 60):
             server.push_as_new_history_point(multi(gpu(0, utilizationGpu=util, **only_util)))
     two_points()
-    time.sleep(4)
+    server.wait_past_last_push(3)  # no point for 3 s
     two_points()
     open_dashboard(page, server)  # the gap comes from api/history
     runs = wait_for(lambda: len(r := line_runs(page, "rig-1", 0)) == 2 and r, timeout=5, interval=0.2)
     px_per_s = tile(page, "rig-1", 0).locator(".u-over").bounding_box()["width"] / 30
     assert runs[1][0] - runs[0][1] >= 2 * px_per_s, runs  # about 3 s of nothing between the lines
-    time.sleep(4)
+    server.wait_past_last_push(3)  # counted from the last push: the page watched for part of it
     two_points()  # and a gap while the page watches
     runs = wait_for(lambda: len(r := line_runs(page, "rig-1", 0)) == 3 and r, timeout=5, interval=0.2)
     assert runs[2][0] - runs[1][1] >= 2 * px_per_s, runs
