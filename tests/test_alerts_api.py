@@ -102,4 +102,4 @@ def test_two_servers_on_one_redis_send_each_alert_once(redis_server, tmp_path, r
         for stream in streams:
             stream.close()
         for server in servers:
-            server.stop()
+            server.kill()

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import payload
+from alerts import SEVERITY
 from conftest import KEYS, Server, Stream, gpu, multi, raw_exchange
 
 FUZZ = dict(deadline=None, database=None,
@@ -24,7 +25,7 @@ FUZZ = dict(deadline=None, database=None,
                                    HealthCheck.function_scoped_fixture])
 NUMBER_FIELDS = [name for name, check in payload.GPU_FIELDS.items() if check is not payload._string]
 STRING_FIELDS = [name for name, check in payload.GPU_FIELDS.items() if check is payload._string]
-STALL_S = 0.2  # PUSH_BODY_TIMEOUT_S on the server the framing is fuzzed on; the others keep the default
+STALL_S = 0.1  # PUSH_BODY_TIMEOUT_S (its least) on the server the framing is fuzzed on; the others keep the default
 # Cases each property sends; together over 10,000 a run.
 BUDGET = {"wrong_types_for_numbers": 800, "wrong_types_for_strings": 600, "huge_and_negative_numbers": 800,
           "nan_and_infinity": 800, "deep_nesting": 500, "oversized": 400, "content_type": 500,
@@ -79,14 +80,16 @@ class Target:
         return status, answer
 
     def verify(self):
-        """Assert the stream, a new viewer's snapshot and /healthz are those of the accepted pushes alone."""
+        """Assert the stream, a new viewer's snapshot and /healthz are those of the accepted pushes alone (and their alerts)."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(
-                len([e for e in seen if e["event"] != ":comment"]) < len(self.accepted) for seen in self.seen):
+                len(pushes(seen)) < len(self.accepted) for seen in self.seen):
             time.sleep(0.02)
         latest = None
         for seen in self.seen:
-            events = [e for e in seen if e["event"] != ":comment"]
+            events = pushes(seen)
+            for alert in (e["data"] for e in seen if e["event"] == "alert"):  # odd pushes may fire GpuError
+                assert alert["device"] == "rig-1" and alert["alertname"] in SEVERITY and alert["summary"]
             assert [e["id"] for e in events] == self.accepted, events[-3:]  # nothing else, nothing lost
             for event in events:
                 payload.validate({"gpus": event["data"]["gpus"]})  # what reached a viewer passes the checks
@@ -106,11 +109,16 @@ class Target:
         assert "Traceback" not in self.server.output() and "[ERROR]" not in self.server.output()
 
 
+def pushes(seen):
+    """Return the events of pushes a viewer read: not comments, not the alerts the pushes fired."""
+    return [e for e in seen if e["event"] not in (":comment", "alert")]
+
+
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
     target = Target(tmp_path_factory.mktemp("fuzz"))
     yield target
-    target.server.stop()
+    target.server.kill()
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +126,7 @@ def stalling_target(tmp_path_factory):
     """A server of its own with a short PUSH_BODY_TIMEOUT_S, so stalled bodies are answered quickly."""
     target = Target(tmp_path_factory.mktemp("fuzz-wire"), PUSH_BODY_TIMEOUT_S=str(STALL_S))
     yield target
-    target.server.stop()
+    target.server.kill()
 
 
 def fuzz(name, strategy):
@@ -157,12 +165,20 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                            max_leaves=10)
 
 
+# Strategies are built once, here, not in every draw: Hypothesis checks each new strategy before
+# its first draw, and those checks cost 3 s a run. What they draw is the same either way.
+
 # ---- the structure of the JSON ---------------------------------------------------------------
+
+NOT_A_NUMBER = json_values.filter(lambda v: v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))))
+NOT_A_STRING = json_values.filter(lambda v: v is not None and not isinstance(v, str))
+NUMBER_FIELD, STRING_FIELD = st.sampled_from(NUMBER_FIELDS), st.sampled_from(STRING_FIELDS)
+
 
 @st.composite
 def wrong_type_for_a_number(draw):
-    field = draw(st.sampled_from(NUMBER_FIELDS))
-    value = draw(json_values.filter(lambda v: v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))))
+    field = draw(NUMBER_FIELD)
+    value = draw(NOT_A_NUMBER)
 
     def case(target):
         body = multi(gpu(0))
@@ -173,8 +189,8 @@ def wrong_type_for_a_number(draw):
 
 @st.composite
 def wrong_type_for_a_string(draw):
-    field = draw(st.sampled_from(STRING_FIELDS))
-    value = draw(json_values.filter(lambda v: v is not None and not isinstance(v, str)))
+    field = draw(STRING_FIELD)
+    value = draw(NOT_A_STRING)
 
     def case(target):
         body = multi(gpu(0))
@@ -183,15 +199,23 @@ def wrong_type_for_a_string(draw):
     return case
 
 
+def _past(bounds):
+    """Numbers past `bounds`: huge, or negative where negatives make no sense."""
+    low, high = bounds
+    return st.one_of(st.floats(min_value=high, max_value=1e308, exclude_min=True),
+                     st.integers(min_value=high + 1, max_value=10**400),
+                     st.floats(min_value=-1e308, max_value=low, exclude_max=True),
+                     st.integers(min_value=-10**400, max_value=low - 1))
+
+
+PAST_BOUNDS = {field: _past(payload.GPU_FIELDS[field].bounds) for field in NUMBER_FIELDS}
+
+
 @st.composite
 def out_of_range(draw):
     """A field and a number past its bounds: huge, or negative where negatives make no sense."""
-    field = draw(st.sampled_from(NUMBER_FIELDS))
-    low, high = payload.GPU_FIELDS[field].bounds
-    value = draw(st.one_of(st.floats(min_value=high, max_value=1e308, exclude_min=True),
-                           st.integers(min_value=high + 1, max_value=10**400),
-                           st.floats(min_value=-1e308, max_value=low, exclude_max=True),
-                           st.integers(min_value=-10**400, max_value=low - 1)))
+    field = draw(NUMBER_FIELD)
+    value = draw(PAST_BOUNDS[field])
 
     def case(target):
         body = multi(gpu(0))
@@ -205,11 +229,15 @@ NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1E400", "9e999
               "nan", "inf", "-inf", "+Infinity", "Infinity1", "NaN0", "1e", "--1", "0x10", "01", "1.e5", ".5"]
 
 
+NON_FINITE_LITERAL, GPU_COUNT, GPU_OR_SAMPLED_AT = st.sampled_from(NON_FINITE), st.integers(1, 4), st.integers(0, 4)
+SPACE = st.sampled_from(["", " ", "\n", "\t "])
+
+
 @st.composite
 def non_finite(draw):
-    field, literal = draw(st.sampled_from(NUMBER_FIELDS)), draw(st.sampled_from(NON_FINITE))
-    gpus, where = draw(st.integers(1, 4)), draw(st.integers(0, 4))
-    space = draw(st.sampled_from(["", " ", "\n", "\t "]))
+    field, literal = draw(NUMBER_FIELD), draw(NON_FINITE_LITERAL)
+    gpus, where = draw(GPU_COUNT), draw(GPU_OR_SAMPLED_AT)
+    space = draw(SPACE)
 
     def case(target):
         body = multi(*[gpu(i) for i in range(gpus)])
@@ -222,9 +250,12 @@ def non_finite(draw):
     return case
 
 
+DEPTH, NESTING = st.integers(min_value=200, max_value=60000), st.sampled_from(["list", "dict", "gpus"])
+
+
 @st.composite
 def deep(draw):
-    depth, kind = draw(st.integers(min_value=200, max_value=60000)), draw(st.sampled_from(["list", "dict", "gpus"]))
+    depth, kind = draw(DEPTH), draw(NESTING)
 
     def case(target):
         if kind == "list":
@@ -238,9 +269,12 @@ def deep(draw):
     return case
 
 
+SIZED_FIELD, SIZE = st.sampled_from(STRING_FIELDS + ["processes", "gpus", "host"]), st.integers(129, 5000)
+
+
 @st.composite
 def oversized(draw):
-    field, size = draw(st.sampled_from(STRING_FIELDS + ["processes", "gpus", "host"])), draw(st.integers(129, 5000))
+    field, size = draw(SIZED_FIELD), draw(SIZE)
 
     def case(target):
         body = multi(gpu(0))
@@ -290,11 +324,15 @@ def _json_string_text(source):
     return json.loads(f'"{source}"')
 
 
+HOSTILE_PIECES = st.lists(st.sampled_from(HOSTILE) | st.text(max_size=3).map(lambda t: json.dumps(t)[1:-1]),
+                          min_size=1, max_size=4)
+PLACE = st.sampled_from(PLACES)
+
+
 @st.composite
 def hostile_text(draw):
-    pieces = draw(st.lists(st.sampled_from(HOSTILE) | st.text(max_size=3).map(lambda t: json.dumps(t)[1:-1]),
-                           min_size=1, max_size=4))
-    source, place = "".join(pieces), draw(st.sampled_from(PLACES))
+    pieces = draw(HOSTILE_PIECES)
+    source, place = "".join(pieces), draw(PLACE)
 
     def case(target):
         body = multi(gpu(0))
@@ -342,19 +380,28 @@ INVALID_UTF8 = [b"\xff", b"\xfe", b"\x80", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xed\
 GOOD = json.dumps({**multi(gpu(0, name="RTX 4090 • 24 GB")), "sampledAt": 1763900000.25}, ensure_ascii=False).encode()
 
 
+MANGLING = st.sampled_from(["invalid", "bom", "utf16", "utf32", "flip", "cut", "nul"])
+WHERE_IN_GOOD = st.integers(0, len(GOOD))
+INVALID_BYTES = st.sampled_from(INVALID_UTF8)
+BOMS = st.sampled_from([b"\xef\xbb\xbf", b"\xef\xbb\xbf\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff"])
+ENCODINGS = {kind: st.sampled_from([f"utf-{kind[3:]}", f"utf-{kind[3:]}-le", f"utf-{kind[3:]}-be"])
+             for kind in ("utf16", "utf32")}
+FLIP = st.integers(1, 255)
+
+
 @st.composite
 def mangled_bytes(draw):
-    kind = draw(st.sampled_from(["invalid", "bom", "utf16", "utf32", "flip", "cut", "nul"]))
-    at = draw(st.integers(0, len(GOOD)))
+    kind = draw(MANGLING)
+    at = draw(WHERE_IN_GOOD)
     if kind == "invalid":
-        body = GOOD[:at] + draw(st.sampled_from(INVALID_UTF8)) + GOOD[at:]
+        body = GOOD[:at] + draw(INVALID_BYTES) + GOOD[at:]
     elif kind == "bom":
-        body = draw(st.sampled_from([b"\xef\xbb\xbf", b"\xef\xbb\xbf\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff"])) + GOOD
+        body = draw(BOMS) + GOOD
     elif kind in ("utf16", "utf32"):
-        body = GOOD.decode().encode(draw(st.sampled_from([f"utf-{kind[3:]}", f"utf-{kind[3:]}-le", f"utf-{kind[3:]}-be"])))
+        body = GOOD.decode().encode(draw(ENCODINGS[kind]))
     elif kind == "flip":
         at = min(at, len(GOOD) - 1)
-        body = GOOD[:at] + bytes([GOOD[at] ^ draw(st.integers(1, 255))]) + GOOD[at + 1:]
+        body = GOOD[:at] + bytes([GOOD[at] ^ draw(FLIP)]) + GOOD[at + 1:]
     elif kind == "cut":
         body = GOOD[:min(at, len(GOOD) - 1)]
     else:
@@ -380,15 +427,19 @@ NUMBER_PLACES = ["gpus[0].utilizationGpu", "gpus[0].temperatureGpu", "gpus[0].me
                  "gpus[0].processes[0].pid", "sampledAt", "gpus[0].extra", "agent.version"]
 
 
+NUMBER_LITERAL = st.one_of(
+    st.sampled_from(NUMBERS),
+    st.integers(min_value=-10**600, max_value=10**600).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.builds(lambda sign, digits, exp: f"{sign}{digits}e{exp}", st.sampled_from(["", "-"]),
+              st.integers(0, 10**20), st.integers(-500, 500)))
+NUMBER_PLACE = st.sampled_from(NUMBER_PLACES)
+
+
 @st.composite
 def odd_number(draw):
-    literal = draw(st.one_of(
-        st.sampled_from(NUMBERS),
-        st.integers(min_value=-10**600, max_value=10**600).map(str),
-        st.floats(allow_nan=False, allow_infinity=False).map(repr),
-        st.builds(lambda sign, digits, exp: f"{sign}{digits}e{exp}", st.sampled_from(["", "-"]),
-                  st.integers(0, 10**20), st.integers(-500, 500))))
-    place = draw(st.sampled_from(NUMBER_PLACES))
+    literal = draw(NUMBER_LITERAL)
+    place = draw(NUMBER_PLACE)
 
     def case(target):
         body = multi(gpu(0))
@@ -410,11 +461,15 @@ def odd_number(draw):
     return case
 
 
+LEVEL = st.sampled_from(["top", "agent", "gpu", "process"])
+KEY = (st.sampled_from(["name", "index", "gpus", "host", "pid", "version", "unknown", "\u0000", ""])
+       | st.text(max_size=8))
+
+
 @st.composite
 def duplicate_key(draw):
-    level = draw(st.sampled_from(["top", "agent", "gpu", "process"]))
-    key = draw(st.sampled_from(["name", "index", "gpus", "host", "pid", "version", "unknown", "\u0000", ""])
-               | st.text(max_size=8))
+    level = draw(LEVEL)
+    key = draw(KEY)
     same = draw(st.booleans())
 
     def case(target):
@@ -432,12 +487,16 @@ def duplicate_key(draw):
 
 # ---- the HTTP framing around the body -------------------------------------------------------------
 
+FRAMING = st.sampled_from(["short", "long-closed", "long-stalled", "cut-closed", "bad-length", "two-lengths",
+                           "chunked-bad", "chunked-and-length", "exact"])
+BY = st.integers(1, 200)
+
+
 @st.composite
 def broken_framing(draw):
     body = json.dumps(multi(gpu(0))).encode()
-    kind = draw(st.sampled_from(["short", "long-closed", "long-stalled", "cut-closed", "bad-length", "two-lengths",
-                                 "chunked-bad", "chunked-and-length", "exact"]))
-    by = draw(st.integers(1, 200))
+    kind = draw(FRAMING)
+    by = draw(BY)
     start = b"POST /push-sse HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer " + \
         KEYS["rig-1"].encode() + b"\r\n"
     close_write = kind.endswith("closed") or kind.startswith("chunked") or kind in ("bad-length", "two-lengths")
