@@ -9,14 +9,12 @@ writes nothing (the cursor it watched has moved); a new one picks up where the l
 """
 import json
 import logging
-import secrets
 
 import redis
 
 import sse
 from alerts import AlertBoard, Rules
-from fleet import watch
-from fleet_redis import ALERTS, PREFIX, RENEW, SEQUENCE, STREAM, hold_lease, read_entry
+from fleet_redis import ALERTS, PREFIX, SEQUENCE, STREAM, LeasedWork, read_entry
 
 log = logging.getLogger("gpustats")
 CURSOR, LEASE = PREFIX + "alerts:cursor", PREFIX + "alerter"
@@ -29,16 +27,13 @@ return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[1], 'e
 """
 
 
-class RedisAlerter:
+class RedisAlerter(LeasedWork):
     """The alert rules for the whole fleet, run by one worker at a time from the shared event stream."""
 
     def __init__(self, client, settings, outbox, ring_size, period_s=1.0):
-        self.client = client
-        self._settings, self._outbox, self._ring_size, self._period_s = settings, outbox, ring_size, period_s
-        self._renew = client.register_script(RENEW)
-        self._token = secrets.token_hex(8)
-        self._rules = None  # set while this worker evaluates; None: read the state from Redis first
-        self._closed = False
+        super().__init__(client, LEASE, "alerter", period_s, LEASE_MS)
+        self._settings, self._outbox, self._ring_size = settings, outbox, ring_size
+        self._rules = self._board = self._cursor = None  # the state this worker evaluates with, once loaded
 
     def start(self):
         """Evaluate from the stream while holding the lease, once a second, until close()."""
@@ -47,25 +42,7 @@ class RedisAlerter:
             self.client.set(CURSOR, f"{last[0][0].decode()}|{int(last[0][1][b'n'])}" if last else "0-0|0", nx=True)
         except redis.RedisError:
             pass  # Redis is down: the reader says so; _load() starts from the beginning then
-        watch("alerter", self._period_s, self.flush, lambda: self._closed)
-
-    def close(self):
-        self._closed = True
-
-    def flush(self):
-        """Run the rules over the stream's new entries, if this worker holds the lease."""
-        try:
-            if not hold_lease(self.client, self._renew, LEASE, self._token, LEASE_MS):
-                self._rules = None
-                return
-            if self._rules is None:
-                self._load()
-            self._round()
-        except (redis.ConnectionError, redis.TimeoutError, redis.WatchError):
-            self._rules = None  # start again from what Redis holds; the reader reports outages
-        except Exception:
-            self._rules = None
-            raise  # logged loudly by watch(), which goes on
+        super().start()
 
     def _load(self):
         text, cursor = self.client.get(ALERTS), self.client.get(CURSOR)
@@ -102,7 +79,7 @@ class RedisAlerter:
             pipe.watch(CURSOR)  # another alerter that moved it meanwhile makes this one write nothing
             kept = pipe.get(CURSOR)
             if (kept.decode() if kept else None) != self._cursor:
-                self._rules = None
+                self._loaded = False
                 return
             pipe.multi()
             for alert in alerts:

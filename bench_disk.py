@@ -97,7 +97,7 @@ def redis_bytes(busy_days):
             pipe.execute()
             while client.xlen(STREAM) and client.xrange(STREAM, "(" + (store._cursor or "0-0").partition("|")[0], "+",
                                                         count=1):
-                store._write_if_leader()
+                store.flush()
             client.xtrim(STREAM, maxlen=0)  # the stream is the fleet's ring, not history: leave it out
         count, took = feed(add, write, clock, now, busy_days, batch_s=3000)
         client.delete(STREAM)

@@ -62,6 +62,47 @@ def hold_lease(client, renew, key, token, ms):
     return bool(client.set(key, token, nx=True, px=ms) or renew(keys=[key], args=[token, ms]))
 
 
+class LeasedWork:
+    """Work for the whole fleet that one worker does at a time, while it holds the lease `key` in Redis.
+
+    Each period (and at exit, flush()) the holder loads its state from Redis if it has not
+    yet, then does a round. A round that finds Redis changed under it (another worker took
+    over meanwhile: a WatchError, or a cursor it did not expect) sets `_loaded` False, and
+    the next round starts again from what Redis holds.
+    """
+
+    def __init__(self, client, key, name, period_s, lease_ms=3000):
+        self.client = client
+        self._key, self._name, self._period_s, self._lease_ms = key, name, period_s, lease_ms
+        self._renew = client.register_script(RENEW)
+        self._token = secrets.token_hex(8)
+        self._loaded = False
+        self._closed = False
+
+    def start(self):
+        """Do a round each period while holding the lease, until close()."""
+        watch(self._name, self._period_s, self.flush, lambda: self._closed)
+
+    def close(self):
+        self._closed = True
+
+    def flush(self):
+        """Do a round now, if this worker holds the lease."""
+        try:
+            if not hold_lease(self.client, self._renew, self._key, self._token, self._lease_ms):
+                self._loaded = False
+                return
+            if not self._loaded:
+                self._load()
+                self._loaded = True
+            self._round()
+        except (redis.ConnectionError, redis.TimeoutError, redis.WatchError):
+            self._loaded = False  # start again from what Redis holds; the reader reports outages
+        except Exception:
+            self._loaded = False
+            raise  # logged loudly by watch(), which goes on
+
+
 def saved_alerts(client):
     """Return (active, recent) alerts as the alerter last saved them."""
     text = client.get(ALERTS)

@@ -15,14 +15,13 @@ of small ones, and adds them up in slices that let pushes and streams go on betw
 """
 import json
 import logging
-import secrets
 import time
 
 import redis
 
 from offload import cooperate
-from fleet import Unavailable, watch
-from fleet_redis import PREFIX, RENEW, STREAM, hold_lease, read_entry
+from fleet import Unavailable
+from fleet_redis import PREFIX, STREAM, LeasedWork, read_entry
 from history import HOUR, MINUTE, SECOND, WIDTH, Batch, Sampler, answer, sample
 
 log = logging.getLogger("gpustats")
@@ -94,44 +93,15 @@ def bucket_rows(texts, tier, start, end, step):
     return sorted(buckets.items())
 
 
-class RedisHistory:
+class RedisHistory(LeasedWork):
     """The fleet's history in Redis, written by one worker at a time from the shared event stream."""
 
     def __init__(self, client, max_gap_s, clock=time.time, write_s=1.0):
-        self.client = client
+        super().__init__(client, LEASE, "history-writer", write_s, LEASE_MS)
         self._max_gap_s = max_gap_s
         self._clock = clock
-        self._write_s = write_s
-        self._renew = client.register_script(RENEW)
-        self._token = secrets.token_hex(8)
-        self._sampler = None  # set while this worker writes; None: read the writer's state from Redis first
+        self._sampler = None  # each GPU's newest sample, as the writer left them
         self._cursor = None
-        self._closed = False
-
-    def start(self):
-        """Write history while holding the lease, once a second, until close()."""
-        watch("history-writer", self._write_s, self._write_if_leader, lambda: self._closed)
-
-    def close(self):
-        self._closed = True
-
-    def _write_if_leader(self):
-        try:
-            if not hold_lease(self.client, self._renew, LEASE, self._token, LEASE_MS):
-                self._sampler = None
-                return
-            if self._sampler is None:
-                self._load()
-            self.write()
-        except (redis.ConnectionError, redis.TimeoutError, redis.WatchError):
-            self._sampler = None  # start again from what Redis holds; the reader reports outages
-        except Exception:
-            self._sampler = None
-            raise  # logged loudly by watch(), which goes on
-
-    def flush(self):
-        """Write what the stream holds that is not written yet, if this worker is the writer (at exit)."""
-        self._write_if_leader()
 
     def _load(self):
         cursor = self.client.get(CURSOR)
@@ -142,6 +112,9 @@ class RedisHistory:
             last[(device, int(gpu))] = (float(t), _number(power))
         self._cursor = cursor.decode() if cursor else "0-0|0"
         self._sampler = Sampler(self._max_gap_s, last)
+
+    def _round(self):
+        self.write()
 
     def write(self):
         """Write the stream's pushes after the cursor into their buckets, and move the cursor, as one step."""
@@ -175,7 +148,7 @@ class RedisHistory:
             pipe.watch(CURSOR)  # another writer that moved it meanwhile makes this one write nothing
             kept = pipe.get(CURSOR)
             if (kept.decode() if kept else "0-0|0") != self._cursor:
-                self._sampler = None
+                self._loaded = False
                 return
             old = pipe.mget(keys) if keys else []
             pipe.multi()

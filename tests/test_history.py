@@ -52,7 +52,7 @@ class Feeder:
             pipe.xadd(STREAM, {"d": e["device"], "e": "", "b": sse.data_block(e), "n": next(self.n)})
         pipe.execute()
         while self.redis.xrange(STREAM, "(" + (self.store._cursor or "0-0").partition("|")[0], "+", count=1):
-            self.store._write_if_leader()
+            self.store.flush()
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -191,7 +191,7 @@ def test_a_redis_writer_that_lost_its_lease_writes_nothing_and_the_next_one_goes
     feeder = Feeder(first, client)
     feeder.feed([event(now - 20 + i, util=i) for i in range(10)])
     client.delete("gpustats:historian")  # first's lease lapses; second takes over from the cursor
-    second._write_if_leader()
+    second.flush()
     feeder.store = second
     feeder.feed([event(now - 10 + i, util=10 + i) for i in range(10)])
     stale_cursor = first._cursor
@@ -213,7 +213,7 @@ def test_pushes_trimmed_from_the_stream_before_the_redis_writer_wrote_them_are_l
     ids = [client.xadd(STREAM, {"d": "rig-1", "e": "", "b": sse.data_block(event(now - 20 + i, util=i)),
                                 "n": next(feeder.n)}) for i in range(5)]
     client.xdel(STREAM, *ids[:3])  # trimmed (RING_SIZE) while the writer was away
-    store._write_if_leader()
+    store.flush()
     assert "history missed 3 events" in caplog.text
     [gpu] = read(store, clock, now - 60, now)["gpus"]
     assert len(gpu["t"]) == 7  # the rest were written
