@@ -45,9 +45,9 @@ class SavedState:
             log.error("the saved alert state in %s is not JSON; starting with none", self._path)
             return None
 
-    def save(self, document):
+    def save(self, text):
+        """Keep `text`, a JSON document."""
         if self._worker:
-            text = json.dumps(document, separators=(",", ":"))
             self._worker.run(lambda: self._db.execute("INSERT OR REPLACE INTO kept VALUES (?, ?)", (self._name, text)))
 
 
@@ -62,6 +62,7 @@ class Alerter:
         board.restore(self.rules.active(), saved.get("recent", ()))
         self._lock = threading.Lock()
         self._changed = False
+        self._saved = None  # the text last saved: an unchanged state is not written again
         self._closed = False
 
     def start(self):
@@ -92,6 +93,8 @@ class Alerter:
             if not self._changed:
                 return
             self._changed = False
-            document = json.loads(json.dumps({"rules": self.rules.state()}))  # a copy, taken under the lock
-        document["recent"] = self._board.view()["recent"]
-        self._state.save(document)
+            text = json.dumps({"rules": self.rules.state(), "recent": self._board.view()["recent"]},
+                              separators=(",", ":"))
+        if text != self._saved:
+            self._state.save(text)
+            self._saved = text

@@ -34,24 +34,30 @@ class RedisAlerter(LeasedWork):
     def __init__(self, client, settings, outbox, ring_size, period_s=1.0):
         super().__init__(client, LEASE, "alerter", period_s, LEASE_MS)
         self._settings, self._outbox, self._ring_size = settings, outbox, ring_size
-        self._rules = self._board = self._cursor = None  # the state this worker evaluates with, once loaded
+        self._rules = self._board = self._cursor = self._saved = None  # the state this worker evaluates with, once loaded
 
     def start(self):
         """Evaluate from the stream while holding the lease, once a second, until close()."""
-        try:  # the first alerter ever starts at the stream's end, before this worker takes a push
-            last = self.client.xrevrange(STREAM, count=1)
-            self.client.set(CURSOR, f"{last[0][0].decode()}|{int(last[0][1][b'n'])}" if last else "0-0|0", nx=True)
+        try:  # before this worker takes a push
+            self._begin_at_end()
         except redis.RedisError:
-            pass  # Redis is down: the reader says so; _load() starts from the beginning then
+            pass  # Redis is down: the reader says so; _load() does it then
         super().start()
 
+    def _begin_at_end(self):
+        """Have the first alerter ever start at the stream's end: its past is not news."""
+        last = self.client.xrevrange(STREAM, count=1)
+        self.client.set(CURSOR, f"{last[0][0].decode()}|{int(last[0][1][b'n'])}" if last else "0-0|0", nx=True)
+
     def _load(self):
+        self._begin_at_end()
         text, cursor = self.client.get(ALERTS), self.client.get(CURSOR)
+        self._saved = text.decode() if text else None
         document = json.loads(text) if text else {}
         self._rules = Rules(self._settings, document.get("rules"))
         self._board = AlertBoard()
         self._board.restore(self._rules.active(), document.get("recent", ()))
-        self._cursor = cursor.decode() if cursor else "0-0|0"
+        self._cursor = cursor.decode()
 
     def _round(self):
         after, _, seen = self._cursor.partition("|")
@@ -70,10 +76,13 @@ class RedisAlerter(LeasedWork):
                 log.warning("alerts missed %d events: the stream was trimmed (RING_SIZE) before they were read",
                             n - sequence - 1)
             sequence = n
-            if name == "":
-                alerts += self._rules.push(data)
-            elif name == "status":
-                alerts += self._rules.status(data)
+            try:
+                if name == "":
+                    alerts += self._rules.push(data)
+                elif name == "status":
+                    alerts += self._rules.status(data)
+            except Exception:  # never stall on one entry: say so and go on
+                log.exception("the alert rules failed on entry %s of %s; skipped", n, data.get("device"))
         for alert in alerts:
             self._board.apply(alert)
         cursor = f"{entries[-1][0].decode()}|{sequence}"
@@ -88,7 +97,8 @@ class RedisAlerter(LeasedWork):
             for alert in alerts:
                 pipe.eval(APPEND, 2, STREAM, SEQUENCE, alert["device"], sse.data_block(alert), self._ring_size)
                 self._outbox.put_in(pipe, alert)
-            pipe.set(ALERTS, document)
+            if document != self._saved:  # most rounds only move the cursor
+                pipe.set(ALERTS, document)
             pipe.set(CURSOR, cursor)
             pipe.execute()
-        self._cursor = cursor
+        self._cursor, self._saved = cursor, document

@@ -117,8 +117,20 @@ class Rules:
                                   lambda v: f"{where} reports no error{self._for()}", fire_after=0)
             if s.job_min_s:
                 out += self._job(device, index, now, gpu.get("utilizationGpu"))
+        out += self._gone(device, now, {str(gpu.get("index")) for gpu in gpus})
         if s.gpu_error:
             out += self._count(device, now, len(gpus), event.get("error"))
+        return out
+
+    def _gone(self, device, now, present):
+        """Take a GPU missing from a push as a false condition: its alerts resolve after the hold-down."""
+        out = []
+        for key in [k for k in (*self._pending, *self._firing) if k.split("|")[1] == device]:
+            name, _, gpu = key.split("|")
+            if gpu == "" or gpu in present:
+                continue
+            out += self._hold(name, device, int(gpu), now, False, None, None,
+                              lambda v: f"{device}:{gpu} is no longer reported{self._for()}")
         return out
 
     def status(self, change):
@@ -128,6 +140,9 @@ class Rules:
             return []
         for key in [k for k in self._jobs if k.rpartition("|")[0] == device]:
             del self._jobs[key]  # a PC that went quiet did not finish its jobs: it may have crashed
+        for timers in (self._pending, self._clearing):  # nor does a hold-down run on across the silence
+            for key in [k for k in timers if k.split("|")[1] == device]:
+                del timers[key]
         if not self.settings.offline or _key("DeviceOffline", device) in self._firing:
             return []
         summary = f"{device} is offline: no push since {clock_time(change['receivedAt'])}"
@@ -165,15 +180,18 @@ class Rules:
         if utilization is None:
             return []
         if utilization >= BUSY and job is None:
-            self._jobs[key] = {"start": now, "idle": None}
+            self._jobs[key] = {"start": now, "busy": now, "idle": None}
         elif utilization >= IDLE and job is not None:
             job["idle"] = None  # a dip that came back up: the job goes on
+            if utilization >= BUSY:
+                job["busy"] = now
         elif utilization < IDLE and job is not None:
             idle = job["idle"] = now if job["idle"] is None else job["idle"]
             if now - idle >= self.settings.for_s:
                 del self._jobs[key]
                 length = idle - job["start"]
-                if length >= self.settings.job_min_s:
+                # Busy long enough: from its first sample at 50 % to its last, not one spike and a long tail.
+                if job.get("busy", job["start"]) - job["start"] >= self.settings.job_min_s:
                     summary = f"{device}:{gpu} finished a {duration(length)} job at {clock_time(idle)}"
                     fired = self._fire("GpuJobDone", device, gpu, now, summary, round(length))
                     return [fired] + self._resolve(_key("GpuJobDone", device, gpu), now, summary, round(length))
@@ -182,7 +200,8 @@ class Rules:
     def _count(self, device, now, count, error):
         """GpuError for the device: it reports fewer GPUs than it did within the last 6 hours."""
         seen = self._gpus.setdefault(device, {})
-        seen[str(count)] = now
+        if now - seen.get(str(count), float("-inf")) >= 60:  # to the minute: the state changes once a minute, not each push
+            seen[str(count)] = now
         for kept in [c for c, t in seen.items() if now - t > GPUS_WINDOW_S]:
             del seen[kept]
         most = max(int(c) for c in seen)

@@ -92,9 +92,18 @@ class Fleet:
         if self._history is not None:
             self._history.add(event)
         if self._alerter is not None:
-            for alert in self._alerter.push(event):
-                self.alert(alert)
+            self._alert_on(self._alerter.push, event)
         return event_id
+
+    def _alert_on(self, rules, data):
+        """Publish the alerts `rules(data)` returns; a failure there is logged, and the push or change stands."""
+        try:
+            alerts = rules(data)
+        except Exception:
+            log.exception("the alert rules failed on %s; it stands, unjudged", data.get("device"))
+            return
+        for alert in alerts:
+            self.alert(alert)
 
     def alert(self, alert, publish=None):
         """Show an alert's firing or resolution to viewers, and publish it (`event: alert`) under the same lock."""
@@ -155,8 +164,7 @@ class Fleet:
                     if self._broadcaster is not None:
                         self._broadcaster.publish(name, change, event="status")
         for _, change in changes if self._alerter is not None else ():
-            for alert in self._alerter.status(change):
-                self.alert(alert)
+            self._alert_on(self._alerter.status, change)
         return changes
 
     def counts(self):

@@ -171,7 +171,11 @@ class Sender:
         item = self.outbox.head(destination)
         if item is None:
             return self._poll_s
-        due = item.next_at - self._clock()
+        now = self._clock()
+        if item.deadline <= now:  # its turn came too late (a hung receiver ahead of it): a late page misleads
+            self._retry(destination, item, item.attempts, item.error or "none tried before the deadline", 0.0)
+            return 0
+        due = item.next_at - now
         if due > 0:
             return min(due, self._poll_s)
         self._attempt(session, destination, item)

@@ -25,12 +25,12 @@ SLACK = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}  # Slack's control characters, 
 
 @dataclass(frozen=True)
 class Destination:
-    """One receiver of alert messages; `url` and `auth` are secrets, `label` and `id` are not."""
+    """One receiver of alert messages; `url`, `topic` and `auth` are secrets, `label` and `id` are not."""
     kind: str  # webhook, ntfy, discord or slack
     label: str  # kind and scheme://host: safe for logs
     id: str  # the first 12 hex digits of the entry's sha256
     url: str = field(repr=False)  # what to POST to
-    topic: str = ""  # ntfy's
+    topic: str = field(default="", repr=False)  # ntfy's; on ntfy.sh the topic name is the secret
     auth: str = field(default="", repr=False)  # ntfy's Authorization header
 
 

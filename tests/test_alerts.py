@@ -186,3 +186,25 @@ def test_the_board_keeps_the_active_ones_and_the_last_hundred():
     assert len(view["active"]) == 119 and len(view["recent"]) == 100
     assert view["recent"][0]["device"] == "d119" and view["recent"][0]["status"] == "resolved"
     assert view["recent"][-1]["device"] == "d20"
+
+
+def test_one_busy_sample_and_a_long_light_tail_is_not_a_finished_job():
+    r = rules(job_min_s=900)
+    events = [push(0, gpu(utilizationGpu=60))] + [push(t, gpu(utilizationGpu=10)) for t in range(30, 16 * 60, 30)]
+    events += [push(t, gpu(utilizationGpu=0)) for t in range(16 * 60, 20 * 60, 30)]
+    assert play(r, *events) == []
+
+
+def test_a_hold_down_does_not_run_on_across_an_offline_spell():
+    r = rules()
+    events = [push(0, gpu(temperatureGpu=90)), offline(60, 0), push(3600, gpu(temperatureGpu=90))]
+    assert play(r, *events) == [(60, "DeviceOffline", "firing"), (3600, "DeviceOffline", "resolved")]
+    assert play(r, push(3720, gpu(temperatureGpu=90))) == [(3720, "GpuHot", "firing")]  # counted from 3600
+
+
+def test_an_alert_of_a_gpu_no_longer_reported_resolves_after_the_hold_down():
+    r = rules(gpu_error=False)
+    assert play(r, push(0, gpu(0), gpu(1, temperatureGpu=90)), push(120, gpu(0), gpu(1, temperatureGpu=90))) == [
+        (120, "GpuHot", "firing")]
+    assert play(r, *(push(t, gpu(0)) for t in range(130, 260, 10))) == [(250, "GpuHot", "resolved")]
+    assert r.state()["firing"] == {} and r.state()["pending"] == {}

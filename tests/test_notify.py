@@ -158,7 +158,7 @@ def test_a_receiver_that_never_answers_delays_no_other_and_is_dropped_once(recei
     sender = start_sender(destinations, outbox, timeout=(0.5, 1.0))
     put_at = time.monotonic()
     outbox.put(HOT)
-    wait_for(lambda: receiver.at("/slack/T/B/X"), timeout=0.5)  # while Discord's first try still hangs
+    wait_for(lambda: receiver.at("/slack/T/B/X"), timeout=0.9)  # while Discord's first try still hangs (1 s)
     assert receiver.at("/discord/1/SECRET-TOKEN") and sender.counts == {("slack", "sent"): 1}
     wait_for(lambda: sender.counts.get(("discord", "dropped")), timeout=5)
     assert time.monotonic() - put_at >= 1.5 and outbox.pending() == 0
@@ -166,6 +166,18 @@ def test_a_receiver_that_never_answers_delays_no_other_and_is_dropped_once(recei
     assert lines == [f"alert GpuHot firing for render-box:0 dropped: not sent to discord http://127.0.0.1:{port} "
                      f"in {len(receiver.at('/discord/1/SECRET-TOKEN'))} attempts (last: ReadTimeout)"]
     assert "SECRET" not in caplog.text
+
+
+def test_alerts_whose_deadline_passed_behind_a_hung_receiver_are_dropped_unsent(receiver, start_sender, new_outbox):
+    destinations = parse_destinations(f"http://127.0.0.1:{receiver.port}/am")
+    receiver.script["/am"] = ["hang"]
+    outbox = new_outbox(destinations, give_up_s=0.5)
+    sender = start_sender(destinations, outbox, timeout=(0.5, 1.0))
+    for index in range(3):
+        outbox.put(dict(HOT, gpu=index))
+    wait_for(lambda: outbox.pending() == 0, timeout=5)
+    assert len(receiver.at("/am")) == 1  # the others' turn came after their deadline: a late page misleads
+    assert sender.counts == {("webhook", "dropped"): 3}
 
 
 def test_an_unreachable_receiver_is_named_in_the_log_without_its_secrets(start_sender, caplog):
