@@ -102,6 +102,7 @@ def test_alerts_come_from_the_api_on_opening_and_after_a_reconnect_and_a_finishe
     page.route("**/gpu/stream*", lambda route: route.abort())
     server.restart()
     expect(page.locator("#connection")).to_have_text("reconnecting…")
+    server.wait_past_last_push(2)  # busy from the first push to this one for ALERT_JOB_MIN_S (1 s) at least
     server.push(multi(gpu(0, temperatureGpu=25), gpu(1, temperatureGpu=20)))
     page.unroute("**/gpu/stream*")
     expect(page.locator("#connection")).to_have_text("live", timeout=10000)
