@@ -5,21 +5,18 @@ publishes what they return. The rules' state and the recent alerts are saved onc
 when they changed (and at exit) in the history database, so a deploy neither fires an alert
 that is already firing nor forgets a job that is running.
 """
-import json
-import logging
 import sqlite3
 import threading
 
 import offload
-from alerts import Rules
+from alerts import load_state, save_state
 from fleet import watch
 
-log = logging.getLogger("gpustats")
 SAVE_S = 1.0
 
 
 class SavedState:
-    """One JSON document kept in a table of the SQLite file `path`; with no path, nothing is kept."""
+    """One text kept in a table of the SQLite file `path`; with no path, nothing is kept."""
 
     def __init__(self, path, name="alerts"):
         self._path, self._name = path, name
@@ -34,19 +31,15 @@ class SavedState:
         return db
 
     def load(self):
-        """Return the saved document, or None."""
+        """Return the saved text, or None."""
         if not self._worker:
             return None
         row = self._worker.run(lambda: self._db.execute("SELECT value FROM kept WHERE name = ?",
                                                         (self._name,)).fetchone())
-        try:
-            return json.loads(row[0]) if row else None
-        except ValueError:
-            log.error("the saved alert state in %s is not JSON; starting with none", self._path)
-            return None
+        return row[0] if row else None
 
     def save(self, text):
-        """Keep `text`, a JSON document."""
+        """Keep `text`."""
         if self._worker:
             self._worker.run(lambda: self._db.execute("INSERT OR REPLACE INTO kept VALUES (?, ?)", (self._name, text)))
 
@@ -57,12 +50,11 @@ class Alerter:
     def __init__(self, settings, board, outbox, state=None):
         self._board, self._outbox = board, outbox
         self._state = state or SavedState("")
-        saved = self._state.load() or {}
-        self.rules = Rules(settings, saved.get("rules"))
-        board.restore(self.rules.active(), saved.get("recent", ()))
+        self._saved = self._state.load()  # the text last saved: an unchanged state is not written again
+        self.rules, recent = load_state(self._saved, settings)
+        board.restore(self.rules.active(), recent)
         self._lock = threading.Lock()
         self._changed = False
-        self._saved = None  # the text last saved: an unchanged state is not written again
         self._closed = False
 
     def start(self):
@@ -93,8 +85,7 @@ class Alerter:
             if not self._changed:
                 return
             self._changed = False
-            text = json.dumps({"rules": self.rules.state(), "recent": self._board.view()["recent"]},
-                              separators=(",", ":"))
+            text = save_state(self.rules, self._board)
         if text != self._saved:
             self._state.save(text)
             self._saved = text

@@ -7,20 +7,18 @@ every worker's reader shows it to its viewers), queues it in the Redis outbox, a
 the rules' state, the recent alerts and the cursor. A worker that lost its lease meanwhile
 writes nothing (the cursor it watched has moved); a new one picks up where the last stopped.
 """
-import json
 import logging
 
 import redis
 
 import sse
-from alerts import AlertBoard, Rules
-from offload import cooperate
-from fleet_redis import ALERTS, PREFIX, SEQUENCE, STREAM, LeasedWork, read_entry
+from alerts import AlertBoard, load_state, save_state
+from fleet_redis import ALERTS, PREFIX, SEQUENCE, STREAM, LeasedWork
+from offload import in_slices
 
 log = logging.getLogger("gpustats")
 CURSOR, LEASE = PREFIX + "alerts:cursor", PREFIX + "alerter"
 LEASE_MS = 3000
-MOST_ENTRIES = 5000  # stream entries one round takes
 # KEYS: stream, sequence. ARGV: device, SSE data block, stream length. Like COMMIT in fleet_redis.
 APPEND = """
 local n = redis.call('INCR', KEYS[2])
@@ -34,7 +32,7 @@ class RedisAlerter(LeasedWork):
     def __init__(self, client, settings, outbox, ring_size, period_s=1.0):
         super().__init__(client, LEASE, "alerter", period_s, LEASE_MS)
         self._settings, self._outbox, self._ring_size = settings, outbox, ring_size
-        self._rules = self._board = self._cursor = self._saved = None  # the state this worker evaluates with, once loaded
+        self._rules = self._board = self._saved = None  # the state this worker evaluates with, once loaded
 
     def start(self):
         """Evaluate from the stream while holding the lease, once a second, until close()."""
@@ -53,40 +51,27 @@ class RedisAlerter(LeasedWork):
         self._begin_at_end()
         text, cursor = self.client.get(ALERTS), self.client.get(CURSOR)
         self._saved = text.decode() if text else None
-        document = json.loads(text) if text else {}
-        self._rules = Rules(self._settings, document.get("rules"))
+        self._rules, recent = load_state(self._saved, self._settings)
         self._board = AlertBoard()
-        self._board.restore(self._rules.active(), document.get("recent", ()))
+        self._board.restore(self._rules.active(), recent)
         self._cursor = cursor.decode()
 
     def _round(self):
-        after, _, seen = self._cursor.partition("|")
-        entries = self.client.xrange(STREAM, min="(" + after, max="+", count=MOST_ENTRIES)
-        if not entries:
+        read, cursor = self._after_cursor("alerts")
+        if cursor == self._cursor:
             return
-        alerts, sequence = [], int(seen or 0)
-        for i, (_, fields) in enumerate(entries):
-            if i % 200 == 199:
-                cooperate()  # catching up on 5,000 entries is ~60 ms of rules: pushes and streams go on between
-            try:
-                n, _, name, data = read_entry(fields)
-            except (KeyError, ValueError, TypeError):
-                continue  # the fleet's reader logs malformed entries
-            if sequence and n > sequence + 1:
-                log.warning("alerts missed %d events: the stream was trimmed (RING_SIZE) before they were read",
-                            n - sequence - 1)
-            sequence = n
+        alerts = []
+        for name, data in in_slices(read):  # 5,000 entries are ~60 ms of rules: pushes and streams go on between
             try:
                 if name == "":
                     alerts += self._rules.push(data)
                 elif name == "status":
                     alerts += self._rules.status(data)
             except Exception:  # never stall on one entry: say so and go on
-                log.exception("the alert rules failed on entry %s of %s; skipped", n, data.get("device"))
+                log.exception("the alert rules failed on an entry of %s; skipped", data.get("device"))
         for alert in alerts:
             self._board.apply(alert)
-        cursor = f"{entries[-1][0].decode()}|{sequence}"
-        document = sse.encode_json({"rules": self._rules.state(), "recent": self._board.view()["recent"]})
+        document = save_state(self._rules, self._board)
         with self.client.pipeline() as pipe:
             pipe.watch(CURSOR)  # another alerter that moved it meanwhile makes this one write nothing
             kept = pipe.get(CURSOR)

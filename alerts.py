@@ -7,12 +7,15 @@ in order and returns the alerts that fire or resolve at that moment, as the dict
 and tests play days in a blink. Its whole state is plain JSON (`state()`), kept across
 restarts so a deploy never fires an alert twice.
 """
+import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 
+log = logging.getLogger("gpustats")
 GPUS_WINDOW_S = 6 * 3600  # GpuError: fewer GPUs than the device had in this long
 BUSY, IDLE = 50, 5  # GpuJobDone: utilization that starts a job, and under which it has ended
 SEVERITY = {"GpuHot": "critical", "GpuMemoryFull": "warning", "DeviceOffline": "critical",
@@ -74,7 +77,7 @@ class Rules:
         self._firing = state.get("firing", {})  # key -> {"alert": the firing alert, "t": when it fired}
         self._pending = state.get("pending", {})  # key -> since when its condition holds
         self._clearing = state.get("clearing", {})  # key -> since when a firing alert's condition is false
-        self._jobs = state.get("jobs", {})  # device|gpu -> {"start": t, "idle": t or None}
+        self._jobs = state.get("jobs", {})  # device|gpu -> {"start": t, "busy": t last at 50 %+, "idle": t or None}
         self._gpus = state.get("gpus", {})  # device -> {GPU count: when last reported}
 
     def state(self):
@@ -234,6 +237,22 @@ class Rules:
         if value is not None:
             resolved["value"] = value
         return [resolved]
+
+
+def load_state(text, settings=None):
+    """Return (Rules, recent alerts) from what save_state() wrote; nothing saved, or unreadable: none."""
+    try:
+        document = json.loads(text) if text else {}
+    except ValueError:
+        log.error("the saved alert state is not JSON; starting with none")
+        document = {}
+    return Rules(settings, document.get("rules")), document.get("recent", [])
+
+
+def save_state(rules, board):
+    """Return the rules' state and the board's recent alerts as one JSON document."""
+    return json.dumps({"rules": rules.state(), "recent": board.view()["recent"]}, separators=(",", ":"),
+                      ensure_ascii=False)
 
 
 def _key(name, device, gpu=None):

@@ -23,7 +23,8 @@ import time
 import redis
 
 import sse
-from alerts import Rules
+from alerts import load_state
+from offload import in_slices
 from broadcaster import stream_key
 from fleet import Fleet, Unavailable, new_event, status_at, status_change, watch
 from ratelimit_redis import RedisRateLimiter
@@ -71,8 +72,11 @@ class LeasedWork:
     the next round starts again from what Redis holds.
     """
 
+    MOST_ENTRIES = 5000  # stream entries one round takes
+
     def __init__(self, client, key, name, period_s, lease_ms=3000):
         self.client = client
+        self._cursor = None  # "id|n": the last stream entry taken, and its sequence number
         self._key, self._name, self._period_s, self._lease_ms = key, name, period_s, lease_ms
         self._renew = client.register_script(RENEW)
         self._token = secrets.token_hex(8)
@@ -102,14 +106,31 @@ class LeasedWork:
             self._loaded = False
             raise  # logged loudly by watch(), which goes on
 
+    def _after_cursor(self, what):
+        """Return [(event name, data)] of the stream's entries after the cursor, in order, and the cursor after them.
+
+        Entries trimmed from the stream before this work took them show as a gap in the sequence numbers: logged.
+        """
+        after, _, taken = self._cursor.partition("|")
+        entries = self.client.xrange(STREAM, min="(" + after, max="+", count=self.MOST_ENTRIES)
+        read, sequence = [], int(taken or 0)
+        for _, fields in in_slices(entries):
+            try:
+                n, _, name, data = read_entry(fields)
+            except (KeyError, ValueError, TypeError):
+                continue  # the fleet's reader logs malformed entries
+            if sequence and n > sequence + 1:
+                log.warning("%s missed %d events: the stream was trimmed (RING_SIZE) before they were read",
+                            what, n - sequence - 1)
+            sequence = n
+            read.append((name, data))
+        return read, f"{entries[-1][0].decode()}|{sequence}" if entries else self._cursor
+
 
 def saved_alerts(client):
     """Return (active, recent) alerts as the alerter last saved them."""
-    text = client.get(ALERTS)
-    if not text:
-        return [], []
-    document = json.loads(text)
-    return Rules(None, document.get("rules")).active(), document.get("recent", [])
+    rules, recent = load_state(client.get(ALERTS))
+    return rules.active(), recent
 
 
 def read_entry(fields):

@@ -14,22 +14,19 @@ hours) that expire with their tier: a query reads a few large values rather than
 of small ones, and adds them up in slices that let pushes and streams go on between them.
 """
 import json
-import logging
 import time
 
 import redis
 
-from offload import cooperate
+from offload import cooperate, in_slices
 from fleet import Unavailable
-from fleet_redis import PREFIX, STREAM, LeasedWork, read_entry
+from fleet_redis import PREFIX, LeasedWork
 from history import HOUR, MINUTE, SECOND, WIDTH, Batch, Sampler, answer, sample
 
-log = logging.getLogger("gpustats")
 # Not "history:": the previous version kept a list per device at gpustats:history:<device>.
 CURSOR, LAST, LEASE = PREFIX + "hist:cursor", PREFIX + "hist:last", PREFIX + "historian"
 CHUNK_S = {SECOND: 60, MINUTE: 3600, HOUR: 86400}
 LEASE_MS = 3000
-MOST_ENTRIES = 5000  # stream entries one write takes
 
 
 def _chunk_key(tier, device, gpu, chunk):
@@ -101,7 +98,6 @@ class RedisHistory(LeasedWork):
         self._max_gap_s = max_gap_s
         self._clock = clock
         self._sampler = None  # each GPU's newest sample, as the writer left them
-        self._cursor = None
 
     def _load(self):
         cursor = self.client.get(CURSOR)
@@ -118,25 +114,13 @@ class RedisHistory(LeasedWork):
 
     def write(self):
         """Write the stream's pushes after the cursor into their buckets, and move the cursor, as one step."""
-        after, _, written = self._cursor.partition("|")  # the last entry written: its id and sequence number
-        entries = self.client.xrange(STREAM, min="(" + after, max="+", count=MOST_ENTRIES)
-        if not entries:
+        read, cursor = self._after_cursor("history")
+        if cursor == self._cursor:
             return
-        batch, sequence = Batch(), int(written or 0)
-        for i, (_, fields) in enumerate(entries):
-            if i % 200 == 199:
-                cooperate()  # up to 5,000 entries: pushes and streams go on between slices
-            try:
-                n, _, name, data = read_entry(fields)
-            except (KeyError, ValueError, TypeError):
-                continue  # the fleet's reader logs malformed entries
-            if sequence and n > sequence + 1:
-                log.warning("history missed %d events: the stream was trimmed (RING_SIZE) before they were "
-                            "written", n - sequence - 1)
-            sequence = n
+        batch = Batch()
+        for name, data in in_slices(read):
             if name == "":
                 self._sampler.add(batch, sample(data))
-        cursor = f"{entries[-1][0].decode()}|{sequence}"
         chunks = {}  # key -> (tier, chunk start, [(bucket start, numbers)])
         for (device, gpu, second), numbers in batch.seconds.items():
             self._chunk(chunks, SECOND, device, gpu, second).append((second, numbers))

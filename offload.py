@@ -19,6 +19,14 @@ def cooperate():
     time.sleep(0)  # gevent's sleep once monkey-patched: a yield to the loop; otherwise next to nothing
 
 
+def in_slices(items, size=200):
+    """Yield `items`, letting the event loop run between slices of `size` (about a millisecond of work each)."""
+    for i, item in enumerate(items):
+        if i % size == size - 1:
+            cooperate()
+        yield item
+
+
 def _gevent_running():
     try:
         from gevent import monkey
