@@ -516,9 +516,16 @@
     alerts.set(key, {alert, seenAt});
   }
 
+  // A fleet-wide storm sends many alerts at once: the page is drawn once a frame, not once an alert.
+  let renderQueued = false;
   function onAlert(alert) {
     takeAlert(alert, Date.now());
-    renderAlerts();
+    if (renderQueued) return;
+    renderQueued = true;
+    requestAnimationFrame(() => {
+      renderQueued = false;
+      renderAlerts();
+    });
   }
 
   function applyAlerts(answer, askedAt) {
