@@ -1,8 +1,8 @@
 """The fleet in this process: each device's latest push and its status.
 
 A fleet (this one, or RedisFleet in fleet_redis.py) offers the same few calls: event() builds
-a push's event, commit() stores it and publishes it as one step, snapshot() and counts() read
-the state, start() begins its background work, health() adds to /healthz.
+a push's event, commit() stores it and publishes it as one step, snapshot(), devices() and
+counts() read the state, start() begins its background work, health() adds to /healthz.
 """
 import logging
 import threading
@@ -149,6 +149,11 @@ class Fleet:
         with self._lock:
             position = self._broadcaster.position()
             return position, [(name, dict(self._devices[name], snapshot=True)) for name in sorted(self._devices)]
+
+    def devices(self):
+        """Return every device's latest event data (with its status), by name."""
+        with self._lock:
+            return [self._devices[name] for name in sorted(self._devices)]
 
     def sweep(self):
         """Update statuses by age and publish each change as `event: status`; return [(device, its data)]."""

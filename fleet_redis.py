@@ -291,6 +291,10 @@ class RedisFleet:
         """Return the broadcaster's position and every device's state there, from this worker's mirror."""
         return self._mirror.snapshot()
 
+    def devices(self):
+        """Return every device's latest event data, from this worker's mirror."""
+        return self._mirror.devices()
+
     def counts(self):
         """Return how many devices are online, stale and offline."""
         return self._mirror.counts()

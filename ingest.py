@@ -19,8 +19,15 @@ class BodyError(Exception):
         self.status = status
 
 
-def register_ingest(app, config, keys, fleet, broadcaster, limiter, bad_keys):
+def register_ingest(app, config, keys, fleet, broadcaster, limiter, bad_keys, counters):
     """Add `POST /push-sse`, with its per-device rate limit and per-address bad-key slow-down."""
+
+    @app.after_request
+    def count_push(response):
+        # Here, not in push(): a 503 (Redis down) or a 500 is answered by the app's error handlers.
+        if request.endpoint == "push":
+            counters.add("pushes", response.status_code)
+        return response
 
     @app.post("/push-sse")
     def push():

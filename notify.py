@@ -103,7 +103,7 @@ class Sender:
     """Deliver what the outbox holds, each destination from a thread of its own, while allowed to."""
 
     def __init__(self, destinations, outbox, external_url="", session=None, clock=time.time,
-                 timeout=(5, 10), backoff=(2.0, 120.0), lease=None, poll_s=0.5):
+                 timeout=(5, 10), backoff=(2.0, 120.0), lease=None, poll_s=0.5, counters=None):
         self.destinations, self.outbox, self.external_url = tuple(destinations), outbox, external_url
         self.timeout = timeout
         self._session, self._clock, self._poll_s = session, clock, poll_s
@@ -113,6 +113,7 @@ class Sender:
         self._leader = lease is None
         self._stop = threading.Event()
         self._counts, self._counts_lock = Counter(), threading.Lock()
+        self._counters = counters  # the server's, for /metrics: results by themselves
 
     @property
     def counts(self):
@@ -123,6 +124,8 @@ class Sender:
     def _count(self, destination, result):
         with self._counts_lock:
             self._counts[destination.kind, result] += 1
+        if self._counters is not None:
+            self._counters.add("notifications", result)
 
     def start(self):
         """Start a named daemon thread per destination (and one for the lease)."""
