@@ -15,9 +15,11 @@ from alerts import AlertBoard
 from auth import DeviceKeys, client_address, viewer_allowed
 from broadcaster import Broadcaster, ViewerLimit
 from config import ConfigError, load_config
+from counters import Counters
 from fleet import Fleet, Unavailable
 from history_api import register_history
 from history_sqlite import SqliteHistory
+from metrics import register_metrics
 from ingest import BAD_KEYS_BURST, BAD_KEYS_PER_S, error, register_ingest
 from notify import MemoryOutbox, Sender
 from pages import register_pages
@@ -101,37 +103,43 @@ def create_app(overrides=None):
     def alerts():
         return jsonify(fleet.alerts())
 
-    register_ingest(app, config, keys, fleet, broadcaster, parts.push_limits, parts.bad_key_limits)
+    register_ingest(app, config, keys, fleet, broadcaster, parts.push_limits, parts.bad_key_limits, parts.counters)
     register_history(app, config, history)
+    register_metrics(app, fleet, parts.counters)
     register_pages(app, config)
     fleet.start(broadcaster, config.sweep_s)
+    parts.counters.start(lambda: broadcaster.subscribers)
     for part in (history, parts.alerter, parts.sender):
         part.start()
     return app
 
 
 def _parts(config):
-    """Choose the fleet, history, alerts and rate limits: in this process, or shared through Redis."""
+    """Choose the fleet, history, alerts, counters and rate limits: in this process, or shared through Redis."""
     destinations = config.alert_webhook_urls
     if config.redis_url:
         from alerter_redis import RedisAlerter
+        from counters_redis import RedisCounters
         from fleet_redis import RedisFleet
         from history_redis import RedisHistory
         from outbox_redis import NotifierLease, RedisOutbox
         fleet = RedisFleet(config.redis_url, config.stale_after_s, config.offline_after_s, config.ring_size)
-        outbox = RedisOutbox(fleet.client, destinations)
+        outbox, counters = RedisOutbox(fleet.client, destinations), RedisCounters(fleet.client)
         return SimpleNamespace(
             fleet=fleet, history=RedisHistory(fleet.client, config.stale_after_s),
             alerter=RedisAlerter(fleet.client, config.alert_settings, outbox, config.ring_size),
-            sender=Sender(destinations, outbox, config.alert_dashboard_url, lease=NotifierLease(fleet.client)),
+            sender=Sender(destinations, outbox, config.alert_dashboard_url, lease=NotifierLease(fleet.client),
+                          counters=counters),
+            counters=counters,
             push_limits=fleet.rate_limiter("push", config.push_rate_limit),
             bad_key_limits=fleet.rate_limiter("bad-key", BAD_KEYS_PER_S, burst=BAD_KEYS_BURST))
     history = SqliteHistory(config.history_db, config.stale_after_s)
-    board, outbox = AlertBoard(), MemoryOutbox(destinations)
+    board, outbox, counters = AlertBoard(), MemoryOutbox(destinations), Counters()
     alerter = Alerter(config.alert_settings, board, outbox, SavedState(config.history_db))
     return SimpleNamespace(
         fleet=Fleet(config.stale_after_s, config.offline_after_s, history, alerter, board), history=history,
-        alerter=alerter, sender=Sender(destinations, outbox, config.alert_dashboard_url),
+        alerter=alerter, sender=Sender(destinations, outbox, config.alert_dashboard_url, counters=counters),
+        counters=counters,
         push_limits=RateLimiter(config.push_rate_limit),
         bad_key_limits=RateLimiter(BAD_KEYS_PER_S, burst=BAD_KEYS_BURST))
 
@@ -163,7 +171,7 @@ def wsgi_app():
     # every socket call: 5 ms by default. 1 ms bounds that wait (CPython issue 7946, the convoy).
     sys.setswitchinterval(0.001)
     parts = app.extensions["gpustats"]
-    _end_streams_on_sigterm(*(parts[name] for name in ("broadcaster", "fleet", "history", "alerter", "sender")))
+    _end_streams_on_sigterm(*(parts[name] for name in ("broadcaster", "fleet", "history", "alerter", "sender", "counters")))
     return app
 
 

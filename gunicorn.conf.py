@@ -23,9 +23,9 @@ reuse_port = workers > 1
 
 
 def worker_exit(server, worker):
-    """Write what is still queued when a worker stops (a deploy, a restart): a second of history, the alerts' state."""
+    """Write what is still queued when a worker stops (a deploy, a restart): a second of history, the alerts' state, counts."""
     parts = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("gpustats", {})
-    for name in ("history", "alerter"):
+    for name in ("history", "alerter", "counters"):
         if name in parts:
             try:
                 parts[name].flush()
