@@ -1,0 +1,175 @@
+"""GET /metrics, read with prometheus_client's own parser: one contract, both backends, in-process."""
+import os
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app import create_app
+from conftest import KEYS, gpu, multi, wait_for
+from receiver import receiver  # noqa: F401 a fixture
+
+pytestmark = pytest.mark.both_backends
+MIB = 1024 * 1024
+GPU_METRICS = ("utilization_ratio", "memory_used_bytes", "memory_total_bytes", "temperature_celsius",
+               "power_draw_watts", "power_limit_watts", "fan_speed_ratio", "clock_core_hertz", "clock_memory_hertz")
+
+
+@pytest.fixture
+def make_app(backend, request, monkeypatch):
+    """Build apps in this process (on one Redis when `backend` says); their background work is stopped after."""
+    monkeypatch.setenv("ENV_FILE", os.devnull)
+    shared = {"REDIS_URL": request.getfixturevalue("redis_server").url} if backend == "redis" else {}
+    apps = []
+
+    def make(**settings):
+        app = create_app({"DEVICE_KEYS": ",".join(f"{d}:{k}" for d, k in KEYS.items()), "HISTORY_DB": "",
+                          "PUSH_RATE_LIMIT": "1000", **shared, **settings})
+        apps.append(app)
+        return app
+    yield make
+    for app in apps:
+        for part in app.extensions["gpustats"].values():
+            getattr(part, "close", lambda: None)()
+
+
+class Scrape:
+    """One answer of /metrics, parsed: samples by name and labels."""
+
+    def __init__(self, text):
+        self.families = list(text_string_to_metric_families(text))
+        self.samples = {(s.name, frozenset(s.labels.items())): s.value for f in self.families for s in f.samples}
+
+    def value(self, metric, /, **labels):
+        return self.samples.get((metric, frozenset(labels.items())))
+
+    def of(self, device):
+        """Return {(name, labels other than device): value} of every sample about `device`."""
+        return {(name, frozenset((k, v) for k, v in labels if k != "device")): value
+                for (name, labels), value in self.samples.items() if ("device", device) in labels}
+
+
+def scrape(client, **kwargs):
+    answer = client.get("/metrics", **kwargs)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert answer.content_type == "text/plain; version=0.0.4; charset=utf-8"
+    return Scrape(answer.get_data(as_text=True))
+
+
+def push(client, body, device="rig-1", key=None):
+    return client.post("/push-sse", json=body, headers={"Authorization": f"Bearer {key or KEYS[device]}"})
+
+
+def seen(client, device="rig-1", **labels):
+    """Wait until a scrape shows `device` up (the Redis backend's mirror follows the stream), and return it."""
+    return wait_for(lambda: (s := scrape(client)).value("gpustats_device_up", device=device) == 1 and s)
+
+
+def test_a_push_is_one_sample_per_reported_value_in_base_units(make_app):
+    client = make_app().test_client()
+    before = time.time()
+    assert push(client, multi(gpu(0), gpu(1, temperatureGpu=None, fanSpeed=None, powerDraw=None,
+                                             error="Unknown Error"))).status_code == 200
+    taken = time.time()
+    metrics = seen(client)
+    first = {"device": "rig-1", "gpu": "0", "uuid": gpu(0)["uuid"], "name": "NVIDIA GeForce RTX 3080"}
+    assert {name: metrics.value(f"gpustats_gpu_{name}", **first) for name in GPU_METRICS} == {
+        "utilization_ratio": 0.8, "memory_used_bytes": 6144 * MIB, "memory_total_bytes": 10240 * MIB,
+        "temperature_celsius": 65, "power_draw_watts": 220.5, "power_limit_watts": 320, "fan_speed_ratio": 0.55,
+        "clock_core_hertz": 1905e6, "clock_memory_hertz": 9501e6}
+    assert metrics.value("gpustats_gpu_info", **first, driver="560.94") == 1
+    second = dict(first, gpu="1", uuid=gpu(1)["uuid"])
+    # What the GPU did not report has no sample at all: a 0 would read as a cold, idle, unpowered GPU.
+    for name in ("temperature_celsius", "fan_speed_ratio", "power_draw_watts"):
+        assert metrics.value(f"gpustats_gpu_{name}", **second) is None
+        assert ("gpustats_gpu_" + name) in {f.name for f in metrics.families}
+    assert metrics.value("gpustats_gpu_utilization_ratio", **second) == 0.8
+    assert metrics.value("gpustats_device_up", device="rig-1") == 1
+    assert before <= metrics.value("gpustats_device_last_push_timestamp_seconds", device="rig-1") <= taken
+    assert metrics.value("gpustats_pushes_total", code="200") == 1
+
+
+def test_a_seed_agent_push_has_empty_labels_for_what_it_did_not_send(make_app):
+    client = make_app().test_client()
+    assert push(client, {"name": "NVIDIA RTX 3080", "vendor": "NVIDIA", "temperatureGpu": 65}).status_code == 200
+    metrics = seen(client)
+    assert metrics.of("rig-1") == {
+        ("gpustats_gpu_temperature_celsius", frozenset({("gpu", "0"), ("uuid", ""), ("name", "NVIDIA RTX 3080")})): 65,
+        ("gpustats_gpu_info", frozenset({("gpu", "0"), ("uuid", ""), ("name", "NVIDIA RTX 3080"), ("driver", "")})): 1,
+        ("gpustats_device_up", frozenset()): 1,
+        ("gpustats_device_last_push_timestamp_seconds", frozenset()):
+            metrics.value("gpustats_device_last_push_timestamp_seconds", device="rig-1")}
+
+
+def test_a_rejected_push_is_counted_by_its_code_and_changes_no_sample(make_app):
+    client = make_app().test_client()
+    assert push(client, multi(gpu(0, temperatureGpu=70))).status_code == 200
+    before = seen(client)
+    answers = [push(client, multi(gpu(0, temperatureGpu="hot"))).status_code,  # 400
+               push(client, multi(gpu(0, temperatureGpu=99)), key="not-a-key").status_code,  # 401
+               client.post("/push-sse", data="x", headers={"Authorization": f"Bearer {KEYS['rig-1']}"}).status_code]
+    assert answers == [400, 401, 415]
+    after = scrape(client)
+    assert after.of("rig-1") == before.of("rig-1")
+    assert {code: after.value("gpustats_pushes_total", code=code) for code in ("200", "400", "401", "415", "429")} == {
+        "200": 1, "400": 1, "401": 1, "415": 1, "429": 0}
+
+
+def test_a_quiet_device_turns_down_then_keeps_only_its_up_sample(make_app):
+    client = make_app(STALE_AFTER_S="0.3", OFFLINE_AFTER_S="1").test_client()
+    push(client, multi(gpu(0), gpu(1)))
+    online = seen(client)
+    stale = wait_for(lambda: (s := scrape(client)).value("gpustats_device_up", device="rig-1") == 0 and s)
+    # Stale: the last values stand, marked down; a scrape may come before the next push.
+    assert {k: v for k, v in stale.of("rig-1").items() if k[0] != "gpustats_device_up"} == {
+        k: v for k, v in online.of("rig-1").items() if k[0] != "gpustats_device_up"}
+    offline = wait_for(lambda: len((s := scrape(client)).of("rig-1")) == 1 and s, timeout=5)
+    assert offline.of("rig-1") == {("gpustats_device_up", frozenset()): 0}
+    push(client, multi(gpu(0)))
+    back = seen(client)
+    assert back.value("gpustats_gpu_info", device="rig-1", gpu="0", uuid=gpu(0)["uuid"],
+                      name="NVIDIA GeForce RTX 3080", driver="560.94") == 1
+    assert back.value("gpustats_gpu_info", device="rig-1", gpu="1", uuid=gpu(1)["uuid"],
+                      name="NVIDIA GeForce RTX 3080", driver="560.94") is None
+
+
+def test_open_streams_are_counted_while_they_are_open(make_app):
+    client = make_app().test_client()
+    assert scrape(client).value("gpustats_stream_subscribers") == 0
+    streams = [client.get("/gpu/stream", buffered=False) for _ in range(2)]
+    assert scrape(client).value("gpustats_stream_subscribers") == 2
+    for stream in streams:
+        stream.close()
+    assert scrape(client).value("gpustats_stream_subscribers") == 0
+
+
+def test_alert_notifications_are_counted_by_result(make_app, receiver):
+    receiver.script["/refuses"] = [400]
+    client = make_app(ALERT_FOR_S="0", ALERT_TEMP_C="80",
+                      ALERT_WEBHOOK_URLS=f"{receiver.url}/hook,{receiver.url}/refuses").test_client()
+    assert scrape(client).value("gpustats_alert_notifications_total", result="sent") == 0
+    push(client, multi(gpu(0, temperatureGpu=91)))
+    metrics = wait_for(lambda: (s := scrape(client)).value("gpustats_alert_notifications_total", result="failed")
+                       and s.value("gpustats_alert_notifications_total", result="sent") and s)
+    assert {r: metrics.value("gpustats_alert_notifications_total", result=r)
+            for r in ("sent", "failed", "retry", "dropped")} == {"sent": 1, "failed": 1, "retry": 0, "dropped": 0}
+
+
+def test_metrics_need_the_viewer_login(make_app):
+    client = make_app(DASHBOARD_PASSWORD="s3cret-enough").test_client()
+    assert client.get("/metrics").status_code == 401
+    auth = {"Authorization": "Basic " + __import__("base64").b64encode(b"admin:s3cret-enough").decode()}
+    assert scrape(client, headers=auth).value("gpustats_stream_subscribers") == 0
+
+
+def test_prometheus_asking_for_openmetrics_gets_it(make_app):
+    client = make_app().test_client()
+    answer = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert answer.content_type.startswith("application/openmetrics-text")
+    assert answer.get_data(as_text=True).endswith("# EOF\n")
+
+
+def test_the_process_collector_describes_this_process(make_app):
+    metrics = scrape(make_app().test_client())
+    assert metrics.value("process_resident_memory_bytes") > 10 * MIB
+    assert metrics.value("process_start_time_seconds") <= time.time()
