@@ -190,8 +190,8 @@ class Sender:
             message = notify_formats.message(destination, alert, self.external_url)
         except Exception:  # one malformed alert must not block the ones behind it
             log.exception("alert %s cannot be written for %s; skipped", alert.get("alertname"), destination.label)
-            self._count(destination, "failed")
-            return self.outbox.done(destination, item)
+            self.outbox.done(destination, item)
+            return self._count(destination, "failed")
         if message is None:
             return self.outbox.done(destination, item)
         url, headers, body = message
@@ -201,15 +201,15 @@ class Sender:
             return self._retry(destination, item, attempts, describe(error), 0.0)
         status = answer.status_code
         if 200 <= status < 300:
-            self._count(destination, "sent")
-            return self.outbox.done(destination, item)
+            self.outbox.done(destination, item)  # first: a count seen means the outbox is past it
+            return self._count(destination, "sent")
         if status in RETRY or status >= 500:
             return self._retry(destination, item, attempts, f"HTTP {status}", retry_after(answer, self._clock()))
-        self._count(destination, "failed")
         log.warning("alert %s %s for %s not sent to %s: HTTP %d %s; not retried", alert["alertname"],
                     alert["status"], notify_formats.where(alert), destination.label, status,
                     notify_formats.fit(notify_formats.clean(answer.text[:400]), 200))
         self.outbox.done(destination, item)
+        self._count(destination, "failed")
 
     def _retry(self, destination, item, attempts, error, at_least):
         """Try again after full-jitter backoff, or at least `at_least`; past the deadline, drop it."""
@@ -217,11 +217,11 @@ class Sender:
         left = item.deadline - now
         # A Retry-After reaching past the deadline says the receiver will not take it in time.
         if left <= 0 or at_least > left:
-            self._count(destination, "dropped")
             alert = item.alert
             log.warning("alert %s %s for %s dropped: not sent to %s in %d attempts (last: %s)", alert["alertname"],
                         alert["status"], notify_formats.where(alert), destination.label, attempts, error)
-            return self.outbox.done(destination, item)
+            self.outbox.done(destination, item)
+            return self._count(destination, "dropped")
         wait = max(random.uniform(0, min(self._cap, self._base * 2 ** min(attempts - 1, 30))), at_least)
-        self._count(destination, "retry")
         self.outbox.later(destination, item, attempts, now + min(wait, left), error)
+        self._count(destination, "retry")
