@@ -28,6 +28,15 @@ def test_a_scrape_of_either_worker_counts_the_pushes_and_viewers_of_both(make_ap
     wait_for(lambda: scrape(other).value("gpustats_stream_subscribers") == 0, timeout=3)
 
 
+def test_a_count_never_goes_down_from_one_workers_scrape_to_the_others(make_app):
+    one, other = make_app().test_client(), make_app().test_client()
+    for _ in range(3):
+        assert push(one, multi(gpu(0))).status_code == 200
+        seen_here = scrape(one).value("gpustats_pushes_total", code="200")
+        seen_there = scrape(other).value("gpustats_pushes_total", code="200")
+        assert seen_here <= seen_there  # a scrape answers with what Redis holds, never a worker's own share
+
+
 def test_redis_down_is_a_503_and_what_was_counted_meanwhile_is_kept(make_app, redis_server):
     client = make_app().test_client()
     push(client, multi(gpu(0)))
