@@ -1,7 +1,9 @@
 """GET /metrics: the fleet and the server in Prometheus' format, read from the fleet at scrape time."""
+import os
+
 from flask import Response, request
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from offload import cooperate, in_slices
@@ -80,11 +82,30 @@ class ServerCollector:
             cooperate()
 
 
+class WorkerProcessCollector:
+    """The process collector's process_* of the worker that answers, labelled with its `pid`.
+
+    With several workers a scrape lands on any of them: without the label, their CPU
+    counters would take turns in one series, and every turn would read as a reset.
+    """
+
+    def __init__(self):
+        self._process = ProcessCollector(registry=None)
+
+    def collect(self):
+        pid = str(os.getpid())
+        for family in self._process.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labelled.add_sample(sample.name, {**sample.labels, "pid": pid}, sample.value, sample.timestamp)
+            yield labelled
+
+
 def register_metrics(app, fleet, counters):
     """Add `GET /metrics`, with a registry of its own: two apps in one process never share a metric."""
     registry = CollectorRegistry()
     registry.register(ServerCollector(fleet, counters))
-    ProcessCollector(registry=registry)
+    registry.register(WorkerProcessCollector())
 
     @app.get("/metrics")
     def metrics():
