@@ -25,7 +25,7 @@ def register_ingest(app, config, keys, fleet, broadcaster, limiter, bad_keys, co
     @app.after_request
     def count_push(response):
         # Here, not in push(): a 503 (Redis down) or a 500 is answered by the app's error handlers.
-        if request.endpoint == "push":
+        if request.endpoint == "push" and request.method == "POST":  # not a CORS preflight
             counters.add("pushes", response.status_code)
         return response
 
