@@ -116,6 +116,13 @@ def test_a_rejected_push_is_counted_by_its_code_and_changes_no_sample(make_app):
         "200": 1, "400": 1, "401": 1, "415": 1, "429": 0}
 
 
+def test_a_cors_preflight_is_not_a_push(make_app):
+    client = make_app().test_client()
+    assert client.options("/push-sse", headers={"Origin": "https://example.com"}).status_code == 200
+    assert set(scrape(client).samples.get(("gpustats_pushes_total", frozenset({("code", c)})))
+               for c in ("200", "400", "401")) == {0}
+
+
 def test_a_quiet_device_turns_down_then_keeps_only_its_up_sample(make_app):
     client = make_app(STALE_AFTER_S="0.6", OFFLINE_AFTER_S="1.2").test_client()
     push(client, multi(gpu(0), gpu(1)))
