@@ -19,8 +19,8 @@ from counters import Counters
 from fleet import Fleet, Unavailable
 from history_api import register_history
 from history_sqlite import SqliteHistory
-from metrics import register_metrics
 from ingest import BAD_KEYS_BURST, BAD_KEYS_PER_S, error, register_ingest
+from metrics import register_metrics
 from notify import MemoryOutbox, Sender
 from pages import register_pages
 from ratelimit import RateLimiter

@@ -17,8 +17,8 @@ import redis
 
 from counters import KNOWN, with_known
 from fleet import Unavailable, watch
+from fleet_redis import PREFIX
 
-PREFIX = "gpustats:"
 COUNTS = PREFIX + "counts:"  # + name: a hash of label -> count
 VIEWERS = PREFIX + "viewers"  # the set of workers that wrote a count of open streams
 VIEWERS_TTL_MS = 5000
