@@ -24,6 +24,7 @@ from metrics import register_metrics
 from notify import MemoryOutbox, Sender
 from pages import register_pages
 from ratelimit import RateLimiter
+from viewer_socket import viewer_socket
 
 log = logging.getLogger("gpustats")
 OPEN_ROUTES = {"/healthz", "/push-sse"}
@@ -85,7 +86,8 @@ def create_app(overrides=None):
         devices = {d.strip() for d in devices.split(",") if d.strip()} if devices else None
         _drop_when_stuck(request.environ.get("gunicorn.socket"), config.viewer_timeout_s)
         try:
-            chunks = broadcaster.subscribe(devices, request.headers.get("Last-Event-ID"), client=address)
+            chunks = broadcaster.subscribe(devices, request.headers.get("Last-Event-ID"), client=address,
+                                           viewer_socket=viewer_socket(request.environ))
         except ViewerLimit as refused:
             return error(refused.status, str(refused), headers={"Retry-After": "5"})
         # direct_passthrough hands gunicorn the generator itself: no per-event wrapper layers.

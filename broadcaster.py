@@ -40,6 +40,14 @@ class BroadcastCondition:
         finally:
             self._lock.acquire()
 
+    def wait_on(self, event):
+        """Release the lock, sleep until `event` is set, take the lock again."""
+        self._lock.release()
+        try:
+            return event.wait()
+        finally:
+            self._lock.acquire()
+
     def wake_all(self):
         """Wake every current waiter without the lock (for shutdown; waiters recheck state)."""
         self._generation.set()
@@ -77,6 +85,18 @@ def new_boot_id():
     return f"{int(time.time()):x}{secrets.token_hex(3)}"
 
 
+class Viewer:
+    """A viewer parked between writes, caught up: the publisher writes new events to its socket itself."""
+
+    __slots__ = ("send", "chunked", "devices", "seq", "last_write", "rest", "woken")
+
+    def __init__(self, viewer_socket, devices):
+        self.send, self.chunked, self.devices = viewer_socket.try_send, viewer_socket.chunked, devices
+        self.seq, self.last_write = 0, 0.0  # set as it parks, and again as it is woken
+        self.rest = b""  # what the publisher could not send at once: the viewer writes it first
+        self.woken = threading.Event()
+
+
 class Broadcaster:
     """Publish costs O(1) whatever the number of subscribers: no per-subscriber queues.
 
@@ -100,6 +120,9 @@ class Broadcaster:
         self._max_subscribers = max_subscribers
         self._max_per_client = max_per_client
         self._per_client = {}  # client address -> open streams
+        self._parked = set()  # Viewers waiting caught up, each on its own event
+        self._written_at = 0.0  # when the fan-out last wrote to the parked viewers of the whole stream
+        self._due = threading.Event()  # set when there is news for parked viewers
         self._cond = BroadcastCondition()
         self._ring = [None] * ring_size
         # With shared_ids, events arrive with ids every host agrees on (a Redis stream's), kept
@@ -141,9 +164,74 @@ class Broadcaster:
                 self._keys[slot], self._newest_id = stream_key(event_id), event_id
             else:
                 event_id = self.event_id(self._seq)
-            self._ring[slot] = (device, b"id: %s\n%s%s" % (event_id.encode(), head, block))
+            frame = b"id: %s\n%s%s" % (event_id.encode(), head, block)
+            self._ring[slot] = (device, frame)
+            if self._parked:
+                self._due.set()
             self._cond.notify_all()
         return event_id
+
+    def _fan_out(self):
+        """Write what is new to the parked viewers, a pass at a time, until closed.
+
+        One greenlet sends for every caught-up viewer: one non-blocking send each, and no
+        wake-up, generator step or gunicorn writer per viewer. Events published during a
+        pass go out together in the next one, so under load each viewer gets fewer, larger
+        writes, and a push never waits for the sends.
+        """
+        while not self._closed:
+            self._due.wait()
+            self._due.clear()
+            with self._cond:
+                if not self._closed:
+                    self._write_parked()
+
+    def _write_parked(self):
+        """Send each parked viewer what it has not had, if its socket takes it whole now; wake the others."""
+        head, now, behind, batches = self._seq, self._clock(), [], {}
+        for viewer in self._parked:  # the hot loop: one send, and little else
+            seq, devices = viewer.seq, viewer.devices
+            if seq == head:
+                continue
+            key = (seq, viewer.chunked)
+            data = batches.get(key) if devices is None else None
+            if data is None:
+                news = self._since(seq, devices)
+                if news is None:  # a whole ring behind: it takes a fresh snapshot itself
+                    behind.append(viewer)
+                    continue
+                if not news[0]:  # nothing it asked for
+                    viewer.seq = head
+                    continue
+                data = b"".join(news[0])
+                if viewer.chunked:
+                    data = b"%X\r\n%s\r\n" % (len(data), data)  # gunicorn's framing
+                if devices is None:
+                    batches[key] = data
+            try:
+                sent = viewer.send(data)
+            except OSError:  # full (BlockingIOError), or gone: its own write finds out which
+                sent = 0
+            viewer.seq = head
+            if sent != len(data):
+                viewer.rest = data[sent:]
+                behind.append(viewer)
+            elif devices is not None:
+                viewer.last_write = now
+        if batches:
+            self._written_at = now  # the last write to the parked viewers of the whole stream
+        for viewer in behind:
+            self._wake(viewer)
+
+    def _last_write(self, viewer):
+        """Return when a parked viewer was last written to, by itself or by a publish."""
+        return max(viewer.last_write, self._written_at) if viewer.devices is None else viewer.last_write
+
+    def _wake(self, viewer):
+        """Unpark `viewer` and wake it to write for itself, from its `seq` on; the caller holds the lock."""
+        self._parked.discard(viewer)
+        viewer.last_write = self._last_write(viewer)
+        viewer.woken.set()
 
     def reset(self):
         """Send every subscriber a fresh snapshot: events may have been lost upstream."""
@@ -152,18 +240,26 @@ class Broadcaster:
             slot = self._seq % self._size
             self._ring[slot], self._keys[slot] = (None, b""), self._keys[(self._seq - 1) % self._size]
             self._floor = self._seq
+            for viewer in list(self._parked):
+                self._wake(viewer)
             self._cond.notify_all()
 
     def close(self):
         """End every stream, as on shutdown; takes no lock, so a signal handler may call it."""
         self._closed = True
         self._cond.wake_all()  # a waiter that misses this sees the flag at the next tick
+        self._due.set()
+        for viewer in list(self._parked):  # list(): a copy made in one step, safe beside a publish
+            viewer.woken.set()
 
     def _tick(self):
         while not self._closed:
             time.sleep(self._tick_s)
             with self._cond:
                 self._cond.notify_all()
+                now = self._clock()
+                for viewer in [v for v in self._parked if now - self._last_write(v) >= self._quiet_s]:
+                    self._wake(viewer)  # due a heartbeat
 
     def _resume_seq(self, last_event_id):
         """Return the sequence to resume after, or None when a snapshot is needed."""
@@ -233,7 +329,7 @@ class Broadcaster:
         return [frame for device, frame in (ring[s % size] for s in range(seq + 1, self._seq + 1))
                 if device in devices], self._seq
 
-    def subscribe(self, devices=None, last_event_id=None, retry_ms=3000, client=None):
+    def subscribe(self, devices=None, last_event_id=None, retry_ms=3000, client=None, viewer_socket=None):
         """Admit one subscriber and return its stream: an iterator of byte chunks.
 
         Raises ViewerLimit when a cap is reached. Admission and counting are one step under
@@ -241,8 +337,11 @@ class Broadcaster:
         the end, closed before its first chunk (a HEAD request, a client gone at once), or
         failed. The generator is started here, inside its try, so close() always reaches
         its `finally` (an unstarted generator's close() would skip it).
+
+        With `viewer_socket` (viewer_socket.py), events that find the viewer caught up are
+        written to its socket by the publisher; the stream writes the rest.
         """
-        stream = self._stream(devices, last_event_id, retry_ms, client)
+        stream = self._stream(devices, last_event_id, retry_ms, client, viewer_socket)
         next(stream)  # raises ViewerLimit, or returns once admitted
         return stream
 
@@ -263,9 +362,10 @@ class Broadcaster:
         else:
             del self._per_client[client]
 
-    def _stream(self, devices, last_event_id, retry_ms, client):
+    def _stream(self, devices, last_event_id, retry_ms, client, viewer_socket):
         with self._cond:
             self._admit(client)
+        viewer = None
         try:
             yield None  # admitted: subscribe() returns the stream from here
             with self._cond:
@@ -273,21 +373,35 @@ class Broadcaster:
                     # Started by the first subscriber, so it runs in the serving process.
                     self._ticker = threading.Thread(target=self._tick, name="heartbeat", daemon=True)
                     self._ticker.start()
+                    threading.Thread(target=self._fan_out, name="fan-out", daemon=True).start()
                 seq = self._resume_seq(last_event_id)
                 missed = None if seq is None else self._since(seq, devices)
             if missed is None:
                 chunk, seq = self._snapshot_chunk(devices)
             else:
                 chunk, seq = b"".join(missed[0]), missed[1]
-            yield sse.retry(retry_ms) + chunk
+            yield sse.retry(retry_ms) + chunk  # through gunicorn: it sends the headers first
             last_write = self._clock()
+            viewer = Viewer(viewer_socket, devices) if viewer_socket is not None else None
             while True:
+                rest = b""
                 with self._cond:
                     if seq == self._seq and not self._closed:
-                        self._cond.wait()
+                        if viewer is None:
+                            self._cond.wait()
+                        else:
+                            viewer.seq, viewer.last_write = seq, last_write
+                            viewer.woken.clear()
+                            self._parked.add(viewer)
+                            self._cond.wait_on(viewer.woken)
+                            self._parked.discard(viewer)  # close() wakes without the lock
+                            seq, last_write, rest, viewer.rest = viewer.seq, viewer.last_write, viewer.rest, b""
                     if self._closed:
                         return
                     news = self._since(seq, devices) if seq != self._seq else ((), seq)
+                if rest:  # the end of an event the publisher began to send: before anything else
+                    viewer_socket.send_all(rest)
+                    last_write = self._clock()
                 if news is None:  # fell a whole ring behind: the latest state replaces what it missed
                     chunk, seq = self._snapshot_chunk(devices)
                     frames = [chunk] if chunk else []
@@ -304,3 +418,5 @@ class Broadcaster:
         finally:
             with self._cond:
                 self._release(client)
+                if viewer is not None:
+                    self._parked.discard(viewer)
