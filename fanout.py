@@ -1,0 +1,194 @@
+"""Viewers parked between writes, caught up, and the pass that writes new events to them directly.
+
+A viewer whose socket the broadcaster may write to (viewer_socket.py) parks here once it has
+sent everything, instead of waiting on the condition. One fan-out greenlet then writes each
+event to every parked viewer with one non-blocking send, framed as gunicorn would frame it:
+no wake-up, generator step or gunicorn writer per viewer. A viewer is woken to write for
+itself only when that is needed: its socket did not take the whole write, it fell a ring
+behind, it is due a heartbeat, or the stream is reset or closed.
+
+Every method but set_all() expects the broadcaster's lock to be held.
+"""
+import threading
+from itertools import islice
+
+
+class Viewer:
+    """One parked stream: how to send to it, what it takes, and what it is owed once woken."""
+
+    __slots__ = ("send", "chunked", "devices", "seq", "last_write", "rest", "woken")
+
+    def __init__(self, viewer_socket, devices):
+        self.send, self.chunked, self.devices = viewer_socket.try_send, viewer_socket.chunked, devices
+        self.seq, self.last_write = 0, 0.0  # where it is, and when it was last written to
+        self.rest = b""  # what a pass could not send at once: the viewer writes it before anything else
+        self.woken = threading.Event()
+
+
+def chunk(data):
+    """Frame `data` as one HTTP/1.1 chunk, as gunicorn frames what a stream yields."""
+    return b"%X\r\n%s\r\n" % (len(data), data)
+
+
+def _send(viewers, data, now):
+    """Send `data` to each viewer without waiting; return [(viewer, bytes sent)] for those it did not fit."""
+    size, short = len(data), []
+    for viewer in viewers:  # the hot loop: one send each, and no allocation
+        try:
+            sent = viewer.send(data)
+        except OSError:  # full (BlockingIOError), or gone: its own write finds out which
+            sent = 0
+        if sent == size:
+            viewer.last_write = now
+        else:
+            short.append((viewer, sent))
+    return short
+
+
+class ParkedViewers:
+    """The parked viewers: those of the whole stream in groups by position, the filtered ones alone.
+
+    Viewers of every device at one position get the same bytes, so they are kept together
+    (keyed by (seq, chunked)) and their news is framed once per group. A pass sends to a
+    bounded number of viewers at a time, so the fan-out can let pushes in between: a viewer
+    always sits in the group of what it has been sent, and one that leaves while the pass
+    waits is simply no longer there to be sent to.
+    """
+
+    def __init__(self, since, clock):
+        self._since = since  # (seq, devices) -> ([frames after seq], head), or None past the ring
+        self._clock = clock
+        self._groups = {}  # (seq, chunked) -> {Viewer: None}, in the order they parked
+        self._filtered = set()
+
+    def __bool__(self):
+        return bool(self._groups or self._filtered)
+
+    def park(self, viewer, seq, last_write):
+        """Add `viewer`, which has sent everything up to `seq`; it sleeps until woken."""
+        viewer.seq, viewer.last_write = seq, last_write
+        viewer.woken.clear()
+        if viewer.devices is None:
+            self._groups.setdefault((seq, viewer.chunked), {})[viewer] = None
+        else:
+            self._filtered.add(viewer)
+
+    def leave(self, viewer):
+        """Take out a viewer that stops waiting by itself (its stream closed or ended)."""
+        if viewer.devices is not None:
+            self._filtered.discard(viewer)
+            return
+        for key, group in self._groups.items():  # a handful of groups: one per position in use
+            if viewer in group:
+                del group[viewer]
+                if not group:
+                    del self._groups[key]
+                return
+
+    def write(self, head, budget):
+        """Send parked viewers what was published up to `head`, at most `budget` of them; True if some wait still."""
+        now = self._clock()
+        for key in [key for key in self._groups if key[0] != head]:
+            budget = self._write_group(key, head, now, budget)
+            if budget <= 0:
+                return True
+        for viewer in [viewer for viewer in self._filtered if viewer.seq != head]:
+            self._write_filtered(viewer, head, now)
+        return False
+
+    def _write_group(self, key, head, now, budget):
+        seq, chunked = key
+        group = self._groups.pop(key)
+        news = self._since(seq, None)
+        if news is None:  # a whole ring behind: each takes a fresh snapshot itself
+            for viewer in group:
+                self._wake(viewer, seq)
+            return budget
+        data = b"".join(news[0])
+        if data:  # never send nothing: an empty chunk would end the response
+            data = chunk(data) if chunked else data
+            if len(group) <= budget:  # the usual case: the whole group, then it moves as one
+                budget -= len(group)
+                for viewer, sent in _send(group, data, now):
+                    del group[viewer]
+                    self._wake_short(viewer, data, sent, head)
+            else:  # a bounded part; the rest waits for the next call, still where it is
+                sending, budget = list(islice(group, budget)), 0
+                short = dict(_send(sending, data, now))
+                moved = {}
+                for viewer in sending:
+                    del group[viewer]
+                    if viewer in short:
+                        self._wake_short(viewer, data, short[viewer], head)
+                    else:
+                        moved[viewer] = None
+                self._groups[key], group = group, moved
+        into = self._groups.get((head, chunked))
+        if into is not None and len(into) >= len(group):
+            into.update(group)
+        elif group:
+            if into is not None:
+                group.update(into)
+            self._groups[head, chunked] = group
+        return budget
+
+    def _wake_short(self, viewer, data, sent, head):
+        """Wake a viewer whose socket took only `sent` bytes of `data`: it sends the rest before anything else."""
+        viewer.rest = data[sent:]
+        self._wake(viewer, head)
+
+    def _write_filtered(self, viewer, head, now):
+        news = self._since(viewer.seq, viewer.devices)
+        if news is None:
+            self._filtered.discard(viewer)
+            return self._wake(viewer, viewer.seq)
+        if news[0]:
+            data = b"".join(news[0])
+            data = chunk(data) if viewer.chunked else data
+            try:
+                sent = viewer.send(data)
+            except OSError:
+                sent = 0
+            if sent != len(data):
+                self._filtered.discard(viewer)
+                viewer.rest = data[sent:]
+                return self._wake(viewer, head)
+            viewer.last_write = now
+        viewer.seq = head
+
+    @staticmethod
+    def _wake(viewer, seq):
+        """Wake a viewer already taken out, to write for itself from `seq` on."""
+        viewer.seq = seq
+        viewer.woken.set()
+
+    def wake_quiet(self, quiet_s):
+        """Wake every viewer that nothing was written to for `quiet_s`: it is due a heartbeat."""
+        now = self._clock()
+        for key, group in list(self._groups.items()):
+            for viewer in [viewer for viewer in group if now - viewer.last_write >= quiet_s]:
+                del group[viewer]
+                self._wake(viewer, key[0])
+            if not group:
+                del self._groups[key]
+        for viewer in [viewer for viewer in self._filtered if now - viewer.last_write >= quiet_s]:
+            self._filtered.discard(viewer)
+            self._wake(viewer, viewer.seq)
+
+    def wake_all(self):
+        """Wake every viewer, to write for itself (after a reset)."""
+        groups, self._groups = self._groups, {}
+        for (seq, _), group in groups.items():
+            for viewer in group:
+                self._wake(viewer, seq)
+        filtered, self._filtered = self._filtered, set()
+        for viewer in filtered:
+            self._wake(viewer, viewer.seq)
+
+    def set_all(self):
+        """Wake every viewer without the lock, as on shutdown; each sees the stream closed and leaves."""
+        for group in list(self._groups.values()):  # list(): a copy made in one step, safe beside a pass
+            for viewer in list(group):
+                viewer.woken.set()
+        for viewer in list(self._filtered):
+            viewer.woken.set()
