@@ -6,13 +6,13 @@ scenarios: --reconnect-storm (bench_storm.py), --history-load (bench_history.py)
 --server-dir runs another tree's server, such as an older commit's, with this same bench.
 """
 import argparse
-import asyncio
 import atexit
 import json
 import multiprocessing
 import os
 import re
 import resource
+import select
 import shutil
 import socket
 import subprocess
@@ -32,64 +32,76 @@ DEVICES = 10
 
 # ---- subscribers: each client process holds a share of the streams -------------------
 
-async def _subscriber(port, stats, ready):
+def _connect(port):
+    """Open one stream, retrying while the listen backlog is full; None if it never opens."""
     for attempt in range(50):
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            break
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(f"GET /gpu/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            sock.setblocking(False)
+            return sock
         except OSError:
-            await asyncio.sleep(0.1 * (attempt + 1))
-    else:
-        stats["failed"] += 1
-        ready()
-        return
-    writer.write(f"GET /gpu/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-    ready()
-    buffer, streaming = b"", False
-    while True:
-        chunk = await reader.read(262144)
-        if not chunk:
-            stats["closed"] += 1
-            return
-        now = time.time()
-        if not streaming:
-            stats["streaming"], streaming = stats["streaming"] + 1, True
-        buffer += chunk
-        end = buffer.rfind(b"\n\n")
-        if end < 0:
-            continue
-        # (push sent, event read): a snapshot's sampledAt counts too, so callers window by send time.
-        for value in SAMPLED_AT.findall(buffer, 0, end):
-            stats["arrivals"].append((float(value), now))
-        buffer = buffer[end + 2:]
+            time.sleep(0.1 * (attempt + 1))
+    return None
+
+
+def _cpu_s():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _client_process(port, count, conn):
+    """Hold `count` streams on one epoll loop and note when each event is read.
+
+    Plain sockets on one epoll loop: a read is timed the moment it returns, with no task
+    scheduling between the two, and its own CPU is reported apart from the server's.
+    """
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     stats = {"arrivals": [], "failed": 0, "closed": 0, "streaming": 0}
-
-    async def run():
-        opened = 0
-
-        def ready():
-            nonlocal opened
-            opened += 1
-        tasks = []
-        for i in range(count):
-            tasks.append(asyncio.ensure_future(_subscriber(port, stats, ready)))
-            if i % 100 == 99:
-                await asyncio.sleep(0.05)  # ramp up: do not overflow the listen backlog
-        while opened < count:
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
-        conn.send(("ready", count - stats["failed"]))
-        while not conn.poll():
-            await asyncio.sleep(0.05)
-        conn.recv()
-        for task in tasks:
-            task.cancel()
-        conn.send(("done", stats))
-    asyncio.run(run())
+    arrivals, poller, streams = stats["arrivals"], select.epoll(), {}
+    for i in range(count):
+        sock = _connect(port)
+        if sock is None:
+            stats["failed"] += 1
+        else:
+            streams[sock.fileno()] = [sock, b"", False]  # socket, unparsed bytes, streaming yet
+            poller.register(sock.fileno(), select.EPOLLIN)
+        if i % 100 == 99:
+            time.sleep(0.05)  # ramp up: do not overflow the listen backlog
+    time.sleep(0.5)
+    before = _cpu_s()
+    conn.send(("ready", len(streams)))
+    while True:
+        if conn.poll():
+            if conn.recv() == "stop":
+                break
+            before = _cpu_s()  # "measure": the warm-up is over
+        for fd, _ in poller.poll(0.05):
+            stream = streams[fd]
+            try:
+                chunk = stream[0].recv(262144)
+            except BlockingIOError:
+                continue
+            now = time.time()
+            if not chunk:
+                stats["closed"] += 1
+                poller.unregister(fd)
+                continue
+            if not stream[2]:
+                stats["streaming"], stream[2] = stats["streaming"] + 1, True
+            buffer = stream[1] + chunk
+            end = buffer.rfind(b"\n\n")
+            if end < 0:
+                stream[1] = buffer
+                continue
+            # (push sent, event read): a snapshot's sampledAt counts too, so callers window by send time.
+            for value in SAMPLED_AT.findall(buffer, 0, end):
+                arrivals.append((float(value), now))
+            stream[1] = buffer[end + 2:]
+    stats["cpu_s"] = _cpu_s() - before  # the load generator's own work, never counted as the server's
+    for stream in streams.values():
+        stream[0].close()
+    conn.send(("done", stats))
 
 
 # ---- servers -----------------------------------------------------------------------
@@ -205,9 +217,9 @@ def gpu_payload(index, t):
             "processes": [{"pid": 1000 + index, "name": "python", "memoryUsed": 11000}]}
 
 
-def _send_pushes(port, key, device, started, args, refused):
+def _send_pushes(port, key, device, started, args, refused, pushes):
     session, count = requests.Session(), 0
-    for n in range(device, args.pushes, DEVICES):
+    for n in range(device, pushes, DEVICES):
         time.sleep(max(0.0, started + n / args.rate - time.monotonic()))
         body = {"host": f"bench-{device}", "sampledAt": time.time(),
                 "agent": {"version": "bench", "backend": "simulated", "simulated": True},
@@ -217,6 +229,22 @@ def _send_pushes(port, key, device, started, args, refused):
                                        "Authorization": f"Bearer {key}"}, timeout=60)
         count += answer.status_code != 200
     refused.append(count)
+
+
+def _push_for(port, keys, args, pushes):
+    """Send `pushes` pushes at args.rate, spread over the devices; return how many were refused.
+
+    Open loop, as real agents push: one sender per device on a fixed schedule, so a slow
+    server makes pushes pile up instead of slowing the senders down.
+    """
+    started, refused = time.monotonic(), []
+    senders = [threading.Thread(target=_send_pushes, args=(port, keys[d], d, started, args, refused, pushes))
+               for d in range(DEVICES)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    return sum(refused)
 
 
 def _stuck_viewer(port):
@@ -252,30 +280,29 @@ def run(target, args):
             clients.append((proc, parent))
         connected = sum(parent.recv()[1] for _, parent in clients)
         stuck = [_stuck_viewer(port) for _ in range(args.stuck)]
+        # Warm-up, not measured: the same load for a while, so both servers have run every path
+        # (Node's JIT has compiled the hot ones) before the CPU and the latencies count.
+        _push_for(port, keys, args, round(args.warmup * args.rate))
+        time.sleep(min(args.drain, 1.0))
+        for _, parent in clients:
+            parent.send("measure")
+        measured_from = time.time()
         cpu_before = sum(server_cpu_s(pid) for pid in pids)
         started = time.monotonic()
-        refused = []
-        # Open loop, as real agents push: one sender per device on a fixed schedule, so
-        # a slow server makes pushes pile up instead of slowing the senders down.
-        senders = [threading.Thread(target=_send_pushes, args=(port, keys[d], d, started, args, refused))
-                   for d in range(DEVICES)]
-        for sender in senders:
-            sender.start()
-        for sender in senders:
-            sender.join()
-        refused = sum(refused)
+        refused = _push_for(port, keys, args, args.pushes)
         push_s = time.monotonic() - started
         expected = connected * args.pushes
         time.sleep(args.drain)
         cpu = sum(server_cpu_s(pid) for pid in pids) - cpu_before
         peak = sum(server_peak_mib(pid) for pid in pids)
-        latencies, closed = [], 0
+        latencies, closed, client_cpu = [], 0, 0.0
         for _, parent in clients:
             parent.send("stop")
         for proc, parent in clients:
             _, stats = parent.recv()
-            latencies += [read - sent for sent, read in stats["arrivals"]]
+            latencies += [read - sent for sent, read in stats["arrivals"] if sent >= measured_from]
             closed += stats["closed"]
+            client_cpu += stats["cpu_s"]
             proc.join(5)
         for sock in stuck:
             sock.close()
@@ -297,7 +324,7 @@ def run(target, args):
             "rate": round(args.pushes / push_s, 1), "delivered": delivered, "expected": expected,
             "p50_ms": round(pct(0.50), 1), "p99_ms": round(pct(0.99), 1),
             "cpu_us_per_event": round(cpu / max(delivered, 1) * 1e6, 2), "cpu_s": round(cpu, 2),
-            "peak_mib": round(peak, 1), "refused_pushes": refused, "streams_closed": closed}
+            "peak_mib": round(peak, 1), "client_cpu_s": round(client_cpu, 2), "refused_pushes": refused, "streams_closed": closed}
 
 
 def bench_agent(samples):
@@ -402,10 +429,11 @@ def main():
     parser.add_argument("--rate", "-r", type=float, default=20.0, help="pushes per second")
     parser.add_argument("--gpus", type=int, default=4, help="GPUs in each pushed payload")
     parser.add_argument("--clients", type=int, default=2, help="subscriber processes")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of the same load before measuring")
     parser.add_argument("--drain", type=float, default=3.0, help="seconds to wait after the last push")
     parser.add_argument("--stuck", type=int, default=0, help="extra viewers that connect and never read")
     parser.add_argument("--node-dir", default=os.path.join(tempfile.gettempdir(), "node-seed"))
-    parser.add_argument("--repeat", type=int, default=1,
+    parser.add_argument("--repeat", type=int, default=3,
                         help="runs per server, interleaved; the row shows the median run")
     parser.add_argument("--json", action="store_true", help="print one JSON object per run")
     parser.add_argument("--cap", type=int, metavar="PUSHES", default=0,
@@ -461,9 +489,11 @@ def main():
         sys.exit("redis-server is not installed: apt-get install redis-server")
     if "node-seed" in targets and not shutil.which("node"):
         sys.exit("node is not installed: run with --target flask-gevent")
+    print(f"{os.cpu_count()} cores, shared by the servers and the load generator; {args.warmup:g} s of warm-up "
+          f"before each run; " + (f"median of {args.repeat} runs, servers in turn" if args.repeat > 1 else "one run"))
     print("| server | subscribers | pushes/s | delivered/expected | fan-out p50 | fan-out p99 "
-          "| server CPU per delivered event | peak memory |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| server CPU per delivered event | peak memory | load generator CPU (not counted) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for subscribers in ([int(n) for n in args.sweep.split(",")] if args.sweep else [args.subscribers]):
         args.subscribers = subscribers
         rows = {target: [] for target in targets}
@@ -476,7 +506,7 @@ def main():
             row = sorted(rows[target], key=lambda r: r["cpu_us_per_event"])[len(rows[target]) // 2]
             print(f"| {row['server']} | {row['subscribers']} | {row['rate']} | {row['delivered']}/{row['expected']} "
                   f"| {row['p50_ms']} ms | {row['p99_ms']} ms | {row['cpu_us_per_event']} µs "
-                  f"| {row['peak_mib']} MiB |", flush=True)
+                  f"| {row['peak_mib']} MiB | {row['client_cpu_s']} s |", flush=True)
 
 if __name__ == "__main__":
     main()
