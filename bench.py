@@ -349,6 +349,49 @@ def bench_agent(samples):
           f"{wall / samples * 1000:.1f} ms wall per sample")
 
 
+def _drain(port, count, ready):
+    """Hold `count` loopback connections to `port` and read whatever arrives, until closed."""
+    streams = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    poller = select.epoll()
+    for sock in streams:
+        sock.setblocking(False)
+        poller.register(sock.fileno(), select.EPOLLIN)
+    by_fd = {sock.fileno(): sock for sock in streams}
+    ready.send("ready")
+    while True:
+        for fd, _ in poller.poll():
+            if not by_fd[fd].recv(1 << 16):
+                return
+
+
+def bench_send_floor(viewers, size=2200, rounds=300):
+    """Time the floor under any fan-out: one non-blocking send of an event to each of `viewers` sockets.
+
+    No gevent, gunicorn or broadcaster: a bare Python loop over loopback sockets whose reader
+    is another process, as in the load benchmark. What a send costs here, a fan-out pays too.
+    """
+    listener = socket.create_server(("127.0.0.1", 0), backlog=viewers)
+    parent, child = multiprocessing.Pipe()
+    reader = multiprocessing.Process(target=_drain, args=(listener.getsockname()[1], viewers, child), daemon=True)
+    reader.start()
+    socks = [listener.accept()[0] for _ in range(viewers)]
+    parent.recv()
+    for sock in socks:
+        sock.setblocking(False)
+    sends, data = [sock.send for sock in socks], b"x" * size
+    before = _cpu_s()
+    for _ in range(rounds):
+        for send in sends:
+            send(data)
+        time.sleep(0.02)  # the reader catches up, as between two events
+    cpu = _cpu_s() - before
+    for sock in socks:
+        sock.close()
+    reader.join(10)
+    print(f"{viewers} loopback sockets, {size}-byte sends, {rounds} rounds, {os.cpu_count()} cores: "
+          f"{cpu / rounds / viewers * 1e6:.2f} µs of CPU per send")
+
+
 def _open_stream(port, source):
     """Open one viewer from a loopback address; return its socket and HTTP status."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
@@ -438,6 +481,8 @@ def main():
     parser.add_argument("--json", action="store_true", help="print one JSON object per run")
     parser.add_argument("--cap", type=int, metavar="PUSHES", default=0,
                         help="instead: fill the viewer cap at the default sizes and time PUSHES pushes")
+    parser.add_argument("--send-floor", action="store_true",
+                        help="time a bare loop of non-blocking sends to -n loopback sockets: the floor of a fan-out")
     parser.add_argument("--agent", type=int, metavar="SAMPLES", default=0,
                         help="instead: measure the agent's CPU per sample on the nvidia-smi path")
     parser.add_argument("--server-dir", type=Path, default=ROOT, metavar="DIR",
@@ -477,6 +522,8 @@ def main():
         return bench_agent(args.agent)
     if args.cap:
         return bench_cap(args.cap, args.server_dir)
+    if args.send_floor:
+        return bench_send_floor(args.subscribers)
     if args.reconnect_storm:
         import bench_storm
         return bench_storm.reconnect_storm(args)
