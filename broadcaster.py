@@ -180,7 +180,12 @@ class Broadcaster:
                 with self._cond:
                     if self._closed:
                         return
-                    more = self._parked.write(self._seq, FAN_OUT_BATCH)
+                    try:
+                        more = self._parked.write(self._seq, FAN_OUT_BATCH)
+                    except Exception:  # never silently gone: say so, and let every viewer write for itself
+                        log.exception("the fan-out failed; its viewers catch up by themselves")
+                        self._parked.wake_all()
+                        more = False
                 if more:
                     time.sleep(0)  # let pushes, new viewers and leaving ones in
             took = time.monotonic() - started
@@ -289,7 +294,7 @@ class Broadcaster:
         its `finally` (an unstarted generator's close() would skip it).
 
         With `viewer_socket` (viewer_socket.py), events that find the viewer caught up are
-        written to its socket by the publisher; the stream writes the rest.
+        written to its socket by the fan-out (fanout.py); the stream writes the rest.
         """
         stream = self._stream(devices, last_event_id, retry_ms, client, viewer_socket)
         next(stream)  # raises ViewerLimit, or returns once admitted

@@ -98,38 +98,39 @@ class ParkedViewers:
 
     def _write_group(self, key, head, now, budget):
         seq, chunked = key
-        group = self._groups.pop(key)
+        group = self._groups[key]  # left in place while sending: whatever happens, wake_all() finds them
         news = self._since(seq, None)
         if news is None:  # a whole ring behind: each takes a fresh snapshot itself
+            del self._groups[key]
             for viewer in group:
                 self._wake(viewer, seq)
             return budget
-        data = b"".join(news[0])
-        if data:  # never send nothing: an empty chunk would end the response
+        data, moving = b"".join(news[0]), group
+        if data and len(group) > budget:  # a bounded part; the rest waits for the next call, where it is
             data = chunk(data) if chunked else data
-            if len(group) <= budget:  # the usual case: the whole group, then it moves as one
+            sending, budget, moving = list(islice(group, budget)), 0, {}
+            short = dict(_send(sending, data, now))
+            for viewer in sending:
+                del group[viewer]
+                if viewer in short:
+                    self._wake_short(viewer, data, short[viewer], head)
+                else:
+                    moving[viewer] = None
+        else:  # the usual case: all of it, and then the group moves as one
+            if data:  # never send nothing: an empty chunk would end the response
+                data = chunk(data) if chunked else data
                 budget -= len(group)
                 for viewer, sent in _send(group, data, now):
                     del group[viewer]
                     self._wake_short(viewer, data, sent, head)
-            else:  # a bounded part; the rest waits for the next call, still where it is
-                sending, budget = list(islice(group, budget)), 0
-                short = dict(_send(sending, data, now))
-                moved = {}
-                for viewer in sending:
-                    del group[viewer]
-                    if viewer in short:
-                        self._wake_short(viewer, data, short[viewer], head)
-                    else:
-                        moved[viewer] = None
-                self._groups[key], group = group, moved
+            del self._groups[key]
         into = self._groups.get((head, chunked))
-        if into is not None and len(into) >= len(group):
-            into.update(group)
-        elif group:
+        if into is not None and len(into) >= len(moving):
+            into.update(moving)
+        elif moving:
             if into is not None:
-                group.update(into)
-            self._groups[head, chunked] = group
+                moving.update(into)
+            self._groups[head, chunked] = moving
         return budget
 
     def _wake_short(self, viewer, data, sent, head):

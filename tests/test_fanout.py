@@ -24,7 +24,7 @@ def make(state=None, ring_size=64, heartbeat_s=30):
 class DirectViewer:
     """A stream with a socket: its first chunk and anything it yields go out as gunicorn would write them."""
 
-    def __init__(self, b, chunked=True, devices=None, buffer_bytes=None, last_event_id=None):
+    def __init__(self, b, chunked=True, devices=None, buffer_bytes=None, last_event_id=None, try_send=None):
         self.ours, self.theirs = socket.socketpair()
         if buffer_bytes:
             self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
@@ -32,6 +32,7 @@ class DirectViewer:
         self.chunked, self.yields, self.rests, self.received = chunked, 0, 0, b""
         direct = ViewerSocket(self.ours, chunked)
         direct.send_all = self._send_rest
+        direct.try_send = try_send or direct.try_send
         self.stream = b.subscribe(devices=devices, last_event_id=last_event_id, viewer_socket=direct)
         self.writer = threading.Thread(target=self._write, daemon=True)
         self.writer.start()
@@ -179,6 +180,21 @@ def test_resuming_viewers_are_sent_only_what_they_missed():
     parked(b, 1)
     b.publish("a", {"n": 2})
     assert data_of(viewer.read(lambda got: len(data_of(got)) == 2)) == ['{"n":1}', '{"n":2}']
+    b.close()
+
+
+def test_if_the_fan_out_fails_it_says_so_and_its_viewers_get_the_events_themselves(caplog):
+    def broken(data):
+        raise RuntimeError("a bug in the pass")
+    b, _ = make()
+    viewer = DirectViewer(b, try_send=broken)
+    parked(b, 1)
+    b.publish("a", {"n": 1})
+    assert data_of(viewer.read(lambda got: len(data_of(got)) == 1)) == ['{"n":1}']
+    assert viewer.yields == 2
+    assert "the fan-out failed" in caplog.text
+    b.publish("a", {"n": 2})  # and it goes on
+    assert data_of(viewer.read(lambda got: len(data_of(got)) == 2))[-1] == '{"n":2}'
     b.close()
 
 
