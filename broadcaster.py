@@ -154,8 +154,7 @@ class Broadcaster:
                 self._keys[slot], self._newest_id = stream_key(event_id), event_id
             else:
                 event_id = self.event_id(self._seq)
-            frame = b"id: %s\n%s%s" % (event_id.encode(), head, block)
-            self._ring[slot] = (device, frame)
+            self._ring[slot] = (device, b"id: %s\n%s%s" % (event_id.encode(), head, block))
             if self._parked:
                 self._due.set()
             self._cond.notify_all()

@@ -106,8 +106,9 @@ class ParkedViewers:
                 self._wake(viewer, seq)
             return budget
         data, moving = b"".join(news[0]), group
+        if data and chunked:
+            data = chunk(data)
         if data and len(group) > budget:  # a bounded part; the rest waits for the next call, where it is
-            data = chunk(data) if chunked else data
             sending, budget, moving = list(islice(group, budget)), 0, {}
             short = dict(_send(sending, data, now))
             for viewer in sending:
@@ -118,7 +119,6 @@ class ParkedViewers:
                     moving[viewer] = None
         else:  # the usual case: all of it, and then the group moves as one
             if data:  # never send nothing: an empty chunk would end the response
-                data = chunk(data) if chunked else data
                 budget -= len(group)
                 for viewer, sent in _send(group, data, now):
                     del group[viewer]
@@ -146,15 +146,9 @@ class ParkedViewers:
         if news[0]:
             data = b"".join(news[0])
             data = chunk(data) if viewer.chunked else data
-            try:
-                sent = viewer.send(data)
-            except OSError:
-                sent = 0
-            if sent != len(data):
+            for _, sent in _send([viewer], data, now):  # it did not fit
                 self._filtered.discard(viewer)
-                viewer.rest = data[sent:]
-                return self._wake(viewer, head)
-            viewer.last_write = now
+                return self._wake_short(viewer, data, sent, head)
         viewer.seq = head
 
     @staticmethod
