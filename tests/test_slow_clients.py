@@ -3,7 +3,9 @@ import socket
 import statistics
 import time
 
-from conftest import HEARTBEAT_S, gpu, multi
+import requests
+
+from conftest import HEARTBEAT_S, KEYS, gpu, multi, wait_for
 
 
 def rss_mib(pid):
@@ -13,12 +15,13 @@ def rss_mib(pid):
     raise AssertionError("no VmRSS")
 
 
-def stuck_viewer(port):
+def stuck_viewer(port, headers=None):
     """Open a stream whose reader never reads, with a tiny receive window."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
-    sock.sendall(b"GET /gpu/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    sock.sendall(f"GET /gpu/stream HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
     return sock
 
 
@@ -89,3 +92,29 @@ def test_300_viewers_that_vanish_are_reaped_within_a_few_heartbeats(start_server
     assert time.monotonic() - closed <= 3 * float(HEARTBEAT_S) + 0.5  # three heartbeats, plus slack
     server.push(multi())
     assert watcher.next()["data"]["device"] == "rig-1"
+
+
+def test_viewers_that_resume_a_ring_back_and_never_read_cost_little_each(start_server):
+    # Issue 20: each such viewer held the whole replay three times over (joined, with the retry
+    # line, framed as a chunk): 12.4 MiB each with 1,023 pushes of ~4.5 KB; a good push waited 1.9 s.
+    server = start_server(PUSH_RATE_LIMIT="100000", MAX_SUBSCRIBERS_PER_CLIENT="1000")
+    body = multi(*[gpu(i, processes=[{"pid": p, "name": "p" * 40, "memoryUsed": 1} for p in range(8)])
+                   for i in range(4)])
+    with requests.Session() as session:
+        session.headers["Authorization"] = f"Bearer {KEYS['rig-1']}"
+        first = session.post(server.url + "/push-sse", json=body, timeout=10).json()["id"]
+        for _ in range(1022):
+            session.post(server.url + "/push-sse", json=body, timeout=10).raise_for_status()
+    base = rss_mib(server.worker_pid)
+    stuck = [stuck_viewer(server.port, {"Last-Event-ID": first}) for _ in range(20)]
+    wait_for(lambda: server.health()["subscribers"] == 20)
+    time.sleep(0.5)  # each has been written to as far as its window lets it
+    started = time.monotonic()
+    server.push(body).raise_for_status()
+    took = time.monotonic() - started
+    grown = rss_mib(server.worker_pid) - base
+    print(f"20 stuck viewers resuming 1,022 events back: worker grew {grown:.1f} MiB; a push took {took * 1000:.0f} ms")
+    assert grown < 25, f"worker grew {grown:.0f} MiB"
+    assert took < 0.5
+    for sock in stuck:
+        sock.close()
