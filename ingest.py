@@ -33,12 +33,14 @@ def register_ingest(app, config, keys, fleet, broadcaster, limiter, bad_keys, co
     def push():
         address = client_address(request.remote_addr, request.headers.get("X-Forwarded-For"),
                                  config.trusted_proxies)
-        wait = bad_keys.blocked_for(address)
-        if wait:
-            return error(429, "too many bad device keys from this address", headers={"Retry-After": str(wait)})
         key = presented_key(request.headers)
         device = keys.device_for(key) if key else None
         if device is None:
+            # Only bad keys are slowed: a valid agent behind the same address (a NAT, a proxy
+            # missing from TRUSTED_PROXIES) is never held up by another's guesses.
+            wait = bad_keys.blocked_for(address)
+            if wait:
+                return error(429, "too many bad device keys from this address", headers={"Retry-After": str(wait)})
             bad_keys.take(address)
             reason = ("no device keys are configured on this server (DEVICE_KEYS)" if not keys
                       else "unknown device key" if key
