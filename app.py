@@ -53,7 +53,9 @@ def create_app(overrides=None):
         if viewer_allowed(request.headers.get("Authorization"), config.dashboard_user,
                           config.dashboard_password):
             return None
-        return Response("Login required.\n", 401, {"WWW-Authenticate": 'Basic realm="GPU Stats"'})
+        # JSON like every other error (a browser still gets its login prompt from the header).
+        return error(401, "login required: send the viewer login (HTTP Basic, DASHBOARD_USER and DASHBOARD_PASSWORD)",
+                     headers={"WWW-Authenticate": 'Basic realm="GPU Stats"'})
 
     @app.after_request
     def allow_origins(response):

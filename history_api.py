@@ -5,6 +5,7 @@ import json
 import re
 import threading
 import time
+import unicodedata
 
 from flask import Response, request
 
@@ -139,12 +140,21 @@ def to_csv(result):
         for i, t in enumerate(gpu["t"]):
             if i % 100 == 99:
                 cooperate()  # 100 rows are about 1 ms of work: pushes and streams go on between them
-            writer.writerow((result["device"], gpu["index"], _cell(gpu["uuid"]), _cell(gpu["name"]), t, rfc3339(t),
+            writer.writerow((result["device"], gpu["index"], safe_cell(gpu["uuid"]), safe_cell(gpu["name"]), t, rfc3339(t),
                              *("" if gpu[f][i] is None else gpu[f][i] for f in FIELDS), gpu["energyWhSteps"][i]))
     return out.getvalue().encode()
 
 
-def _cell(text):
-    """Return agent-sent text safe to open in a spreadsheet: no leading = + - @ to run as a formula."""
+FORMULA = ("=", "+", "-", "@")
+
+
+def safe_cell(text):
+    """Return agent-sent text safe to open in a spreadsheet: nothing it could run as a formula.
+
+    Spreadsheets skip leading spaces (U+3000 too) and read full-width signs (＝ ＋ － ＠) as
+    their ASCII forms, and a tab or carriage return first starts a formula in some (OWASP's
+    CSV injection list): each of those gets the `'` guard as well.
+    """
     text = text or ""
-    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+    first = unicodedata.normalize("NFKC", text.lstrip()[:1])
+    return "'" + text if first in FORMULA or text[:1] in ("\t", "\r") else text

@@ -109,5 +109,17 @@ def register_metrics(app, fleet, counters):
 
     @app.get("/metrics")
     def metrics():
-        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        encode, content_type = negotiate(request.headers.get("Accept", ""))
         return Response(encode(registry), content_type=content_type)
+
+
+def negotiate(accept):
+    """Return (encoder, content type) for an Accept header; one prometheus_client cannot read gets the text format.
+
+    prometheus_client 0.26 raises TypeError on `version=abc` or an OpenMetrics `version=1.x`:
+    every scraper takes the text format, so that is the answer, never a 500.
+    """
+    try:
+        return choose_encoder(accept)
+    except Exception:  # noqa: BLE001 its parsing of the header, nothing of ours
+        return choose_encoder("")  # what a scraper that names no format gets: the text format, 0.0.4

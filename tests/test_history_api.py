@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from conftest import ROOT, gpu, multi, procfile_command, wait_for
-from history_api import SharedAnswers
+from history_api import SharedAnswers, safe_cell
 
 pytestmark = pytest.mark.both_backends
 CSV_HEADER = ["device", "gpu", "uuid", "name", "t", "time", "utilizationGpu", "memoryUsed", "temperatureGpu",
@@ -58,6 +58,20 @@ def test_the_csv_opens_in_pythons_csv_module_with_one_row_per_gpu_and_bucket(ser
     assert list(rows[0]) == CSV_HEADER and len(rows) == 2
     assert [int(r["utilizationGpu"]) for r in rows] == [10, 20] and rows[0]["temperatureGpu"] == "65"
     assert rows[0]["time"].endswith("Z") and rows[0]["name"].startswith("'=")  # no formula in a spreadsheet
+
+
+@pytest.mark.no_backend
+@pytest.mark.parametrize("name", ["=1+1", "+1", "-1", "@SUM(A1)", " =1+1", "\u3000=1+1", "\uff1d1+1", "\uff0b1",
+                                  "\u3000\uff20SUM(A1)", "\t=1", "\r=1", " \t-1"])
+def test_a_cell_a_spreadsheet_would_run_as_a_formula_is_guarded(name):
+    # Issue 20: a space, U+3000 or a full-width ＝ before the formula sign got no guard.
+    assert safe_cell(name) == "'" + name
+
+
+@pytest.mark.no_backend
+@pytest.mark.parametrize("name", ["NVIDIA GeForce RTX 3080", "", "a=b", " GPU", "\u3000GPU", "1-2"])
+def test_ordinary_names_are_left_as_they_are(name):
+    assert safe_cell(name) == name
 
 
 def test_history_survives_a_restart_even_what_was_pushed_just_before_it(server):

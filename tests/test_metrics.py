@@ -165,7 +165,11 @@ def test_alert_notifications_are_counted_by_result(make_app, receiver):
 
 def test_metrics_need_the_viewer_login(make_app):
     client = make_app(DASHBOARD_PASSWORD="s3cret-enough").test_client()
-    assert client.get("/metrics").status_code == 401
+    refused = client.get("/metrics")
+    # Issue 20: this was text/html "Login required."; every error is JSON, as the README says.
+    assert refused.status_code == 401 and refused.content_type == "application/json"
+    assert refused.json["ok"] is False and "login required" in refused.json["error"]
+    assert refused.headers["WWW-Authenticate"] == 'Basic realm="GPU Stats"'
     auth = {"Authorization": "Basic " + __import__("base64").b64encode(b"admin:s3cret-enough").decode()}
     assert scrape(client, headers=auth).value("gpustats_stream_subscribers") == 0
 
@@ -175,6 +179,23 @@ def test_prometheus_asking_for_openmetrics_gets_it(make_app):
     answer = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert answer.content_type.startswith("application/openmetrics-text")
     assert answer.get_data(as_text=True).endswith("# EOF\n")
+
+
+@pytest.mark.no_backend
+@pytest.mark.parametrize("accept", ["text/plain; version=abc", "application/openmetrics-text; version=1.x",
+                                    "application/openmetrics-text; version=", "application/openmetrics-text; escaping=x",
+                                    "text/plain;;;q=abc", "\u00e9/\u00e9; version=\u00e9", "*/*; q=0"])
+def test_any_accept_header_gets_a_valid_exposition(make_app, accept):
+    # Issue 20: `version=abc` made prometheus_client's negotiation raise, and /metrics answered 500.
+    client = make_app().test_client()
+    answer = client.get("/metrics", headers={"Accept": accept})
+    assert answer.status_code == 200
+    text = answer.get_data(as_text=True)
+    if answer.content_type.startswith("application/openmetrics-text"):
+        assert text.endswith("# EOF\n")
+    else:
+        assert answer.content_type == "text/plain; version=0.0.4; charset=utf-8"
+        assert Scrape(text).value("gpustats_stream_subscribers") == 0
 
 
 def test_the_process_collector_describes_the_answering_worker_by_its_pid(make_app):
