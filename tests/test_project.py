@@ -20,7 +20,7 @@ from packaging.utils import canonicalize_name
 import config
 from conftest import ROOT, procfile_command
 
-TEST_TOOLS = {"pytest", "hypothesis", "playwright"}
+TEST_TOOLS = {"pytest", "pytest-xdist", "hypothesis", "playwright"}
 
 
 def requirements(path):
