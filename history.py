@@ -6,9 +6,13 @@ so buckets add up exactly: each write adds its samples to their minute and hour 
 roll-up job that can fall behind), and a query merges buckets into any step by adding them.
 A store (history_sqlite.py, history_redis.py) only keeps buckets and adds them up.
 """
+import logging
 import math
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+
+log = logging.getLogger("gpustats")
 
 FIELDS = ("utilizationGpu", "memoryUsed", "temperatureGpu", "powerDraw")
 # A bucket's sums: for each field its sum and its count of reported values, then joules drawn.
@@ -71,6 +75,9 @@ def sample(event):
         (gpu["index"], gpu.get("uuid"), gpu.get("name"), *(gpu.get(name) for name in FIELDS)) for gpu in event["gpus"]]
 
 
+AHEAD_S = 2.0  # a kept sample this far past the writer's clock came from a clock that stepped back since
+
+
 class Sampler:
     """Turn samples into a Batch, with the energy each GPU drew since its previous sample.
 
@@ -83,19 +90,66 @@ class Sampler:
         self.max_gap_s = max_gap_s
         self.last = dict(last or {})  # (device, gpu) -> (t, powerDraw) of its newest sample
 
-    def add(self, batch, sampled):
+    def add(self, batch, sampled, now=None):
+        """Add one sample; `now` is the writer's clock, which tells a kept sample from the future."""
         device, t, gpus = sampled
+        now = time.time() if now is None else now
         for index, uuid, name, *values in gpus:
             key, power = (device, index), values[POWER]
             previous = self.last.get(key)
             joules = 0.0
+            if previous is not None and t <= previous[0] and previous[0] > now + AHEAD_S:
+                # Issue 20: after the clock ran an hour ahead for 5 s, every present sample was
+                # "older" than those and dropped for an hour, across restarts too. The present wins.
+                previous = None
             if previous is not None:
                 if t <= previous[0]:
-                    continue  # older than what is kept already (two hosts' clocks): drop it
+                    continue  # older than what is kept already (two hosts' clocks, a replay): drop it
                 if power is not None and previous[1] is not None and t - previous[0] <= self.max_gap_s:
                     joules = (previous[1] + power) / 2 * (t - previous[0])
             self.last[key] = (t, power)
             batch.add(device, index, uuid, name, values, t, joules)
+
+
+class TrustedClock:
+    """The wall clock as pruning may trust it: a step is followed only once it has held for `hold_s`.
+
+    The wall clock can jump (a VM resumed, NTP stepped it, an operator set it): pruning on one
+    reading 31 days ahead deleted every minute bucket. The steady clock cannot jump, so the
+    wall clock's offset from it tells a step from time passing; a step is logged once.
+    """
+
+    def __init__(self, wall=time.time, steady=time.monotonic, hold_s=60.0, slack_s=2.0):
+        self._wall, self._steady, self._hold_s, self._slack_s = wall, steady, hold_s, slack_s
+        self._offset = wall() - steady()  # trusted wall time = steady + offset
+        self._step = None  # (offset, steady time) of a step not yet followed
+
+    def now(self):
+        """Return the wall time, or where it would be without a step that has not held for hold_s."""
+        wall, steady = self._wall(), self._steady()
+        offset = wall - steady
+        if abs(offset - self._offset) <= self._slack_s:
+            self._offset = offset  # time passing, and NTP's slow slews
+            if self._step is not None:
+                log.info("the wall clock is back in step after %.0f s; history was not pruned by it meanwhile",
+                         steady - self._step[1])
+                self._step = None
+            return wall
+        if self._step is None or abs(offset - self._step[0]) > self._slack_s:
+            log.warning("the wall clock stepped %s by %s: history is not pruned by it unless it holds for %g s",
+                        "ahead" if offset > self._offset else "back", _span(offset - self._offset), self._hold_s)
+            self._step = (offset, steady)
+        elif steady - self._step[1] >= self._hold_s:
+            log.warning("the wall clock's step of %s has held for %g s: history now follows it",
+                        _span(offset - self._offset), self._hold_s)
+            self._offset, self._step = offset, None
+            return wall
+        return steady + self._offset
+
+
+def _span(seconds):
+    seconds = abs(seconds)
+    return f"{seconds / 86400:.1f} days" if seconds >= 86400 else f"{seconds:.0f} s"
 
 
 def plan(start, end, now, step=None):

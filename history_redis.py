@@ -117,10 +117,10 @@ class RedisHistory(LeasedWork):
         read, cursor = self._after_cursor("history")
         if cursor == self._cursor:
             return
-        batch = Batch()
+        batch, now = Batch(), self._clock()
         for name, data in in_slices(read):
             if name == "":
-                self._sampler.add(batch, sample(data))
+                self._sampler.add(batch, sample(data), now)
         chunks = {}  # key -> (tier, chunk start, [(bucket start, numbers)])
         for (device, gpu, second), numbers in batch.seconds.items():
             self._chunk(chunks, SECOND, device, gpu, second).append((second, numbers))

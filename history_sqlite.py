@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import offload
 from config import ConfigError
 from fleet import watch
-from history import FIELDS, SECOND, TIERS, Batch, RawJSON, Sampler, sample, tidy
+from history import FIELDS, SECOND, TIERS, Batch, RawJSON, Sampler, TrustedClock, sample, tidy
 
 log = logging.getLogger("gpustats")
 # Columns without a type keep whole numbers as small integers: most readings are whole.
@@ -62,9 +62,10 @@ MAX_PENDING = 100_000  # events waiting for the writer; past it the oldest go, w
 class SqliteHistory:
     """Every GPU's history in one SQLite database, written once a second off the event loop."""
 
-    def __init__(self, path, max_gap_s, clock=time.time, flush_s=1.0, prune_s=60.0):
+    def __init__(self, path, max_gap_s, clock=time.time, flush_s=1.0, prune_s=60.0, steady=time.monotonic):
         self.path = path or None  # None: in memory, gone with the process
-        self._clock = clock
+        self._clock, self._steady = clock, steady
+        self._trusted = TrustedClock(clock, steady)  # what pruning goes by: never one reading of a stepped clock
         self._flush_s, self._prune_s = flush_s, prune_s
         self._pending = collections.deque(maxlen=MAX_PENDING)
         self._dropped = 0
@@ -130,16 +131,16 @@ class SqliteHistory:
         if self._dropped:
             log.error("history fell behind: %d samples were dropped unwritten", self._dropped)
             self._dropped = 0
-        now = self._clock()
-        prune = now - self._pruned >= self._prune_s
+        now, trusted, steady = self._clock(), self._trusted.now(), self._steady()
+        prune = steady - self._pruned >= self._prune_s
         if not samples and not prune:
             return
         batch = Batch()  # in Python, so here: in the writer's thread it would hold the GIL against the loop
         for sampled in samples:
-            self._sampler.add(batch, sampled)
-        self._writer.run(self._write, batch, now if prune else None)
+            self._sampler.add(batch, sampled, now)
+        self._writer.run(self._write, batch, trusted if prune else None)
         if prune:
-            self._pruned = now
+            self._pruned = steady
 
     def _write(self, batch, prune_at):
         added = {}  # new GPUs' ids: kept only once the transaction commits

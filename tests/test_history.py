@@ -12,6 +12,7 @@ import redis
 
 import sse
 from fleet_redis import STREAM
+import history
 from history import HOUR, MINUTE, SECOND, plan
 from history_api import to_json
 from history_redis import RedisHistory
@@ -64,7 +65,7 @@ def make_store(request, tmp_path):
             store = RedisHistory(client, max_gap_s, clock=clock)
             return store, Feeder(store, client)
         path = str(tmp_path / "history.sqlite3") if request.param == "sqlite" else ""
-        store = SqliteHistory(path, max_gap_s, clock=clock)
+        store = SqliteHistory(path, max_gap_s, clock=clock, steady=clock)  # days pass on both clocks
         return store, Feeder(store)
     return make
 
@@ -217,3 +218,63 @@ def test_pushes_trimmed_from_the_stream_before_the_redis_writer_wrote_them_are_l
     assert "history missed 3 events" in caplog.text
     [gpu] = read(store, clock, now - 60, now)["gpus"]
     assert len(gpu["t"]) == 7  # the rest were written
+
+
+@pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "sqlite"])
+def test_a_clock_step_either_way_prunes_nothing(tmp_path, caplog, on_disk):
+    # Issue 20: the wall clock 31 days ahead for 3 s took the 24 h of minute buckets from 89,920 to 0.
+    now = int(time.time()) // 60 * 60
+    wall, steady = Clock(now - DAY), Clock(0.0)
+    store = SqliteHistory(str(tmp_path / "history.sqlite3") if on_disk else "", 600, clock=wall, prune_s=0,
+                          steady=steady)
+    feeder = Feeder(store)
+    for t in range(now - DAY + 60, now, 60):  # a day at one push a minute; a prune at every write
+        wall.now, steady.now = t, t - (now - DAY)
+        feeder.feed([event(t, util=50)])
+
+    def kept():
+        return len(read(store, wall, now - DAY + 60, now - 1, step=60)["gpus"][0]["t"])
+    before = kept()
+    assert before == 1439
+    for jump in (31 * DAY, -3 * DAY):
+        for _ in range(3):  # three writes, three prunes, a second apart on the steady clock
+            wall.now, steady.now = wall.now + 1, steady.now + 1
+            wall.now += jump if _ == 0 else 0
+            store.flush()
+        wall.now -= jump  # the clock is put right
+        steady.now += 1
+        store.flush()
+        assert kept() == before
+    steps = [r.getMessage() for r in caplog.records if "wall clock stepped" in r.getMessage()]
+    assert len(steps) == 2 and "ahead by 31.0 days" in steps[0] and "back by 3.0 days" in steps[1]
+
+
+def test_a_step_that_holds_is_followed_after_a_minute():
+    wall, steady = Clock(1_000_000.0), Clock(0.0)
+    trusted = history.TrustedClock(wall, steady, hold_s=60)
+    wall.now += 86400  # set right by an operator: it stays
+    assert trusted.now() == 1_000_000.0
+    wall.now, steady.now = wall.now + 59, 59
+    assert trusted.now() == 1_000_059.0
+    wall.now, steady.now = wall.now + 1, 60
+    assert trusted.now() == 1_000_060.0 + 86400
+
+
+def test_present_pushes_are_kept_after_the_clock_ran_an_hour_ahead(make_store, tmp_path):
+    # Issue 20: after +1 h for 5 s, every push was answered 200 but none kept for the next hour,
+    # even across a restart (the future sample was loaded again as the newest).
+    now = int(time.time()) - 60
+    clock = Clock(now)
+    store, feeder = make_store(clock)
+    feeder.feed([event(now + i, util=10) for i in range(5)])
+    clock.now = now + 3605
+    feeder.feed([event(now + 3605 + i, util=99) for i in range(5)])  # the clock an hour ahead
+    clock.now = now + 10
+    feeder.feed([event(now + 10 + i, util=20) for i in range(5)])  # back in step
+    [gpu] = read(store, clock, now, now + 30)["gpus"]
+    assert gpu["t"] == [now + i for i in range(5)] + [now + 10 + i for i in range(5)]
+    assert gpu["utilizationGpu"] == [10] * 5 + [20] * 5
+    again, feeder = make_store(clock)  # a restart: the newest kept sample is the future one again
+    feeder.feed([event(now + 20 + i, util=30) for i in range(5)])
+    [gpu] = read(again, clock, now + 20, now + 30)["gpus"]
+    assert gpu["utilizationGpu"] == [30] * 5
