@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from alerter import Alerter, SavedState
+from alerter import Alerter, SavedState, SqliteOutbox
 from alerts import AlertBoard
 from auth import DeviceKeys, client_address, viewer_allowed
 from broadcaster import Broadcaster, ViewerLimit
@@ -138,8 +138,9 @@ def _parts(config):
             push_limits=fleet.rate_limiter("push", config.push_rate_limit),
             bad_key_limits=fleet.rate_limiter("bad-key", BAD_KEYS_PER_S, burst=BAD_KEYS_BURST))
     history = SqliteHistory(config.history_db, config.stale_after_s)
-    board, outbox, counters = AlertBoard(), MemoryOutbox(destinations), Counters()
-    alerter = Alerter(config.alert_settings, board, outbox, SavedState(config.history_db))
+    state, board, counters = SavedState(config.history_db), AlertBoard(), Counters()
+    outbox = SqliteOutbox(destinations, state) if state else MemoryOutbox(destinations)
+    alerter = Alerter(config.alert_settings, board, outbox, state)
     return SimpleNamespace(
         fleet=Fleet(config.stale_after_s, config.offline_after_s, history, alerter, board), history=history,
         alerter=alerter, sender=Sender(destinations, outbox, config.alert_dashboard_url, counters=counters),

@@ -1,4 +1,5 @@
 """Send alert messages: one thread a destination, retried with backoff until a deadline, in order."""
+import json
 import logging
 import math
 import random
@@ -25,6 +26,19 @@ class Item:
     next_at: float = 0.0
     error: str = ""
     raw: bytes = field(default=b"", compare=False, repr=False)  # as the Redis outbox stored it
+    row: int = field(default=0, compare=False, repr=False)  # its row in the SQLite outbox
+
+
+def encode_item(item):
+    """Return an outbox item as the JSON text an outbox keeps (SQLite, Redis)."""
+    return json.dumps({"alert": item.alert, "deadline": item.deadline, "attempts": item.attempts,
+                       "nextAt": item.next_at, "error": item.error})
+
+
+def decode_item(raw, row=0):
+    """Return the Item an outbox kept as `raw` (in row `row` of the SQLite one)."""
+    data = json.loads(raw)
+    return Item(data["alert"], data["deadline"], data["attempts"], data["nextAt"], data["error"], raw=raw, row=row)
 
 
 class MemoryOutbox:
@@ -37,10 +51,18 @@ class MemoryOutbox:
 
     def put(self, alert):
         """Queue `alert` for every destination, to be sent within `give_up_s`."""
+        self.add(self.prepare([alert]))
+
+    def prepare(self, alerts):
+        """Return [(destination id, Item)] that queue `alerts` for every destination; nothing is queued yet."""
         deadline = self._clock() + self._give_up_s
+        return [(destination, Item(alert, deadline)) for alert in alerts for destination in self._queues]
+
+    def add(self, items):
+        """Queue what prepare() returned (once it is kept, where it is kept): from now on it is sent."""
         with self._lock:
-            for queue in self._queues.values():
-                queue.append(Item(alert, deadline))
+            for destination, item in items:
+                self._queues[destination].append(item)
 
     def head(self, destination):
         """Return a copy of the next item for `destination`, or None."""
@@ -49,18 +71,21 @@ class MemoryOutbox:
             return replace(queue[0]) if queue else None
 
     def later(self, destination, item, attempts, next_at, error):
-        """Record a failed attempt on the head, if it is still `item`."""
+        """Record a failed attempt on the head, if it is still `item`; return the head as changed, or None."""
         with self._lock:
             queue = self._queues[destination.id]
             if queue and queue[0] == item:
-                queue[0] = replace(item, attempts=attempts, next_at=next_at, error=error)
+                queue[0] = replace(queue[0], attempts=attempts, next_at=next_at, error=error)
+                return queue[0]
+        return None
 
     def done(self, destination, item):
-        """Take the head off, if it is still `item`: sent, failed for good, or dropped."""
+        """Take the head off, if it is still `item`: sent, failed for good, or dropped; return it, or None."""
         with self._lock:
             queue = self._queues[destination.id]
             if queue and queue[0] == item:
-                queue.popleft()
+                return queue.popleft()
+        return None
 
     def pending(self):
         """Return how many messages wait, all destinations together."""

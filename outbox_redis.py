@@ -1,11 +1,10 @@
 """Alerts waiting to be sent, in Redis: every worker on every host queues, the lease holder sends."""
-import json
 import secrets
 import time
 from dataclasses import replace
 
 from fleet_redis import RENEW
-from notify import Item
+from notify import Item, decode_item, encode_item
 
 PREFIX = "gpustats:alerts:outbox:"
 # KEYS: a destination's list. ARGV: the head as read, what replaces it ('' takes it off). Changes
@@ -15,16 +14,6 @@ if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[1] then return 0 end
 if ARGV[2] == '' then redis.call('LPOP', KEYS[1]) else redis.call('LSET', KEYS[1], 0, ARGV[2]) end
 return 1
 """
-
-
-def _encode(item):
-    return json.dumps({"alert": item.alert, "deadline": item.deadline, "attempts": item.attempts,
-                       "nextAt": item.next_at, "error": item.error})
-
-
-def _decode(raw):
-    data = json.loads(raw)
-    return Item(data["alert"], data["deadline"], data["attempts"], data["nextAt"], data["error"], raw=raw)
 
 
 class RedisOutbox:
@@ -43,19 +32,19 @@ class RedisOutbox:
 
     def put_in(self, pipe, alert):
         """Add the commands that queue `alert` to an open MULTI pipeline: they commit with it."""
-        raw = _encode(Item(alert, self._clock() + self._give_up_s))
+        raw = encode_item(Item(alert, self._clock() + self._give_up_s))
         for key in self._keys.values():
             pipe.rpush(key, raw)
 
     def head(self, destination):
         """Return the next item for `destination`, or None."""
         raw = self._client.lindex(self._keys[destination.id], 0)
-        return None if raw is None else _decode(raw)
+        return None if raw is None else decode_item(raw)
 
     def later(self, destination, item, attempts, next_at, error):
         """Record a failed attempt on the head, if it is still `item`."""
         changed = replace(item, attempts=attempts, next_at=next_at, error=error)
-        self._swap(keys=[self._keys[destination.id]], args=[item.raw, _encode(changed)])
+        self._swap(keys=[self._keys[destination.id]], args=[item.raw, encode_item(changed)])
 
     def done(self, destination, item):
         """Take the head off, if it is still `item`: sent, failed for good, or dropped."""
