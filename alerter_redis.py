@@ -29,26 +29,21 @@ return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[1], 'e
 class RedisAlerter(LeasedWork):
     """The alert rules for the whole fleet, run by one worker at a time from the shared event stream."""
 
-    def __init__(self, client, settings, outbox, ring_size, period_s=1.0):
-        super().__init__(client, LEASE, "alerter", period_s, LEASE_MS)
+    def __init__(self, client, settings, outbox, ring_size, period_s=1.0, status=None):
+        super().__init__(client, LEASE, "alerter", period_s, LEASE_MS, status)
         self._settings, self._outbox, self._ring_size = settings, outbox, ring_size
         self._rules = self._board = self._saved = None  # the state this worker evaluates with, once loaded
 
     def start(self):
         """Evaluate from the stream while holding the lease, once a second, until close()."""
-        try:  # before this worker takes a push
-            self._begin_at_end()
+        try:  # before this worker takes a push: the first alerter ever starts at the stream's end, its past is not news
+            self.begin_at_end(CURSOR)
         except redis.RedisError:
             pass  # Redis is down: the reader says so; _load() does it then
         super().start()
 
-    def _begin_at_end(self):
-        """Have the first alerter ever start at the stream's end: its past is not news."""
-        last = self.client.xrevrange(STREAM, count=1)
-        self.client.set(CURSOR, f"{last[0][0].decode()}|{int(last[0][1][b'n'])}" if last else "0-0|0", nx=True)
-
     def _load(self):
-        self._begin_at_end()
+        self.begin_at_end(CURSOR)
         text, cursor = self.client.get(ALERTS), self.client.get(CURSOR)
         self._saved = text.decode() if text else None
         self._rules, recent = load_state(self._saved, self._settings)

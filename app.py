@@ -73,7 +73,8 @@ def create_app(overrides=None):
 
     @app.errorhandler(Unavailable)
     def unavailable(problem):
-        return error(503, "the shared store (Redis) is unavailable; try again shortly", headers={"Retry-After": "5"})
+        return error(503, f"the shared store (Redis) is {problem.reason}; try again shortly",
+                     headers={"Retry-After": "5"})
 
     @app.errorhandler(Exception)
     def server_error(problem):
@@ -128,15 +129,17 @@ def _parts(config):
         from history_redis import RedisHistory
         from outbox_redis import NotifierLease, RedisOutbox
         fleet = RedisFleet(config.redis_url, config.stale_after_s, config.offline_after_s, config.ring_size)
-        outbox, counters = RedisOutbox(fleet.client, destinations), RedisCounters(fleet.client)
+        status = fleet.status  # every part says what Redis refused there; /healthz reads it
+        outbox, counters = RedisOutbox(fleet.client, destinations), RedisCounters(fleet.client, status=status)
         return SimpleNamespace(
-            fleet=fleet, history=RedisHistory(fleet.client, config.stale_after_s),
-            alerter=RedisAlerter(fleet.client, config.alert_settings, outbox, config.ring_size),
+            fleet=fleet, history=RedisHistory(fleet.client, config.stale_after_s, status=status),
+            alerter=RedisAlerter(fleet.client, config.alert_settings, outbox, config.ring_size, status=status),
             sender=Sender(destinations, outbox, config.alert_dashboard_url, lease=NotifierLease(fleet.client),
                           counters=counters),
             counters=counters,
-            push_limits=fleet.rate_limiter("push", config.push_rate_limit),
-            bad_key_limits=fleet.rate_limiter("bad-key", BAD_KEYS_PER_S, burst=BAD_KEYS_BURST))
+            push_limits=fleet.rate_limiter("push", config.push_rate_limit, counted_as="pushes"),
+            bad_key_limits=fleet.rate_limiter("bad-key", BAD_KEYS_PER_S, burst=BAD_KEYS_BURST,
+                                              counted_as="bad-key checks"))
     history = SqliteHistory(config.history_db, config.stale_after_s)
     state, board, counters = SavedState(config.history_db), AlertBoard(), Counters()
     outbox = SqliteOutbox(destinations, state) if state else MemoryOutbox(destinations)

@@ -34,8 +34,9 @@ return 1
 class RedisCounters:
     """Counts shared by every worker and host, through Redis."""
 
-    def __init__(self, client, period_s=1.0):
+    def __init__(self, client, period_s=1.0, status=None):
         self.client = client
+        self._status = status  # the fleet's RedisStatus: this write once a second keeps it current
         self._period_s = period_s
         self._pending = {name: Counter() for name in KNOWN}  # counted here, not yet in a batch
         self._batches = []  # [(id, [(hash, label, n)])] not yet added to Redis, oldest first
@@ -82,8 +83,12 @@ class RedisCounters:
     def _flush_quietly(self):
         try:
             self.flush()
-        except redis.RedisError:
-            pass  # the batches wait for the next flush; the fleet's reader reports the outage
+        except redis.RedisError as error:  # the batches wait for the next flush; the fleet's reader reports an outage
+            if self._status is not None:
+                self._status.refused("counter writes", error)
+        else:
+            if self._status is not None:
+                self._status.wrote()
 
     def read(self):
         """Return ({name: {label: n}}, open streams) for the whole server, as Redis holds them; raise Unavailable without Redis."""

@@ -26,7 +26,7 @@ import sse
 from alerts import load_state
 from offload import in_slices
 from broadcaster import stream_key
-from fleet import Fleet, Unavailable, new_event, status_at, status_change, watch
+from fleet import Fleet, OutOfMemory, Tally, Unavailable, counted, new_event, status_at, status_change, watch
 from ratelimit_redis import RedisRateLimiter
 
 log = logging.getLogger("gpustats")
@@ -58,6 +58,58 @@ RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIR
 ALERTS = PREFIX + "alerts:state"  # the alerter's rules and recent alerts (alerter_redis.py)
 
 
+OOM_HELD_S = 5.0  # /healthz says "out of memory" this long after Redis last refused a write for it
+
+
+def out_of_memory(error):
+    """Return whether a Redis error is a write refused at maxmemory (inside a script or MULTI too)."""
+    return isinstance(error, redis.OutOfMemoryError) or (
+        isinstance(error, redis.ResponseError) and "used memory > 'maxmemory'" in str(error))
+
+
+class RedisStatus:
+    """What /healthz says of Redis (up, down, out of memory), and one line a minute while writes are refused.
+
+    With the default `maxmemory-policy noeviction`, Redis at maxmemory refuses every write but
+    still answers reads: the reader sees it up while every push is a 503. Each refusal is
+    counted here; the counters' write once a second keeps this current when nothing else writes.
+    """
+
+    def __init__(self, clock=time.monotonic):
+        self.up = False  # the reader's view: can it read the stream
+        self._clock = clock
+        self._full_at = None
+        self._refused = Tally(self._say_full)
+
+    @staticmethod
+    def _say_full(counts):
+        log.error("Redis is out of memory (maxmemory, policy noeviction); writes it refused: %s. Pushes get 503 until "
+                  "memory is freed or maxmemory raised (README: Redis settings)", counted(counts))
+
+    def refused(self, what, error):
+        """Count a write Redis refused; return the Unavailable to raise for it."""
+        if out_of_memory(error):
+            self._full_at = self._clock()
+            self._refused.add(what)
+            return OutOfMemory(f"Redis: {error}")
+        return Unavailable(f"Redis: {error}")
+
+    def wrote(self):
+        """A write went through: memory is free again, once none was refused for OOM_HELD_S.
+
+        At the edge of maxmemory some writes pass (a trimmed stream frees a little): not yet the end.
+        """
+        if self._full_at is not None and self._clock() - self._full_at >= OOM_HELD_S:
+            self._full_at = None
+            left = self._refused.clear()
+            log.info("Redis takes writes again%s", f"; refused since the last line: {counted(left)}" if left else "")
+
+    def health(self):
+        if self._full_at is not None and self._clock() - self._full_at < OOM_HELD_S:
+            return "out of memory"
+        return "up" if self.up else "down"
+
+
 def hold_lease(client, renew, key, token, ms):
     """Take the lease `key` for `token`, or renew it if `token` holds it; return whether it is held."""
     return bool(client.set(key, token, nx=True, px=ms) or renew(keys=[key], args=[token, ms]))
@@ -74,8 +126,9 @@ class LeasedWork:
 
     MOST_ENTRIES = 5000  # stream entries one round takes
 
-    def __init__(self, client, key, name, period_s, lease_ms=3000):
+    def __init__(self, client, key, name, period_s, lease_ms=3000, status=None):
         self.client = client
+        self._status = status or RedisStatus()  # the fleet's, which /healthz reads
         self._cursor = None  # "id|n": the last stream entry taken, and its sequence number
         self._key, self._name, self._period_s, self._lease_ms = key, name, period_s, lease_ms
         self._renew = client.register_script(RENEW)
@@ -86,6 +139,11 @@ class LeasedWork:
     def start(self):
         """Do a round each period while holding the lease, until close()."""
         watch(self._name, self._period_s, self.flush, lambda: self._closed)
+
+    def begin_at_end(self, key):
+        """Keep the stream's end as the cursor at `key`, unless one is kept: what came before is not this work's."""
+        last = self.client.xrevrange(STREAM, count=1)
+        self.client.set(key, f"{last[0][0].decode()}|{int(last[0][1][b'n'])}" if last else "0-0|0", nx=True)
 
     def close(self):
         self._closed = True
@@ -102,6 +160,11 @@ class LeasedWork:
             self._round()
         except (redis.ConnectionError, redis.TimeoutError, redis.WatchError):
             self._loaded = False  # start again from what Redis holds; the reader reports outages
+        except redis.ResponseError as error:
+            self._loaded = False
+            if not out_of_memory(error):
+                raise  # logged by watch(), once for as long as it repeats
+            self._status.refused(f"{self._name} rounds", error)  # one line a minute for all of them
         except Exception:
             self._loaded = False
             raise  # logged loudly by watch(), which goes on
@@ -169,11 +232,12 @@ class RedisFleet:
         self._mirror = self._new_mirror()
         self._last_n = None  # the last entry's sequence number
         self._last = None  # the last entry's id
-        self.redis_up = False
+        self.status = RedisStatus()  # up, down or out of memory, for /healthz
 
-    def rate_limiter(self, name, rate, burst=None):
-        """Return a rate limiter shared by every worker and host."""
-        return RedisRateLimiter(self.client, f"{PREFIX}rate:{name}:", rate, burst)
+    def rate_limiter(self, name, rate, burst=None, counted_as="rate checks"):
+        """Return a rate limiter shared by every worker and host; a check Redis refuses is `counted_as`."""
+        return RedisRateLimiter(self.client, f"{PREFIX}rate:{name}:", rate, burst,
+                                refused=lambda error: self.status.refused(counted_as, error))
 
     def _new_mirror(self):
         mirror = Fleet(self.stale_after_s, self.offline_after_s, clock=self._clock)
@@ -187,18 +251,30 @@ class RedisFleet:
         self._lease_ms = int(max(3.0, 3 * sweep_s) * 1000)
         try:  # before this worker serves anyone, so nobody sees the recent past replayed as new
             self._sync(backfill=True)
-            self.redis_up = True
+            self.status.up = True
+            self._check_eviction()
         except redis.RedisError as error:
             log.error("Redis is unreachable at start (%s): pushes get 503 until it is back; retrying", error)
         threading.Thread(target=self._read, name="redis-reader", daemon=True).start()
         watch("status-sweep", sweep_s, self._sweep_if_leader, lambda: self._closed)
+
+    def _check_eviction(self):
+        """Warn if Redis may evict keys: the stream, cursors and leases must stay (README: Redis settings)."""
+        try:
+            policy = self.client.config_get("maxmemory-policy").get("maxmemory-policy", "noeviction")
+        except redis.ResponseError:
+            return  # CONFIG is renamed or refused on many managed Redis services: nothing to check
+        if policy != "noeviction":
+            log.warning("Redis' maxmemory-policy is %s: at maxmemory it may evict the event stream, the history "
+                        "and alert cursors and the leases; set maxmemory-policy noeviction (README: Redis settings)",
+                        policy)
 
     def close(self):
         """Stop the reader and the sweeps (on SIGTERM); the lease lapses and another worker sweeps."""
         self._closed = True
 
     def health(self):
-        return {"redis": "up" if self.redis_up else "down"}
+        return {"redis": self.status.health()}
 
     def event(self, device, push):
         """Return the event every viewer gets for an accepted push; stores nothing."""
@@ -212,7 +288,8 @@ class RedisFleet:
                                     args=[device, sse.encode_json(event), repr(event["receivedAt"]), block,
                                           self._ring_size])
         except redis.RedisError as error:
-            raise Unavailable(f"Redis: {error}") from None
+            raise self.status.refused("pushes", error) from None
+        self.status.wrote()
         return event_id.decode()
 
     # ---- reading the stream into the local broadcaster ------------------------------------------
@@ -229,9 +306,9 @@ class RedisFleet:
                 if down_since is not None:
                     log.info("Redis is back after %.1f s; events flow again", time.monotonic() - down_since)
                     down_since = None
-                self.redis_up = True
+                self.status.up = True
             except redis.RedisError as error:
-                self.redis_up = False
+                self.status.up = False
                 if down_since is None:
                     down_since = time.monotonic()
                     log.error("Redis is unreachable (%s): pushes get 503 until it is back; retrying", error)

@@ -14,6 +14,7 @@ hours) that expire with their tier: a query reads a few large values rather than
 of small ones, and adds them up in slices that let pushes and streams go on between them.
 """
 import json
+import logging
 import time
 
 import redis
@@ -23,6 +24,7 @@ from fleet import Unavailable
 from fleet_redis import PREFIX, LeasedWork
 from history import HOUR, MINUTE, SECOND, WIDTH, Batch, Sampler, answer, sample
 
+log = logging.getLogger("gpustats")
 # Not "history:": the previous version kept a list per device at gpustats:history:<device>.
 CURSOR, LAST, LEASE = PREFIX + "hist:cursor", PREFIX + "hist:last", PREFIX + "historian"
 CHUNK_S = {SECOND: 60, MINUTE: 3600, HOUR: 86400}
@@ -93,14 +95,35 @@ def bucket_rows(texts, tier, start, end, step):
 class RedisHistory(LeasedWork):
     """The fleet's history in Redis, written by one worker at a time from the shared event stream."""
 
-    def __init__(self, client, max_gap_s, clock=time.time, write_s=1.0):
-        super().__init__(client, LEASE, "history-writer", write_s, LEASE_MS)
+    def __init__(self, client, max_gap_s, clock=time.time, write_s=1.0, status=None):
+        super().__init__(client, LEASE, "history-writer", write_s, LEASE_MS, status)
         self._max_gap_s = max_gap_s
         self._clock = clock
         self._sampler = None  # each GPU's newest sample, as the writer left them
+        self._begun = False  # begin() kept a cursor: from then on a missing one was lost
+
+    def start(self):
+        """Write from the stream while holding the lease, once a second, until close()."""
+        try:  # before this worker takes a push
+            self.begin()
+        except redis.RedisError:
+            pass  # Redis is down: the reader says so; _load() keeps the cursor it finds then
+        super().start()
+
+    def begin(self):
+        """Have the first writer ever start at the stream's end; a writer that finds no cursor later knows it lost it."""
+        self.begin_at_end(CURSOR)
+        self._begun = True
 
     def _load(self):
         cursor = self.client.get(CURSOR)
+        if cursor is None and self._begun:
+            # Issue 20: with an evicting maxmemory-policy Redis dropped the cursor, and the writer
+            # started over from the stream's oldest entry and counted its energy again.
+            log.warning("history's cursor %s is gone (evicted? Redis needs maxmemory-policy noeviction): it goes on "
+                        "from the stream's end, and what came since its last write is not kept", CURSOR)
+            self.begin_at_end(CURSOR)
+            cursor = self.client.get(CURSOR)
         last = {}
         for key, value in self.client.hgetall(LAST).items():
             device, _, gpu = key.decode().rpartition("|")
@@ -131,7 +154,10 @@ class RedisHistory(LeasedWork):
         with self.client.pipeline() as pipe:
             pipe.watch(CURSOR)  # another writer that moved it meanwhile makes this one write nothing
             kept = pipe.get(CURSOR)
-            if (kept.decode() if kept else "0-0|0") != self._cursor:
+            if kept is None and self._begun:  # evicted under it: this writer, holding the lease, knows where it was
+                log.warning("history's cursor %s was gone (evicted? Redis needs maxmemory-policy noeviction); "
+                            "this writer goes on from where it was and writes it again", CURSOR)
+            elif (kept.decode() if kept else "0-0|0") != self._cursor:
                 self._loaded = False
                 return
             old = pipe.mget(keys) if keys else []

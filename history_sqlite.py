@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import offload
 from config import ConfigError
-from fleet import watch
+from fleet import Tally, watch
 from history import FIELDS, SECOND, TIERS, Batch, RawJSON, Sampler, TrustedClock, sample, tidy
 
 log = logging.getLogger("gpustats")
@@ -80,6 +80,11 @@ class SqliteHistory:
                      in self._db.execute("SELECT id, device, gpu, uuid, name FROM gpu")}
         self._sampler = Sampler(max_gap_s, self._newest_samples())
         self._pruned = float("-inf")
+        self._failing = None  # why the last write failed, while they fail
+        self._lost = Tally(lambda counts: log.error("history cannot be written to %s (%s): %d samples dropped; "
+                                                    "they are counted here once a minute while it lasts",
+                                                    self.path or "memory", self._failing, counts["samples"]),
+                           clock=steady)
 
     def _connect(self):
         db = sqlite3.connect(self.path or ":memory:", timeout=10, isolation_level=None, check_same_thread=False)
@@ -138,7 +143,16 @@ class SqliteHistory:
         batch = Batch()  # in Python, so here: in the writer's thread it would hold the GIL against the loop
         for sampled in samples:
             self._sampler.add(batch, sampled, now)
-        self._writer.run(self._write, batch, trusted if prune else None)
+        try:
+            self._writer.run(self._write, batch, trusted if prune else None)
+        except sqlite3.OperationalError as problem:  # a full disk, a file gone read-only: one line a minute, counted
+            self._failing = str(problem)
+            self._lost.add("samples", len(samples))
+            return
+        if self._failing:
+            log.info("history is written again (%s is over); samples dropped since the last line: %d",
+                     self._failing, self._lost.clear().get("samples", 0))
+            self._failing = None
         if prune:
             self._pruned = steady
 

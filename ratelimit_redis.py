@@ -27,17 +27,18 @@ return {allowed and 1 or 0, tostring(tokens)}
 class RedisRateLimiter:
     """Allow `rate` events a second per key, in bursts of up to `burst`, for the whole fleet."""
 
-    def __init__(self, client, prefix, rate, burst=None):
+    def __init__(self, client, prefix, rate, burst=None, refused=None):
         self.rate = rate
         self.burst = burst if burst is not None else max(1.0, 2 * rate)
         self._prefix = prefix
         self._take = client.register_script(TAKE)
+        self._refused = refused or (lambda error: Unavailable(f"Redis: {error}"))  # error -> what to raise
 
     def _call(self, key, spend):
         try:
             allowed, tokens = self._take(keys=[self._prefix + key], args=[self.rate, self.burst, int(spend)])
         except redis.RedisError as error:
-            raise Unavailable(f"Redis: {error}") from None
+            raise self._refused(error) from None
         return 0 if allowed else max(1, math.ceil((1 - float(tokens)) / self.rate))
 
     def take(self, key):

@@ -1,10 +1,12 @@
 """Bad keys from one address, a killed worker, and shutdown: what a deploy and the internet do."""
 import http.client
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from conftest import KEYS, ROOT, Stream, multi
@@ -110,3 +112,24 @@ def test_no_secret_ever_reaches_the_log(start_server):
     log = server.output()
     assert KEYS["rig-1"] not in log and "wrong-key-that-is-secret-too" not in log
     assert "viewer-secret-123" not in log
+
+
+def test_background_work_that_keeps_failing_the_same_way_is_one_line(caplog):
+    # Issue 20: Redis at maxmemory, or a full disk, had each background writer log a traceback every round.
+    from fleet import watch
+    rounds, done = [], threading.Event()
+
+    def work():
+        rounds.append(1)
+        if len(rounds) <= 20:
+            raise OSError("No space left on device")
+        if len(rounds) == 25:
+            done.set()
+    caplog.set_level(logging.INFO, "gpustats")
+    watch("test-writer", 0.001, work, done.is_set)
+    assert done.wait(10)
+    lines = [r for r in caplog.records if "test-writer" in r.getMessage()]
+    assert [r.getMessage() for r in lines] == [
+        "test-writer failed; it goes on (this failure again is not logged)",
+        "test-writer works again, after 19 more failures of that kind"]
+    assert lines[0].exc_info is not None  # the first has its traceback

@@ -5,6 +5,7 @@ so the simulated days end at the real now.
 """
 import itertools
 import json
+import logging
 import time
 
 import pytest
@@ -278,3 +279,50 @@ def test_present_pushes_are_kept_after_the_clock_ran_an_hour_ahead(make_store, t
     feeder.feed([event(now + 20 + i, util=30) for i in range(5)])
     [gpu] = read(again, clock, now + 20, now + 30)["gpus"]
     assert gpu["utilizationGpu"] == [30] * 5
+
+
+def test_a_redis_writer_that_lost_its_cursor_counts_nothing_twice(redis_server, caplog):
+    # Issue 20: an evicting maxmemory-policy dropped gpustats:hist:cursor, the writer started over
+    # from the stream's oldest entry, and the stored energy doubled.
+    client = redis.Redis.from_url(redis_server.url)
+    now = int(time.time())
+    clock = Clock(now)
+    store = RedisHistory(client, 15, clock=clock)
+    store.begin()
+    feeder = Feeder(store, client)
+    feeder.feed([event(now - 40 + i, util=i) for i in range(10)])
+    client.delete("gpustats:hist:cursor", "gpustats:hist:last")  # evicted, while it runs
+    feeder.feed([event(now - 30 + i, util=10 + i) for i in range(10)])
+    assert "history's cursor gpustats:hist:cursor was gone" in caplog.text
+    client.delete("gpustats:hist:cursor", "gpustats:hist:last")  # evicted, then a restart
+    again = RedisHistory(client, 15, clock=clock)
+    again.begin()
+    feeder.store = again
+    feeder.feed([event(now - 20 + i, util=20 + i) for i in range(10)])
+    [gpu] = read(again, clock, now - 60, now)["gpus"]
+    assert "history's cursor gpustats:hist:cursor is gone" not in caplog.text  # begin() kept a new one
+    assert gpu["utilizationGpu"] == list(range(30))
+    assert gpu["energyWh"] <= 100 * 29 / 3600 * 1.01  # never the same samples' energy twice
+
+
+def test_a_full_disk_is_one_line_a_minute_with_the_samples_dropped(tmp_path, caplog):
+    # Issue 20: a disk-full history write logged two tracebacks a second and counted nothing.
+    caplog.set_level(logging.INFO, "gpustats")
+    now = int(time.time()) - 100
+    clock = Clock(now)
+    store = SqliteHistory(str(tmp_path / "history.sqlite3"), 15, clock=clock, steady=clock)
+    feeder = Feeder(store)
+    feeder.feed([event(now, util=1)])
+    pages = store._writer.run(lambda: store._db.execute("PRAGMA page_count").fetchone()[0])
+    store._writer.run(lambda: store._db.execute(f"PRAGMA max_page_count = {pages}"))  # SQLite's own "disk is full"
+    for second in range(1, 91):  # 90 s of writes, 64 GPUs each
+        clock.now = now + second
+        feeder.feed([event(now + second, util=second, index=i) for i in range(64)])
+    lines = [r for r in caplog.records if r.name == "gpustats" and "history cannot be written" in r.getMessage()]
+    assert len(lines) == 2 and all(r.exc_info is None for r in lines)  # at once, then a minute later
+    assert "database or disk is full" in lines[0].getMessage() and ": 64 samples dropped" in lines[0].getMessage()
+    assert ": 3840 samples dropped" in lines[1].getMessage()  # the 60 s since the first line
+    store._writer.run(lambda: store._db.execute("PRAGMA max_page_count = 1000000"))
+    clock.now += 1
+    feeder.feed([event(clock.now, util=5)])
+    assert "history is written again" in caplog.text

@@ -196,3 +196,40 @@ def test_entries_a_worker_missed_or_cannot_read_never_stall_it(redis_server, sta
     again = server.push(multi(gpu(0, utilizationGpu=3))).json()["id"]
     assert viewer.until(lambda e: e["event"] is None, timeout=5)["id"] == again != after
     wait_for(lambda: "skipped a malformed entry" in server.output() and "skipped from" in server.output())
+
+
+def test_redis_out_of_memory_is_said_in_healthz_and_once_in_the_log(redis_server, start_server):
+    # Issue 20: at maxmemory (noeviction) every push was a 503 while /healthz said "up", the refused
+    # pushes logged nothing, and the alerter and history writer logged 1,600 tracebacks in 25 s.
+    import redis
+    server = start_server(REDIS_URL=redis_server.url, PUSH_RATE_LIMIT="1000",
+                          ALERT_WEBHOOK_URLS="http://127.0.0.1:9/hook")  # the alert sender's lease writes too
+    assert server.push(multi()).status_code == 200
+    client = redis.Redis(port=redis_server.port)
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 256 * 1024)
+    with pytest.raises(redis.OutOfMemoryError):
+        for n in range(100_000):
+            client.set(f"junk:{n}", "x" * 1024)
+    # Well past it, not at its edge, where a write that frees a little (a trimmed stream) may pass.
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) - 128 * 1024)
+    for _ in range(20):
+        answer = server.push(multi())
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
+        assert answer.json()["error"] == "the shared store (Redis) is out of memory; try again shortly"
+    assert server.health()["redis"] == "out of memory"
+    time.sleep(3)  # the history writer, the alerter, the counters and the sender's lease keep trying
+    log = server.output()
+    assert "Traceback" not in log
+    assert log.count("Redis is out of memory") == 1, log
+    assert "writes it refused: pushes 1." in log  # the first refusal is said at once, the rest once a minute
+    client.config_set("maxmemory", 0)
+    wait_for(lambda: server.push(multi()).status_code == 200, timeout=5)
+    wait_for(lambda: server.health()["redis"] == "up", timeout=8)  # 5 s with no refusal: not the edge of maxmemory
+    wait_for(lambda: "Redis takes writes again" in server.output(), timeout=5)
+
+
+def test_an_evicting_redis_is_warned_about_at_start(redis_server, start_server):
+    import redis
+    redis.Redis(port=redis_server.port).config_set("maxmemory-policy", "allkeys-lru")
+    server = start_server(REDIS_URL=redis_server.url)
+    assert "Redis' maxmemory-policy is allkeys-lru" in server.output()
