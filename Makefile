@@ -37,6 +37,7 @@ run: venv
 	cmd=$$(sed -n 's/^web: //p' Procfile); echo "+ $$cmd"; exec sh -c "exec $$cmd"
 
 # The server plus three simulated agents with their own fresh keys: a live fleet, no GPU needed.
+# Keys go in the agents' environment (readable by their owner only), never on a command line.
 demo: $(SERVER) $(AGENT)
 	@export PATH="$(abspath $(VENV))/bin:$$PATH" PORT="$${PORT:-$$($(PY) config.py --port)}"; \
 	k1=$$($(PY) config.py --new-key); k2=$$($(PY) config.py --new-key); k3=$$($(PY) config.py --new-key); \
@@ -46,9 +47,9 @@ demo: $(SERVER) $(AGENT)
 	until $(PY) -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$$PORT/healthz', timeout=1)" 2>/dev/null; do \
 		kill -0 $$server 2>/dev/null || exit 1; sleep 0.3; done; \
 	url=http://127.0.0.1:$$PORT/push-sse; \
-	$(PY) agent.py --url $$url --key $$k1 --simulate 4 & agents="$$!"; \
-	$(PY) agent.py --url $$url --key $$k2 --simulate 2 & agents="$$agents $$!"; \
-	$(PY) agent.py --url $$url --key $$k3 --simulate 1 & agents="$$agents $$!"; \
+	DEVICE_KEY=$$k1 $(PY) agent.py --url $$url --simulate 4 & agents="$$!"; \
+	DEVICE_KEY=$$k2 $(PY) agent.py --url $$url --simulate 2 & agents="$$agents $$!"; \
+	DEVICE_KEY=$$k3 $(PY) agent.py --url $$url --simulate 1 & agents="$$agents $$!"; \
 	echo "Demo fleet of 3 simulated PCs is live: open http://localhost:$$PORT/  (Ctrl-C stops it)"; \
 	wait $$server
 

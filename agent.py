@@ -492,7 +492,8 @@ def settings_from(argv, environ):
     parser = _Parser(description="Push this PC's NVIDIA GPU stats to a GPU Stats Dashboard.")
     parser.add_argument("--url", default=env.get("PUSH_URL") or env.get("DROPLET_PUSH_URL"),
                         help="server push URL, like http://host:3000/push-sse (PUSH_URL)")
-    parser.add_argument("--key", default=env.get("DEVICE_KEY"), help="this device's key (DEVICE_KEY)")
+    parser.add_argument("--key", default=env.get("DEVICE_KEY"),
+                        help="this device's key (DEVICE_KEY; better in .env: a flag shows in ps to every user)")
     parser.add_argument("--interval", type=float, default=env.get("PUSH_INTERVAL_S", "2"),
                         help="seconds between samples (PUSH_INTERVAL_S, default 2)")
     parser.add_argument("--backend", choices=["auto", "nvml", "gputil"], default="auto")
@@ -516,6 +517,29 @@ def settings_from(argv, environ):
     return args
 
 
+def other_users(accounts=None, uid=None, platform=sys.platform):
+    """Return the other login accounts of this machine, each of whom can read any process's command line.
+
+    POSIX only: `ps` and /proc/<pid>/cmdline (mode 0444) show every process's arguments to every
+    user. Accounts are those with a person's uid (from 1,000 on Linux, 500 on macOS, below the
+    65,534 of nobody) and a login shell.
+    """
+    try:
+        import pwd
+    except ImportError:  # Windows: a standard user cannot read another user's process arguments
+        return []
+    accounts = pwd.getpwall() if accounts is None else accounts
+    uid = os.getuid() if uid is None else uid
+    first = 500 if platform == "darwin" else 1000
+    return sorted(a.pw_name for a in accounts if first <= a.pw_uid < 60000 and a.pw_uid != uid
+                  and not a.pw_shell.endswith(("nologin", "false")))
+
+
+def key_on_command_line(argv):
+    """Return whether the device key was given as a flag (`--key K` or `--key=K`)."""
+    return any(arg == "--key" or arg.startswith("--key=") for arg in argv)
+
+
 def _say(message):
     """Tell the user one line: on stderr, or in agent.log under pythonw (which has none)."""
     if sys.stderr is not None:
@@ -535,8 +559,13 @@ def _configure_logging(debug):
 
 def main(argv=None, environ=None):
     """Run the agent; the one place that turns failures into a message and an exit code."""
-    args = settings_from(sys.argv[1:] if argv is None else argv, os.environ if environ is None else environ)
+    argv = sys.argv[1:] if argv is None else argv
+    args = settings_from(argv, os.environ if environ is None else environ)
     _configure_logging(args.debug)
+    if key_on_command_line(argv) and (others := other_users()):
+        log.warning("--key puts the device key where every user of this machine can read it (ps; here: %s): "
+                    "put DEVICE_KEY=... in a .env beside agent.py (chmod 600), or in the environment, instead",
+                    ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
     try:
         backend = open_backend(args.backend, args.simulate)
         if args.once or args.dry_run:

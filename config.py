@@ -286,10 +286,13 @@ def init_env_file(path, port=3000):
     return device, key
 
 
-def agent_command(key, port):
-    """Return the agent command line a user runs on a GPU PC for `key`."""
+def agent_env(key, port):
+    """Return the `.env` lines that point an agent at this server with `key`.
+
+    In a file only its owner reads, not on the command line, where `ps` shows it to every user.
+    """
     host = socket.gethostname() or "SERVER"
-    return f"python agent.py --url http://{host}:{port}/push-sse --key {key}"
+    return f"PUSH_URL=http://{host}:{port}/push-sse\nDEVICE_KEY={key}"
 
 
 def main(argv):
@@ -317,8 +320,11 @@ def main(argv):
             return 2
         if created:
             print(f"Wrote {path} with a device key for {created[0]!r}.")
+        if config.device_keys:
+            print("On each GPU PC: copy agent.py beside a .env holding its two lines below (chmod 600 .env), "
+                  "then run: python agent.py")
         for key, device in config.device_keys.items():
-            print(f"Agent command for {device}:  {agent_command(key, config.port)}")
+            print(f"  {device}:\n" + "\n".join(f"    {line}" for line in agent_env(key, config.port).splitlines()))
         if not config.device_keys:
             print("DEVICE_KEYS is empty in .env: add name:key pairs (python config.py --new-key).")
         return 0

@@ -61,8 +61,9 @@ def main(seconds=40):
                 threading.Thread(target=agent.run_loop, args=(RunningHot(gpus), agent.Pusher(url, keys[device]), 1),
                                  kwargs={"stop": done.is_set}, daemon=True).start()
                 continue
-            agents.append(subprocess.Popen([sys.executable, str(ROOT / "agent.py"), "--url", url, "--key", keys[device],
+            agents.append(subprocess.Popen([sys.executable, str(ROOT / "agent.py"), "--url", url,
                                             "--simulate", str(gpus), "--interval", "1"],
+                                           env={**os.environ, "DEVICE_KEY": keys[device]},
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(seconds - 12)
         agents[-1].terminate()  # one PC goes quiet, so the picture shows a stale device too

@@ -345,3 +345,32 @@ def test_each_answer_is_a_rejected_sample_a_refusal_or_a_retry(answering, status
     assert message in str(error.value) and "\n" not in str(error.value)
     if status == 429:
         assert error.value.after == 3
+
+
+def account(name, uid, shell="/bin/bash"):
+    import pwd
+    return pwd.struct_passwd((name, "x", uid, uid, "", f"/home/{name}", shell))
+
+
+def test_a_key_on_the_command_line_is_warned_about_where_other_users_can_read_it():
+    # Issue 20: the key sat in `ps` and /proc/<pid>/cmdline for every local user to read.
+    accounts = [account("root", 0), account("daemon", 1, "/usr/sbin/nologin"), account("me", 1000),
+                account("alice", 1001), account("svc", 1002, "/bin/false"), account("nobody", 65534)]
+    assert agent.other_users(accounts, uid=1000, platform="linux") == ["alice"]
+    assert agent.other_users(accounts[:3], uid=1000, platform="linux") == []
+    assert agent.other_users([account("me", 501), account("bob", 502)], uid=501, platform="darwin") == ["bob"]
+    assert agent.key_on_command_line(["--url", "http://x/push-sse", "--key", "k" * 20])
+    assert agent.key_on_command_line(["--key=" + "k" * 20])
+    assert not agent.key_on_command_line(["--url", "http://x/push-sse", "--once"])
+
+
+def test_the_agent_warns_once_when_its_key_is_a_flag_on_a_shared_machine(monkeypatch, caplog, capsys):
+    monkeypatch.setattr(agent, "other_users", lambda: ["alice", "bob"])
+    assert agent.main(["--dry-run", "--simulate", "1", "--key", "k" * 20], environ={}) == 0
+    warnings = [r.getMessage() for r in caplog.records if "--key puts the device key" in r.getMessage()]
+    assert warnings == ["--key puts the device key where every user of this machine can read it (ps; here: "
+                        "alice, bob): put DEVICE_KEY=... in a .env beside agent.py (chmod 600), or in the "
+                        "environment, instead"]
+    caplog.clear()
+    assert agent.main(["--dry-run", "--simulate", "1"], environ={"DEVICE_KEY": "k" * 20}) == 0
+    assert "--key puts" not in caplog.text

@@ -1,11 +1,16 @@
 """Config: defaults, .env versus the environment, and one clear error per bad value."""
 import os
+import re
+import shutil
 import stat
+import subprocess
+import sys
 
 import pytest
 
 import config
 from config import ConfigError, load_config
+from conftest import ROOT
 
 
 def load(**env):
@@ -68,3 +73,16 @@ def test_first_env_file_has_a_fresh_key_mode_600_and_is_never_overwritten(tmp_pa
     assert load_config(environ={"ENV_FILE": str(path)}).device_keys == {key: device}
     other = tmp_path / "other.env"
     assert config.init_env_file(other)[1] != key
+
+
+def test_first_run_prints_the_agents_env_lines_not_a_command_line_with_the_key(tmp_path):
+    # Issue 20: make run printed `python agent.py --url ... --key KEY`: a key every local user reads in ps.
+    shutil.copy(ROOT / "config.py", tmp_path / "config.py")  # its .env goes beside it, not into the checkout
+    env = {k: v for k, v in os.environ.items() if k not in ("ENV_FILE", "DEVICE_KEYS")}
+    done = subprocess.run([sys.executable, "config.py", "--init-env"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(ROOT)}, timeout=30)
+    assert done.returncode == 0, done.stderr
+    key = re.search(r"DEVICE_KEYS=gpu-pc-1:(\S+)", (tmp_path / ".env").read_text())[1]
+    assert "--key" not in done.stdout
+    assert "copy agent.py beside a .env holding its two lines below (chmod 600 .env)" in done.stdout
+    assert re.search(r"^    PUSH_URL=http://\S+:3000/push-sse\n    DEVICE_KEY=" + re.escape(key) + "$", done.stdout, re.M)
