@@ -20,6 +20,7 @@ from fleet import Fleet, Unavailable
 from history_api import register_history
 from history_sqlite import SqliteHistory
 from ingest import BAD_KEYS_BURST, BAD_KEYS_PER_S, error, register_ingest
+from limits import ClientLimits
 from metrics import register_metrics
 from notify import MemoryOutbox, Sender
 from pages import register_pages
@@ -112,6 +113,9 @@ def create_app(overrides=None):
     register_history(app, config, history)
     register_metrics(app, fleet, parts.counters)
     register_pages(app, config)
+    # Outside Flask, around everything: a refusal costs no routing, and the deadline covers the write.
+    app.wsgi_app = ClientLimits(app.wsgi_app, config.response_timeout_s, config.max_requests_per_client,
+                                config.trusted_proxies)
     fleet.start(broadcaster, config.sweep_s)
     parts.counters.start(lambda: broadcaster.subscribers)
     for part in (history, parts.alerter, parts.sender):

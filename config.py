@@ -154,6 +154,10 @@ SETTINGS = (
     Setting("WORKER_CONNECTIONS", "worker_connections", "10000", _number(int, 20, 1_000_000),
             "connections one worker serves at once (`gunicorn.conf.py` hands it to gunicorn); streams "
             "may use at most 90 % of it, so pushes always get in"),
+    Setting("RESPONSE_TIMEOUT_S", "response_timeout_s", "60", _number(float, 1, 3600),
+            "every answer but the stream is cut if it is not delivered within this long: a client that asks and "
+            "never reads cannot hold a connection. One address may have at most 1 % of `WORKER_CONNECTIONS` "
+            "(8 at least) requests in progress; past that, 429"),
     Setting("MAX_SUBSCRIBERS", "max_subscribers", "9000", _number(int, 1),
             "open streams allowed at once; past it `/gpu/stream` answers 503 with `Retry-After`. "
             "At most 90 % of `WORKER_CONNECTIONS`"),
@@ -192,6 +196,9 @@ SETTINGS = (
 # Streams may take at most this share of a worker's connections: the rest is for agents
 # (each holds one keep-alive connection), page loads and refused viewers.
 STREAM_SHARE = 0.9
+# One address may have at most this share of them in requests in progress (streams apart), and
+# at least REQUESTS_PER_CLIENT_LEAST: a browser loads a page over 6 connections at once.
+REQUEST_SHARE, REQUESTS_PER_CLIENT_LEAST = 0.01, 8
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,7 @@ class Config:
     push_body_timeout_s: float
     cors_origins: tuple
     worker_connections: int
+    response_timeout_s: float
     max_subscribers: int
     max_subscribers_per_client: int
     viewer_timeout_s: float
@@ -227,6 +235,11 @@ class Config:
     alert_dashboard_url: str
     trusted_proxies: tuple
     sweep_s: float  # derived: how often statuses are checked
+
+    @property
+    def max_requests_per_client(self):
+        """Return how many requests one address may have in progress at once (streams apart)."""
+        return max(REQUESTS_PER_CLIENT_LEAST, int(self.worker_connections * REQUEST_SHARE))
 
     @property
     def devices(self):

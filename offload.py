@@ -27,7 +27,8 @@ def in_slices(items, size=200):
         yield item
 
 
-def _gevent_running():
+def gevent_running():
+    """Return whether gevent has patched threading: we run in gunicorn's gevent worker."""
     try:
         from gevent import monkey
     except ImportError:
@@ -39,7 +40,7 @@ class Worker:
     """One OS thread that runs the calls handed to it one at a time, in order (for calls that drop the GIL)."""
 
     def __init__(self, name):
-        if _gevent_running():
+        if gevent_running():
             from gevent.threadpool import ThreadPool
             self._pool = ThreadPool(1)
             self._run = lambda fn, args: self._pool.apply(fn, args)

@@ -1,0 +1,130 @@
+"""What one client may hold of a worker: every answer but the stream ends within a deadline, and one
+address holds at most a small share of the connections.
+
+gunicorn's gevent worker serves WORKER_CONNECTIONS connections at once, one greenlet each, and
+writes an answer with a blocking sendall that has no timeout: a client that asks and never
+reads holds its connection for as long as it likes. 22 such clients pipelining a static file
+took a pool of 20, and every push timed out for 85 s (issue 20). So here, as WSGI middleware
+in front of the app:
+- an answer not delivered within RESPONSE_TIMEOUT_S of its request is cut (the socket is shut
+  down, so the blocked write fails and gunicorn closes the connection), counted once a minute;
+- one address may have at most `per_client` requests in progress; past that it is answered
+  429 at once and the connection is closed, so it cannot queue more behind it.
+The stream has caps and a kernel send timeout of its own (broadcaster.py, app.py).
+"""
+import json
+import logging
+import socket
+import threading
+
+from auth import client_address
+from fleet import Tally, counted
+from offload import gevent_running
+
+log = logging.getLogger("gpustats")
+STREAM = "/gpu/stream"
+
+
+def _timer(seconds, callback):
+    """Call `callback` in `seconds` on the event loop (a thread without gevent); return what cancels it."""
+    if gevent_running():
+        from gevent import get_hub
+        timer = get_hub().loop.timer(seconds)  # a libev timer: no greenlet, no allocation per tick
+        timer.start(callback)
+        return timer.close
+    timer = threading.Timer(seconds, callback)
+    timer.daemon = True
+    timer.start()
+    return timer.cancel
+
+
+def _shut(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # gone already
+
+
+class ClientLimits:
+    """WSGI middleware: a deadline on every answer but the stream, and a cap on each address's requests in progress."""
+
+    def __init__(self, app, timeout_s, per_client, trusted_proxies):
+        self._app, self._timeout_s, self._per_client = app, timeout_s, per_client
+        self._trusted = trusted_proxies
+        self._lock = threading.Lock()
+        self._in_progress = {}  # address -> requests being answered
+        self._cut = Tally(lambda counts: log.warning(
+            "cut answers not taken within RESPONSE_TIMEOUT_S (%g s): %s", timeout_s, counted(counts)))
+        self._refused = Tally(lambda counts: log.warning(
+            "refused requests from addresses that had %d in progress already: %s", per_client, counted(counts)))
+
+    def __call__(self, environ, start_response):
+        sock = environ.get("gunicorn.socket")
+        if sock is None or environ.get("PATH_INFO") == STREAM:
+            return self._app(environ, start_response)
+        address = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._trusted)
+        with self._lock:
+            held = self._in_progress.get(address, 0)
+            if held < self._per_client:
+                self._in_progress[address] = held + 1
+        if held >= self._per_client:
+            self._refused.add("requests")
+            return self._too_many(sock, held, start_response)
+        cancel = _timer(self._timeout_s, lambda: self._cut_off(sock, environ.get("PATH_INFO", "")))
+        try:
+            answer = self._app(environ, start_response)
+        except BaseException:
+            self._done(address, cancel)
+            raise
+        return Answer(answer, lambda: self._done(address, cancel))
+
+    def _cut_off(self, sock, path):
+        self._cut.add(f"on {path}" if path.startswith(("/api/", "/static/", "/push-sse", "/metrics")) else "others")
+        _shut(sock)
+
+    def _done(self, address, cancel):
+        cancel()
+        with self._lock:
+            left = self._in_progress[address] - 1
+            if left:
+                self._in_progress[address] = left
+            else:
+                del self._in_progress[address]
+
+    def _too_many(self, sock, held, start_response):
+        body = json.dumps({"ok": False, "error": f"this address has {held} requests in progress already; "
+                                                 "wait for their answers"}).encode()
+        start_response("429 Too Many Requests", [("Content-Type", "application/json"), ("Retry-After", "1"),
+                                                 ("Content-Length", str(len(body)))])
+        # Then the connection is closed (gunicorn drops hop-by-hop headers such as Connection: close):
+        # reading ends, so nothing pipelined behind this request is served.
+        return Answer([body], lambda: _stop_reading(sock))
+
+
+def _stop_reading(sock):
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+
+
+class Answer:
+    """An app's answer whose close() also runs `done`, once, however the answer ended."""
+
+    __slots__ = ("_answer", "_done")
+
+    def __init__(self, answer, done):
+        self._answer, self._done = answer, done
+
+    def __iter__(self):
+        return iter(self._answer)
+
+    def close(self):
+        done, self._done = self._done, None
+        try:
+            close = getattr(self._answer, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if done is not None:
+                done()
