@@ -169,25 +169,45 @@ def plan(start, end, now, step=None):
     return max((t for t in TIERS if step % t.step_s == 0 and t.step_s >= finest.step_s), key=lambda t: t.step_s), step
 
 
+def series_of(rows):
+    """Return one GPU's series from its [(bucket start, sums)]: each field's means, and the energy per bucket and in all."""
+    series = {"t": []}
+    series.update((field, []) for field in FIELDS)
+    steps, joules = [], 0.0  # each bucket's energy (the CSV has it per row), and the range's
+    for bucket, sums in rows:
+        series["t"].append(bucket)
+        for i, field in enumerate(FIELDS):
+            count = sums[2 * i + 1]
+            series[field].append(tidy(sums[2 * i] / count) if count else None)
+        steps.append(round(sums[-1] / 3600, 4))
+        joules += sums[-1]
+    series["energyWh"] = round(joules / 3600, 3)
+    series["energyWhSteps"] = steps
+    return series
+
+
+def head(device, start, end, step):
+    """Return what an answer says besides its GPUs."""
+    return {"device": device, "from": tidy(start), "to": tidy(end), "step": step}
+
+
 def answer(device, start, end, step, rows, gpus):
     """Return the API's answer from {gpu: [(bucket start, sums)]} and {gpu: (uuid, name)}."""
     result = []
     for index in sorted(rows):
         uuid, name = gpus.get(index, (None, None))
-        series = {"index": index, "uuid": uuid, "name": name, "t": []}
-        series.update((field, []) for field in FIELDS)
-        steps, joules = [], 0.0  # each bucket's energy (the CSV has it per row), and the range's
-        for bucket, sums in rows[index]:
-            series["t"].append(bucket)
-            for i, field in enumerate(FIELDS):
-                count = sums[2 * i + 1]
-                series[field].append(tidy(sums[2 * i] / count) if count else None)
-            steps.append(round(sums[-1] / 3600, 4))
-            joules += sums[-1]
-        series["energyWh"] = round(joules / 3600, 3)
-        series["energyWhSteps"] = steps
-        result.append(series)
-    return {"device": device, "from": tidy(start), "to": tidy(end), "step": step, "gpus": result}
+        result.append({"index": index, "uuid": uuid, "name": name, **series_of(rows[index])})
+    return {**head(device, start, end, step), "gpus": result}
+
+
+def whole(store, device, tier, start, end, step):
+    """Return a store's whole answer for `device` (GPU by GPU, as the API reads it); None if it has no history."""
+    gpus = store.gpus(device)
+    if gpus is None:
+        return None
+    found = ((index, uuid, name, store.series(key, tier, start, end, step)) for index, uuid, name, key in gpus)
+    return {**head(device, start, end, step), "gpus": [
+        {"index": index, "uuid": uuid, "name": name, **series} for index, uuid, name, series in found if series]}
 
 
 def tidy(value):

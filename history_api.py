@@ -1,7 +1,14 @@
-"""GET /api/history and /api/history.csv: one device's GPUs over a range, in buckets of a step."""
+"""GET /api/history and /api/history.csv: one device's GPUs over a range, in buckets of a step.
+
+An answer is read and written one GPU at a time, so what a client that reads slowly (or
+never) holds is one GPU's series, not the whole answer: 5 such clients of the CSV held
+336 MiB before (issue 20). At most HISTORY_AT_ONCE answers are in progress in a worker, and
+HISTORY_PER_CLIENT from one address; a request waits up to SLOT_WAIT_S for its turn.
+"""
 import csv
 import io
 import json
+import logging
 import re
 import threading
 import time
@@ -9,19 +16,26 @@ import unicodedata
 
 from flask import Response, request
 
-from history import FIELDS, QueryError, RawJSON, answer, plan, rfc3339
+from auth import client_address
+from fleet import Unavailable
+from history import FIELDS, QueryError, RawJSON, head, plan, rfc3339
 from ingest import error
 from offload import cooperate
 
+log = logging.getLogger("gpustats")
 # Unix seconds as digits: float() would also take ' 1e3', '1_000', 'nan' and 'inf'.
 UNIX_S = re.compile(r"[0-9]{1,11}(\.[0-9]{1,9})?", re.ASCII)
 STEP_S = re.compile(r"[0-9]{1,9}", re.ASCII)
 CSV_HEADER = ("device", "gpu", "uuid", "name", "t", "time", *FIELDS, "energyWh")
+HISTORY_AT_ONCE, HISTORY_PER_CLIENT, SLOT_WAIT_S = 8, 4, 10.0
+CSV_ROWS = 200  # rows written at a time: about 20 KB, and a millisecond of work
+SHARED_BYTES = 16 << 20  # series kept to share within a second, at most
 
 
 def register_history(app, config, history, clock=time.time):
     """Add the history routes; they sit behind the viewer login like the page."""
     shared = SharedAnswers()
+    slots = Slots(HISTORY_AT_ONCE, HISTORY_PER_CLIENT)
 
     def serve(render, mimetype, headers=None):
         now = clock()
@@ -30,42 +44,117 @@ def register_history(app, config, history, clock=time.time):
             tier, step = plan(start, end, now, step)
         except QueryError as problem:
             return error(400, str(problem), field=problem.field)
-        def read():
-            result = history.query(device, tier, start, end, step)
-            return None if result is None else render(result)
-        body = shared.get((render, device, start, end, step), int(now), read)
-        if body is None:
-            if device not in config.devices:
+        address = client_address(request.remote_addr, request.headers.get("X-Forwarded-For"), config.trusted_proxies)
+        if not slots.take(address, SLOT_WAIT_S):
+            return error(503, f"{HISTORY_AT_ONCE} history answers are in progress; try again shortly",
+                         headers={"Retry-After": "2"})
+        try:
+            second = int(now)
+            gpus = shared.get(("gpus", device), second, lambda: history.gpus(device))
+            if gpus is None and device not in config.devices:
+                slots.give_back(address)
                 return error(404, f"unknown device {device[:64]!r}")
-            body = render(answer(device, start, end, step, {}, {}))  # known, but it has not pushed yet
-        return Response(body, mimetype=mimetype, headers={"Cache-Control": "no-store", **(headers or {})})
+
+            def read(key):
+                return shared.get(("series", key, tier, start, end, step), second,
+                                  lambda: history.series(key, tier, start, end, step), weigh=_bytes)
+            series = _series(gpus or [], read)
+            first = next(series, None)  # read before the answer starts: a store that is down is a 503 here
+        except BaseException:
+            slots.give_back(address)
+            raise
+        pieces = render(head(device, start, end, step), _chained(first, series))
+        response = Response(pieces, mimetype=mimetype, headers={"Cache-Control": "no-store", **(headers or {})})
+        response.call_on_close(lambda: slots.give_back(address))
+        return response
 
     @app.get("/api/history")
     def history_json():
-        return serve(to_json, "application/json")
+        return serve(json_pieces, "application/json")
 
     @app.get("/api/history.csv")
     def history_csv():
         device = re.sub(r"[^A-Za-z0-9._-]", "_", request.args.get("device", ""))[:64]
-        return serve(to_csv, "text/csv", {"Content-Disposition": f'attachment; filename="history-{device}.csv"'})
+        return serve(csv_pieces, "text/csv", {"Content-Disposition": f'attachment; filename="history-{device}.csv"'})
+
+
+def _series(gpus, read):
+    """Yield each GPU's series that has points, with its index, uuid and name, reading one at a time."""
+    for index, uuid, name, key in gpus:
+        found = read(key)
+        if found:
+            yield {"index": index, "uuid": uuid, "name": name, **found}
+
+
+def _chained(first, rest):
+    if first is None:
+        return
+    yield first
+    try:
+        yield from rest
+    except Unavailable as problem:  # the answer has begun: end it short, say why once
+        log.warning("a history answer was cut short: %s", problem)
+
+
+def _bytes(series):
+    """Return about how many bytes a series holds (to bound what is kept to share)."""
+    if series is None:
+        return 0
+    return sum(len(value) if isinstance(value, RawJSON) else 8 * len(value) if isinstance(value, list) else 8
+               for value in series.values())
+
+
+class Slots:
+    """At most `total` things in progress at once, `per_client` of them from one address; the rest wait their turn."""
+
+    def __init__(self, total, per_client):
+        self._total, self._per_client = total, per_client
+        self._cond = threading.Condition()
+        self._held, self._by = 0, {}  # in progress in all, and by address
+
+    def take(self, address, wait_s):
+        """Take a slot for `address`, waiting up to `wait_s`; return whether one was taken."""
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while self._held >= self._total or self._by.get(address, 0) >= self._per_client:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._cond.wait(left):
+                    if self._held < self._total and self._by.get(address, 0) < self._per_client:
+                        break
+                    return False
+            self._held += 1
+            self._by[address] = self._by.get(address, 0) + 1
+            return True
+
+    def give_back(self, address):
+        with self._cond:
+            self._held -= 1
+            left = self._by[address] - 1
+            if left:
+                self._by[address] = left
+            else:
+                del self._by[address]
+            self._cond.notify_all()
 
 
 class SharedAnswers:
-    """One answer for every request of the same query in the same second, computed once.
+    """One result for every request of the same query in the same second, computed once.
 
     After a deploy every open page reconnects and asks for the same history at once; they
-    wait on the first one's answer instead of each queueing its own. Writes land once a
-    second, so an answer cannot change within one.
+    wait on the first one's result instead of each queueing its own. Writes land once a
+    second, so a result cannot change within one. At most SHARED_BYTES of results are kept
+    for later requests; past that a result goes only to those already waiting for it.
     """
 
-    def __init__(self):
+    def __init__(self, most_bytes=SHARED_BYTES):
         self._lock = threading.Lock()
-        self._second, self._answers = None, {}  # key -> [done, body, problem]
+        self._most = most_bytes
+        self._second, self._answers, self._bytes = None, {}, 0  # key -> [done, result, problem]
 
-    def get(self, key, second, compute):
+    def get(self, key, second, compute, weigh=lambda result: 0):
         with self._lock:
             if second != self._second:
-                self._second, self._answers = second, {}
+                self._second, self._answers, self._bytes = second, {}, 0
             found = self._answers.get(key)
             if found is None:
                 found = self._answers[key] = [threading.Event(), None, None]
@@ -80,6 +169,11 @@ class SharedAnswers:
                 raise
             finally:
                 found[0].set()
+            size = weigh(found[1])
+            with self._lock:
+                self._bytes += size
+                if self._bytes > self._most and self._answers.get(key) is found:
+                    del self._answers[key]  # those waiting have it; nobody later
         found[0].wait()
         if found[2] is not None:
             raise found[2].with_traceback(None)  # each waiter's own traceback, not a growing shared one
@@ -112,8 +206,8 @@ def _unix_s(args, name, default):
     return float(raw) if "." in raw else int(raw)
 
 
-def to_json(result):
-    """Encode an answer as JSON bytes, a series at a time, letting the event loop run between them.
+def json_pieces(head, series):
+    """Yield an answer as JSON bytes, a series at a time, letting the event loop run between them.
 
     Series SQLite built are sent as they are; 10,000 points of 8 GPUs in one json.dumps
     would hold the loop for ~50 ms.
@@ -124,25 +218,45 @@ def to_json(result):
         if isinstance(value, list):
             cooperate()  # a series of up to 10,000 numbers is about 1 ms of work
         return json.dumps(value, separators=(",", ":"), allow_nan=False)
-    gpus = ["{" + ",".join(f"{encode(key)}:{encode(value)}" for key, value in gpu.items() if key != "energyWhSteps")
-            + "}" for gpu in result["gpus"]]
-    head = encode({key: value for key, value in result.items() if key != "gpus"})
-    return f'{head[:-1]},"gpus":[{",".join(gpus)}]}}'.encode()
+    yield (encode(head)[:-1] + ',"gpus":[').encode()
+    for n, gpu in enumerate(series):
+        text = "{" + ",".join(f"{encode(key)}:{encode(value)}" for key, value in gpu.items() if key != "energyWhSteps")
+        yield (("," if n else "") + text + "}").encode()
+    yield b"]}"
 
 
-def to_csv(result):
-    """Encode an answer as CSV: a header, then one row per GPU and bucket, with that bucket's energy."""
+def to_json(result):
+    """Return a whole answer as JSON bytes."""
+    return b"".join(json_pieces({key: value for key, value in result.items() if key != "gpus"}, result["gpus"]))
+
+
+def csv_pieces(head, series):
+    """Yield an answer as CSV bytes: a header, then one row per GPU and bucket with that bucket's energy, CSV_ROWS at a time."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(CSV_HEADER)
-    for gpu in result["gpus"]:
+    for gpu in series:
         gpu = {key: json.loads(value) if isinstance(value, RawJSON) else value for key, value in gpu.items()}
+        uuid, name = safe_cell(gpu["uuid"]), safe_cell(gpu["name"])
         for i, t in enumerate(gpu["t"]):
-            if i % 100 == 99:
-                cooperate()  # 100 rows are about 1 ms of work: pushes and streams go on between them
-            writer.writerow((result["device"], gpu["index"], safe_cell(gpu["uuid"]), safe_cell(gpu["name"]), t, rfc3339(t),
+            writer.writerow((head["device"], gpu["index"], uuid, name, t, rfc3339(t),
                              *("" if gpu[f][i] is None else gpu[f][i] for f in FIELDS), gpu["energyWhSteps"][i]))
-    return out.getvalue().encode()
+            if i % CSV_ROWS == CSV_ROWS - 1:
+                yield _taken(out)
+                cooperate()  # pushes and streams go on between slices
+    yield _taken(out)
+
+
+def _taken(out):
+    data = out.getvalue().encode()
+    out.seek(0)
+    out.truncate()
+    return data
+
+
+def to_csv(result):
+    """Return a whole answer as CSV bytes."""
+    return b"".join(csv_pieces({key: value for key, value in result.items() if key != "gpus"}, result["gpus"]))
 
 
 FORMULA = ("=", "+", "-", "@")

@@ -22,7 +22,7 @@ import redis
 from offload import cooperate, in_slices
 from fleet import Unavailable
 from fleet_redis import PREFIX, LeasedWork
-from history import HOUR, MINUTE, SECOND, WIDTH, Batch, Sampler, answer, sample
+from history import HOUR, MINUTE, SECOND, WIDTH, Batch, Sampler, sample, series_of, whole
 
 log = logging.getLogger("gpustats")
 # Not "history:": the previous version kept a list per device at gpustats:history:<device>.
@@ -179,22 +179,31 @@ class RedisHistory(LeasedWork):
         chunk = start - start % CHUNK_S[tier]
         return chunks.setdefault(_chunk_key(tier, device, gpu, chunk), (tier, chunk, []))[2]
 
-    def query(self, device, tier, start, end, step):
-        """Return the answer for `device`; None if it has no history. Added up in slices between pushes and streams."""
+    def gpus(self, device):
+        """Return [(index, uuid, name, key for series())] of the device's GPUs, by index; None if it has no history."""
+        try:
+            meta = self.client.hgetall(_gpus_key(device))
+        except redis.RedisError as error:
+            raise Unavailable(f"Redis: {error}") from None
+        gpus = sorted((int(gpu), *json.loads(value)) for gpu, value in meta.items())
+        return [(index, uuid, name, (device, index)) for index, uuid, name in gpus] or None
+
+    def series(self, key, tier, start, end, step):
+        """Return one GPU's series; None if it has no point there. Added up in slices between pushes and streams."""
+        device, gpu = key
         size, now = CHUNK_S[tier], self._clock()
         # Only chunks that can exist: a far-off from or to must not become millions of keys.
         first, last = max(start, now - tier.keep_s - size), min(end, now + size)
         chunks = range(int(first) - int(first) % size, int(last) + 1, size)
+        if not chunks:
+            return None
         try:
-            meta = {int(gpu): tuple(json.loads(value)) for gpu, value in self.client.hgetall(_gpus_key(device)).items()}
-            if not meta:
-                return None
-            pipe = self.client.pipeline(transaction=False)
-            for gpu in meta:
-                pipe.mget([_chunk_key(tier, device, gpu, chunk) for chunk in chunks])
-            texts = dict(zip(meta, pipe.execute())) if chunks else {}
+            texts = self.client.mget([_chunk_key(tier, device, gpu, chunk) for chunk in chunks])
         except redis.RedisError as error:
             raise Unavailable(f"Redis: {error}") from None
-        rows = {gpu: rows for gpu, rows in ((gpu, bucket_rows(t, tier, start, end, step)) for gpu, t in texts.items())
-                if rows}
-        return answer(device, start, end, step, rows, meta)
+        rows = bucket_rows(texts, tier, start, end, step)
+        return series_of(rows) if rows else None
+
+    def query(self, device, tier, start, end, step):
+        """Return the whole answer for `device` (tests, benchmarks; the API reads GPU by GPU); None if it has no history."""
+        return whole(self, device, tier, start, end, step)

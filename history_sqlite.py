@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import offload
 from config import ConfigError
 from fleet import Tally, watch
-from history import FIELDS, SECOND, TIERS, Batch, RawJSON, Sampler, TrustedClock, sample, tidy
+from history import FIELDS, SECOND, TIERS, Batch, RawJSON, Sampler, TrustedClock, sample, whole
 
 log = logging.getLogger("gpustats")
 # Columns without a type keep whole numbers as small integers: most readings are whole.
@@ -183,24 +183,26 @@ class SqliteHistory:
                 added[key] = (gpu_id, uuid, name)
         return {key: kept[0] for key, kept in {**self._ids, **added}.items()}
 
-    def query(self, device, tier, start, end, step):
-        """Return the answer for `device` from `start` to `end` in buckets of `step`; None if it has no history."""
-        return self._reader.run(self._query, device, tier, start, end, step)
+    def gpus(self, device):
+        """Return [(index, uuid, name, key for series())] of the device's GPUs, by index; None if it has no history."""
+        return self._reader.run(lambda: self._read_db.execute(
+            "SELECT gpu, uuid, name, id FROM gpu WHERE device = ? ORDER BY gpu", (device,)).fetchall()) or None
 
-    def _query(self, device, tier, start, end, step):
-        gpus = self._read_db.execute("SELECT id, gpu, uuid, name FROM gpu WHERE device = ? ORDER BY gpu",
-                                     (device,)).fetchall()
-        if not gpus:
+    def series(self, key, tier, start, end, step):
+        """Return one GPU's series from `start` to `end` in buckets of `step`; None if it has no point there."""
+        return self._reader.run(self._series, key, tier, start, end, step)
+
+    def _series(self, gpu_id, tier, start, end, step):
+        count, t, *means, steps, joules = self._read_db.execute(
+            _read_sql(tier), {"step": step, "id": gpu_id, "start": start, "end": end}).fetchone()
+        if not count:
             return None
-        sql, series = _read_sql(tier), []
-        for gpu_id, gpu, uuid, name in gpus:
-            count, t, *means, steps, joules = self._read_db.execute(
-                sql, {"step": step, "id": gpu_id, "start": start, "end": end}).fetchone()
-            if count:
-                series.append({"index": gpu, "uuid": uuid, "name": name, "t": RawJSON(t),
-                               **{field: RawJSON(values) for field, values in zip(FIELDS, means)},
-                               "energyWh": round(joules / 3600, 3), "energyWhSteps": RawJSON(steps)})
-        return {"device": device, "from": tidy(start), "to": tidy(end), "step": step, "gpus": series}
+        return {"t": RawJSON(t), **{field: RawJSON(values) for field, values in zip(FIELDS, means)},
+                "energyWh": round(joules / 3600, 3), "energyWhSteps": RawJSON(steps)}
+
+    def query(self, device, tier, start, end, step):
+        """Return the whole answer for `device` (tests, benchmarks; the API reads GPU by GPU); None if it has no history."""
+        return whole(self, device, tier, start, end, step)
 
 
 @contextmanager
