@@ -460,6 +460,74 @@ def bench_cap(pushes, server_dir=ROOT):
           f"{ms(max(refusals))}; one more stream from a full address: {own_status}")
 
 
+def bench_greedy(connections, pushes=100, server_dir=ROOT):
+    """At the default sizes: `connections` from one address pipeline a static file and never read; time pushes."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    keys = [f"bench-key-{i}-0123456789abcdef" for i in range(DEVICES)]
+    port, log = _free_port(), tempfile.NamedTemporaryFile("w+", suffix=".log")
+    server = start_ours(port, keys, log, server_dir, PUSH_RATE_LIMIT="1000")
+    request = b"GET /static/uPlot.iife.min.js HTTP/1.1\r\nHost: x\r\n\r\n" * 200  # 10 MB of answers each
+    greedy, latencies, codes = [], [], []
+    try:
+        started = time.monotonic()
+        for n in range(connections):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            sock.bind(("127.0.0.2", 0))
+            try:
+                sock.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            greedy.append(sock)
+        waiting, deadline = {sock.fileno(): [sock, request] for sock in greedy}, time.monotonic() + 240
+        poller = select.poll()
+        for fd in waiting:
+            poller.register(fd, select.POLLOUT)
+        while waiting and time.monotonic() < deadline:  # each sends once connected: the server accepts at its pace
+            for fd, _ in poller.poll(1000):
+                sock, rest = waiting[fd]
+                try:
+                    rest = rest[sock.send(rest):]
+                except BlockingIOError:
+                    continue
+                except OSError:  # refused and closed already
+                    rest = b""
+                waiting[fd][1] = rest
+                if not rest:
+                    del waiting[fd]
+                    poller.unregister(fd)
+        opened = time.monotonic() - started
+        time.sleep(2)
+        held = len(subprocess.run(["ss", "-Htn", "state", "established", f"( sport = :{port} )"], capture_output=True,
+                                  text=True).stdout.splitlines()) if shutil.which("ss") else None
+        session = requests.Session()
+        for n in range(pushes):
+            body = {"host": "bench", "gpus": [gpu_payload(i, n) for i in range(4)]}
+            sent = time.monotonic()
+            try:
+                answer = session.post(f"http://127.0.0.1:{port}/push-sse", json=body, timeout=10,
+                                      headers={"Authorization": f"Bearer {keys[n % DEVICES]}"})
+                codes.append(answer.status_code)
+            except requests.RequestException:
+                codes.append("timeout")
+                session = requests.Session()
+            latencies.append(time.monotonic() - sent)
+    finally:
+        server.terminate()
+        server.wait(30)
+        for sock in greedy:
+            sock.close()
+    latencies.sort()
+    ms = lambda v: f"{v * 1000:.1f} ms"  # noqa: E731
+    print(f"{connections} connections from one address, each pipelining 200 GETs of a 51 KB file and reading "
+          f"nothing (opened in {opened:.1f} s), default sizes; {os.cpu_count()} cores; the server held "
+          f"{held if held is not None else '?'} connections open 2 s later")
+    print(f"then {pushes} pushes from another address: {codes.count(200)} answered 200, "
+          f"{codes.count('timeout')} timed out (10 s); p50 {ms(latencies[len(latencies) // 2])}, "
+          f"p99 {ms(latencies[int(len(latencies) * 0.99)])}, max {ms(latencies[-1])}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", choices=["flask-gevent", "flask-redis", "node-seed", "both"], default="both",
@@ -481,6 +549,8 @@ def main():
     parser.add_argument("--json", action="store_true", help="print one JSON object per run")
     parser.add_argument("--cap", type=int, metavar="PUSHES", default=0,
                         help="instead: fill the viewer cap at the default sizes and time PUSHES pushes")
+    parser.add_argument("--greedy", type=int, metavar="CONNECTIONS", default=0,
+                        help="at the default sizes, CONNECTIONS from one address ask and never read; time pushes")
     parser.add_argument("--send-floor", action="store_true",
                         help="time a bare loop of non-blocking sends to -n loopback sockets: the floor of a fan-out")
     parser.add_argument("--agent", type=int, metavar="SAMPLES", default=0,
@@ -522,6 +592,8 @@ def main():
         return bench_agent(args.agent)
     if args.cap:
         return bench_cap(args.cap, args.server_dir)
+    if args.greedy:
+        return bench_greedy(args.greedy, server_dir=args.server_dir)
     if args.send_floor:
         return bench_send_floor(args.subscribers)
     if args.reconnect_storm:
