@@ -82,7 +82,8 @@ def test_auto_without_an_nvml_library_uses_gputil(smi):
 
 def test_once_with_driver_not_loaded_exits_nonzero_with_one_line(smi):
     smi.set(fail=DRIVER_NOT_LOADED)
-    result = run_agent("--once", "--url", "http://127.0.0.1:9/push-sse", "--key", "k" * 20, "--backend", "gputil")
+    result = run_agent("--once", "--url", "http://127.0.0.1:9/push-sse", "--backend", "gputil",
+                       env={"DEVICE_KEY": "k" * 20})  # the key as the README says: no warning about a flag
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "agent: cannot read GPUs: nvidia-smi failed (exit 9): NVIDIA-SMI has failed because it couldn't "
@@ -155,7 +156,8 @@ REJECTED = "server rejected the sample: gpus[0].temperatureGpu: 300 is out of ra
 
 def test_once_with_a_sample_the_server_refuses_exits_1_naming_the_field(server, smi):
     smi.set(gpus=[L40S], set={"0": {"temperature.gpu": "300"}})  # the server accepts -100 to 250
-    result = run_agent("--once", "--url", server.url + "/push-sse", "--key", KEYS["rig-6"], "--backend", "gputil")
+    result = run_agent("--once", "--url", server.url + "/push-sse", "--backend", "gputil",
+                       env={"DEVICE_KEY": KEYS["rig-6"]})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"agent: {REJECTED}"]
 
