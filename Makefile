@@ -56,16 +56,16 @@ demo: $(SERVER) $(AGENT)
 test: $(TESTS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# bench.py starts the server and pushes with requests; --agent runs the agent's GPUtil backend.
+# bench/fanout.py starts the server and pushes with requests; --agent runs the agent's GPUtil backend.
 bench: $(SERVER) $(AGENT)
-	$(PY) bench.py $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 bench-agent: $(AGENT)
-	$(PY) bench.py --agent 200
+	$(PY) -m bench --agent 200
 
 # History's disk and Redis memory per GPU in steady state (400 simulated days through the real stores).
 bench-disk: $(TESTS)
-	$(PY) bench_disk.py --redis $(BENCH_ARGS)
+	$(PY) -m bench.disk --redis $(BENCH_ARGS)
 
 screenshot: $(TESTS)
 	$(PY) docs/screenshot.py

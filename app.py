@@ -1,34 +1,37 @@
-"""The GPU Stats Dashboard server: an app factory that wires config, fleet and broadcaster."""
+"""The GPU Stats Dashboard server's composition root: create_app() chooses each part once and registers its routes.
+
+The parts live in the gpustats package, a folder per capability (README, How it works):
+gunicorn loads wsgi_app(); nothing else but the tests imports this module.
+"""
 import logging
 import resource
 import signal
-import socket
 import sys
-import time
 from types import SimpleNamespace
 
-from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from flask import Flask
 
-from alerter import Alerter, SavedState, SqliteOutbox
-from alerts import AlertBoard
-from auth import DeviceKeys, client_address, viewer_allowed
-from broadcaster import Broadcaster, ViewerLimit
 from config import ConfigError, load_config
-from counters import Counters
-from fleet import Fleet, Unavailable
-from history_api import register_history
-from history_sqlite import SqliteHistory
-from ingest import BAD_KEYS_BURST, BAD_KEYS_PER_S, error, register_ingest
-from limits import ClientLimits
-from metrics import register_metrics
-from notify import MemoryOutbox, Sender
-from pages import register_pages
-from ratelimit import RateLimiter
-from viewer_socket import viewer_socket
+from gpustats.access.client_limits import ClientLimits
+from gpustats.access.keys import DeviceKeys
+from gpustats.access.login import register_login
+from gpustats.alerts.routes import register_alerts
+from gpustats.alerts.rules import AlertBoard
+from gpustats.alerts.sender import MemoryOutbox, Sender
+from gpustats.alerts.sqlite import Alerter, SavedState, SqliteOutbox
+from gpustats.fleet.memory import Fleet
+from gpustats.history.routes import register_history
+from gpustats.history.sqlite import SqliteHistory
+from gpustats.ingest.ratelimit import RateLimiter
+from gpustats.ingest.routes import BAD_KEYS_BURST, BAD_KEYS_PER_S, register_ingest
+from gpustats.metrics.counters import Counters
+from gpustats.metrics.routes import register_metrics
+from gpustats.pages import register_pages
+from gpustats.stream.broadcaster import Broadcaster
+from gpustats.stream.routes import register_stream
+from gpustats.web import register_errors
 
 log = logging.getLogger("gpustats")
-OPEN_ROUTES = {"/healthz", "/push-sse"}
 
 
 def create_app(overrides=None):
@@ -41,78 +44,18 @@ def create_app(overrides=None):
                               max_subscribers=config.max_subscribers,
                               max_per_client=config.max_subscribers_per_client, shared_ids=fleet.shared_ids)
     keys = DeviceKeys(config.device_keys)
-    started = time.monotonic()
     app.extensions["gpustats"] = {"config": config, "broadcaster": broadcaster, **vars(parts)}
     if not keys:
         log.warning("DEVICE_KEYS is empty, so every push is refused with 401. Add a device with "
                     "DEVICE_KEYS=name:key in .env (make a key with: python config.py --new-key)")
-
-    @app.before_request
-    def require_viewer_login():
-        if not config.dashboard_password or request.path in OPEN_ROUTES:
-            return None
-        if viewer_allowed(request.headers.get("Authorization"), config.dashboard_user,
-                          config.dashboard_password):
-            return None
-        # JSON like every other error (a browser still gets its login prompt from the header).
-        return error(401, "login required: send the viewer login (HTTP Basic, DASHBOARD_USER and DASHBOARD_PASSWORD)",
-                     headers={"WWW-Authenticate": 'Basic realm="GPU Stats"'})
-
-    @app.after_request
-    def allow_origins(response):
-        origin = request.headers.get("Origin")
-        if origin and request.path in ("/gpu/stream", "/healthz") and (
-                "*" in config.cors_origins or origin.rstrip("/") in config.cors_origins):
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers.add("Vary", "Origin")
-        return response
-
-    @app.errorhandler(HTTPException)
-    def http_error(problem):
-        headers = {k: v for k, v in problem.get_headers() if k.lower() != "content-type"}
-        return error(problem.code, problem.description, headers=headers)
-
-    @app.errorhandler(Unavailable)
-    def unavailable(problem):
-        return error(503, f"the shared store (Redis) is {problem.reason}; try again shortly",
-                     headers={"Retry-After": "5"})
-
-    @app.errorhandler(Exception)
-    def server_error(problem):
-        log.exception("internal error on %s %s", request.method, request.path)
-        return error(500, "internal server error; the server's log has the details")
-
-    @app.get("/gpu/stream")
-    def stream():
-        address = client_address(request.remote_addr, request.headers.get("X-Forwarded-For"),
-                                 config.trusted_proxies)
-        devices = request.args.get("device")
-        devices = {d.strip() for d in devices.split(",") if d.strip()} if devices else None
-        _drop_when_stuck(request.environ.get("gunicorn.socket"), config.viewer_timeout_s)
-        try:
-            chunks = broadcaster.subscribe(devices, request.headers.get("Last-Event-ID"), client=address,
-                                           viewer_socket=viewer_socket(request.environ))
-        except ViewerLimit as refused:
-            return error(refused.status, str(refused), headers={"Retry-After": "5"})
-        # direct_passthrough hands gunicorn the generator itself: no per-event wrapper layers.
-        return Response(chunks, content_type="text/event-stream", direct_passthrough=True, headers={
-            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @app.get("/healthz")
-    def healthz():
-        counts = fleet.counts()
-        return jsonify(ok=True, devices=sum(counts.values()), **counts,
-                       subscribers=broadcaster.subscribers, **fleet.health(),
-                       uptimeS=round(time.monotonic() - started, 1))
-
-    @app.get("/api/alerts")
-    def alerts():
-        return jsonify(fleet.alerts())
-
+    register_login(app, config)
+    register_errors(app)
+    register_stream(app, config, broadcaster)
+    register_alerts(app, fleet)
     register_ingest(app, config, keys, fleet, broadcaster, parts.push_limits, parts.bad_key_limits, parts.counters)
     register_history(app, config, history)
     register_metrics(app, fleet, parts.counters)
-    register_pages(app, config)
+    register_pages(app, config, fleet, broadcaster)
     # Outside Flask, around everything: a refusal costs no routing, and the deadline covers the write.
     app.wsgi_app = ClientLimits(app.wsgi_app, config.response_timeout_s, config.max_requests_per_client,
                                 config.trusted_proxies)
@@ -127,23 +70,26 @@ def _parts(config):
     """Choose the fleet, history, alerts, counters and rate limits: in this process, or shared through Redis."""
     destinations = config.alert_webhook_urls
     if config.redis_url:
-        from alerter_redis import RedisAlerter
-        from counters_redis import RedisCounters
-        from fleet_redis import RedisFleet
-        from history_redis import RedisHistory
-        from outbox_redis import NotifierLease, RedisOutbox
-        fleet = RedisFleet(config.redis_url, config.stale_after_s, config.offline_after_s, config.ring_size)
-        status = fleet.status  # every part says what Redis refused there; /healthz reads it
-        outbox, counters = RedisOutbox(fleet.client, destinations), RedisCounters(fleet.client, status=status)
+        from gpustats.alerts.redis import RedisAlerter
+        from gpustats.alerts.redis_outbox import NotifierLease, RedisOutbox
+        from gpustats.fleet.redis import RedisFleet
+        from gpustats.history.redis import RedisHistory
+        from gpustats.ingest.ratelimit_redis import RedisRateLimiter
+        from gpustats.metrics.counters_redis import RedisCounters
+        from gpustats.scaleout import SharedRedis
+        shared = SharedRedis(config.redis_url)  # one client for every part; each says what Redis refused it
+        client, status = shared.client, shared.status
+        outbox, counters = RedisOutbox(client, destinations), RedisCounters(client, status=status)
         return SimpleNamespace(
-            fleet=fleet, history=RedisHistory(fleet.client, config.stale_after_s, status=status),
-            alerter=RedisAlerter(fleet.client, config.alert_settings, outbox, config.ring_size, status=status),
-            sender=Sender(destinations, outbox, config.alert_dashboard_url, lease=NotifierLease(fleet.client),
+            fleet=RedisFleet(shared, config.stale_after_s, config.offline_after_s, config.ring_size),
+            history=RedisHistory(client, config.stale_after_s, status=status),
+            alerter=RedisAlerter(client, config.alert_settings, outbox, config.ring_size, status=status),
+            sender=Sender(destinations, outbox, config.alert_dashboard_url, lease=NotifierLease(client),
                           counters=counters),
             counters=counters,
-            push_limits=fleet.rate_limiter("push", config.push_rate_limit, counted_as="pushes"),
-            bad_key_limits=fleet.rate_limiter("bad-key", BAD_KEYS_PER_S, burst=BAD_KEYS_BURST,
-                                              counted_as="bad-key checks"))
+            push_limits=RedisRateLimiter(client, "push", config.push_rate_limit, status=status, counted_as="pushes"),
+            bad_key_limits=RedisRateLimiter(client, "bad-key", BAD_KEYS_PER_S, burst=BAD_KEYS_BURST, status=status,
+                                            counted_as="bad-key checks"))
     history = SqliteHistory(config.history_db, config.stale_after_s)
     state, board, counters = SavedState(config.history_db), AlertBoard(), Counters()
     outbox = SqliteOutbox(destinations, state) if state else MemoryOutbox(destinations)
@@ -156,19 +102,6 @@ def _parts(config):
         bad_key_limits=RateLimiter(BAD_KEYS_PER_S, burst=BAD_KEYS_BURST))
 
 
-def _drop_when_stuck(sock, timeout_s):
-    """Have the kernel abort a viewer that acknowledges no data for `timeout_s`.
-
-    TCP_USER_TIMEOUT also ends a peer that keeps a zero window (never reads). A socket
-    timeout would do it in user space, but costs 6 us per delivered event under gevent.
-    """
-    if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout_s * 1000))
-        except OSError:
-            pass  # the viewer is gone already; its first write ends the stream
-
-
 def wsgi_app():
     """Build the app for gunicorn; a bad setting exits with one line naming it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(name)s: %(message)s")
@@ -178,7 +111,7 @@ def wsgi_app():
         log.error("config error: %s", problem)
         sys.exit(4)  # gunicorn's "App failed to load": it stops instead of respawning.
     _allow_open_files(app.extensions["gpustats"]["config"].worker_connections)
-    # History reads run in OS threads (offload.py) beside the event loop's thread. When both want
+    # History reads run in OS threads (gpustats/offload.py) beside the event loop's thread. When both want
     # the GIL, the loop's thread waits up to a switch interval each time it takes it back, after
     # every socket call: 5 ms by default. 1 ms bounds that wait (CPython issue 7946, the convoy).
     sys.setswitchinterval(0.001)

@@ -82,7 +82,7 @@ def _switch(name, raw):
 
 
 def _destinations(name, raw):
-    from notify_formats import parse_destinations
+    from gpustats.alerts.formats import parse_destinations
     try:
         return parse_destinations(raw)
     except ValueError as problem:  # its message names the entry, never the URL's secret part
@@ -249,7 +249,7 @@ class Config:
     @property
     def alert_settings(self):
         """Return the alert rules' thresholds."""
-        from alerts import AlertSettings
+        from gpustats.alerts.rules import AlertSettings
         return AlertSettings(temp_c=self.alert_temp_c, vram_pct=self.alert_vram_pct, offline=self.alert_offline,
                              gpu_error=self.alert_gpu_error, job_min_s=self.alert_job_min_s, for_s=self.alert_for_s)
 

@@ -6,7 +6,7 @@ the days before at a point a minute (they are kept as minute and hour buckets on
 number does not depend on how often the agent pushed). Then the size of the SQLite file
 (after a checkpoint) and Redis' used_memory, each against an empty store.
 
-    make bench-disk                      # or: .venv/bin/python bench_disk.py --busy-days 31
+    make bench-disk                      # or: .venv/bin/python -m bench.disk --busy-days 31
 """
 import argparse
 import os
@@ -48,7 +48,7 @@ def feed(add, write, clock, now, busy_days, batch_s=600):
 
 
 def sqlite_bytes(busy_days):
-    from history_sqlite import SqliteHistory
+    from gpustats.history.sqlite import SqliteHistory
     now = int(time.time())
     clock = Clock(now - 400 * DAY)
     folder = tempfile.mkdtemp(prefix="history-disk-")
@@ -57,8 +57,8 @@ def sqlite_bytes(busy_days):
     count, took = feed(store.add, store.flush, clock, now, busy_days)
     store._pruned = float("-inf")
     store.flush()  # the once-a-minute prune, at the end
-    from history import plan
-    from history_api import to_json
+    from gpustats.history.tiers import plan
+    from gpustats.history.routes import to_json
     timings = {}
     for name, span in (("10 min", 600), ("24 h", DAY), ("7 d", 7 * DAY), ("30 d", 30 * DAY)):
         tier, step = plan(now - span, now, now)
@@ -76,9 +76,9 @@ def sqlite_bytes(busy_days):
 def redis_bytes(busy_days):
     import redis
 
-    import sse
-    from fleet_redis import STREAM
-    from history_redis import RedisHistory
+    from gpustats.stream import sse
+    from gpustats.scaleout import STREAM
+    from gpustats.history.redis import RedisHistory
     from tests.conftest import RedisServer
     server = RedisServer(tempfile.mkdtemp(prefix="history-redis-")).start()
     try:

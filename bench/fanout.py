@@ -2,11 +2,10 @@
 
 Prints delivered/expected, fan-out latency p50/p99 (push sent -> event read), server CPU
 per delivered event and the server's peak memory, one Markdown row per server. Other
-scenarios: --reconnect-storm (bench_storm.py), --history-load (bench_history.py), --cap, --agent;
+scenarios: --reconnect-storm (bench/storm.py), --history-load (bench/history_load.py), --cap, --greedy, --agent;
 --server-dir runs another tree's server, such as an older commit's, with this same bench.
 """
 import argparse
-import atexit
 import json
 import multiprocessing
 import os
@@ -24,12 +23,7 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent
-NODE_SEED = ROOT.parent / "shared" / "peers" / "node-seed"
-SAMPLED_AT = re.compile(rb'"sampledAt":([0-9.]+)')
-DEVICES = 10
-
-
+from bench import harness
 # ---- subscribers: each client process holds a share of the streams -------------------
 
 def _connect(port):
@@ -95,7 +89,7 @@ def _client_process(port, count, conn):
                 stream[1] = buffer
                 continue
             # (push sent, event read): a snapshot's sampledAt counts too, so callers window by send time.
-            for value in SAMPLED_AT.findall(buffer, 0, end):
+            for value in harness.SAMPLED_AT.findall(buffer, 0, end):
                 arrivals.append((float(value), now))
             stream[1] = buffer[end + 2:]
     stats["cpu_s"] = _cpu_s() - before  # the load generator's own work, never counted as the server's
@@ -104,126 +98,13 @@ def _client_process(port, count, conn):
     conn.send(("done", stats))
 
 
-# ---- servers -----------------------------------------------------------------------
-
-def _tree_pids(pid):
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        try:
-            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except OSError:
-            pass
-    return pids
-
-
-def server_cpu_s(pid):
-    """Return user+system CPU seconds of a process and its children, from /proc."""
-    total = 0
-    for p in _tree_pids(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def server_peak_mib(pid):
-    """Return the summed peak resident memory (VmHWM) of a process tree, in MiB."""
-    total = 0
-    for p in _tree_pids(pid):
-        try:
-            total += int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{p}/status").read_text())[1])
-        except (OSError, TypeError):
-            pass
-    return total / 1024
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_up(url, process, log):
-    for _ in range(300):
-        if process.poll() is not None:
-            sys.exit(f"server exited: {Path(log.name).read_text()[-2000:]}")
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.RequestException:
-            time.sleep(0.05)
-    sys.exit("server did not start")
-
-
-def start_ours(port, keys, log, server_dir=ROOT, **settings):
-    """Start the server in `server_dir` (this tree, or an older one) with its Procfile's own command."""
-    command = next(l for l in (Path(server_dir) / "Procfile").read_text().splitlines() if l.startswith("web:"))[4:]
-    # History on disk as in production, but in a scratch file, never the tree's own (older trees ignore it).
-    history_dir = tempfile.mkdtemp(prefix="bench-history-")
-    atexit.register(shutil.rmtree, history_dir, True)
-    env = {**os.environ, "ENV_FILE": os.devnull, "PORT": str(port),
-           "DEVICE_KEYS": ",".join(f"bench-{i}:{k}" for i, k in enumerate(keys)),
-           "HISTORY_DB": os.path.join(history_dir, "history.sqlite3"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **settings}
-    process = subprocess.Popen(["sh", "-c", "exec " + command.strip()], cwd=server_dir, env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
-    _wait_up(f"http://127.0.0.1:{port}/healthz", process, log)
-    workers, deadline = int(settings.get("WEB_CONCURRENCY", 1)), time.monotonic() + 30
-    while Path(log.name).read_text().count("Booting worker") < workers and time.monotonic() < deadline:
-        time.sleep(0.1)  # every worker up before viewers connect, or the first takes them all
-    time.sleep(0.5 if workers > 1 else 0)
-    return process
-
-
-def start_redis():
-    """Start a redis-server on a free port for one run, with no persistence."""
-    port = _free_port()
-    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    import redis
-    for _ in range(100):
-        try:
-            redis.Redis(port=port, socket_timeout=1).ping()
-            return process, f"redis://127.0.0.1:{port}/0"
-        except redis.RedisError:
-            time.sleep(0.05)
-    sys.exit("redis-server did not start")
-
-
-def start_node(port, log, node_dir):
-    """Copy the Node seed out, install it once with npm ci, and start it."""
-    node_dir = Path(node_dir)
-    if not (node_dir / "node_modules").is_dir():
-        shutil.copytree(NODE_SEED, node_dir, dirs_exist_ok=True)
-        subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=node_dir, check=True)
-    process = subprocess.Popen(["node", "server.js"], cwd=node_dir, env={**os.environ, "PORT": str(port)},
-                               stdout=log, stderr=subprocess.STDOUT)
-    _wait_up(f"http://127.0.0.1:{port}/", process, log)
-    return process
-
-
-# ---- one run -----------------------------------------------------------------------
-
-def gpu_payload(index, t):
-    return {"index": index, "uuid": f"GPU-bench-{index}", "name": "NVIDIA GeForce RTX 4090",
-            "vendor": "NVIDIA", "driverVersion": "560.94", "utilizationGpu": (t * 7 + index) % 100,
-            "utilizationMemory": 40, "memoryTotal": 24564, "memoryUsed": 12000, "memoryFree": 12564,
-            "temperatureGpu": 60 + index, "temperatureMemory": None, "powerDraw": 300.5,
-            "powerLimit": 450, "fanSpeed": 50, "clockCore": 2520, "clockMemory": 10501, "pstate": "P2",
-            "processes": [{"pid": 1000 + index, "name": "python", "memoryUsed": 11000}]}
-
-
 def _send_pushes(port, key, device, started, args, refused, pushes):
     session, count = requests.Session(), 0
-    for n in range(device, pushes, DEVICES):
+    for n in range(device, pushes, harness.DEVICES):
         time.sleep(max(0.0, started + n / args.rate - time.monotonic()))
         body = {"host": f"bench-{device}", "sampledAt": time.time(),
                 "agent": {"version": "bench", "backend": "simulated", "simulated": True},
-                "gpus": [gpu_payload(i, n) for i in range(args.gpus)]}
+                "gpus": [harness.gpu_payload(i, n) for i in range(args.gpus)]}
         answer = session.post(f"http://127.0.0.1:{port}/push-sse", data=json.dumps(body),
                               headers={"Content-Type": "application/json",
                                        "Authorization": f"Bearer {key}"}, timeout=60)
@@ -239,7 +120,7 @@ def _push_for(port, keys, args, pushes):
     """
     started, refused = time.monotonic(), []
     senders = [threading.Thread(target=_send_pushes, args=(port, keys[d], d, started, args, refused, pushes))
-               for d in range(DEVICES)]
+               for d in range(harness.DEVICES)]
     for sender in senders:
         sender.start()
     for sender in senders:
@@ -257,17 +138,17 @@ def _stuck_viewer(port):
 
 
 def run(target, args):
-    keys = [f"bench-key-{i}-{os.urandom(8).hex()}" for i in range(DEVICES)]
-    port = _free_port()
+    keys = [f"bench-key-{i}-{os.urandom(8).hex()}" for i in range(harness.DEVICES)]
+    port = harness.free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{target}-", suffix=".log", delete=False)
     # Every bench viewer comes from 127.0.0.1: lift the per-address cap, which is not what is measured here.
     ours = {"MAX_SUBSCRIBERS_PER_CLIENT": str(args.subscribers + args.stuck + 1)}
     redis_server = None
     if target == "flask-redis":  # Redis' own CPU and memory count as the server's
-        redis_server, url = start_redis()
+        redis_server, url = harness.start_redis()
         ours.update(REDIS_URL=url, WEB_CONCURRENCY=str(args.workers))
-    server = (start_ours(port, keys, log, args.server_dir, **ours) if target != "node-seed"
-              else start_node(port, log, args.node_dir))
+    server = (harness.start_ours(port, keys, log, args.server_dir, **ours) if target != "node-seed"
+              else harness.start_node(port, log, args.node_dir))
     pids = [server.pid] + ([redis_server.pid] if redis_server else [])
     clients = []
     try:
@@ -287,14 +168,14 @@ def run(target, args):
         for _, parent in clients:
             parent.send("measure")
         measured_from = time.time()
-        cpu_before = sum(server_cpu_s(pid) for pid in pids)
+        cpu_before = sum(harness.server_cpu_s(pid) for pid in pids)
         started = time.monotonic()
         refused = _push_for(port, keys, args, args.pushes)
         push_s = time.monotonic() - started
         expected = connected * args.pushes
         time.sleep(args.drain)
-        cpu = sum(server_cpu_s(pid) for pid in pids) - cpu_before
-        peak = sum(server_peak_mib(pid) for pid in pids)
+        cpu = sum(harness.server_cpu_s(pid) for pid in pids) - cpu_before
+        peak = sum(harness.server_peak_mib(pid) for pid in pids)
         latencies, closed, client_cpu = [], 0, 0.0
         for _, parent in clients:
             parent.send("stop")
@@ -330,7 +211,7 @@ def run(target, args):
 def bench_agent(samples):
     """Measure the agent's CPU per sample on the nvidia-smi path, with the tests' fake nvidia-smi."""
     import agent
-    fixtures = ROOT / "tests" / "fixtures"
+    fixtures = harness.ROOT / "tests" / "fixtures"
     scenario = Path(tempfile.mkdtemp()) / "scenario.json"
     scenario.write_text(json.dumps({"gpus": ["03-l40s-query-gpu-csv-595.txt",
                                              "05-windows-rtx2080super-query-gpu-csv-591.txt"]}))
@@ -405,17 +286,17 @@ def _open_stream(port, source):
     return sock, int(head.split(b" ")[1]) if head else 0
 
 
-def bench_cap(pushes, server_dir=ROOT):
+def bench_cap(pushes, server_dir=harness.ROOT):
     """At the default sizes: fill MAX_SUBSCRIBERS with streams, then time pushes and refused viewers."""
     import config
     defaults = {s.name: int(s.default) for s in config.SETTINGS
                 if s.name in ("WORKER_CONNECTIONS", "MAX_SUBSCRIBERS", "MAX_SUBSCRIBERS_PER_CLIENT")}
     cap, per_client = defaults["MAX_SUBSCRIBERS"], defaults["MAX_SUBSCRIBERS_PER_CLIENT"]
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
-    keys = [f"bench-key-{i}-0123456789abcdef" for i in range(DEVICES)]
-    port, log = _free_port(), tempfile.NamedTemporaryFile("w+", suffix=".log")
-    server = start_ours(port, keys, log, server_dir, PUSH_RATE_LIMIT="1000")
-    worker = _tree_pids(server.pid)[-1]
+    keys = [f"bench-key-{i}-0123456789abcdef" for i in range(harness.DEVICES)]
+    port, log = harness.free_port(), tempfile.NamedTemporaryFile("w+", suffix=".log")
+    server = harness.start_ours(port, keys, log, server_dir, PUSH_RATE_LIMIT="1000")
+    worker = harness.tree_pids(server.pid)[-1]
     rss = lambda: int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{worker}/status").read_text())[1])  # noqa: E731
     try:
         before, started, viewers = rss(), time.monotonic(), []
@@ -430,10 +311,10 @@ def bench_cap(pushes, server_dir=ROOT):
         per_viewer_kib = (rss() - before) / cap
         session, latencies, codes = requests.Session(), [], []
         for n in range(pushes):
-            body = {"host": "bench", "gpus": [gpu_payload(i, n) for i in range(4)]}
+            body = {"host": "bench", "gpus": [harness.gpu_payload(i, n) for i in range(4)]}
             sent = time.monotonic()
             answer = session.post(f"http://127.0.0.1:{port}/push-sse", json=body, timeout=30,
-                                  headers={"Authorization": f"Bearer {keys[n % DEVICES]}"})
+                                  headers={"Authorization": f"Bearer {keys[n % harness.DEVICES]}"})
             latencies.append(time.monotonic() - sent)
             codes.append(answer.status_code)
         refusals, refused_codes = [], []
@@ -460,12 +341,12 @@ def bench_cap(pushes, server_dir=ROOT):
           f"{ms(max(refusals))}; one more stream from a full address: {own_status}")
 
 
-def bench_greedy(connections, pushes=100, server_dir=ROOT):
+def bench_greedy(connections, pushes=100, server_dir=harness.ROOT):
     """At the default sizes: `connections` from one address pipeline a static file and never read; time pushes."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
-    keys = [f"bench-key-{i}-0123456789abcdef" for i in range(DEVICES)]
-    port, log = _free_port(), tempfile.NamedTemporaryFile("w+", suffix=".log")
-    server = start_ours(port, keys, log, server_dir, PUSH_RATE_LIMIT="1000")
+    keys = [f"bench-key-{i}-0123456789abcdef" for i in range(harness.DEVICES)]
+    port, log = harness.free_port(), tempfile.NamedTemporaryFile("w+", suffix=".log")
+    server = harness.start_ours(port, keys, log, server_dir, PUSH_RATE_LIMIT="1000")
     request = b"GET /static/uPlot.iife.min.js HTTP/1.1\r\nHost: x\r\n\r\n" * 200  # 10 MB of answers each
     greedy, latencies, codes = [], [], []
     try:
@@ -503,11 +384,11 @@ def bench_greedy(connections, pushes=100, server_dir=ROOT):
                                   text=True).stdout.splitlines()) if shutil.which("ss") else None
         session = requests.Session()
         for n in range(pushes):
-            body = {"host": "bench", "gpus": [gpu_payload(i, n) for i in range(4)]}
+            body = {"host": "bench", "gpus": [harness.gpu_payload(i, n) for i in range(4)]}
             sent = time.monotonic()
             try:
                 answer = session.post(f"http://127.0.0.1:{port}/push-sse", json=body, timeout=10,
-                                      headers={"Authorization": f"Bearer {keys[n % DEVICES]}"})
+                                      headers={"Authorization": f"Bearer {keys[n % harness.DEVICES]}"})
                 codes.append(answer.status_code)
             except requests.RequestException:
                 codes.append("timeout")
@@ -555,9 +436,9 @@ def main():
                         help="time a bare loop of non-blocking sends to -n loopback sockets: the floor of a fan-out")
     parser.add_argument("--agent", type=int, metavar="SAMPLES", default=0,
                         help="instead: measure the agent's CPU per sample on the nvidia-smi path")
-    parser.add_argument("--server-dir", type=Path, default=ROOT, metavar="DIR",
+    parser.add_argument("--server-dir", type=Path, default=harness.ROOT, metavar="DIR",
                         help="the tree whose server runs (default: this one), e.g. an older commit's export")
-    live = parser.add_argument_group("--reconnect-storm and --history-load (bench_storm.py, bench_history.py)")
+    live = parser.add_argument_group("--reconnect-storm and --history-load (bench/storm.py, bench/history_load.py)")
     live.add_argument("--reconnect-storm", action="store_true",
                       help="instead: --reconnecters viewers open a stream at once while devices push and "
                            "--stayers viewers stay; time their snapshots and the stayers' latency")
@@ -597,11 +478,11 @@ def main():
     if args.send_floor:
         return bench_send_floor(args.subscribers)
     if args.reconnect_storm:
-        import bench_storm
-        return bench_storm.reconnect_storm(args)
+        from bench import storm
+        return storm.reconnect_storm(args)
     if args.history_load:
-        import bench_history
-        return bench_history.history_load(args)
+        from bench import history_load
+        return history_load.history_load(args)
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     targets = ["flask-gevent", "node-seed"] if args.target == "both" else [args.target]
     if args.target == "flask-redis" and not shutil.which("redis-server"):

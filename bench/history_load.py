@@ -1,4 +1,4 @@
-"""History queries under live load for bench.py: do /api/history requests stall pushes or streams?
+"""History queries under live load for `python -m bench --history-load`: do /api/history requests stall pushes or streams?
 
 While 10 devices push and --stayers viewers watch, --requesters clients ask for
 /api/history and /api/history.csv back to back for --load-s. Prints push-to-viewer latency
@@ -16,10 +16,9 @@ import time
 
 import requests
 
-import bench
-from bench import DEVICES
-from bench_storm import (SETTLE_S, TABLE_HEAD, Devices, Meter, ms, pct, shut_down, start_viewers, wind_down,
-                         window_row)
+from bench import harness
+from bench.harness import (DEVICES, SETTLE_S, TABLE_HEAD, Devices, Meter, ms, pct, shut_down, start_viewers,
+                           wind_down, window_row)
 
 PATHS = ("/api/history", "/api/history.csv")
 DAY_S = 86400
@@ -33,9 +32,9 @@ def fill_history_db(path, args):
     """
     sys.path.insert(0, str(args.server_dir))
     try:
-        from history_sqlite import SqliteHistory
+        from gpustats.history.sqlite import SqliteHistory
     except ImportError as problem:
-        sys.exit(f"--history-days needs the server's history_sqlite.py in {args.server_dir}: {problem}")
+        sys.exit(f"--history-days needs the server's gpustats/history/sqlite.py in {args.server_dir}: {problem}")
     now = int(time.time())
     store = SqliteHistory(str(path), max_gap_s=15, clock=lambda: now)
     times = [float(t) for t in range(now - int(args.history_days * DAY_S), now - DAY_S, 60)]
@@ -43,7 +42,7 @@ def fill_history_db(path, args):
     for n, t in enumerate(times):
         for device in range(DEVICES):
             store.add({"device": f"bench-{device}", "receivedAt": t,
-                       "gpus": [bench.gpu_payload(i, n) for i in range(args.gpus)]})
+                       "gpus": [harness.gpu_payload(i, n) for i in range(args.gpus)]})
         if n % 2000 == 1999:
             store.flush()
     store.flush()
@@ -90,9 +89,9 @@ def check_route(port, args):
             break
         time.sleep(0.1)
     if answer.status_code == 404:
-        landed = "is there" if (args.server_dir / "history_api.py").exists() else "is not there yet"
+        landed = "is there" if (args.server_dir / "gpustats" / "history" / "routes.py").exists() else "is not there yet"
         sys.exit(f"GET /api/history answered 404 for bench-0, a device that has pushed: the server in "
-                 f"{args.server_dir} has no history API (its history_api.py {landed}). Answer: {answer.text[:200]!r}")
+                 f"{args.server_dir} has no history API (its gpustats/history/routes.py {landed}). Answer: {answer.text[:200]!r}")
     if answer.status_code != 200:
         sys.exit(f"GET {url} answered {answer.status_code}: {answer.text[:300]!r}")
 
@@ -101,7 +100,7 @@ def history_load(args):
     """Hold --stayers viewers while devices push; query history back to back for --load-s; print what it cost."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     keys = [f"bench-key-{i}-{os.urandom(8).hex()}" for i in range(DEVICES)]
-    port = bench._free_port()
+    port = harness.free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="bench-history-", suffix=".log", delete=False)
     settings = {"MAX_SUBSCRIBERS_PER_CLIENT": str(args.stayers + 10)}
     history = "empty at start"
@@ -117,7 +116,7 @@ def history_load(args):
         history = (f"{args.history_days:g} days of {DEVICES} devices x {args.gpus} GPUs written first "
                    f"({pushes:,} pushes in {time.monotonic() - started:.0f} s, "
                    f"{os.path.getsize(settings['HISTORY_DB']) / 2**20:.1f} MiB)")
-    server = bench.start_ours(port, keys, log, args.server_dir, **settings)
+    server = harness.start_ours(port, keys, log, args.server_dir, **settings)
     meter = Meter(server.pid)
     devices, clients, requester = Devices(port, keys, args.gpus, args.push_interval), [], None
     print(f"history load: the server in {args.server_dir} (flask-gevent, one worker), on {os.cpu_count()} cores "

@@ -1,8 +1,9 @@
-"""Serve the dashboard page and its static assets, with CSP, security and cache headers."""
+"""Serve the dashboard page and its static assets, with CSP, security and cache headers, and /healthz."""
 import hashlib
+import time
 from pathlib import Path
 
-from flask import render_template, request, url_for
+from flask import jsonify, render_template, request, url_for
 
 # No inline script or style, nothing from other origins: the page works with no CDN access.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -12,8 +13,9 @@ SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-
 YEAR_S = 365 * 24 * 3600
 
 
-def register_pages(app, config):
-    """Add `GET /`, versioned asset URLs and the headers every response gets."""
+def register_pages(app, config, fleet, broadcaster):
+    """Add `GET /`, versioned asset URLs, the headers every response gets, and `GET /healthz`."""
+    started = time.monotonic()
     versions = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:12]
                 for path in Path(app.static_folder).iterdir() if path.is_file()}
 
@@ -26,6 +28,13 @@ def register_pages(app, config):
     def dashboard():
         return render_template("index.html", asset=asset, history_s=config.history_s,
                                stale_after_s=config.stale_after_s, offline_after_s=config.offline_after_s)
+
+    @app.get("/healthz")
+    def healthz():
+        counts = fleet.counts()
+        return jsonify(ok=True, devices=sum(counts.values()), **counts,
+                       subscribers=broadcaster.subscribers, **fleet.health(),
+                       uptimeS=round(time.monotonic() - started, 1))
 
     @app.after_request
     def headers(response):

@@ -5,7 +5,7 @@ import time
 import requests
 
 from conftest import KEYS, gpu, multi, wait_for
-from test_slow_clients import rss_mib
+from test_stream_slow_clients import rss_mib
 
 PIPELINED = b"GET /static/uPlot.iife.min.js HTTP/1.1\r\nHost: x\r\n\r\n" * 200  # 10 MB of answers asked for
 
@@ -88,7 +88,7 @@ def test_an_answer_not_taken_within_response_timeout_s_is_cut(start_server):
 
 def write_history(path, gpus=64, days=2):
     """Write `days` of one push a minute from rig-1's `gpus` GPUs into the history database at `path`."""
-    from history_sqlite import SqliteHistory
+    from gpustats.history.sqlite import SqliteHistory
     now = int(time.time()) // 60 * 60
     clock = {"now": now - days * 86400}
     store = SqliteHistory(str(path), 15, clock=lambda: clock["now"], steady=lambda: clock["now"])

@@ -5,7 +5,7 @@ import pynvml
 import pytest
 
 import agent
-import payload as server_payload
+from gpustats.ingest import payload as server_payload
 from agent_fakes import (DRIVER_NOT_LOADED, FIXTURES, H100_MIG, L40S, NO_GPUS, RTX2080S, FakeSmi,
                          nvml_gpu, nvml_module)
 

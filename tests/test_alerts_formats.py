@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from notify_formats import message, parse_destinations
+from gpustats.alerts.formats import message, parse_destinations
 
 HOT = {"alertname": "GpuHot", "status": "firing", "device": "render-box", "gpu": 0,
        "summary": "render-box:0 is at 91 °C (threshold 85 °C) for 2 min", "value": 91, "severity": "warning",

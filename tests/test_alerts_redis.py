@@ -4,12 +4,13 @@ import json
 
 import redis
 
-import sse
-from alerter_redis import LEASE, RedisAlerter
-from alerts import AlertSettings
-from fleet_redis import ALERTS, STREAM, read_entry
-from notify_formats import parse_destinations
-from outbox_redis import RedisOutbox
+from gpustats.stream import sse
+from gpustats.alerts.redis import LEASE, RedisAlerter
+from gpustats.alerts.rules import AlertSettings
+from gpustats.alerts.redis import ALERTS
+from gpustats.scaleout import STREAM, read_entry
+from gpustats.alerts.formats import parse_destinations
+from gpustats.alerts.redis_outbox import RedisOutbox
 
 T0 = 1_790_000_000.0
 

@@ -1,7 +1,7 @@
 """The alert rules, played with an injected clock: each push and status change carries its time."""
 import pytest
 
-from alerts import AlertBoard, AlertSettings, Rules, duration, fingerprint
+from gpustats.alerts.rules import AlertBoard, AlertSettings, Rules, duration, fingerprint
 
 T0 = 1_790_000_000.0
 

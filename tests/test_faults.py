@@ -116,7 +116,7 @@ def test_no_secret_ever_reaches_the_log(start_server):
 
 def test_background_work_that_keeps_failing_the_same_way_is_one_line(caplog):
     # Issue 20: Redis at maxmemory, or a full disk, had each background writer log a traceback every round.
-    from fleet import watch
+    from gpustats.background import watch
     rounds, done = [], threading.Event()
 
     def work():

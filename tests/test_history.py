@@ -11,13 +11,13 @@ import time
 import pytest
 import redis
 
-import sse
-from fleet_redis import STREAM
-import history
-from history import HOUR, MINUTE, SECOND, plan
-from history_api import to_json
-from history_redis import RedisHistory
-from history_sqlite import SqliteHistory
+from gpustats.stream import sse
+from gpustats.scaleout import STREAM
+from gpustats.history import tiers
+from gpustats.history.tiers import HOUR, MINUTE, SECOND, plan
+from gpustats.history.routes import to_json
+from gpustats.history.redis import RedisHistory
+from gpustats.history.sqlite import SqliteHistory
 
 DAY = 86400
 
@@ -252,7 +252,7 @@ def test_a_clock_step_either_way_prunes_nothing(tmp_path, caplog, on_disk):
 
 def test_a_step_that_holds_is_followed_after_a_minute():
     wall, steady = Clock(1_000_000.0), Clock(0.0)
-    trusted = history.TrustedClock(wall, steady, hold_s=60)
+    trusted = tiers.TrustedClock(wall, steady, hold_s=60)
     wall.now += 86400  # set right by an operator: it stays
     assert trusted.now() == 1_000_000.0
     wall.now, steady.now = wall.now + 59, 59

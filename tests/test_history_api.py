@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from conftest import ROOT, gpu, multi, procfile_command, wait_for
-from history_api import SharedAnswers, safe_cell
+from gpustats.history.routes import SharedAnswers, safe_cell
 
 pytestmark = pytest.mark.both_backends
 CSV_HEADER = ["device", "gpu", "uuid", "name", "t", "time", "utilizationGpu", "memoryUsed", "temperatureGpu",

@@ -16,8 +16,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import payload
-from alerts import SEVERITY
+from gpustats.ingest import payload
+from gpustats.alerts.rules import SEVERITY
 from conftest import KEYS, Server, Stream, gpu, multi, raw_exchange
 
 FUZZ = dict(deadline=None, database=None,

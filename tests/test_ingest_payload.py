@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-import payload
+from gpustats.ingest import payload
 from conftest import gpu, multi
 
 

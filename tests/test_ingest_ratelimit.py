@@ -1,5 +1,5 @@
 """Token buckets, on a clock the test turns."""
-from ratelimit import RateLimiter
+from gpustats.ingest.ratelimit import RateLimiter
 
 
 class Clock:

@@ -71,15 +71,90 @@ def imported_modules(path):
 
 
 def server_imports():
-    """Return {file name: third-party modules} for app.py and every local module it imports."""
+    """Return {file, relative to the project: third-party modules} for app.py and every local module it imports."""
     todo, found = ["app"], {}
     while todo:
         for path in local_files(todo.pop()):
-            if path.name not in found:
+            name = str(path.relative_to(ROOT))  # the package holds several redis.py and routes.py
+            if name not in found:
                 modules = set(imported_modules(path))
-                found[path.name] = {m for m in modules if m not in sys.stdlib_module_names and not local_files(m)}
+                found[name] = {m for m in modules if m not in sys.stdlib_module_names and not local_files(m)}
                 todo += [m for m in modules if local_files(m)]
     return found
+
+
+# The package's layers, lowest first: a module may import its own capability's modules and those
+# of lower layers, never one of its own layer or above (issue 21). A capability is a folder of
+# gpustats/, or a module at its top.
+LAYERS = (
+    ("offload", "background"),  # OS threads and slices; named background loops and tallies
+    ("scaleout",),  # the Redis client, key prefix, leases and status every Redis backend shares
+    ("web",),  # JSON errors, client addresses, the app's error handlers
+    ("stream",),  # framing and fan-out: it knows nothing of devices
+    ("access", "alerts", "history", "metrics"),
+    ("fleet",),  # the fleet feeds history and alerts and publishes to the stream
+    ("ingest", "pages"),  # routes over the fleet
+)
+LAYER = {capability: n for n, capabilities in enumerate(LAYERS) for capability in capabilities}
+
+
+def package_imports(path):
+    """Yield every gpustats module `path` imports, as a dotted name, lazy imports in functions included."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names if alias.name.split(".")[0] == "gpustats")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] == "gpustats":
+            if node.module == "gpustats" or (ROOT / node.module.replace(".", "/")).is_dir():
+                yield from (f"{node.module}.{alias.name}" for alias in node.names)  # from gpustats.alerts import formats
+            else:
+                yield node.module
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            yield "a relative import"  # absolute imports only: a module's place shows in each import
+
+
+def capability_of(module):
+    """Return the capability a dotted gpustats module belongs to: gpustats.history.sqlite -> history."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def layering_problems(root=ROOT):
+    """Return one line for each import in the package that goes sideways or up, or names no known place."""
+    problems = []
+    for path in sorted((root / "gpustats").rglob("*.py")):
+        relative = path.relative_to(root).with_suffix("")
+        mine = capability_of(".".join(relative.parts))
+        for module in package_imports(path):
+            theirs = capability_of(module) if module != "a relative import" else None
+            if mine not in LAYER or theirs not in LAYER:
+                problems.append(f"{relative}: imports {module}, which has no layer in tests/test_project.py")
+            elif theirs != mine and LAYER[theirs] >= LAYER[mine]:
+                problems.append(f"{relative} ({mine}, layer {LAYER[mine]}) imports {module} ({theirs}, layer "
+                                f"{LAYER[theirs]}): imports go down")
+    return problems
+
+
+def test_the_package_imports_only_downwards():
+    assert layering_problems() == []
+
+
+def test_a_sideways_or_upward_import_is_caught(tmp_path):
+    # The test above must be able to fail: history importing the fleet (above it) and alerts
+    # importing history (beside it) are both refused.
+    (tmp_path / "gpustats" / "history").mkdir(parents=True)
+    (tmp_path / "gpustats" / "alerts").mkdir()
+    (tmp_path / "gpustats" / "history" / "tiers.py").write_text("from gpustats.fleet.memory import Fleet\n")
+    (tmp_path / "gpustats" / "alerts" / "rules.py").write_text("def f():\n    from gpustats.history import tiers\n")
+    assert layering_problems(tmp_path) == [
+        "gpustats/alerts/rules (alerts, layer 4) imports gpustats.history.tiers (history, layer 4): imports go down",
+        "gpustats/history/tiers (history, layer 4) imports gpustats.fleet.memory (fleet, layer 5): imports go down"]
+
+
+def test_nothing_but_gunicorn_and_the_tests_imports_the_composition_root():
+    importers = [path.relative_to(ROOT) for path in [*ROOT.glob("*.py"), *(ROOT / "gpustats").rglob("*.py"),
+                                                      *(ROOT / "bench").rglob("*.py")]
+                 if "app" in set(imported_modules(path))]
+    assert importers == []
 
 
 def test_server_requirements_cover_the_server_and_hold_no_test_tools_or_agent_packages():
@@ -179,7 +254,7 @@ def test_bare_pytest_imports_the_top_level_modules():
     """`pytest` alone works, not only `python -m pytest` (issue: ModuleNotFoundError: payload)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTEST_ADDOPTS")}
     result = subprocess.run([str(Path(sys.executable).parent / "pytest"), "-p", "no:cacheprovider", "-q",
-                             "tests/test_sse.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                             "tests/test_stream_sse.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -6,7 +6,7 @@ from collections import deque
 
 import pytest
 
-from broadcaster import Broadcaster, ViewerLimit
+from gpustats.stream.broadcaster import Broadcaster, ViewerLimit
 
 
 def events(chunk):

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from broadcaster import Broadcaster
-from fanout import ParkedViewers, Viewer, chunk
-from viewer_socket import ViewerSocket, viewer_socket
+from gpustats.stream.broadcaster import Broadcaster
+from gpustats.stream.fanout import ParkedViewers, Viewer, chunk
+from gpustats.stream.viewer_socket import ViewerSocket, viewer_socket
 
 
 def make(state=None, ring_size=64, heartbeat_s=30):

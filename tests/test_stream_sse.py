@@ -1,7 +1,7 @@
 """SSE framing as EventSource reads it."""
 import pytest
 
-import sse
+from gpustats.stream import sse
 
 
 def test_unnamed_event_has_id_and_data_only():

@@ -10,16 +10,16 @@ in front of the app:
   down, so the blocked write fails and gunicorn closes the connection), counted once a minute;
 - one address may have at most `per_client` requests in progress; past that it is answered
   429 at once and the connection is closed, so it cannot queue more behind it.
-The stream has caps and a kernel send timeout of its own (broadcaster.py, app.py).
+The stream has caps and a kernel send timeout of its own (stream/broadcaster.py, stream/routes.py).
 """
 import json
 import logging
 import socket
 import threading
 
-from auth import client_address
-from fleet import Tally, counted
-from offload import gevent_running
+from gpustats.background import Tally, counted
+from gpustats.offload import gevent_running
+from gpustats.web import client_address
 
 log = logging.getLogger("gpustats")
 STREAM = "/gpu/stream"

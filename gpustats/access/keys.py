@@ -36,21 +36,6 @@ def presented_key(headers):
     return headers.get("X-API-Key", "").strip() or None
 
 
-def client_address(remote_addr, forwarded_for, trusted_proxies):
-    """Return the client's address: X-Forwarded-For counts only when a trusted proxy sent it.
-
-    Walk the header from the right (the entry our proxy appended) past trusted proxies;
-    anything further left was written by the client and could be forged.
-    """
-    if remote_addr not in trusted_proxies or not forwarded_for:
-        return remote_addr
-    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
-    for hop in reversed(hops):
-        if hop not in trusted_proxies:
-            return hop
-    return remote_addr
-
-
 def viewer_allowed(header, user, password):
     """Return whether an `Authorization: Basic` header carries the viewer login."""
     scheme, _, value = (header or "").partition(" ")

@@ -11,19 +11,26 @@ import logging
 
 import redis
 
-import sse
-from alerts import AlertBoard, load_state, save_state
-from fleet_redis import ALERTS, PREFIX, SEQUENCE, STREAM, LeasedWork
-from offload import in_slices
+from gpustats.alerts.rules import AlertBoard, load_state, save_state
+from gpustats.offload import in_slices
+from gpustats.scaleout import PREFIX, SEQUENCE, STREAM, LeasedWork
+from gpustats.stream import sse
 
 log = logging.getLogger("gpustats")
 CURSOR, LEASE = PREFIX + "alerts:cursor", PREFIX + "alerter"
+ALERTS = PREFIX + "alerts:state"  # the rules' state and the recent alerts, which every worker's mirror loads
 LEASE_MS = 3000
 # KEYS: stream, sequence. ARGV: device, SSE data block, stream length. Like COMMIT in fleet_redis.
 APPEND = """
 local n = redis.call('INCR', KEYS[2])
 return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[1], 'e', 'alert', 'b', ARGV[2], 'n', n)
 """
+
+
+def saved_alerts(client):
+    """Return (active, recent) alerts as the alerter last saved them."""
+    rules, recent = load_state(client.get(ALERTS))
+    return rules.active(), recent
 
 
 class RedisAlerter(LeasedWork):

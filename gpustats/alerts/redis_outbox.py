@@ -3,8 +3,8 @@ import secrets
 import time
 from dataclasses import replace
 
-from fleet_redis import RENEW
-from notify import Item, decode_item, encode_item
+from gpustats.alerts.sender import Item, decode_item, encode_item
+from gpustats.scaleout import RENEW
 
 PREFIX = "gpustats:alerts:outbox:"
 # KEYS: a destination's list. ARGV: the head as read, what replaces it ('' takes it off). Changes

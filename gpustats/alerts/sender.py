@@ -11,7 +11,7 @@ from email.utils import parsedate_to_datetime
 
 import requests
 
-import notify_formats
+from gpustats.alerts import formats
 
 log = logging.getLogger("gpustats")
 RETRY = {408, 425, 429}  # and every 5xx: the receiver may take it next time; other 4xx never will
@@ -212,7 +212,7 @@ class Sender:
     def _attempt(self, session, destination, item):
         alert, attempts = item.alert, item.attempts + 1
         try:
-            message = notify_formats.message(destination, alert, self.external_url)
+            message = formats.message(destination, alert, self.external_url)
         except Exception:  # one malformed alert must not block the ones behind it
             log.exception("alert %s cannot be written for %s; skipped", alert.get("alertname"), destination.label)
             self.outbox.done(destination, item)
@@ -231,8 +231,8 @@ class Sender:
         if status in RETRY or status >= 500:
             return self._retry(destination, item, attempts, f"HTTP {status}", retry_after(answer, self._clock()))
         log.warning("alert %s %s for %s not sent to %s: HTTP %d %s; not retried", alert["alertname"],
-                    alert["status"], notify_formats.where(alert), destination.label, status,
-                    notify_formats.fit(notify_formats.clean(answer.text[:400]), 200))
+                    alert["status"], formats.where(alert), destination.label, status,
+                    formats.fit(formats.clean(answer.text[:400]), 200))
         self.outbox.done(destination, item)
         self._count(destination, "failed")
 
@@ -244,7 +244,7 @@ class Sender:
         if left <= 0 or at_least > left:
             alert = item.alert
             log.warning("alert %s %s for %s dropped: not sent to %s in %d attempts (last: %s)", alert["alertname"],
-                        alert["status"], notify_formats.where(alert), destination.label, attempts, error)
+                        alert["status"], formats.where(alert), destination.label, attempts, error)
             self.outbox.done(destination, item)
             return self._count(destination, "dropped")
         wait = max(random.uniform(0, min(self._cap, self._base * 2 ** min(attempts - 1, 30))), at_least)

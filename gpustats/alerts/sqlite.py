@@ -11,10 +11,10 @@ import logging
 import sqlite3
 import threading
 
-import offload
-from alerts import load_state, save_state
-from fleet import watch
-from notify import MemoryOutbox, decode_item, encode_item
+from gpustats import offload
+from gpustats.alerts.rules import load_state, save_state
+from gpustats.alerts.sender import MemoryOutbox, decode_item, encode_item
+from gpustats.background import watch
 
 log = logging.getLogger("gpustats")
 SAVE_S = 1.0

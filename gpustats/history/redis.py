@@ -19,10 +19,9 @@ import time
 
 import redis
 
-from offload import cooperate, in_slices
-from fleet import Unavailable
-from fleet_redis import PREFIX, LeasedWork
-from history import HOUR, MINUTE, SECOND, WIDTH, Batch, Sampler, sample, series_of, whole
+from gpustats.offload import cooperate, in_slices
+from gpustats.scaleout import PREFIX, LeasedWork, Unavailable
+from gpustats.history.tiers import HOUR, MINUTE, SECOND, WIDTH, Batch, Sampler, sample, series_of, whole
 
 log = logging.getLogger("gpustats")
 # Not "history:": the previous version kept a list per device at gpustats:history:<device>.

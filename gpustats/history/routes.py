@@ -16,11 +16,10 @@ import unicodedata
 
 from flask import Response, request
 
-from auth import client_address
-from fleet import Unavailable
-from history import FIELDS, QueryError, RawJSON, head, plan, rfc3339
-from ingest import error
-from offload import cooperate
+from gpustats.history.tiers import FIELDS, QueryError, RawJSON, head, plan, rfc3339
+from gpustats.offload import cooperate
+from gpustats.scaleout import Unavailable
+from gpustats.web import client_address, error
 
 log = logging.getLogger("gpustats")
 # Unix seconds as digits: float() would also take ' 1e3', '1_000', 'nan' and 'inf'.

@@ -13,10 +13,10 @@ import sqlite3
 import time
 from contextlib import contextmanager
 
-import offload
 from config import ConfigError
-from fleet import Tally, watch
-from history import FIELDS, SECOND, TIERS, Batch, RawJSON, Sampler, TrustedClock, sample, whole
+from gpustats import offload
+from gpustats.background import Tally, watch
+from gpustats.history.tiers import FIELDS, SECOND, TIERS, Batch, RawJSON, Sampler, TrustedClock, sample, whole
 
 log = logging.getLogger("gpustats")
 # Columns without a type keep whole numbers as small integers: most readings are whole.

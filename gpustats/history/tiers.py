@@ -4,7 +4,7 @@ Samples are kept as pushed (one a second per GPU at most) for 24 hours, as 1-min
 for 30 days and as 1-hour buckets for 400 days. A bucket holds sums and counts, never means,
 so buckets add up exactly: each write adds its samples to their minute and hour at once (no
 roll-up job that can fall behind), and a query merges buckets into any step by adding them.
-A store (history_sqlite.py, history_redis.py) only keeps buckets and adds them up.
+A store (history/sqlite.py, history/redis.py) only keeps buckets and adds them up.
 """
 import logging
 import math

@@ -3,7 +3,7 @@ import math
 
 import redis
 
-from fleet import Unavailable
+from gpustats.scaleout import PREFIX, Unavailable
 
 # One bucket a key: refill by Redis' own clock (one clock for every host), then spend one
 # token if asked and if there is one. Returns {allowed, tokens left as text}.
@@ -27,12 +27,14 @@ return {allowed and 1 or 0, tostring(tokens)}
 class RedisRateLimiter:
     """Allow `rate` events a second per key, in bursts of up to `burst`, for the whole fleet."""
 
-    def __init__(self, client, prefix, rate, burst=None, refused=None):
+    def __init__(self, client, name, rate, burst=None, status=None, counted_as="rate checks"):
         self.rate = rate
         self.burst = burst if burst is not None else max(1.0, 2 * rate)
-        self._prefix = prefix
+        self._prefix = f"{PREFIX}rate:{name}:"
         self._take = client.register_script(TAKE)
-        self._refused = refused or (lambda error: Unavailable(f"Redis: {error}"))  # error -> what to raise
+        # A check Redis refuses: counted as `counted_as` in the fleet's status (what /healthz says), then raised.
+        self._refused = ((lambda error: status.refused(counted_as, error)) if status is not None
+                         else (lambda error: Unavailable(f"Redis: {error}")))
 
     def _call(self, key, spend):
         try:

@@ -4,8 +4,9 @@ import socket
 from flask import jsonify, request
 from gunicorn.http.errors import ParseException
 
-import payload
-from auth import client_address, presented_key
+from gpustats.access.keys import presented_key
+from gpustats.ingest import payload
+from gpustats.web import client_address, error
 
 # Bad keys from one address: 10 at once, then one every 6 s; past that, 429 before any check.
 BAD_KEYS_BURST, BAD_KEYS_PER_S = 10, 1 / 6
@@ -105,9 +106,3 @@ def _stop_reading(sock):
         pass  # no socket (the test client), or it is gone already
 
 
-def error(status, message, field=None, headers=None):
-    """Return a JSON error answer: {"ok": false, "error": message, "field": field}."""
-    body = {"ok": False, "error": message}
-    if field:
-        body["field"] = field
-    return jsonify(body), status, headers or {}

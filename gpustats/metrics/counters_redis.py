@@ -15,9 +15,9 @@ from collections import Counter
 
 import redis
 
-from counters import KNOWN, with_known
-from fleet import Unavailable, watch
-from fleet_redis import PREFIX
+from gpustats.background import watch
+from gpustats.metrics.counters import KNOWN, with_known
+from gpustats.scaleout import PREFIX, Unavailable
 
 COUNTS = PREFIX + "counts:"  # + name: a hash of label -> count
 VIEWERS = PREFIX + "viewers"  # the set of workers that wrote a count of open streams

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from offload import cooperate, in_slices
+from gpustats.offload import cooperate, in_slices
 
 MIB = 1024 * 1024
 GPU_LABELS = ("device", "gpu", "uuid", "name")

@@ -5,8 +5,8 @@ import secrets
 import threading
 import time
 
-import sse
-from fanout import ParkedViewers, Viewer
+from gpustats.stream import sse
+from gpustats.stream.fanout import ParkedViewers, Viewer
 
 log = logging.getLogger("gpustats")
 

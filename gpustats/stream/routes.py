@@ -1,0 +1,52 @@
+"""GET /gpu/stream: Server-Sent Events for every viewer, through the broadcaster, and the origins allowed to read it."""
+import socket
+
+from flask import Response, request
+
+from gpustats.stream.broadcaster import ViewerLimit
+from gpustats.stream.viewer_socket import viewer_socket
+from gpustats.web import client_address, error
+
+CORS_PATHS = ("/gpu/stream", "/healthz")
+
+
+def register_stream(app, config, broadcaster):
+    """Add `GET /gpu/stream`, and let CORS_ORIGINS read it and /healthz."""
+
+    @app.after_request
+    def allow_origins(response):
+        origin = request.headers.get("Origin")
+        if origin and request.path in CORS_PATHS and (
+                "*" in config.cors_origins or origin.rstrip("/") in config.cors_origins):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers.add("Vary", "Origin")
+        return response
+
+    @app.get("/gpu/stream")
+    def stream():
+        address = client_address(request.remote_addr, request.headers.get("X-Forwarded-For"),
+                                 config.trusted_proxies)
+        devices = request.args.get("device")
+        devices = {d.strip() for d in devices.split(",") if d.strip()} if devices else None
+        _drop_when_stuck(request.environ.get("gunicorn.socket"), config.viewer_timeout_s)
+        try:
+            chunks = broadcaster.subscribe(devices, request.headers.get("Last-Event-ID"), client=address,
+                                           viewer_socket=viewer_socket(request.environ))
+        except ViewerLimit as refused:
+            return error(refused.status, str(refused), headers={"Retry-After": "5"})
+        # direct_passthrough hands gunicorn the generator itself: no per-event wrapper layers.
+        return Response(chunks, content_type="text/event-stream", direct_passthrough=True, headers={
+            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _drop_when_stuck(sock, timeout_s):
+    """Have the kernel abort a viewer that acknowledges no data for `timeout_s`.
+
+    TCP_USER_TIMEOUT also ends a peer that keeps a zero window (never reads). A socket
+    timeout would do it in user space, but costs 6 us per delivered event under gevent.
+    """
+    if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout_s * 1000))
+        except OSError:
+            pass  # the viewer is gone already; its first write ends the stream

@@ -1,0 +1,51 @@
+"""What every route shares: the JSON error answer, the client's address through trusted proxies, the app-wide error handlers."""
+import logging
+
+from flask import jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from gpustats.scaleout import Unavailable
+
+log = logging.getLogger("gpustats")
+
+
+def client_address(remote_addr, forwarded_for, trusted_proxies):
+    """Return the client's address: X-Forwarded-For counts only when a trusted proxy sent it.
+
+    Walk the header from the right (the entry our proxy appended) past trusted proxies;
+    anything further left was written by the client and could be forged.
+    """
+    if remote_addr not in trusted_proxies or not forwarded_for:
+        return remote_addr
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if hop not in trusted_proxies:
+            return hop
+    return remote_addr
+
+
+def error(status, message, field=None, headers=None):
+    """Return a JSON error answer: {"ok": false, "error": message, "field": field}."""
+    body = {"ok": False, "error": message}
+    if field:
+        body["field"] = field
+    return jsonify(body), status, headers or {}
+
+
+def register_errors(app):
+    """Answer every error as JSON: HTTP's own, a shared store that is down (503), and anything unforeseen (500)."""
+
+    @app.errorhandler(HTTPException)
+    def http_error(problem):
+        headers = {k: v for k, v in problem.get_headers() if k.lower() != "content-type"}
+        return error(problem.code, problem.description, headers=headers)
+
+    @app.errorhandler(Unavailable)
+    def unavailable(problem):
+        return error(503, f"the shared store (Redis) is {problem.reason}; try again shortly",
+                     headers={"Retry-After": "5"})
+
+    @app.errorhandler(Exception)
+    def server_error(problem):
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error(500, "internal server error; the server's log has the details")
