@@ -71,4 +71,5 @@ screenshot: $(TESTS)
 	$(PY) docs/screenshot.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__
+	rm -rf $(VENV) .pytest_cache
+	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
