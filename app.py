@@ -12,9 +12,13 @@ from types import SimpleNamespace
 from flask import Flask
 
 from config import ConfigError, load_config
+from gpustats.access.accounts import AccountError, Accounts, Hasher
+from gpustats.access.admin import register_admin
 from gpustats.access.client_limits import ClientLimits
 from gpustats.access.keys import DeviceKeys
 from gpustats.access.login import register_login
+from gpustats.access.sqlite import SqliteAccounts
+from gpustats.access.throttle import SignInThrottle
 from gpustats.alerts.routes import register_alerts
 from gpustats.alerts.rules import AlertBoard
 from gpustats.alerts.sender import MemoryOutbox, Sender
@@ -48,8 +52,11 @@ def create_app(overrides=None):
     if not keys:
         log.warning("DEVICE_KEYS is empty, so every push is refused with 401. Add a device with "
                     "DEVICE_KEYS=name:key in .env (make a key with: python config.py --new-key)")
-    register_login(app, config)
+    accounts, hasher = Accounts(parts.accounts), Hasher()
+    _first_admin(config, accounts, hasher)
     register_errors(app)
+    register_login(app, config, accounts, hasher, parts.sign_ins)  # first: every other route is behind it
+    register_admin(app, config, accounts, hasher)
     register_stream(app, config, broadcaster)
     register_alerts(app, fleet)
     register_ingest(app, config, keys, fleet, broadcaster, parts.push_limits, parts.bad_key_limits, parts.counters)
@@ -70,6 +77,8 @@ def _parts(config):
     """Choose the fleet, history, alerts, counters and rate limits: in this process, or shared through Redis."""
     destinations = config.alert_webhook_urls
     if config.redis_url:
+        from gpustats.access.redis import RedisAccounts
+        from gpustats.access.throttle_redis import RedisSignInThrottle
         from gpustats.alerts.redis import RedisAlerter
         from gpustats.alerts.redis_outbox import NotifierLease, RedisOutbox
         from gpustats.fleet.redis import RedisFleet
@@ -89,7 +98,8 @@ def _parts(config):
             counters=counters,
             push_limits=RedisRateLimiter(client, "push", config.push_rate_limit, status=status, counted_as="pushes"),
             bad_key_limits=RedisRateLimiter(client, "bad-key", BAD_KEYS_PER_S, burst=BAD_KEYS_BURST, status=status,
-                                            counted_as="bad-key checks"))
+                                            counted_as="bad-key checks"),
+            accounts=RedisAccounts(client), sign_ins=RedisSignInThrottle(client))
     history = SqliteHistory(config.history_db, config.stale_after_s)
     state, board, counters = SavedState(config.history_db), AlertBoard(), Counters()
     outbox = SqliteOutbox(destinations, state) if state else MemoryOutbox(destinations)
@@ -99,7 +109,19 @@ def _parts(config):
         alerter=alerter, sender=Sender(destinations, outbox, config.alert_dashboard_url, counters=counters),
         counters=counters,
         push_limits=RateLimiter(config.push_rate_limit),
-        bad_key_limits=RateLimiter(BAD_KEYS_PER_S, burst=BAD_KEYS_BURST))
+        bad_key_limits=RateLimiter(BAD_KEYS_PER_S, burst=BAD_KEYS_BURST),
+        accounts=SqliteAccounts(config.history_db), sign_ins=SignInThrottle())
+
+
+def _first_admin(config, accounts, hasher):
+    """Make the user `admin` from ADMIN_PASSWORD when the store has no admin yet (a first start)."""
+    if not config.admin_password or any(user["role"] == "admin" for user in accounts.store.users()):
+        return
+    try:
+        accounts.store.add_user("admin", "admin", hasher.hash(config.admin_password))
+        log.info("made the user admin from ADMIN_PASSWORD; change its password in the page (Account)")
+    except AccountError:
+        pass  # another worker made it meanwhile
 
 
 def wsgi_app():

@@ -75,6 +75,18 @@ def _redis_url(name, raw):
     return raw
 
 
+def _password(name, raw):
+    if raw and len(raw) < 12:
+        raise ConfigError(f"{name}: at least 12 characters (make run writes a random one)")
+    return raw
+
+
+def _secret(name, raw):
+    if raw and len(raw) < 32:
+        raise ConfigError(f"{name}: at least 32 characters (python config.py --new-key makes one)")
+    return raw
+
+
 def _switch(name, raw):
     if raw.strip() not in ("0", "1"):
         raise ConfigError(f"{name}: {raw!r} must be 1 (on) or 0 (off)")
@@ -129,9 +141,19 @@ SETTINGS = (
             "listen port (the Procfile binds `0.0.0.0:$PORT`)"),
     Setting("DEVICE_KEYS", "device_keys", "", parse_device_keys,
             "`name:key,name2:key2`; a device may have several keys. Empty: every push is refused with 401"),
-    Setting("DASHBOARD_USER", "dashboard_user", "admin", _text, "the viewer login's user name"),
+    Setting("ADMIN_PASSWORD", "admin_password", "", _password,
+            "the password of the user `admin` when the server first starts (written to `.env` by `make run`; "
+            "change it in the page afterwards). Needed unless `DASHBOARD_PUBLIC=1`"),
+    Setting("SECRET_KEY", "secret_key", "", _secret,
+            "signs session cookies (written to `.env` by `make run`); the same on every host. Empty: a new one "
+            "each start (everyone signs in again), refused with `REDIS_URL` or more than one worker"),
+    Setting("DASHBOARD_PUBLIC", "dashboard_public", "0", _switch,
+            "1: the read-only dashboard, stream, history, alerts and metrics need no sign-in (the original "
+            "design); devices, users, links and tokens still need an admin"),
+    Setting("DASHBOARD_USER", "dashboard_user", "admin", _text, "an extra viewer login's user name (kept from "
+            "earlier versions)"),
     Setting("DASHBOARD_PASSWORD", "dashboard_password", "", _text,
-            "set it to require a viewer login (HTTP Basic) for `/`, `/gpu/stream` and static files"),
+            "an extra viewer login's password, for the form and HTTP Basic (kept from earlier versions); empty: none"),
     Setting("STALE_AFTER_S", "stale_after_s", "15", _number(float, 0.1),
             "a device with no push for this long turns stale"),
     Setting("OFFLINE_AFTER_S", "offline_after_s", "60", _number(float, 0.1),
@@ -206,6 +228,9 @@ class Config:
     """The validated settings; built only by load_config, so defaults live in SETTINGS alone."""
     port: int
     device_keys: dict  # key -> device name
+    admin_password: str
+    secret_key: str  # empty: a new one each start
+    dashboard_public: bool
     dashboard_user: str
     dashboard_password: str
     stale_after_s: float
@@ -273,6 +298,12 @@ def load_config(overrides=None, environ=None):
     if read["max_subscribers"] > most:
         raise ConfigError(f"MAX_SUBSCRIBERS: {read['max_subscribers']} leaves too few of WORKER_CONNECTIONS "
                           f"({read['worker_connections']}) for pushes; set it to {most} or less")
+    if not read["admin_password"] and not read["dashboard_public"]:
+        raise ConfigError("ADMIN_PASSWORD is not set and DASHBOARD_PUBLIC is not 1: set ADMIN_PASSWORD (make run "
+                          "writes one to .env) to sign in, or DASHBOARD_PUBLIC=1 for an open read-only dashboard")
+    if not read["secret_key"] and (read["redis_url"] or read["web_concurrency"] > 1):
+        raise ConfigError("SECRET_KEY: needed with REDIS_URL or more than one worker, the same on every host, so a "
+                          "session signed by one is valid on all (python config.py --new-key makes one)")
     return Config(**read, sweep_s=min(1.0, read["stale_after_s"] / 4))
 
 
@@ -297,6 +328,28 @@ def init_env_file(path, port=3000):
     with os.fdopen(fd, "w") as f:
         f.write(text)
     return device, key
+
+
+def add_secrets(path, environ=None):
+    """Append to `.env` the ADMIN_PASSWORD and SECRET_KEY it lacks, fresh and random (mode 600); return the password written, or None.
+
+    A value set in the environment counts as there; nothing already in the file is changed.
+    """
+    environ = os.environ if environ is None else environ
+    kept = {k for k, v in dotenv_values(path).items() if v} | {k for k, v in environ.items() if v}
+    password = secrets.token_urlsafe(15) if "ADMIN_PASSWORD" not in kept else None
+    lines = ([f"ADMIN_PASSWORD={password}"] if password else []) + (
+        [f"SECRET_KEY={secrets.token_urlsafe(32)}"] if "SECRET_KEY" not in kept else [])
+    if not lines:
+        return None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        os.fchmod(f.fileno(), 0o600)  # it holds a password now, whatever its mode was
+        if f.tell() and not Path(path).read_bytes().endswith(b"\n"):
+            f.write("\n")
+        f.write("# Written by `make run`: the admin's first password, and the key that signs sessions.\n")
+        f.write("\n".join(lines) + "\n")
+    return password
 
 
 def agent_env(key, port):
@@ -326,6 +379,7 @@ def main(argv):
     if "--init-env" in argv:
         path = HERE / ".env"
         created = init_env_file(path)
+        password = add_secrets(path)
         try:
             config = load_config()
         except ConfigError as error:
@@ -333,6 +387,10 @@ def main(argv):
             return 2
         if created:
             print(f"Wrote {path} with a device key for {created[0]!r}.")
+        if password:
+            host = socket.gethostname() or "SERVER"
+            print(f"Sign in at http://{host}:{config.port}/ as admin, password {password}\n"
+                  "  (shown this once: it is ADMIN_PASSWORD in .env; change it in the page once signed in)")
         if config.device_keys:
             print("On each GPU PC: copy agent.py beside a .env holding its two lines below (chmod 600 .env), "
                   "then run: python agent.py")

@@ -168,7 +168,7 @@ def start_ours(port, keys, log, server_dir=ROOT, **settings):
     atexit.register(shutil.rmtree, history_dir, True)
     env = {**os.environ, "ENV_FILE": os.devnull, "PORT": str(port),
            "DEVICE_KEYS": ",".join(f"bench-{i}:{k}" for i, k in enumerate(keys)),
-           "HISTORY_DB": os.path.join(history_dir, "history.sqlite3"),
+           "HISTORY_DB": os.path.join(history_dir, "history.sqlite3"), "DASHBOARD_PUBLIC": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **settings}
     process = subprocess.Popen(["sh", "-c", "exec " + command.strip()], cwd=server_dir, env=env,
                                stdout=log, stderr=subprocess.STDOUT)

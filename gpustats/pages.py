@@ -7,7 +7,7 @@ from flask import jsonify, render_template, request, url_for
 
 # No inline script or style, nothing from other origins: the page works with no CDN access.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'")
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                     "X-Frame-Options": "DENY", "Content-Security-Policy": CSP}
 YEAR_S = 365 * 24 * 3600
@@ -23,6 +23,7 @@ def register_pages(app, config, fleet, broadcaster):
         # The content hash in the URL lets browsers keep an asset for a year and still
         # fetch the new one the moment it changes.
         return url_for("static", filename=filename, v=versions.get(filename, "0"))
+    app.jinja_env.globals["asset"] = asset  # the sign-in and admin pages use it too
 
     @app.get("/")
     def dashboard():

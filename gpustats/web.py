@@ -1,7 +1,7 @@
 """What every route shares: the JSON error answer, the client's address through trusted proxies, the app-wide error handlers."""
 import logging
 
-from flask import jsonify, request
+from flask import g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from gpustats.scaleout import Unavailable
@@ -30,6 +30,11 @@ def error(status, message, field=None, headers=None):
     if field:
         body["field"] = field
     return jsonify(body), status, headers or {}
+
+
+def allowed_devices():
+    """Return the devices this request may see (a share link's), or None for every device."""
+    return g.get("devices")
 
 
 def register_errors(app):

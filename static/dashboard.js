@@ -262,6 +262,7 @@
     }
     try {
       const response = await fetch(`api/history?${params}`, {signal: controller.signal, cache: "no-store"});
+      signedOut(response);
       // 404: the server has no history for this device (yet); the live range still grows with pushes.
       if (!response.ok && response.status !== 404) throw new Error(`HTTP ${response.status}`);
       const answer = response.ok ? await response.json() : {gpus: []};
@@ -611,6 +612,7 @@
     const askedAt = alertsLoad.at = Date.now();
     try {
       const response = await fetch("api/alerts", {signal: controller.signal, cache: "no-store"});
+      signedOut(response);
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       const answer = await response.json();
       if (alertsLoad.request === controller) applyAlerts(answer, askedAt);
@@ -642,6 +644,12 @@
     return only ? `gpu/stream?device=${encodeURIComponent(only)}` : "gpu/stream";
   }
 
+  // A 401 means the session is over (signed out elsewhere, its password changed, a link revoked):
+  // the sign-in page, coming back here after.
+  function signedOut(response) {
+    if (response.status === 401) location.assign(`login?next=${encodeURIComponent(location.pathname + location.search)}`);
+  }
+
   function connect() {
     const source = new EventSource(streamUrl());
     source.onopen = () => {
@@ -662,6 +670,7 @@
         // A 502/503 (a proxy during a restart, or the server's viewer cap) ends an EventSource
         // for good; the browser will not retry, so we make a new one, with backoff and jitter.
         source.close();
+        fetch("api/alerts", {cache: "no-store"}).then(signedOut, () => {}); // a 401 ends a stream too
         setTimeout(connect, retryMs * (0.5 + Math.random() / 2));
         retryMs = Math.min(retryMs * 2, 30000);
       }

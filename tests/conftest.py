@@ -22,6 +22,14 @@ KEYS = {f"rig-{i}": f"test-key-rig-{i}-0123456789" for i in range(1, 10)}
 HEARTBEAT_S = "0.25"  # short, so closed viewers are counted out and heartbeats come quickly
 # Servers started outside Server() keep history in memory: none may write history.sqlite3 into the checkout.
 os.environ["HISTORY_DB"] = ""
+# The suite's servers are the original design's open read-only dashboard, unless a test signs in:
+# the access tests set ADMIN_PASSWORD and DASHBOARD_PUBLIC=0 themselves.
+os.environ["DASHBOARD_PUBLIC"] = "1"
+# One session key for every server, as hosts behind one load balancer share one (REDIS_URL needs it).
+os.environ["SECRET_KEY"] = "session-key-for-tests-" + "x" * 16
+ADMIN_PASSWORD = "admin-password-for-tests"
+# A private server: sign-in needed, the user admin made from ADMIN_PASSWORD.
+PRIVATE = {"DASHBOARD_PUBLIC": "0", "ADMIN_PASSWORD": ADMIN_PASSWORD, "SECRET_KEY": "session-key-for-tests-" + "x" * 16}
 
 
 def procfile_command():

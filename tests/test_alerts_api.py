@@ -6,7 +6,7 @@ import time
 import pytest
 import requests
 
-from conftest import Server, Stream, gpu, multi, wait_for
+from conftest import PRIVATE, Server, Stream, gpu, multi, wait_for
 from receiver import receiver  # noqa: F401 a fixture
 
 pytestmark = pytest.mark.both_backends
@@ -118,7 +118,7 @@ def test_a_worker_killed_right_after_a_firing_never_sends_it_twice(start_server,
 
 
 def test_alerts_need_the_viewer_login(start_server):
-    server = start_server(DASHBOARD_PASSWORD="s3cret-enough")
+    server = start_server(DASHBOARD_PASSWORD="s3cret-enough", **PRIVATE)
     assert requests.get(server.url + "/api/alerts", timeout=5).status_code == 401
     answer = requests.get(server.url + "/api/alerts", auth=("admin", "s3cret-enough"), timeout=5)
     assert answer.json() == {"active": [], "recent": []}

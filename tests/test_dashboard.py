@@ -10,7 +10,7 @@ import pytest
 import requests
 from playwright.sync_api import expect
 
-from conftest import Stream, gpu, multi, wait_for
+from conftest import PRIVATE, Stream, gpu, multi, wait_for
 
 # What a user sees on a chart's canvas, kept where a test can read it: the text each canvas drew
 # since it was last cleared (its axis labels), and every CSP violation the page caused.
@@ -312,13 +312,17 @@ def test_charts_run_under_the_pages_csp_without_a_violation(server, page):
 
 
 def test_history_loads_behind_the_viewer_login(start_server, browser):
-    server = start_server(DASHBOARD_PASSWORD="s3cret-viewer")
+    server = start_server(DASHBOARD_PASSWORD="s3cret-viewer", **PRIVATE)
     for util in (10, 20):
         server.push_as_new_history_point(multi(gpu(0, utilizationGpu=util)))
-    written(server, 2, auth=("admin", "s3cret-viewer"))
-    context = browser.new_context(http_credentials={"username": "admin", "password": "s3cret-viewer"})
+    written(server, 2, auth=("admin", "s3cret-viewer"))  # HTTP Basic, for reading
+    context = browser.new_context()
     page = context.new_page()
-    open_dashboard(page, server)
+    page.goto(server.url + "/")  # sent to the sign-in page, where the extra viewer login works too
+    page.fill("input[name=user]", "admin")
+    page.fill("input[name=password]", "s3cret-viewer")
+    page.click("button[type=submit]")
+    expect(page.locator("#connection")).to_have_text("live")
     expect(stat(page, "rig-1", 0, "Energy")).to_have_text(re.compile(r" Wh in 10 min$"))  # the API answered
     hover(page, "rig-1", 0, 0.01)
     expect(legend(page, "rig-1", 0).nth(1)).to_have_text("util 10 %")  # older than the snapshot: from the API

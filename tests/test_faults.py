@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from conftest import KEYS, ROOT, Stream, multi
+from conftest import KEYS, PRIVATE, ROOT, Stream, multi
 
 
 def push_from(server, source, key, forwarded_for=None):
@@ -105,7 +105,7 @@ def test_a_killed_worker_comes_back_and_the_agents_rebuild_the_state(server, tmp
 
 
 def test_no_secret_ever_reaches_the_log(start_server):
-    server = start_server(DASHBOARD_PASSWORD="viewer-secret-123")
+    server = start_server(DASHBOARD_PASSWORD="viewer-secret-123", **PRIVATE)
     server.push(multi())
     server.push(multi(), key="wrong-key-that-is-secret-too")
     server.stop()

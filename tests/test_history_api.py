@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from conftest import ROOT, gpu, multi, procfile_command, wait_for
+from conftest import PRIVATE, ROOT, gpu, multi, procfile_command, wait_for
 from gpustats.history.routes import SharedAnswers, safe_cell
 
 pytestmark = pytest.mark.both_backends
@@ -101,7 +101,7 @@ def test_an_unknown_device_is_404_and_a_known_silent_one_has_no_gpus(server):
 
 @pytest.mark.no_backend
 def test_history_needs_the_dashboard_login(start_server):
-    server = start_server(DASHBOARD_PASSWORD="s3cret")
+    server = start_server(DASHBOARD_PASSWORD="s3cret", **PRIVATE)
     assert history(server).status_code == 401
     assert requests.get(server.url + "/api/history", params={"device": "rig-1"}, auth=("admin", "s3cret"),
                         timeout=5).status_code == 200

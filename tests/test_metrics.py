@@ -6,7 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
-from conftest import KEYS, gpu, multi, wait_for
+from conftest import KEYS, PRIVATE, gpu, multi, wait_for
 from receiver import receiver  # noqa: F401 a fixture
 
 pytestmark = pytest.mark.both_backends
@@ -164,11 +164,11 @@ def test_alert_notifications_are_counted_by_result(make_app, receiver):
 
 
 def test_metrics_need_the_viewer_login(make_app):
-    client = make_app(DASHBOARD_PASSWORD="s3cret-enough").test_client()
+    client = make_app(DASHBOARD_PASSWORD="s3cret-enough", **PRIVATE).test_client()
     refused = client.get("/metrics")
     # Issue 20: this was text/html "Login required."; every error is JSON, as the README says.
     assert refused.status_code == 401 and refused.content_type == "application/json"
-    assert refused.json["ok"] is False and "login required" in refused.json["error"]
+    assert refused.json["ok"] is False and refused.json["error"].startswith("sign in first")
     assert refused.headers["WWW-Authenticate"] == 'Basic realm="GPU Stats"'
     auth = {"Authorization": "Basic " + __import__("base64").b64encode(b"admin:s3cret-enough").decode()}
     assert scrape(client, headers=auth).value("gpustats_stream_subscribers") == 0

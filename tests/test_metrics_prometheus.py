@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from app import create_app
-from conftest import KEYS, ROOT, free_port, gpu, multi, require, wait_for
+from conftest import KEYS, PRIVATE, ROOT, free_port, gpu, multi, require, wait_for
 
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
 PASSWORD = "s3cret-enough"
@@ -130,7 +130,7 @@ def test_metric_names_finds_every_metric_and_nothing_else():
 
 
 def test_prometheus_scrapes_every_worker_of_the_fleet_with_the_viewer_login(start_server, redis_server, prometheus):
-    server = start_server(REDIS_URL=redis_server.url, WEB_CONCURRENCY="2", DASHBOARD_PASSWORD=PASSWORD,
+    server = start_server(REDIS_URL=redis_server.url, WEB_CONCURRENCY="2", DASHBOARD_PASSWORD=PASSWORD, **PRIVATE,
                           PUSH_RATE_LIMIT="1000")
     assert server.push(multi(gpu(0), gpu(1, temperatureGpu=None))).status_code == 200
     assert server.push(multi(gpu(0, memoryUsed=1024)), device="rig-2").status_code == 200

@@ -338,7 +338,7 @@ def test_readme_systemd_unit_starts_the_server():
     """The unit's ExecStart, as systemd runs it, boots gunicorn and serves (it once passed quotes literally)."""
     unit = re.search(r"```ini\n(\[Unit\].*?)```", readme_section("Deploy on a droplet behind nginx"), re.S)[1]
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
-    env = {"PORT": "0", "ENV_FILE": os.devnull,
+    env = {"PORT": "0", "ENV_FILE": os.devnull, "ADMIN_PASSWORD": "admin-password-of-the-unit",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}"}
     argv = systemd_argv(exec_start.removeprefix("ExecStart="), env)
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

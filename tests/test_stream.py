@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from conftest import HEARTBEAT_S, ROOT, gpu, multi, procfile_command
+from conftest import HEARTBEAT_S, PRIVATE, ROOT, gpu, multi, procfile_command
 
 pytestmark = pytest.mark.both_backends
 
@@ -123,7 +123,7 @@ def test_healthz_counts_devices_and_viewers_without_names(server, open_stream):
 
 
 def test_viewer_login_guards_read_routes_but_not_pushes_or_healthz(start_server, open_stream):
-    server = start_server(DASHBOARD_PASSWORD="s3cret")
+    server = start_server(DASHBOARD_PASSWORD="s3cret", **PRIVATE)
     for path in ("/", "/gpu/stream"):
         answer = requests.get(server.url + path, timeout=5, stream=True)
         assert answer.status_code == 401 and answer.headers["WWW-Authenticate"].startswith("Basic")

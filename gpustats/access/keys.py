@@ -36,16 +36,26 @@ def presented_key(headers):
     return headers.get("X-API-Key", "").strip() or None
 
 
-def viewer_allowed(header, user, password):
-    """Return whether an `Authorization: Basic` header carries the viewer login."""
+def basic_login(header):
+    """Return (user, password) from an `Authorization: Basic` header, or None."""
     scheme, _, value = (header or "").partition(" ")
     if scheme.lower() != "basic":
-        return False
+        return None
     try:
-        given_user, _, given_password = base64.b64decode(value.strip(), validate=True) \
-            .decode("utf-8").partition(":")
+        user, sep, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
     except (binascii.Error, UnicodeDecodeError):
-        return False
-    user_ok = hmac.compare_digest(_digest(given_user), _digest(user))
-    password_ok = hmac.compare_digest(_digest(given_password), _digest(password))
+        return None
+    return (user, password) if sep else None
+
+
+def same_login(user, password, want_user, want_password):
+    """Return whether user and password are the ones wanted, compared in constant time."""
+    user_ok = hmac.compare_digest(_digest(user), _digest(want_user))
+    password_ok = hmac.compare_digest(_digest(password), _digest(want_password))
     return user_ok and password_ok
+
+
+def viewer_allowed(header, user, password):
+    """Return whether an `Authorization: Basic` header carries the viewer login."""
+    login = basic_login(header)
+    return login is not None and same_login(*login, user, password)

@@ -1,22 +1,343 @@
-"""The viewer login (DASHBOARD_PASSWORD): every route but the open ones asks for it, over HTTP Basic."""
-from flask import request
+"""Who is asking, and what they may do: sessions, API tokens, HTTP Basic, share links, the public dashboard (SPEC, Access).
 
-from gpustats.access.keys import viewer_allowed
-from gpustats.web import error
+Every request but the open ones (OPEN_PATHS) is answered for an Identity, found in this order:
+- `Authorization: Bearer <token>`: an API token an admin made (viewer or admin);
+- `Authorization: Basic`: the extra viewer login (DASHBOARD_USER/DASHBOARD_PASSWORD), or a
+  user's own password; for reading only;
+- the session cookie, signed with SECRET_KEY: a signed-in user (while the password it was
+  signed in with stands), or a share link's read-only view of some devices;
+- DASHBOARD_PUBLIC=1: anyone may read.
+None of those: an API call gets 401 JSON, a browser asking for a page is sent to /login.
+A request that changes state and is signed in by the cookie must carry the page's CSRF token.
+"""
+import hmac
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-OPEN_ROUTES = {"/healthz", "/push-sse"}
+from flask import g, redirect, render_template, request, session, url_for
+from flask.sessions import SecureCookieSessionInterface
+
+from gpustats.access.accounts import AccountError, check_password, digest
+from gpustats.access.keys import basic_login, same_login
+from gpustats.background import watch
+from gpustats.web import client_address, error
+
+log = logging.getLogger("gpustats")
+OPEN_PATHS = {"/healthz", "/push-sse", "/login", "/agent.py", "/favicon.ico"}
+OPEN_PREFIXES = ("/static/", "/s/")  # the pages' assets (code, no data); share links prove themselves
+ADMIN_PREFIXES = ("/admin", "/api/users", "/api/tokens", "/api/shares", "/api/devices")
+# What a share link opens: the dashboard, its stream and history, the alerts, of its devices only.
+SHARE_PATHS = {"/", "/gpu/stream", "/api/history", "/api/history.csv", "/api/alerts", "/logout"}
+CHANGES = {"POST", "PUT", "PATCH", "DELETE"}
+SESSION_DAYS = 30
+BASIC_CACHE_S = 60.0  # a user's right Basic password is not hashed again for this long (a scrape every 15 s)
+USED_EVERY_S = 60.0  # how often a token's or link's "last used" is written
 
 
-def register_login(app, config):
-    """Ask every request but OPEN_ROUTES for the viewer login, when DASHBOARD_PASSWORD is set."""
+@dataclass(frozen=True)
+class Identity:
+    """Who a request is: its kind (user, token, share, viewer-login, public), name and role, and what it may see."""
+    kind: str
+    name: str
+    role: str
+    devices: frozenset = None  # a share link's devices; None: every device
+    by_cookie: bool = False  # signed in by the session cookie: a change needs the CSRF token
+    read_only: bool = False  # HTTP Basic, a share link, the public dashboard
+
+    @property
+    def admin(self):
+        return self.role == "admin"
+
+
+class Sessions(SecureCookieSessionInterface):
+    """Flask's signed cookie, marked Secure when the request came over HTTPS, itself or through a trusted proxy."""
+
+    def __init__(self, trusted_proxies):
+        self._trusted = trusted_proxies
+
+    def get_cookie_secure(self, app):
+        return is_https(self._trusted)
+
+
+def is_https(trusted_proxies):
+    """Return whether the browser's request came over HTTPS: to this server, or to a trusted proxy that says so."""
+    if request.scheme == "https":
+        return True
+    return (request.remote_addr in trusted_proxies
+            and request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower() == "https")
+
+
+class OpenStreams:
+    """The streams opened by a session or a share link, ended within a second of its revocation, on any host."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._streams = {}  # (kind, key) -> set of sockets
+
+    def add(self, key, sock):
+        if sock is not None:
+            with self._lock:
+                self._streams.setdefault(key, set()).add(sock)
+
+    def sweep(self, still_valid):
+        """Shut the streams of every key `still_valid(key)` refuses; forget closed ones."""
+        with self._lock:
+            for key in list(self._streams):
+                self._streams[key] = {s for s in self._streams[key] if s.fileno() != -1}
+                if not self._streams[key]:
+                    del self._streams[key]
+            streams = {key: list(socks) for key, socks in self._streams.items()}
+        for key, socks in streams.items():
+            if not still_valid(key):
+                for sock in socks:
+                    try:
+                        sock.shutdown(2)  # the stream's next write fails: it ends, and the page reconnects to /login
+                    except OSError:
+                        pass
+
+
+def register_login(app, config, accounts, hasher, throttle):
+    """Ask every request but the open ones who it is; add /login, /logout, /account and /s/<token>."""
+    app.secret_key = config.secret_key or secrets.token_urlsafe(32)
+    if not config.secret_key:
+        log.warning("SECRET_KEY is not set: sessions are signed with a key made at this start, so everyone signs in "
+                    "again after a restart (make run writes one to .env)")
+    app.session_interface = Sessions(config.trusted_proxies)
+    app.config.update(SESSION_COOKIE_NAME="gpustats_session", SESSION_COOKIE_HTTPONLY=True,
+                      SESSION_COOKIE_SAMESITE="Lax", PERMANENT_SESSION_LIFETIME=SESSION_DAYS * 86400)
+    open_streams, basic_ok, used = OpenStreams(), {}, {}
+    lock = threading.Lock()
+
+    def address():
+        return client_address(request.remote_addr, request.headers.get("X-Forwarded-For"), config.trusted_proxies)
+
+    def note_used(credential):
+        now = time.time()
+        with lock:
+            if now - used.get(credential["id"], 0) < USED_EVERY_S:
+                return
+            used[credential["id"]] = now
+        accounts.store.used(credential["id"], now)
+
+    def sign_in(name, password):
+        """Return the user that `name` and `password` sign in as, or an answer: 429 held back, 401 wrong."""
+        where = address()
+        wait = throttle.blocked_for(where)
+        if wait:  # no hash for a held-back address: a guess costs a lookup
+            return error(429, f"too many wrong passwords from this address; try again in {wait} s",
+                         headers={"Retry-After": str(wait)})
+        time.sleep(throttle.delay_for(name))  # many wrong guesses at this user lately: each try waits, none is locked out
+        if legacy_login(name, password):
+            throttle.succeeded(where, name)
+            return {"name": name, "role": "viewer", "epoch": None, "legacy": True}
+        user = accounts.user(name) if isinstance(name, str) else None
+        if hasher.verify(user["hash"] if user else None, password):
+            throttle.succeeded(where, name)
+            return user
+        throttle.failed(where, name)
+        return error(401, "wrong user or password")
+
+    def legacy_login(name, password):
+        """Return whether this is the extra viewer login of DASHBOARD_USER and DASHBOARD_PASSWORD."""
+        return bool(config.dashboard_password) and same_login(name, password, config.dashboard_user,
+                                                              config.dashboard_password)
+
+    def from_basic(header):
+        login = basic_login(header)
+        if login is None:
+            return error(401, "Authorization: Basic needs user:password")
+        name, password = login
+        if legacy_login(name, password):
+            return Identity("viewer-login", name, "viewer", read_only=True)
+        key = digest(f"{name}\0{password}")
+        with lock:
+            cached = basic_ok.get(key)
+        user = accounts.user(name)
+        if cached and user and cached[1] == user["epoch"] and time.monotonic() - cached[0] < BASIC_CACHE_S:
+            return Identity("user", name, user["role"], read_only=True)
+        found = sign_in(name, password)
+        if not isinstance(found, dict):
+            return found
+        with lock:
+            if len(basic_ok) > 10_000:
+                basic_ok.clear()
+            basic_ok[key] = (time.monotonic(), found["epoch"])
+        return Identity("user", name, found["role"], read_only=True)
+
+    def identify():
+        """Return the request's Identity, None for nobody, or an answer to give at once (a bad credential)."""
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            found = accounts.credential(value.strip())
+            if found is None or found["kind"] != "token":
+                return error(401, "unknown API token", headers={"WWW-Authenticate": "Bearer"})
+            note_used(found)
+            return Identity("token", found["name"], found["role"])
+        if scheme.lower() == "basic":
+            return from_basic(request.headers["Authorization"])
+        if "v" in session:  # the extra viewer login, signed in on the form: valid while its password stands
+            if config.dashboard_password and hmac.compare_digest(session["v"], digest(config.dashboard_password)[:16]):
+                return Identity("viewer-login", config.dashboard_user, "viewer", by_cookie=True, read_only=True)
+            session.clear()
+        elif "u" in session:
+            user = accounts.user(session["u"])
+            if user is not None and user["epoch"] == session.get("e"):
+                return Identity("user", user["name"], user["role"], by_cookie=True)
+            session.clear()  # removed, or its password changed since: signed out
+        elif "s" in session:
+            found = _share(session["s"])
+            if found is not None:
+                note_used(found)
+                return Identity("share", found["name"], "viewer", frozenset(found["devices"] or ()) or None,
+                                by_cookie=True, read_only=True)
+            session.clear()
+        if config.dashboard_public:
+            return Identity("public", "", "viewer", read_only=True)
+        return None
+
+    def _share(secret_digest):
+        found = accounts._cached(("share", secret_digest), lambda: accounts.store.credential(secret_digest))
+        return found if found is not None and found["kind"] == "share" else None
+
+    def still_valid(key):
+        kind, value, epoch = key
+        if kind == "user":
+            user = accounts.user(value)
+            return user is not None and user["epoch"] == epoch
+        if kind == "viewer-login":
+            return bool(config.dashboard_password) and value == digest(config.dashboard_password)[:16]
+        return _share(value) is not None
 
     @app.before_request
-    def require_viewer_login():
-        if not config.dashboard_password or request.path in OPEN_ROUTES:
-            return None
-        if viewer_allowed(request.headers.get("Authorization"), config.dashboard_user,
-                          config.dashboard_password):
-            return None
-        # JSON like every other error (a browser still gets its login prompt from the header).
-        return error(401, "login required: send the viewer login (HTTP Basic, DASHBOARD_USER and DASHBOARD_PASSWORD)",
-                     headers={"WWW-Authenticate": 'Basic realm="GPU Stats"'})
+    def require_identity():
+        path = request.path
+        if request.url_rule is None or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            return None  # no such route: its 404 (or 405) says so, signed in or not
+        found = identify()
+        if found is not None and not isinstance(found, Identity):
+            return found  # a bad token or password: its own answer
+        if found is not None and found.kind == "public" and path.startswith(ADMIN_PREFIXES + ("/account",)):
+            found = None  # the open dashboard reads; to manage anything, sign in
+        if found is None:
+            if _wants_page():
+                return redirect(url_for("login_page", next=_local(request.full_path)))
+            return error(401, "sign in first: a session (/login), an API token (Authorization: Bearer) or HTTP Basic",
+                         headers={"WWW-Authenticate": 'Basic realm="GPU Stats"'} if config.dashboard_password else {})
+        g.identity = found
+        if found.devices is not None:
+            g.devices = found.devices  # the stream, history and alerts show these alone
+        if found.kind == "share" and path not in SHARE_PATHS:
+            return error(403, "a share link opens the dashboard of its devices, nothing else")
+        if path.startswith(ADMIN_PREFIXES) and not found.admin:
+            return error(403, "this needs an admin")
+        if request.method in CHANGES:
+            if found.read_only and path != "/logout":
+                return error(403, "HTTP Basic and share links are for reading only; programs that change things "
+                                  "use an admin API token")
+            if found.by_cookie and not _csrf_ok():
+                return error(403, "the page's CSRF token is missing or wrong: reload the page and try again")
+        if path == "/gpu/stream" and found.by_cookie:  # ended within a second once its session is no more
+            key = {"user": ("user", found.name, session.get("e")), "share": ("share", session.get("s"), None),
+                   "viewer-login": ("viewer-login", session.get("v"), None)}[found.kind]
+            open_streams.add(key, request.environ.get("gunicorn.socket"))
+        return None
+
+    @app.context_processor
+    def page_context():
+        identity = g.get("identity")
+        if "c" not in session:
+            session["c"] = secrets.token_urlsafe(24)
+        return {"identity": identity, "csrf_token": session["c"]}
+
+    @app.get("/login")
+    def login_page():
+        return render_template("login.html", next=_local(request.args.get("next", "/")), problem=None)
+
+    @app.post("/login")
+    def login():
+        # A form on another site signing you in as someone else: browsers say where a request comes from
+        # (Sec-Fetch-Site; Origin is "null" under this site's no-referrer policy). Programs send neither.
+        origin, site = request.headers.get("Origin", "null"), request.headers.get("Sec-Fetch-Site", "same-origin")
+        if site not in ("same-origin", "none") or (origin != "null" and urlsplit(origin).netloc != request.host):
+            return error(403, "a sign-in must come from this server's own page")
+        name, password = request.form.get("user", ""), request.form.get("password", "")
+        target = _local(request.form.get("next", "/"))
+        found = sign_in(name, password)
+        if not isinstance(found, dict):
+            if _wants_page():
+                problem = found[0].get_json()["error"]
+                return render_template("login.html", next=target, problem=problem), found[1], found[2]
+            return found
+        session.clear()
+        session.permanent = True
+        if found.get("legacy"):
+            session.update(v=digest(config.dashboard_password)[:16], c=secrets.token_urlsafe(24))
+        else:
+            session.update(u=found["name"], e=found["epoch"], c=secrets.token_urlsafe(24))
+        log.info("%s signed in from %s", found["name"], address())
+        return redirect(target, 303) if _wants_page() else ({"ok": True, "user": found["name"], "role": found["role"]}, 200)
+
+    @app.post("/logout")
+    def logout():
+        session.clear()
+        return redirect(url_for("login_page"), 303) if _wants_page() else ({"ok": True}, 200)
+
+    @app.get("/s/<secret>")
+    def share(secret):
+        found = accounts.credential(secret)
+        if found is None or found["kind"] != "share":
+            return error(404, "this share link does not exist, or was revoked")
+        session.clear()
+        session.permanent = True
+        session.update(s=digest(secret), c=secrets.token_urlsafe(24))
+        devices = found["devices"]
+        return redirect("/" + (f"?device={','.join(devices)}" if devices else ""), 303)
+
+    @app.route("/account", methods=["GET", "POST"])
+    def account():
+        identity = g.identity
+        if identity.kind != "user" or not identity.by_cookie:
+            return error(403, "the account page is for a user signed in on this page")
+        problem = done = None
+        if request.method == "POST":
+            user = accounts.user(identity.name)
+            try:
+                new = check_password(request.form.get("new", ""))
+                if not hasher.verify(user["hash"], request.form.get("current", "")):
+                    raise AccountError("current password: wrong", status=403)
+                accounts.store.update_user(identity.name, password_hash=hasher.hash(new))
+                accounts.forget()
+                # This session stays signed in; every other one of this user ends (its epoch is behind).
+                session["e"] = accounts.user(identity.name)["epoch"]
+                done = "Password changed. Your other sessions are signed out."
+                log.info("%s changed their password", identity.name)
+            except AccountError as problem_:
+                problem = str(problem_)
+        return render_template("account.html", problem=problem, done=done), 400 if problem else 200
+
+    watch("session-sweep", 1.0, lambda: open_streams.sweep(still_valid), lambda: False)
+    return identify
+
+
+def _csrf_ok():
+    given = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token") or ""
+    kept = session.get("c") or ""
+    return bool(kept) and hmac.compare_digest(given.encode(), kept.encode())
+
+
+def _wants_page():
+    """Return whether a browser asked for a page (not a script, a fetch or an EventSource)."""
+    return "text/html" in request.headers.get("Accept", "") and not request.path.startswith(("/api/", "/gpu/"))
+
+
+def _local(target):
+    """Return `target` if it is a path on this server, else /: a sign-in never sends anyone elsewhere."""
+    target = target or "/"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target.rstrip("?") or "/"

@@ -5,7 +5,7 @@ from flask import Response, request
 
 from gpustats.stream.broadcaster import ViewerLimit
 from gpustats.stream.viewer_socket import viewer_socket
-from gpustats.web import client_address, error
+from gpustats.web import allowed_devices, client_address, error
 
 CORS_PATHS = ("/gpu/stream", "/healthz")
 
@@ -28,6 +28,8 @@ def register_stream(app, config, broadcaster):
                                  config.trusted_proxies)
         devices = request.args.get("device")
         devices = {d.strip() for d in devices.split(",") if d.strip()} if devices else None
+        if allowed_devices() is not None:  # a share link: its devices, and within them what was asked
+            devices = set(allowed_devices()) & devices if devices is not None else set(allowed_devices())
         _drop_when_stuck(request.environ.get("gunicorn.socket"), config.viewer_timeout_s)
         try:
             chunks = broadcaster.subscribe(devices, request.headers.get("Last-Event-ID"), client=address,

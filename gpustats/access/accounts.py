@@ -1,0 +1,116 @@
+"""Users, API tokens and share links: what each is, how secrets are kept, and a short cache over a store.
+
+A store (access/sqlite.py, access/redis.py) keeps users (name, role, password hash, and an
+epoch that a password change moves on, ending the user's other sessions), and credentials:
+API tokens and share links, each kept as the SHA-256 digest of its secret with the first 6
+characters to tell them apart. Passwords are kept only as Werkzeug's salted scrypt hashes,
+computed in an OS thread: a hash is 50-100 ms of CPU that must not stall pushes or streams.
+
+Every request asks who it is, so Accounts keeps what it read for CACHE_S: a change made on
+another worker or host (or by `python config.py`) takes effect within that.
+"""
+import hashlib
+import re
+import secrets
+import threading
+import time
+
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from gpustats.offload import Worker
+
+ROLES = ("admin", "viewer")
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", re.ASCII)
+CACHE_S = 1.0
+PREFIX_CHARS = 6
+MOST_CACHED = 10_000  # entries a worker remembers; past it the cache starts afresh
+# A hash of a password nobody has: checked against for unknown users, so their answer takes as long.
+_UNKNOWN = generate_password_hash(secrets.token_urlsafe(16))
+
+
+class AccountError(ValueError):
+    """A user, token or link that cannot be made or changed as asked; the message says why, `status` the answer."""
+
+    def __init__(self, message, status=400, field=None):
+        super().__init__(message)
+        self.status, self.field = status, field
+
+
+def digest(secret):
+    """Return how a token's secret is kept: its SHA-256, hex."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_secret():
+    """Return a fresh token or link secret: 192 random bits, URL-safe."""
+    return secrets.token_urlsafe(24)
+
+
+def check_name(name):
+    if not isinstance(name, str) or not USER_NAME.fullmatch(name):
+        raise AccountError("name: 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit",
+                           field="name")
+    return name
+
+
+def check_role(role):
+    if role not in ROLES:
+        raise AccountError(f"role: {str(role)[:20]!r} is not admin or viewer", field="role")
+    return role
+
+
+def check_password(password):
+    if not isinstance(password, str) or len(password) < 12 or len(password) > 1024:
+        raise AccountError("password: 12 to 1024 characters", field="password")
+    return password
+
+
+class Hasher:
+    """Slow hashes in an OS thread of their own: sign-ins wait for it, pushes and streams do not."""
+
+    def __init__(self):
+        self._worker = Worker("password-hash")
+
+    def hash(self, password):
+        """Return Werkzeug's salted scrypt hash of `password`."""
+        return self._worker.run(generate_password_hash, password)
+
+    def verify(self, stored, password):
+        """Return whether `password` matches the hash `stored` (None: an unknown user, checked all the same)."""
+        return self._worker.run(check_password_hash, stored or _UNKNOWN, password) and stored is not None
+
+
+class Accounts:
+    """Users, tokens and share links from a store, read through a cache of CACHE_S."""
+
+    def __init__(self, store, clock=time.monotonic):
+        self.store = store
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cache = {}  # key -> (read at, value)
+
+    def _cached(self, key, read):
+        now = self._clock()
+        with self._lock:
+            found = self._cache.get(key)
+        if found is not None and now - found[0] < CACHE_S:
+            return found[1]
+        value = read()
+        with self._lock:
+            if len(self._cache) >= MOST_CACHED:
+                self._cache.clear()  # many guessed tokens: forget them all rather than grow
+            self._cache[key] = (now, value)
+        return value
+
+    def forget(self):
+        """Drop what is cached: this worker changed something and reads it back at once."""
+        with self._lock:
+            self._cache.clear()
+
+    def user(self, name):
+        """Return {"name", "role", "hash", "epoch", "createdAt"} of a user, or None."""
+        return self._cached(("user", name), lambda: self.store.user(name))
+
+    def credential(self, secret):
+        """Return the token or share link whose secret this is, or None; it costs a digest and, once a second, a lookup."""
+        return self._cached(("credential", digest(secret)), lambda: self.store.credential(digest(secret)))

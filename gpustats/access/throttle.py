@@ -1,0 +1,82 @@
+"""Guessing passwords is throttled, for the sign-in form and HTTP Basic alike (SPEC, Access).
+
+- An address with FREE_FAILS wrong passwords within WINDOW_S is answered 429 at once (no hash
+  computed) until its wait is over; the wait starts at FIRST_WAIT_S and doubles with each
+  further wrong password, up to WINDOW_S. Its first lock-out is logged once, with the address.
+- Wrong passwords for one user, from any number of addresses, slow that user's sign-ins by
+  USER_DELAY_S each past FREE_FAILS, up to MOST_USER_DELAY_S: never a lock-out, so the right
+  password from an address that has not failed still gets in.
+
+This one counts in the process (no REDIS_URL); throttle_redis.py counts for every worker and host.
+"""
+import logging
+import math
+import threading
+import time
+
+log = logging.getLogger("gpustats")
+FREE_FAILS, WINDOW_S, FIRST_WAIT_S = 5, 900.0, 2.0
+USER_DELAY_S, MOST_USER_DELAY_S = 0.1, 1.0
+MOST_REMEMBERED = 100_000  # addresses and users; past it the oldest are forgotten
+
+
+def wait_after(fails):
+    """Return how long an address waits after its `fails`-th wrong password in the window (0: none)."""
+    return 0.0 if fails < FREE_FAILS else min(WINDOW_S, FIRST_WAIT_S * 2 ** (fails - FREE_FAILS))
+
+
+def user_delay(fails):
+    """Return how long a sign-in as a user waits, after `fails` wrong passwords for it in the window."""
+    return min(MOST_USER_DELAY_S, USER_DELAY_S * max(0, fails - FREE_FAILS + 1))
+
+
+class SignInThrottle:
+    """The guessing throttle, counted in this process."""
+
+    def __init__(self, clock=time.time):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._addresses = {}  # address -> (window start, fails, blocked until)
+        self._users = {}  # user -> (window start, fails)
+
+    def blocked_for(self, address):
+        """Return the whole seconds `address` must wait before its next try, or 0."""
+        with self._lock:
+            start, fails, until = self._addresses.get(address, (0.0, 0, 0.0))
+        left = until - self._clock()
+        return math.ceil(left) if left > 0 else 0
+
+    def delay_for(self, user):
+        """Return the seconds a sign-in as `user` waits first (many wrong passwords for it lately)."""
+        now = self._clock()
+        with self._lock:
+            start, fails = self._users.get(user, (now, 0))
+        return 0.0 if now - start > WINDOW_S else user_delay(fails)
+
+    def failed(self, address, user):
+        """Count a wrong password from `address` for `user`."""
+        now = self._clock()
+        with self._lock:
+            start, fails, _ = self._addresses.pop(address, (now, 0, 0.0))
+            if now - start > WINDOW_S:
+                start, fails = now, 0
+            fails += 1
+            self._remember(self._addresses, address, (start, fails, now + wait_after(fails)))
+            user_start, user_fails = self._users.pop(user, (now, 0))
+            if now - user_start > WINDOW_S:
+                user_start, user_fails = now, 0
+            self._remember(self._users, user, (user_start, user_fails + 1))
+        if fails == FREE_FAILS:
+            log.warning("sign-ins from %s are held back: %d wrong passwords within %d min", address, fails,
+                        WINDOW_S // 60)
+
+    def succeeded(self, address, user):
+        """The right password: that address starts afresh."""
+        with self._lock:
+            self._addresses.pop(address, None)
+
+    @staticmethod
+    def _remember(table, key, value):
+        if len(table) >= MOST_REMEMBERED:
+            table.pop(next(iter(table)))  # many addresses cannot grow memory
+        table[key] = value
