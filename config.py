@@ -361,8 +361,70 @@ def agent_env(key, port):
     return f"PUSH_URL=http://{host}:{port}/push-sse\nDEVICE_KEY={key}"
 
 
+def _accounts(config):
+    """Return the running server's store of users and tokens: its Redis, or its SQLite file."""
+    if config.redis_url:
+        from gpustats.access.redis import RedisAccounts
+        from gpustats.scaleout import SharedRedis
+        return RedisAccounts(SharedRedis(config.redis_url).client)
+    if not config.history_db:
+        raise ConfigError("HISTORY_DB is empty: users live in the server's memory alone; set HISTORY_DB or REDIS_URL")
+    from gpustats.access.sqlite import SqliteAccounts
+    return SqliteAccounts(config.history_db)
+
+
+def _option(argv, flag, default=None):
+    if flag not in argv:
+        return default
+    at = argv.index(flag) + 1
+    if at >= len(argv) or argv[at].startswith("--"):
+        raise ConfigError(f"{flag} needs a value")
+    return argv[at]
+
+
+def _read_password(name, stdin=sys.stdin):
+    """Ask for a new password twice at a terminal (never on the command line), or read one line from a pipe."""
+    if not stdin.isatty():
+        return stdin.readline().rstrip("\n")
+    import getpass
+    first = getpass.getpass(f"Password for {name} (12 characters or more): ")
+    if getpass.getpass("Again: ") != first:
+        raise ConfigError("the two passwords differ")
+    return first
+
+
+def accounts_command(argv, config, out=sys.stdout):
+    """Run --add-user NAME --role R, --add-token NAME --role R, or --list-users against the server's store."""
+    from gpustats.access.accounts import (PREFIX_CHARS, AccountError, Hasher, check_name, check_password,
+                                          check_role, digest, new_secret)
+    store = _accounts(config)
+    try:
+        if "--list-users" in argv:
+            for user in store.users():
+                print(f"user   {user['name']:<24} {user['role']}", file=out)
+            for kind in ("token", "share"):
+                for found in store.credentials(kind):
+                    last = "never used" if not found["lastUsedAt"] else f"last used {int(found['lastUsedAt'])}"
+                    what = found["role"] if kind == "token" else ",".join(found["devices"] or ["every device"])
+                    print(f"{kind:<6} {found['name']:<24} {what} {found['prefix']}... id {found['id']}, {last}",
+                          file=out)
+            return 0
+        flag = "--add-user" if "--add-user" in argv else "--add-token"
+        name, role = check_name(_option(argv, flag)), check_role(_option(argv, "--role", "viewer"))
+        if flag == "--add-user":
+            store.add_user(name, role, Hasher().hash(check_password(_read_password(name))))
+            print(f"Added the user {name} ({role}); the running server knows it within a second.", file=out)
+        else:
+            secret = new_secret()
+            store.add_credential("token", name, role, digest(secret), secret[:PREFIX_CHARS])
+            print(f"API token {name} ({role}), shown this once: {secret}", file=out)
+        return 0
+    except AccountError as problem:
+        raise ConfigError(str(problem)) from None
+
+
 def main(argv):
-    """Run `--init-env` (write .env, print agent commands), `--new-key`, `--port` or `--settings-table`."""
+    """Run `--init-env` (write .env, print agent commands), `--new-key`, `--port`, `--settings-table`, or the accounts commands."""
     if "--new-key" in argv:
         print(secrets.token_urlsafe(24))
         return 0
@@ -399,7 +461,14 @@ def main(argv):
         if not config.device_keys:
             print("DEVICE_KEYS is empty in .env: add name:key pairs (python config.py --new-key).")
         return 0
-    print("usage: python config.py --init-env | --new-key | --port | --settings-table", file=sys.stderr)
+    if {"--add-user", "--add-token", "--list-users"} & set(argv):
+        try:
+            return accounts_command(argv, load_config())
+        except ConfigError as error:
+            print(f"config error: {error}", file=sys.stderr)
+            return 2
+    print("usage: python config.py --init-env | --new-key | --port | --settings-table | --add-user NAME --role "
+          "admin|viewer | --add-token NAME --role admin|viewer | --list-users", file=sys.stderr)
     return 2
 
 

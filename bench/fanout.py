@@ -137,12 +137,30 @@ def _stuck_viewer(port):
     return sock
 
 
+SIGN_IN_PASSWORD = "bench-admin-password"
+
+
+def _sign_in_for(port, rate, stop, counts):
+    """Sign in as admin `rate` times a second, each from a fresh session, until `stop` is set."""
+    interval, due = 1 / rate, time.monotonic()
+    while not stop.is_set():
+        answer = requests.post(f"http://127.0.0.1:{port}/login", timeout=30,
+                               data={"user": "admin", "password": SIGN_IN_PASSWORD})
+        counts[answer.status_code] = counts.get(answer.status_code, 0) + 1
+        due += interval
+        time.sleep(max(0.0, due - time.monotonic()))
+
+
 def run(target, args):
     keys = [f"bench-key-{i}-{os.urandom(8).hex()}" for i in range(harness.DEVICES)]
     port = harness.free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{target}-", suffix=".log", delete=False)
     # Every bench viewer comes from 127.0.0.1: lift the per-address cap, which is not what is measured here.
     ours = {"MAX_SUBSCRIBERS_PER_CLIENT": str(args.subscribers + args.stuck + 1)}
+    signing_in = target.endswith("+sign-ins")
+    if signing_in:  # the admin made from ADMIN_PASSWORD signs in over and over; viewers read the open dashboard
+        target = target.removesuffix("+sign-ins")
+        ours["ADMIN_PASSWORD"] = SIGN_IN_PASSWORD
     redis_server = None
     if target == "flask-redis":  # Redis' own CPU and memory count as the server's
         redis_server, url = harness.start_redis()
@@ -169,9 +187,14 @@ def run(target, args):
             parent.send("measure")
         measured_from = time.time()
         cpu_before = sum(harness.server_cpu_s(pid) for pid in pids)
+        stop, sign_ins = threading.Event(), {}
+        signer = threading.Thread(target=_sign_in_for, args=(port, args.sign_ins, stop, sign_ins), daemon=True)
+        if signing_in:
+            signer.start()
         started = time.monotonic()
         refused = _push_for(port, keys, args, args.pushes)
         push_s = time.monotonic() - started
+        stop.set()
         expected = connected * args.pushes
         time.sleep(args.drain)
         cpu = sum(harness.server_cpu_s(pid) for pid in pids) - cpu_before
@@ -201,6 +224,8 @@ def run(target, args):
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
     delivered = len(latencies)
     name = f"{target} x{args.workers}" if target == "flask-redis" else target
+    if signing_in:
+        name += f" + {args.sign_ins:g} sign-ins/s ({sign_ins.get(200, 0)} signed in)"
     return {"server": name, "subscribers": connected, "pushes": args.pushes,
             "rate": round(args.pushes / push_s, 1), "delivered": delivered, "expected": expected,
             "p50_ms": round(pct(0.50), 1), "p99_ms": round(pct(0.99), 1),
@@ -430,6 +455,8 @@ def main():
     parser.add_argument("--json", action="store_true", help="print one JSON object per run")
     parser.add_argument("--cap", type=int, metavar="PUSHES", default=0,
                         help="instead: fill the viewer cap at the default sizes and time PUSHES pushes")
+    parser.add_argument("--sign-ins", type=float, metavar="PER_S", default=0,
+                        help="also run flask-gevent while the admin signs in PER_S times a second (a slow hash each)")
     parser.add_argument("--greedy", type=int, metavar="CONNECTIONS", default=0,
                         help="at the default sizes, CONNECTIONS from one address ask and never read; time pushes")
     parser.add_argument("--send-floor", action="store_true",
@@ -485,6 +512,8 @@ def main():
         return history_load.history_load(args)
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
     targets = ["flask-gevent", "node-seed"] if args.target == "both" else [args.target]
+    if args.sign_ins:  # side by side with the same server without them, in turn
+        targets = [t for t in targets if t != "node-seed"] + ["flask-gevent+sign-ins"]
     if args.target == "flask-redis" and not shutil.which("redis-server"):
         sys.exit("redis-server is not installed: apt-get install redis-server")
     if "node-seed" in targets and not shutil.which("node"):

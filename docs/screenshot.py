@@ -42,8 +42,8 @@ def main(seconds=40):
         port = s.getsockname()[1]
     keys = {device: secrets.token_urlsafe(24) for device in FLEET}
     # Alerts at the default 85 °C, fired and resolved at once rather than after 2 min.
-    env = {**os.environ, "ENV_FILE": os.devnull, "PORT": str(port), "HISTORY_S": "120", "STALE_AFTER_S": "8",
-           "HISTORY_DB": "", "ALERT_FOR_S": "0", "DEVICE_KEYS": ",".join(f"{d}:{k}" for d, k in keys.items()),
+    env = {**os.environ, "ENV_FILE": os.devnull, "DASHBOARD_PUBLIC": "1", "PORT": str(port), "HISTORY_S": "120",
+           "STALE_AFTER_S": "8", "HISTORY_DB": "", "ALERT_FOR_S": "0", "DEVICE_KEYS": ",".join(f"{d}:{k}" for d, k in keys.items()),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     server = subprocess.Popen(["sh", "-c", "exec " + procfile_command()], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -79,12 +79,17 @@ def main(seconds=40):
             page.set_viewport_size({"width": 1280, "height": page.evaluate("document.documentElement.scrollHeight")})
             page.wait_for_timeout(1500)
             page.screenshot(path=str(ROOT / "docs" / "screenshot.png"), full_page=True)
+            # The sign-in page as a phone shows it, in the dark.
+            phone = browser.new_page(viewport={"width": 390, "height": 640}, color_scheme="dark", device_scale_factor=2)
+            phone.goto(f"http://127.0.0.1:{port}/login")
+            phone.fill("input[name=user]", "admin")
+            phone.screenshot(path=str(ROOT / "docs" / "sign-in.png"))
             browser.close()
     finally:
         done.set()
         for process in agents + [server]:
             process.terminate()
-    print("wrote docs/screenshot.png")
+    print("wrote docs/screenshot.png and docs/sign-in.png")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 import requests
@@ -136,9 +137,14 @@ def test_prometheus_scrapes_every_worker_of_the_fleet_with_the_viewer_login(star
     assert server.push(multi(gpu(0, memoryUsed=1024)), device="rig-2").status_code == 200
     assert server.push(multi(gpu(0, powerDraw=-5)), device="rig-2").status_code == 400
     target = f"127.0.0.1:{server.port}"
+    made = subprocess.run([sys.executable, str(ROOT / "config.py"), "--add-token", "prometheus", "--role", "viewer"],
+                          capture_output=True, text=True, timeout=30, env={**os.environ, **server.settings})
+    token = made.stdout.rsplit(" ", 1)[1].strip()  # a viewer's API token, as the README says to scrape with
     prom = prometheus([
         {"job_name": "gpustats", "static_configs": [{"targets": [target]}],
          "basic_auth": {"username": "admin", "password": PASSWORD}},
+        {"job_name": "token", "static_configs": [{"targets": [target]}], "authorization": {"credentials": token},
+         "metric_relabel_configs": [{"source_labels": ["__name__"], "regex": ".+", "action": "drop"}]},  # up alone
         {"job_name": "no-login", "static_configs": [{"targets": [target]}]}])
 
     wait_for(lambda: len(prom.query("gpustats_gpu_info")) == 3, timeout=10)
@@ -157,7 +163,7 @@ def test_prometheus_scrapes_every_worker_of_the_fleet_with_the_viewer_login(star
         "200": 2.0, "400": 1.0}, timeout=5)
     scraped = wait_for(lambda: (ts := prom.targets()) and all(t["health"] != "unknown" for t in ts) and ts)
     jobs = {t["labels"]["job"]: t for t in scraped}
-    assert jobs["gpustats"]["health"] == "up"
+    assert jobs["gpustats"]["health"] == "up" and jobs["token"]["health"] == "up"
     assert jobs["no-login"]["health"] == "down" and "401" in jobs["no-login"]["lastError"]
 
     exprs, _ = dashboard_queries()

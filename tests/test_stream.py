@@ -142,8 +142,19 @@ def test_cors_allows_only_configured_origins(start_server):
     server = start_server(CORS_ORIGINS="https://ops.example")
     ok = requests.get(server.url + "/healthz", headers={"Origin": "https://ops.example"}, timeout=5)
     assert ok.headers["Access-Control-Allow-Origin"] == "https://ops.example"
+    assert ok.headers["Access-Control-Allow-Credentials"] == "true"  # a named origin may send its cookie
     other = requests.get(server.url + "/healthz", headers={"Origin": "https://evil.example"}, timeout=5)
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+@pytest.mark.no_backend
+def test_cors_for_any_origin_never_lets_credentials_through(start_server):
+    # The Fetch standard: `*` with credentials is refused by browsers, and echoing any origin with
+    # Allow-Credentials would let every site read a signed-in viewer's stream.
+    server = start_server(CORS_ORIGINS="*")
+    answer = requests.get(server.url + "/healthz", headers={"Origin": "https://any.example"}, timeout=5)
+    assert answer.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Access-Control-Allow-Credentials" not in answer.headers
 
 
 @pytest.mark.no_backend  # HTTP parsing only: the backend plays no part

@@ -270,7 +270,7 @@ def register_login(app, config, accounts, hasher, throttle):
         if not isinstance(found, dict):
             if _wants_page():
                 problem = found[0].get_json()["error"]
-                return render_template("login.html", next=target, problem=problem), found[1], found[2]
+                return render_template("login.html", next=target, problem=problem, user=name[:64]), found[1], found[2]
             return found
         session.clear()
         session.permanent = True

@@ -15,11 +15,17 @@ def register_stream(app, config, broadcaster):
 
     @app.after_request
     def allow_origins(response):
+        # As the Fetch standard has it: an origin named in CORS_ORIGINS may read with its credentials
+        # (its own origin echoed, and Allow-Credentials); `*` lets any origin read without them.
         origin = request.headers.get("Origin")
-        if origin and request.path in CORS_PATHS and (
-                "*" in config.cors_origins or origin.rstrip("/") in config.cors_origins):
+        if not origin or request.path not in CORS_PATHS:
+            return response
+        if origin.rstrip("/") in config.cors_origins:
             response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Credentials"] = "true"
             response.headers.add("Vary", "Origin")
+        elif "*" in config.cors_origins:
+            response.headers["Access-Control-Allow-Origin"] = "*"
         return response
 
     @app.get("/gpu/stream")
