@@ -12,7 +12,7 @@ import pytest
 import requests
 from playwright.sync_api import expect
 
-from conftest import ADMIN_PASSWORD, KEYS, PRIVATE, ROOT, Stream, gpu, multi, wait_for
+from conftest import ADMIN_PASSWORD, KEYS, PRIVATE, ROOT, gpu, multi, wait_for
 
 pytestmark = pytest.mark.both_backends
 
@@ -111,7 +111,7 @@ def test_the_config_commands_work_against_the_running_servers_store(start_server
                                                        stdin="bobs-long-password\n")
     token = config_py("--add-token", "prometheus", "--role", "viewer").rsplit(" ", 1)[1].strip()
     listed = config_py("--list-users")
-    assert "user   admin" in listed and "user   bob" in listed and f"token  prometheus" in listed
+    assert "user   admin" in listed and "user   bob" in listed and "token  prometheus" in listed
     assert token not in listed and token[:6] in listed
     wait_for(lambda: requests.get(server.url + "/api/alerts", auth=("bob", "bobs-long-password"),
                                   timeout=5).status_code == 200, timeout=3)
