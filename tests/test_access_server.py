@@ -177,7 +177,9 @@ def test_sign_ins_do_not_slow_a_concurrent_push(start_server):
             thread.join()
     print(f"push median/max: {quiet[0] * 1000:.1f}/{quiet[1] * 1000:.1f} ms quiet, "
           f"{busy[0] * 1000:.1f}/{busy[1] * 1000:.1f} ms with sign-ins going on")
-    assert busy[0] < quiet[0] + 0.005  # the hash runs in its own OS thread, not on the event loop
+    # The hash runs in its own OS thread at nice 19, not on the event loop: a few ms at most, even
+    # with the suite's other processes on the same two cores.
+    assert busy[0] < quiet[0] + 0.008
 
 
 @pytest.mark.no_backend
