@@ -15,7 +15,6 @@ from config import ConfigError, load_config
 from gpustats.access.accounts import AccountError, Accounts, Hasher
 from gpustats.access.admin import register_admin
 from gpustats.access.client_limits import ClientLimits
-from gpustats.access.keys import DeviceKeys
 from gpustats.access.login import register_login
 from gpustats.access.sqlite import SqliteAccounts
 from gpustats.access.throttle import SignInThrottle
@@ -33,7 +32,10 @@ from gpustats.metrics.routes import register_metrics
 from gpustats.pages import register_pages
 from gpustats.stream.broadcaster import Broadcaster
 from gpustats.stream.routes import register_stream
-from gpustats.web import register_errors
+from gpustats.devices.registry import DeviceRegistry
+from gpustats.devices.routes import register_devices
+from gpustats.devices.sqlite import SqliteDevices
+from gpustats.web import public_url, register_errors
 
 log = logging.getLogger("gpustats")
 
@@ -47,20 +49,24 @@ def create_app(overrides=None):
     broadcaster = Broadcaster(fleet.snapshot, ring_size=config.ring_size, heartbeat_s=config.heartbeat_s,
                               max_subscribers=config.max_subscribers,
                               max_per_client=config.max_subscribers_per_client, shared_ids=fleet.shared_ids)
-    keys = DeviceKeys(config.device_keys)
-    app.extensions["gpustats"] = {"config": config, "broadcaster": broadcaster, **vars(parts)}
-    if not keys:
-        log.warning("DEVICE_KEYS is empty, so every push is refused with 401. Add a device with "
-                    "DEVICE_KEYS=name:key in .env (make a key with: python config.py --new-key)")
+    registry = DeviceRegistry(parts.devices, config.device_keys)
+    app.extensions["gpustats"] = {"config": config, "broadcaster": broadcaster, "registry": registry, **vars(parts)}
+    if not registry:
+        log.warning("no devices yet, so every push is refused with 401: add a PC on the Devices page (/devices), "
+                    "or with python config.py --add-device NAME")
+
+    def known_devices():
+        return [device["name"] for device in registry.devices()]
     accounts, hasher = Accounts(parts.accounts), Hasher()
     _first_admin(config, accounts, hasher)
     register_errors(app)
     register_login(app, config, accounts, hasher, parts.sign_ins)  # first: every other route is behind it
-    register_admin(app, config, accounts, hasher)
+    register_admin(app, config, accounts, hasher, known_devices)
+    register_devices(app, config, registry, fleet, history, lambda: public_url(config))
     register_stream(app, config, broadcaster)
     register_alerts(app, fleet)
-    register_ingest(app, config, keys, fleet, broadcaster, parts.push_limits, parts.bad_key_limits, parts.counters)
-    register_history(app, config, history)
+    register_ingest(app, config, registry, fleet, broadcaster, parts.push_limits, parts.bad_key_limits, parts.counters)
+    register_history(app, config, history, known_devices=known_devices)
     register_metrics(app, fleet, parts.counters)
     register_pages(app, config, fleet, broadcaster)
     # Outside Flask, around everything: a refusal costs no routing, and the deadline covers the write.
@@ -68,7 +74,7 @@ def create_app(overrides=None):
                                 config.trusted_proxies)
     fleet.start(broadcaster, config.sweep_s)
     parts.counters.start(lambda: broadcaster.subscribers)
-    for part in (history, parts.alerter, parts.sender):
+    for part in (history, parts.alerter, parts.sender, registry):
         part.start()
     return app
 
@@ -80,6 +86,7 @@ def _parts(config):
         from gpustats.access.redis import RedisAccounts
         from gpustats.access.throttle_redis import RedisSignInThrottle
         from gpustats.alerts.redis import RedisAlerter
+        from gpustats.devices.redis import RedisDevices
         from gpustats.alerts.redis_outbox import NotifierLease, RedisOutbox
         from gpustats.fleet.redis import RedisFleet
         from gpustats.history.redis import RedisHistory
@@ -99,7 +106,7 @@ def _parts(config):
             push_limits=RedisRateLimiter(client, "push", config.push_rate_limit, status=status, counted_as="pushes"),
             bad_key_limits=RedisRateLimiter(client, "bad-key", BAD_KEYS_PER_S, burst=BAD_KEYS_BURST, status=status,
                                             counted_as="bad-key checks"),
-            accounts=RedisAccounts(client), sign_ins=RedisSignInThrottle(client))
+            accounts=RedisAccounts(client), sign_ins=RedisSignInThrottle(client), devices=RedisDevices(client))
     history = SqliteHistory(config.history_db, config.stale_after_s)
     state, board, counters = SavedState(config.history_db), AlertBoard(), Counters()
     outbox = SqliteOutbox(destinations, state) if state else MemoryOutbox(destinations)
@@ -110,7 +117,7 @@ def _parts(config):
         counters=counters,
         push_limits=RateLimiter(config.push_rate_limit),
         bad_key_limits=RateLimiter(BAD_KEYS_PER_S, burst=BAD_KEYS_BURST),
-        accounts=SqliteAccounts(config.history_db), sign_ins=SignInThrottle())
+        accounts=SqliteAccounts(config.history_db), sign_ins=SignInThrottle(), devices=SqliteDevices(config.history_db))
 
 
 def _first_admin(config, accounts, hasher):

@@ -361,16 +361,46 @@ def agent_env(key, port):
     return f"PUSH_URL=http://{host}:{port}/push-sse\nDEVICE_KEY={key}"
 
 
-def _accounts(config):
-    """Return the running server's store of users and tokens: its Redis, or its SQLite file."""
+def _store(config, what):
+    """Return the running server's store of users and tokens (`accounts`) or devices: its Redis, or its SQLite file."""
     if config.redis_url:
         from gpustats.access.redis import RedisAccounts
+        from gpustats.devices.redis import RedisDevices
         from gpustats.scaleout import SharedRedis
-        return RedisAccounts(SharedRedis(config.redis_url).client)
+        return {"accounts": RedisAccounts, "devices": RedisDevices}[what](SharedRedis(config.redis_url).client)
     if not config.history_db:
-        raise ConfigError("HISTORY_DB is empty: users live in the server's memory alone; set HISTORY_DB or REDIS_URL")
+        raise ConfigError(f"HISTORY_DB is empty: {what} live in the server's memory alone; set HISTORY_DB or REDIS_URL")
     from gpustats.access.sqlite import SqliteAccounts
-    return SqliteAccounts(config.history_db)
+    from gpustats.devices.sqlite import SqliteDevices
+    return {"accounts": SqliteAccounts, "devices": SqliteDevices}[what](config.history_db)
+
+
+def devices_command(argv, config, out=sys.stdout):
+    """Run --add-device NAME, --remove-device NAME or --list-devices against the running server's store."""
+    from gpustats.devices.install import commands
+    from gpustats.devices.registry import DeviceError, DeviceRegistry
+    registry = DeviceRegistry(_store(config, "devices"), config.device_keys)
+    try:
+        if "--list-devices" in argv:
+            for device in registry.devices():
+                keys = ", ".join(f"{k['prefix']}... (id {k['id']})" for k in device["keys"]) or "no keys"
+                print(f"{device['name']:<24} {'in .env' if device['source'] == 'env' else keys}", file=out)
+            return 0
+        if "--remove-device" in argv:
+            name = _option(argv, "--remove-device")
+            registry.remove(name)
+            print(f"Removed the device {name}: its keys get 401 within a second; its history is kept.", file=out)
+            return 0
+        name = _option(argv, "--add-device")
+        key, _ = registry.add(name)
+        base = config.alert_dashboard_url or f"http://{socket.gethostname() or 'SERVER'}:{config.port}"
+        print(f"Added the device {name}. Its key, shown this once: {key}\n"
+              f"On the PC, one of these installs the agent and starts it at boot or logon:", file=out)
+        for system, command in commands(base, key).items():
+            print(f"  {system}:\n    {command}", file=out)
+        return 0
+    except DeviceError as problem:
+        raise ConfigError(str(problem)) from None
 
 
 def _option(argv, flag, default=None):
@@ -397,7 +427,7 @@ def accounts_command(argv, config, out=sys.stdout):
     """Run --add-user NAME --role R, --add-token NAME --role R, or --list-users against the server's store."""
     from gpustats.access.accounts import (PREFIX_CHARS, AccountError, Hasher, check_name, check_password,
                                           check_role, digest, new_secret)
-    store = _accounts(config)
+    store = _store(config, "accounts")
     try:
         if "--list-users" in argv:
             for user in store.users():
@@ -461,6 +491,12 @@ def main(argv):
         if not config.device_keys:
             print("DEVICE_KEYS is empty in .env: add name:key pairs (python config.py --new-key).")
         return 0
+    if {"--add-device", "--remove-device", "--list-devices"} & set(argv):
+        try:
+            return devices_command(argv, load_config())
+        except ConfigError as error:
+            print(f"config error: {error}", file=sys.stderr)
+            return 2
     if {"--add-user", "--add-token", "--list-users"} & set(argv):
         try:
             return accounts_command(argv, load_config())
@@ -468,7 +504,8 @@ def main(argv):
             print(f"config error: {error}", file=sys.stderr)
             return 2
     print("usage: python config.py --init-env | --new-key | --port | --settings-table | --add-user NAME --role "
-          "admin|viewer | --add-token NAME --role admin|viewer | --list-users", file=sys.stderr)
+          "admin|viewer | --add-token NAME --role admin|viewer | --list-users | --add-device NAME | "
+          "--remove-device NAME | --list-devices", file=sys.stderr)
     return 2
 
 

@@ -32,6 +32,21 @@ def error(status, message, field=None, headers=None):
     return jsonify(body), status, headers or {}
 
 
+def is_https(trusted_proxies):
+    """Return whether the browser's request came over HTTPS: to this server, or to a trusted proxy that says so."""
+    if request.scheme == "https":
+        return True
+    return (request.remote_addr in trusted_proxies
+            and request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower() == "https")
+
+
+def public_url(config):
+    """Return this server's address as its users reach it: ALERT_DASHBOARD_URL, else the request's own."""
+    if config.alert_dashboard_url:
+        return config.alert_dashboard_url
+    return ("https" if is_https(config.trusted_proxies) else "http") + "://" + request.host
+
+
 def allowed_devices():
     """Return the devices this request may see (a share link's), or None for every device."""
     return g.get("devices")

@@ -390,7 +390,15 @@
   function onStatus(change) {
     if (known(change.at)) skewS = Date.now() / 1000 - change.at;
     const entry = devices.get(change.device);
-    if (!entry || !entry.data) return;
+    if (!entry) return;
+    if (change.status === "removed") { // an admin removed the device: its card goes
+      entry.load?.abort();
+      entry.card.remove();
+      devices.delete(change.device);
+      updateTotals();
+      return;
+    }
+    if (!entry.data) return;
     entry.data.receivedAt = change.receivedAt;
     setStatus(entry, change.status);
     updateTotals();

@@ -5,3 +5,21 @@ for (const element of document.querySelectorAll("time[data-t]")) {
   element.dateTime = at.toISOString();
   element.textContent = at.toLocaleString();
 }
+
+// Copy buttons: the text of the element a button names, to the clipboard (or selected, where the
+// page is not served over HTTPS or from localhost and the clipboard is out of reach).
+for (const button of document.querySelectorAll("button[data-copy]")) {
+  button.addEventListener("click", async () => {
+    const source = document.getElementById(button.dataset.copy);
+    try {
+      await navigator.clipboard.writeText(source.textContent);
+      button.textContent = "Copied";
+    } catch {
+      const range = document.createRange();
+      range.selectNodeContents(source);
+      getSelection().removeAllRanges();
+      getSelection().addRange(range);
+      button.textContent = "Selected: press Ctrl+C";
+    }
+  });
+}

@@ -98,8 +98,8 @@ def test_pushing_too_fast_is_429_with_retry_after_for_that_device_only(start_ser
 def test_no_device_keys_refuses_every_push_and_says_how_to_add_one(start_server):
     server = start_server(DEVICE_KEYS="")
     answer = server.push(multi(), key="whatever-key-1234567")
-    assert answer.status_code == 401 and "DEVICE_KEYS" in answer.json()["error"]
-    assert "DEVICE_KEYS is empty" in server.output() and "config.py --new-key" in server.output()
+    assert answer.status_code == 401 and "add one on its Devices page" in answer.json()["error"]
+    assert "no devices yet" in server.output() and "config.py --add-device NAME" in server.output()
 
 
 @pytest.mark.no_backend  # HTTP parsing only: the backend plays no part

@@ -91,7 +91,7 @@ LAYERS = (
     ("scaleout",),  # the Redis client, key prefix, leases and status every Redis backend shares
     ("web",),  # JSON errors, client addresses, the app's error handlers
     ("stream",),  # framing and fan-out: it knows nothing of devices
-    ("access", "alerts", "history", "metrics"),
+    ("access", "alerts", "devices", "history", "metrics"),
     ("fleet",),  # the fleet feeds history and alerts and publishes to the stream
     ("ingest", "pages"),  # routes over the fleet
 )

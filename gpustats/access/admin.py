@@ -10,14 +10,14 @@ from flask import g, jsonify, render_template, request
 
 from gpustats.access.accounts import (PREFIX_CHARS, AccountError, check_name, check_password, check_role, digest,
                                       new_secret)
-from gpustats.web import error
+from gpustats.web import error, public_url
 
 log = logging.getLogger("gpustats")
 KINDS = {"tokens": "token", "shares": "share"}
 LABELS = {"token": "API token", "share": "share link"}
 
 
-def register_admin(app, config, accounts, hasher):
+def register_admin(app, config, accounts, hasher, known_devices=lambda: []):
     """Add /api/users, /api/tokens, /api/shares and the /admin page; the login lets only admins in."""
 
     def given():
@@ -31,7 +31,7 @@ def register_admin(app, config, accounts, hasher):
     def page(made=None, done=None, problem=None):
         return render_template("admin.html", users=accounts.store.users(), tokens=accounts.store.credentials("token"),
                                shares=accounts.store.credentials("share"), made=made, done=done, problem=problem,
-                               devices=config.devices)
+                               devices=known_devices())
 
     def changed():
         accounts.forget()  # read back at once on this worker; others within a second
@@ -109,7 +109,7 @@ def register_admin(app, config, accounts, hasher):
         changed()
         log.info("%s made the %s %s (%s)", g.identity.name, kind, name, role if kind == "token" else
                  ", ".join(devices or ["every device"]))
-        base = config.alert_dashboard_url or request.host_url.rstrip("/")  # the public address, where one is set
+        base = public_url(config)  # ALERT_DASHBOARD_URL, or the address this request came to
         made = {"kind": kind, "name": name, "secret": secret, "url": f"{base}/s/{secret}" if kind == "share" else None}
         result = {"ok": True, "id": credential_id, "name": name, "role": role, "devices": devices,
                   "done": f"Made the {LABELS[kind]} {name}."}

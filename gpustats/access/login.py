@@ -24,12 +24,12 @@ from flask.sessions import SecureCookieSessionInterface
 from gpustats.access.accounts import AccountError, check_password, digest
 from gpustats.access.keys import basic_login, same_login
 from gpustats.background import watch
-from gpustats.web import client_address, error
+from gpustats.web import client_address, error, is_https
 
 log = logging.getLogger("gpustats")
-OPEN_PATHS = {"/healthz", "/push-sse", "/login", "/agent.py", "/favicon.ico"}
+OPEN_PATHS = {"/healthz", "/push-sse", "/login", "/agent.py", "/agent-requirements.txt", "/favicon.ico"}
 OPEN_PREFIXES = ("/static/", "/s/")  # the pages' assets (code, no data); share links prove themselves
-ADMIN_PREFIXES = ("/admin", "/api/users", "/api/tokens", "/api/shares", "/api/devices")
+ADMIN_PREFIXES = ("/admin", "/api/users", "/api/tokens", "/api/shares", "/api/devices", "/devices")
 # What a share link opens: the dashboard, its stream and history, the alerts, of its devices only.
 SHARE_PATHS = {"/", "/gpu/stream", "/api/history", "/api/history.csv", "/api/alerts", "/logout"}
 CHANGES = {"POST", "PUT", "PATCH", "DELETE"}
@@ -61,14 +61,6 @@ class Sessions(SecureCookieSessionInterface):
 
     def get_cookie_secure(self, app):
         return is_https(self._trusted)
-
-
-def is_https(trusted_proxies):
-    """Return whether the browser's request came over HTTPS: to this server, or to a trusted proxy that says so."""
-    if request.scheme == "https":
-        return True
-    return (request.remote_addr in trusted_proxies
-            and request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower() == "https")
 
 
 class OpenStreams:

@@ -29,6 +29,14 @@ def status_at(received_at, now, stale_after_s, offline_after_s):
     return "stale" if age >= stale_after_s else "online"
 
 
+REMOVED = "removed"  # the status a device's last event has: it left the registry, and the dashboard
+
+
+def removal(device, now):
+    """Return the data of the `event: status` that says a device was removed."""
+    return {"device": device, "status": REMOVED, "at": round(now, 3)}
+
+
 def status_change(device, status, received_at, now):
     """Return the data of an `event: status`."""
     return {"device": device, "status": status, "receivedAt": received_at, "at": round(now, 3)}
@@ -125,9 +133,17 @@ class Fleet:
     def set_status(self, device, status, publish=None):
         """Take a status change that another process found, and run `publish` under the same lock."""
         with self._lock:
-            if device in self._devices:
+            if status == REMOVED:
+                self._devices.pop(device, None)
+            elif device in self._devices:
                 self._devices[device] = dict(self._devices[device], status=status)
             return publish() if publish else None
+
+    def forget(self, device):
+        """Take a removed device out of the fleet, and tell viewers (`event: status`, status "removed")."""
+        with self._lock:
+            if self._devices.pop(device, None) is not None and self._broadcaster is not None:
+                self._broadcaster.publish(device, removal(device, self._clock()), event="status")
 
     def snapshot(self):
         """Return the broadcaster's (sequence, event id) and [(device, latest event data)] that match it."""

@@ -24,7 +24,7 @@ import redis
 
 from gpustats.alerts.redis import saved_alerts
 from gpustats.background import watch
-from gpustats.fleet.memory import Fleet, new_event, status_at, status_change
+from gpustats.fleet.memory import Fleet, new_event, removal, status_at, status_change
 from gpustats.scaleout import PREFIX, RENEW, SEQUENCE, STREAM, hold_lease, read_entry
 from gpustats.stream import sse
 from gpustats.stream.broadcaster import stream_key
@@ -54,6 +54,16 @@ local n = redis.call('INCR', KEYS[3])
 return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'd', ARGV[5], 'e', 'status', 'b', ARGV[4], 'n', n)
 """
 
+# KEYS: device hash, device set, stream, sequence. ARGV: device, data block, stream length.
+# Takes a removed device out, and says so on the stream once for the fleet.
+FORGET = """
+if redis.call('DEL', KEYS[1]) == 0 then return false end
+redis.call('SREM', KEYS[2], ARGV[1])
+local n = redis.call('INCR', KEYS[4])
+return redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[1], 'e', 'status', 'b', ARGV[2], 'n', n)
+"""
+
+
 def _device_key(name):
     return f"{PREFIX}device:{name}"
 
@@ -73,6 +83,7 @@ class RedisFleet:
                                             socket_connect_timeout=2)
         self._commit = self.client.register_script(COMMIT)
         self._set_status = self.client.register_script(SET_STATUS)
+        self._forget = self.client.register_script(FORGET)
         self._renew = self.client.register_script(RENEW)
         self._token = secrets.token_hex(8)  # this worker's name on the sweeper lease
         self._broadcaster = None
@@ -242,6 +253,14 @@ class RedisFleet:
                 self._sweep()
         except redis.RedisError:
             pass  # the reader reports the outage; the next sweep tries again
+
+    def forget(self, device):
+        """Take a removed device out of the fleet, on every host; viewers get `event: status` "removed"."""
+        try:
+            self._forget(keys=[_device_key(device), DEVICES, STREAM, SEQUENCE],
+                         args=[device, sse.data_block(removal(device, self._clock())), self._ring_size])
+        except redis.RedisError as error:
+            raise self.status.refused("device removals", error) from None
 
     def _sweep(self):
         names = [name.decode() for name in self.client.smembers(DEVICES)]

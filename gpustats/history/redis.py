@@ -206,3 +206,31 @@ class RedisHistory(LeasedWork):
     def query(self, device, tier, start, end, step):
         """Return the whole answer for `device` (tests, benchmarks; the API reads GPU by GPU); None if it has no history."""
         return whole(self, device, tier, start, end, step)
+
+    def _chunks(self, device):
+        # Names are letters, digits, '.', '_' and '-': nothing a glob pattern would read as its own.
+        return list(self.client.scan_iter(f"{PREFIX}hist:*:{device}:*", count=1000))
+
+    def points(self, device):
+        """Return how many points (seconds and buckets of every tier) are kept of `device`."""
+        try:
+            keys = self._chunks(device)
+            return sum(len(parse_chunk(text.decode())) for text in (self.client.mget(keys) if keys else []) if text)
+        except redis.RedisError as error:
+            raise Unavailable(f"Redis: {error}") from None
+
+    def delete(self, device):
+        """Delete every point kept of `device`; return how many went."""
+        try:
+            gone, keys = self.points(device), self._chunks(device)
+            pipe = self.client.pipeline()
+            for key in keys:
+                pipe.delete(key)
+            pipe.delete(_gpus_key(device))
+            last = [field for field in self.client.hkeys(LAST) if field.decode().rpartition("|")[0] == device]
+            if last:
+                pipe.hdel(LAST, *last)
+            pipe.execute()
+            return gone
+        except redis.RedisError as error:
+            raise Unavailable(f"Redis: {error}") from None

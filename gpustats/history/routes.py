@@ -31,7 +31,7 @@ CSV_ROWS = 200  # rows written at a time: about 20 KB, and a millisecond of work
 SHARED_BYTES = 16 << 20  # series kept to share within a second, at most
 
 
-def register_history(app, config, history, clock=time.time):
+def register_history(app, config, history, clock=time.time, known_devices=None):
     """Add the history routes; they sit behind the viewer login like the page."""
     shared = SharedAnswers()
     slots = Slots(HISTORY_AT_ONCE, HISTORY_PER_CLIENT)
@@ -52,7 +52,7 @@ def register_history(app, config, history, clock=time.time):
         try:
             second = int(now)
             gpus = shared.get(("gpus", device), second, lambda: history.gpus(device))
-            if gpus is None and device not in config.devices:
+            if gpus is None and device not in (known_devices() if known_devices else config.devices):
                 slots.give_back(address)
                 return error(404, f"unknown device {device[:64]!r}")
 

@@ -204,6 +204,26 @@ class SqliteHistory:
         """Return the whole answer for `device` (tests, benchmarks; the API reads GPU by GPU); None if it has no history."""
         return whole(self, device, tier, start, end, step)
 
+    def points(self, device):
+        """Return how many points (seconds and buckets of every tier) are kept of `device`."""
+        return self._reader.run(lambda: sum(self._read_db.execute(
+            f"SELECT count(*) FROM {tier.name} WHERE id IN (SELECT id FROM gpu WHERE device = ?)", (device,)).fetchone()[0]
+            for tier in TIERS))
+
+    def delete(self, device):
+        """Delete every point kept of `device`; return how many went."""
+        def work():
+            with _transaction(self._db):
+                gone = sum(self._db.execute(f"DELETE FROM {tier.name} WHERE id IN (SELECT id FROM gpu WHERE device = ?)",
+                                            (device,)).rowcount for tier in TIERS)
+                self._db.execute("DELETE FROM gpu WHERE device = ?", (device,))
+            return gone
+        gone = self._writer.run(work)
+        for kept in (self._ids, self._sampler.last):
+            for key in [key for key in kept if key[0] == device]:
+                del kept[key]
+        return gone
+
 
 @contextmanager
 def _transaction(db):

@@ -43,7 +43,7 @@ def register_ingest(app, config, keys, fleet, broadcaster, limiter, bad_keys, co
             if wait:
                 return error(429, "too many bad device keys from this address", headers={"Retry-After": str(wait)})
             bad_keys.take(address)
-            reason = ("no device keys are configured on this server (DEVICE_KEYS)" if not keys
+            reason = ("no devices are set up on this server yet (add one on its Devices page)" if not keys
                       else "unknown device key" if key
                       else "missing device key: send Authorization: Bearer <key>")
             return error(401, reason, headers={"WWW-Authenticate": "Bearer"})

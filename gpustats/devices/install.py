@@ -1,0 +1,25 @@
+"""The commands that install and start the agent on a new PC, for this server's address and one key.
+
+Each is a download of this server's own agent and its requirements, then one run of
+`agent.py --install`, which keeps the key in a file only its owner reads and starts the
+agent at boot or logon. The key reaches it in the environment, never as an argument that
+`ps` would show to every user of the PC.
+"""
+import shlex
+
+
+def commands(base, key):
+    """Return {"linux", "windows", "macos"}: a command each that installs and starts the agent."""
+    push_url = f"{base}/push-sse"
+    posix = ("mkdir -p ~/gpu-stats-agent && cd ~/gpu-stats-agent && "
+             f"curl -fsSLO {shlex.quote(base + '/agent.py')} && "
+             f"curl -fsSL {shlex.quote(base + '/agent-requirements.txt')} -o requirements-agent.txt && "
+             "python3 -m venv .venv && .venv/bin/pip install -q -r requirements-agent.txt && "
+             f"DEVICE_KEY={shlex.quote(key)} .venv/bin/python agent.py --url {shlex.quote(push_url)} --install")
+    quoted = key.replace("'", "''")
+    windows = ("New-Item -ItemType Directory -Force $HOME\\gpu-stats-agent | Set-Location; "
+               f"Invoke-WebRequest '{base}/agent.py' -OutFile agent.py; "
+               f"Invoke-WebRequest '{base}/agent-requirements.txt' -OutFile requirements-agent.txt; "
+               "py -m pip install -q -r requirements-agent.txt; "
+               f"$env:DEVICE_KEY = '{quoted}'; py agent.py --url '{push_url}' --install")
+    return {"linux": posix, "windows": windows, "macos": posix}
