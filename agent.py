@@ -472,6 +472,153 @@ def run_loop(backend, pusher, interval, clock=time.monotonic, sleep=time.sleep, 
         sleep(max(0.0, started + wait - clock()))
 
 
+# ---- starting at boot or logon: --install, --uninstall ---------------------------------------
+
+SERVICE = "gpu-stats-agent"
+TASK = "GPU Stats Agent"
+LAUNCHD = "com.gpustats.agent"
+MANIFEST = "gpu-stats-agent.installed"  # beside agent.py: what --install wrote, so --uninstall removes just that
+TASK_XML = """<?xml version="1.0" encoding="UTF-16"?>
+<Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">
+  <RegistrationInfo><Description>Pushes this PC's GPU stats to the GPU Stats Dashboard.</Description></RegistrationInfo>
+  <Triggers><LogonTrigger><Enabled>true</Enabled><Delay>PT30S</Delay></LogonTrigger></Triggers>
+  <Principals><Principal id="Author"><LogonType>InteractiveToken</LogonType><RunLevel>LeastPrivilege</RunLevel></Principal></Principals>
+  <Settings>
+    <MultipleInstancesPolicy>IgnoreNew</MultipleInstancesPolicy>
+    <DisallowStartIfOnBatteries>false</DisallowStartIfOnBatteries>
+    <StopIfGoingOnBatteries>false</StopIfGoingOnBatteries>
+    <StartWhenAvailable>true</StartWhenAvailable>
+    <IdleSettings><StopOnIdleEnd>false</StopOnIdleEnd><RestartOnIdle>false</RestartOnIdle></IdleSettings>
+    <AllowStartOnDemand>true</AllowStartOnDemand>
+    <Enabled>true</Enabled>
+    <Hidden>true</Hidden>
+    <ExecutionTimeLimit>PT0S</ExecutionTimeLimit>
+    <RestartOnFailure><Interval>PT1M</Interval><Count>999</Count></RestartOnFailure>
+  </Settings>
+  <Actions Context="Author"><Exec><Command>{command}</Command><Arguments>{arguments}</Arguments><WorkingDirectory>{folder}</WorkingDirectory></Exec></Actions>
+</Task>
+"""
+
+
+def _systemd_quote(word):
+    """Quote one word of a systemd ExecStart= line (systemd.service(5): "Command lines")."""
+    if word and not any(c in word for c in " \t\"'\\$%;"):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$").replace("%", "%%") + '"'
+
+
+def install_plan(flags, agent, python, platform=sys.platform, home=None, root=None):
+    """Return (files {path: text}, commands to run, commands that undo them, where its log is).
+
+    `flags` are the agent's own flags to start with (never the key or the URL: those go in the
+    .env beside agent.py). Pure: nothing is written or run here.
+    """
+    home = Path(home or Path.home())
+    folder = agent.parent
+    if platform.startswith("win"):
+        pythonw = Path(python).with_name("pythonw.exe")
+        from xml.sax.saxutils import escape
+        xml = TASK_XML.format(command=escape(str(pythonw)), folder=escape(str(folder)),
+                              arguments=escape(subprocess.list2cmdline([str(agent), *flags])))
+        task = folder / f"{SERVICE}-task.xml"
+        return ({task: xml}, [["schtasks", "/Create", "/TN", TASK, "/XML", str(task), "/F"], ["schtasks", "/Run", "/TN", TASK]],
+                [["schtasks", "/End", "/TN", TASK], ["schtasks", "/Delete", "/TN", TASK, "/F"]],
+                f"{folder / 'agent.log'} (the agent writes it under pythonw)")
+    if platform == "darwin":
+        import plistlib
+        plist = home / "Library" / "LaunchAgents" / f"{LAUNCHD}.plist"
+        logs = home / "Library" / "Logs" / f"{SERVICE}.log"
+        text = plistlib.dumps({"Label": LAUNCHD, "ProgramArguments": [str(python), str(agent), *flags],
+                               "WorkingDirectory": str(folder), "RunAtLoad": True,
+                               "KeepAlive": {"SuccessfulExit": False}, "ThrottleInterval": 10,
+                               "StandardOutPath": str(logs), "StandardErrorPath": str(logs)}).decode()
+        return ({plist: text}, [["launchctl", "load", "-w", str(plist)]], [["launchctl", "unload", "-w", str(plist)]],
+                str(logs))
+    # System-wide as root, a user unit otherwise; GPU_STATS_SCOPE=user makes a user unit as root too.
+    if root is None:
+        root = os.environ.get("GPU_STATS_SCOPE") != "user" and hasattr(os, "geteuid") and os.geteuid() == 0
+    system = bool(root)
+    unit = (Path("/etc/systemd/system") if system else home / ".config" / "systemd" / "user") / f"{SERVICE}.service"
+    scope = [] if system else ["--user"]
+    text = (f"# Written by agent.py --install; agent.py --uninstall removes it.\n"
+            f"[Unit]\nDescription=GPU Stats Dashboard agent\nWants=network-online.target\n"
+            f"After=network-online.target\n\n[Service]\nType=simple\n"
+            f"WorkingDirectory={_systemd_quote(str(folder))}\n"
+            f"ExecStart={' '.join(_systemd_quote(str(w)) for w in (python, agent, *flags))}\n"
+            f"Restart=on-failure\nRestartSec=10\n"
+            f"# 2: a setting that cannot be right; 3: the server refused the key. Restarting cannot fix those.\n"
+            f"RestartPreventExitStatus=2 3\n\n[Install]\nWantedBy={'multi-user.target' if system else 'default.target'}\n")
+    return ({unit: text}, [["systemctl", *scope, "daemon-reload"], ["systemctl", *scope, "enable", "--now", SERVICE]],
+            [["systemctl", *scope, "disable", "--now", SERVICE], ["systemctl", *scope, "daemon-reload"]],
+            f"journalctl {'--user ' if scope else ''}-u {SERVICE} -f")
+
+
+def _write_secret_env(path, url, key):
+    """Keep PUSH_URL and DEVICE_KEY in `path` (mode 600: its owner alone reads it); return whether it was new."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if not line.split("=", 1)[0].strip() in ("PUSH_URL", "DROPLET_PUSH_URL", "DEVICE_KEY")]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        if hasattr(os, "fchmod"):
+            os.fchmod(f.fileno(), 0o600)
+        f.write("\n".join([*kept, f"PUSH_URL={url}", f"DEVICE_KEY={key}"]) + "\n")
+    return not lines
+
+
+def install(args, argv, run=subprocess.run, **where):
+    """Write what starts the agent at boot or logon, start it, and say in one line what was written and where its log is."""
+    agent = Path(__file__).resolve()
+    flags = _start_flags(argv)
+    files, commands, undo, log_at = install_plan(flags, agent, Path(sys.executable), **where)
+    env_file = agent.with_name(".env")
+    written = [str(env_file)] if _write_secret_env(env_file, args.url, args.key) else []
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-16" if str(path).endswith(".xml") else "utf-8")
+        written.append(str(path))
+    agent.with_name(MANIFEST).write_text(json.dumps({"files": written, "undo": undo}, indent=1))
+    for command in commands:
+        done = run(command, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise Rejected(f"{' '.join(command)} failed: {(done.stderr or done.stdout).strip()[:200]}")
+    linger = "" if "--user" not in sum(commands, []) else (
+        "; it starts when you log in (to start it at boot: sudo loginctl enable-linger $USER)")
+    _say(f"installed: wrote {', '.join(written)}, the key kept in {env_file} (mode 600){linger}; its log: {log_at}")
+    return 0
+
+
+def uninstall(run=subprocess.run):
+    """Stop the agent started at boot or logon and remove exactly what --install wrote."""
+    manifest = Path(__file__).resolve().with_name(MANIFEST)
+    if not manifest.exists():
+        _say(f"nothing to uninstall: no {manifest.name} beside agent.py")
+        return 0
+    record = json.loads(manifest.read_text())
+    for command in record["undo"]:
+        run(command, capture_output=True, text=True, timeout=60)  # one that fails (already stopped) stops nothing
+    for path in record["files"]:
+        Path(path).unlink(missing_ok=True)
+    manifest.unlink()
+    _say(f"uninstalled: stopped it and removed {', '.join(record['files'])}")
+    return 0
+
+
+def _start_flags(argv):
+    """Return the flags the agent starts with at boot: those given now, less --install, --key and --url."""
+    flags, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--key", "--url"):
+            skip = True
+        elif arg.startswith(("--key=", "--url=")) or arg in ("--install", "--uninstall", "--once", "--dry-run"):
+            continue
+        else:
+            flags.append(arg)
+    return flags
+
+
 # ---- settings and main --------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -501,7 +648,13 @@ def settings_from(argv, environ):
     parser.add_argument("--dry-run", action="store_true", help="print the JSON payload instead of posting")
     parser.add_argument("--simulate", type=int, default=0, metavar="N", help="send N made-up GPUs")
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    parser.add_argument("--install", action="store_true",
+                        help="start the agent at boot or logon with these flags: a systemd unit (system-wide as root, "
+                             "a user unit otherwise, or with GPU_STATS_SCOPE=user), a Task Scheduler task, a launchd agent")
+    parser.add_argument("--uninstall", action="store_true", help="undo --install")
     args = parser.parse_args(argv)
+    if args.uninstall:
+        return args
     if not 0.2 <= args.interval <= 3600:
         parser.error(f"--interval/PUSH_INTERVAL_S: {args.interval:g} must be from 0.2 to 3600 seconds")
     if not 0 <= args.simulate <= 64:
@@ -562,6 +715,14 @@ def main(argv=None, environ=None):
     argv = sys.argv[1:] if argv is None else argv
     args = settings_from(argv, os.environ if environ is None else environ)
     _configure_logging(args.debug)
+    if args.uninstall:
+        return uninstall()
+    if args.install:
+        try:
+            return install(args, argv)
+        except (OSError, subprocess.SubprocessError, Rejected) as error:
+            _say(f"cannot install: {error}")
+            return 1
     if key_on_command_line(argv) and (others := other_users()):
         log.warning("--key puts the device key where every user of this machine can read it (ps; here: %s): "
                     "put DEVICE_KEY=... in a .env beside agent.py (chmod 600), or in the environment, instead",

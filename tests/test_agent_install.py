@@ -1,0 +1,142 @@
+"""agent.py --install and --uninstall: the files it writes for systemd, Task Scheduler and launchd, and the one-minute path."""
+import configparser
+import os
+import plistlib
+import re
+import shlex
+import stat
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import requests
+
+import agent
+from agent_fakes import L40S, FakeSmi
+from conftest import ADMIN_PASSWORD, PRIVATE, require, wait_for
+
+TASK_NS = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
+AGENT = Path("/opt/gpu-stats-agent/agent.py")
+PYTHON = Path("/opt/gpu-stats-agent/.venv/bin/python")
+
+
+def unit_of(text):
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read_string(text)
+    return unit
+
+
+def test_linux_as_a_user_is_a_user_unit_that_restarts_on_failure_but_not_on_a_refused_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPU_STATS_SCOPE", raising=False)
+    files, start, undo, log = agent.install_plan(["--interval", "5"], AGENT, PYTHON, platform="linux",
+                                                 home=tmp_path, root=False)
+    [(path, text)] = files.items()
+    assert path == tmp_path / ".config/systemd/user/gpu-stats-agent.service"
+    unit = unit_of(text)
+    assert unit["Service"]["ExecStart"] == f"{PYTHON} {AGENT} --interval 5"
+    assert unit["Service"]["Restart"] == "on-failure" and set(unit["Service"]["RestartPreventExitStatus"].split()) == {"2", "3"}
+    assert unit["Install"]["WantedBy"] == "default.target"
+    assert start == [["systemctl", "--user", "daemon-reload"], ["systemctl", "--user", "enable", "--now", "gpu-stats-agent"]]
+    assert undo[0] == ["systemctl", "--user", "disable", "--now", "gpu-stats-agent"]
+    assert log == "journalctl --user -u gpu-stats-agent -f"
+
+
+def test_linux_as_root_is_a_system_unit(tmp_path):
+    files, start, _, log = agent.install_plan([], AGENT, PYTHON, platform="linux", home=tmp_path, root=True)
+    [(path, text)] = files.items()
+    assert path == Path("/etc/systemd/system/gpu-stats-agent.service")
+    assert unit_of(text)["Install"]["WantedBy"] == "multi-user.target"
+    assert start[1] == ["systemctl", "enable", "--now", "gpu-stats-agent"] and log == "journalctl -u gpu-stats-agent -f"
+
+
+def test_a_path_with_spaces_is_quoted_as_systemd_reads_it(tmp_path):
+    spaced = Path("/home/me/GPU agent/agent.py")
+    files, *_ = agent.install_plan(["--backend", "gputil"], spaced, PYTHON, platform="linux", home=tmp_path, root=False)
+    exec_start = unit_of(next(iter(files.values())))["Service"]["ExecStart"]
+    assert shlex.split(exec_start) == [str(PYTHON), str(spaced), "--backend", "gputil"]
+
+
+def test_windows_is_a_hidden_task_at_logon_that_restarts_and_runs_pythonw():
+    python = Path(r"C:\Users\me\AppData\Local\Programs\Python\Python312\python.exe")
+    folder = Path(r"C:\Users\me\gpu-stats-agent")
+    files, start, undo, log = agent.install_plan(["--interval", "5"], folder / "agent.py", python, platform="win32")
+    [(path, text)] = files.items()
+    task = ET.fromstring(text.encode("utf-16"))
+    assert task.find("t:Triggers/t:LogonTrigger/t:Enabled", TASK_NS).text == "true"
+    assert task.find("t:Settings/t:Hidden", TASK_NS).text == "true"
+    assert task.find("t:Settings/t:ExecutionTimeLimit", TASK_NS).text == "PT0S"
+    assert task.find("t:Settings/t:RestartOnFailure/t:Count", TASK_NS).text == "999"
+    assert task.find("t:Actions/t:Exec/t:Command", TASK_NS).text == str(python.with_name("pythonw.exe"))
+    assert task.find("t:Actions/t:Exec/t:Arguments", TASK_NS).text == f"{folder / 'agent.py'} --interval 5"
+    assert start[0][:3] == ["schtasks", "/Create", "/TN"] and undo[-1][:2] == ["schtasks", "/Delete"]
+    assert log.startswith(str(folder / "agent.log"))
+
+
+def test_macos_is_a_launchd_agent_kept_alive_after_a_crash(tmp_path):
+    files, start, undo, log = agent.install_plan([], AGENT, PYTHON, platform="darwin", home=tmp_path)
+    [(path, text)] = files.items()
+    assert path == tmp_path / "Library/LaunchAgents/com.gpustats.agent.plist"
+    plist = plistlib.loads(text.encode())
+    assert plist["ProgramArguments"] == [str(PYTHON), str(AGENT)] and plist["RunAtLoad"] is True
+    assert plist["KeepAlive"] == {"SuccessfulExit": False} and plist["StandardErrorPath"] == log
+    assert start == [["launchctl", "load", "-w", str(path)]] and undo == [["launchctl", "unload", "-w", str(path)]]
+
+
+def fake_systemctl(folder):
+    """Put a systemctl on PATH that records its arguments, as the sandbox has no systemd running."""
+    folder.mkdir(exist_ok=True)
+    (folder / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(folder / "calls"))}\n')
+    (folder / "systemctl").chmod(0o755)
+    return folder / "calls"
+
+
+def test_the_linux_command_the_page_shows_installs_the_agent_and_it_goes_live(start_server, tmp_path, monkeypatch):
+    # The one-minute path, as a new user takes it: add a PC on the server, run the command it shows
+    # on the PC (here: a fresh HOME, a fake GPU, a systemctl that records), and see the PC live.
+    server = start_server(**PRIVATE)
+    admin = requests.Session()
+    admin.post(server.url + "/login", data={"user": "admin", "password": ADMIN_PASSWORD}, timeout=10).raise_for_status()
+    token = re.search(r'name="csrf-token" content="([^"]+)"', admin.get(server.url + "/", headers={
+        "Accept": "text/html"}, timeout=10).text)[1]
+    started = time.monotonic()
+    added = admin.post(server.url + "/api/devices", json={"name": "new-pc"}, headers={"X-CSRF-Token": token}, timeout=10)
+    assert added.status_code == 201
+    command = added.json()["install"]["linux"]
+    assert added.json()["key"] in command and f"{server.url}/agent.py" in command
+    home, tools = tmp_path / "home", tmp_path / "bin"
+    home.mkdir()
+    calls = fake_systemctl(tools)
+    smi = FakeSmi(tmp_path, monkeypatch)  # a fake nvidia-smi first on PATH, as on a PC with an L40S
+    smi.set(gpus=[L40S])
+    env = {"HOME": str(home), "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+           "GPU_STATS_SCOPE": "user"}  # the suite runs as root: a user unit, as a user's PC would get, not /etc's
+    done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = home / "gpu-stats-agent"
+    unit = home / ".config/systemd/user/gpu-stats-agent.service"
+    assert "installed: wrote" in done.stderr and str(unit) in done.stderr and "journalctl --user" in done.stderr
+    assert calls.read_text().splitlines() == ["--user daemon-reload", "--user enable --now gpu-stats-agent"]
+    assert stat.S_IMODE((folder / ".env").stat().st_mode) == 0o600
+    assert added.json()["key"] in (folder / ".env").read_text() and added.json()["key"] not in unit.read_text()
+    analyze = require("systemd-analyze", "systemd")
+    verified = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert verified.returncode == 0, verified.stderr
+    # What systemd would start: the unit's own command line.
+    service = subprocess.Popen(shlex.split(unit_of(unit.read_text())["Service"]["ExecStart"]) + ["--interval", "0.5"],
+                               cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        live = wait_for(lambda: next((d for d in admin.get(server.url + "/api/devices", timeout=5).json()
+                                      if d["name"] == "new-pc" and d["status"] == "online"), None), timeout=20)
+        print(f"new-pc live {time.monotonic() - started:.1f} s after it was added (the venv and its install included)")
+        assert live["gpus"] == [{"index": 0, "name": "NVIDIA L40S"}] and live["agent"]["backend"] == "gputil"
+    finally:
+        service.terminate()
+        service.wait(10)
+    undone = subprocess.run([str(folder / ".venv/bin/python"), "agent.py", "--uninstall"], cwd=folder, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert undone.returncode == 0 and "uninstalled" in undone.stderr
+    assert not unit.exists() and not (folder / ".env").exists() and not (folder / agent.MANIFEST).exists()
+    assert calls.read_text().splitlines()[2:] == ["--user disable --now gpu-stats-agent", "--user daemon-reload"]
+    assert sorted(p.name for p in folder.iterdir()) == [".venv", "agent.py", "requirements-agent.txt"]  # all else it wrote

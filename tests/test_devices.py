@@ -1,0 +1,200 @@
+"""Devices added, rotated and removed with no restart (SPEC, Devices), on real servers and both backends."""
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+from playwright.sync_api import expect
+
+from conftest import ADMIN_PASSWORD, KEYS, PRIVATE, ROOT, gpu, multi, wait_for
+
+pytestmark = pytest.mark.both_backends
+
+
+class Admin:
+    """An admin signed in on a server through the form, sending the page's CSRF token with each change."""
+
+    def __init__(self, server):
+        self.server, self.session = server, requests.Session()
+        self.session.post(server.url + "/login", data={"user": "admin", "password": ADMIN_PASSWORD},
+                          timeout=10).raise_for_status()
+        page = self.session.get(server.url + "/", headers={"Accept": "text/html"}, timeout=10).text
+        self.session.headers["X-CSRF-Token"] = re.search(r'name="csrf-token" content="([^"]+)"', page)[1]
+
+    def __getattr__(self, method):  # get, post, delete: on the server's URL
+        return lambda path, **kwargs: getattr(self.session, method)(self.server.url + path, timeout=10, **kwargs)
+
+
+def push(server, key, body=None):
+    return requests.post(server.url + "/push-sse", json=body or multi(gpu(0)), timeout=10,
+                         headers={"Authorization": f"Bearer {key}"})
+
+
+@pytest.fixture
+def pair(backend, start_server, request):
+    """Two servers on one store: two hosts on one Redis, or (without it) one server twice, on one SQLite file."""
+    first = start_server(**PRIVATE, PUSH_RATE_LIMIT="1000")
+    if backend == "redis":
+        return first, start_server(**PRIVATE, PUSH_RATE_LIMIT="1000")
+    return first, first
+
+
+def test_a_device_added_on_one_host_pushes_through_another_at_once_and_rotates(pair):
+    a, b = pair
+    admin = Admin(a)
+    added = admin.post("/api/devices", json={"name": "render-box"})
+    assert added.status_code == 201 and set(added.json()) == {"name", "key", "keyId", "install"}
+    assert push(b, added.json()["key"]).json()["device"] == "render-box"  # no restart, no wait
+    rotated = admin.post("/api/devices/render-box/keys")
+    assert rotated.status_code == 201
+    assert push(b, rotated.json()["key"]).status_code == 200 and push(b, added.json()["key"]).status_code == 200
+    listed = {d["name"]: d for d in admin.get("/api/devices").json()}
+    device = listed["render-box"]
+    assert device["source"] == "store" and device["status"] == "online" and device["gpus"][0]["index"] == 0
+    assert [k["prefix"] for k in device["keys"]] == [added.json()["key"][:6], rotated.json()["key"][:6]]
+    assert listed["rig-1"]["source"] == "env" and listed["rig-1"]["keys"] == []
+    assert admin.delete(f"/api/devices/render-box/keys/{added.json()['keyId']}").status_code == 200
+    wait_for(lambda: push(b, added.json()["key"]).status_code == 401, timeout=1.5)  # within a second, on b too
+    assert push(b, rotated.json()["key"]).status_code == 200
+
+
+def test_a_key_removed_while_its_agent_runs_is_refused_within_a_second_with_one_line(pair, tmp_path):
+    a, b = pair
+    admin = Admin(a)
+    added = admin.post("/api/devices", json={"name": "lab-rig"}).json()
+    log = open(tmp_path / "agent.log", "w")
+    agent = subprocess.Popen([sys.executable, str(ROOT / "agent.py"), "--url", b.url + "/push-sse", "--simulate", "1",
+                              "--interval", "0.2"], env={**__import__("os").environ, "DEVICE_KEY": added["key"]},
+                             stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: any(d["name"] == "lab-rig" and d["status"] == "online" for d in admin.get("/api/devices").json()),
+                 timeout=10)
+        removed = time.monotonic()
+        assert admin.delete(f"/api/devices/lab-rig/keys/{added['keyId']}").status_code == 200
+        assert agent.wait(5) == 3  # a refused key: it stops, as retrying cannot fix it
+        print(f"the agent stopped {time.monotonic() - removed:.2f} s after its key was removed")
+        assert time.monotonic() - removed < 1 + 0.2 + 1  # the store's second, an interval, and its answer
+    finally:
+        agent.kill()
+        log.close()
+    lines = [line for line in (tmp_path / "agent.log").read_text().splitlines() if "refused" in line]
+    assert lines == ["agent: the server refused the device key (401: unknown device key)"]
+
+
+def test_two_admins_adding_one_name_at_once_get_one_201_and_one_409(pair):
+    a, b = pair
+    admins, codes = [Admin(a), Admin(b)], []
+    threads = [threading.Thread(target=lambda x=x: codes.append(x.post("/api/devices", json={"name": "twin"}).status_code))
+               for x in admins]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(codes) == [201, 409]
+    assert [d["name"] for d in admins[0].get("/api/devices").json()].count("twin") == 1
+
+
+def test_bad_input_is_400_or_404_naming_the_field_and_changes_nothing(pair):
+    a, _ = pair
+    admin = Admin(a)
+    before = admin.get("/api/devices").json()
+    for body, field in (({"name": "bad name"}, "name"), ({"name": ""}, "name"), ({"name": "x" * 65}, "name"),
+                        ({}, "name"), ({"name": ["rig"]}, "name")):
+        answer = admin.post("/api/devices", json=body)
+        assert answer.status_code == 400 and answer.json()["field"] == field, body
+    for method, path, status, field in (("post", "/api/devices/nobody/keys", 404, "name"),
+                                        ("delete", "/api/devices/nobody", 404, "name"),
+                                        ("delete", "/api/devices/rig-1/keys/1", 409, "name"),
+                                        ("delete", "/api/devices/rig-1", 409, "name"),
+                                        ("delete", "/api/devices/rig-2?history=burn", 400, "history")):
+        answer = getattr(admin, method)(path)
+        assert (answer.status_code, answer.json()["field"]) == (status, field), path
+    added = admin.post("/api/devices", json={"name": "solo"}).json()
+    answer = admin.delete("/api/devices/solo/keys/999999")
+    assert (answer.status_code, answer.json()["field"]) == (404, "keyId")
+    assert admin.delete("/api/devices/rig-1").json()["error"] == "'rig-1' is set in DEVICE_KEYS: change it in .env"
+    after = [d for d in admin.get("/api/devices").json() if d["name"] != "solo"]
+    assert [d["name"] for d in after] == [d["name"] for d in before] and push(a, added["key"]).status_code == 200
+    assert push(a, KEYS["rig-1"]).status_code == 200  # DEVICE_KEYS still push
+
+
+def test_a_device_removed_with_its_history_is_gone_everywhere(pair, open_stream):
+    a, b = pair
+    admin = Admin(a)
+    added = admin.post("/api/devices", json={"name": "old-pc"}).json()
+    for util in (10, 20):
+        assert push(a, added["key"], multi(gpu(0, utilizationGpu=util))).status_code == 200
+        time.sleep(1.05)
+    points = wait_for(lambda: admin.get("/api/devices/old-pc").json()["historyPoints"], timeout=5)
+    watcher = open_stream(b, headers={"Authorization": "Basic " + __import__("base64").b64encode(
+        f"admin:{ADMIN_PASSWORD}".encode()).decode()})
+    assert watcher.until(lambda e: e["data"].get("device") == "old-pc")["data"]["snapshot"] is True
+    removed = admin.delete("/api/devices/old-pc?history=delete")
+    assert removed.json() == {"ok": True, "name": "old-pc", "historyPointsDeleted": points}
+    event = watcher.until(lambda e: e["event"] == "status" and e["data"]["device"] == "old-pc")
+    assert event["data"]["status"] == "removed"
+    assert "old-pc" not in [d["name"] for d in admin.get("/api/devices").json()]
+    assert admin.get("/api/history", params={"device": "old-pc"}).status_code == 404
+    wait_for(lambda: push(b, added["key"]).status_code == 401, timeout=1.5)
+
+
+@pytest.mark.no_backend
+def test_the_agent_is_served_with_an_etag_and_no_sign_in(start_server):
+    server = start_server(**PRIVATE)
+    served = requests.get(server.url + "/agent.py", timeout=5)
+    assert served.status_code == 200 and served.content == (ROOT / "agent.py").read_bytes()
+    assert served.headers["Cache-Control"] == "no-cache" and served.headers["ETag"]
+    again = requests.get(server.url + "/agent.py", headers={"If-None-Match": served.headers["ETag"]}, timeout=5)
+    assert again.status_code == 304 and again.content == b""
+    requirements = requests.get(server.url + "/agent-requirements.txt", timeout=5)
+    assert requirements.content == (ROOT / "requirements-agent.txt").read_bytes()
+
+
+def test_the_config_commands_add_list_and_remove_devices_on_the_running_server(start_server):
+    server = start_server(**PRIVATE)
+    env = {**__import__("os").environ, **server.settings, "ENV_FILE": "/dev/null"}
+
+    def config_py(*args):
+        done = subprocess.run([sys.executable, str(ROOT / "config.py"), *args], capture_output=True, text=True,
+                              env=env, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+    added = config_py("--add-device", "cli-pc")
+    key = re.search(r"shown this once: (\S+)", added)[1]
+    assert "linux:" in added and "windows:" in added and key in added
+    assert push(server, key).status_code == 200
+    listed = config_py("--list-devices")
+    assert re.search(r"^cli-pc\s+" + re.escape(key[:6]), listed, re.M) and re.search(r"^rig-1\s+in \.env", listed, re.M)
+    config_py("--remove-device", "cli-pc")
+    wait_for(lambda: push(server, key).status_code == 401, timeout=1.5)
+
+
+@pytest.mark.no_backend
+def test_the_page_adds_a_pc_and_shows_its_key_once(start_server, browser):
+    server = start_server(**PRIVATE)
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server.url + "/devices")
+    page.fill("input[name=user]", "admin")
+    page.fill("input[name=password]", ADMIN_PASSWORD)
+    page.click("button[type=submit]")
+    expect(page).to_have_url(server.url + "/devices")
+    page.fill("input[name=name]", "page-pc")
+    page.click("button:has-text('Add a PC')")
+    key = page.locator("#new-key").inner_text()
+    assert push(server, key).status_code == 200
+    for system in ("linux", "macos", "windows"):
+        assert key in page.locator(f"#install-{system}").inner_text()
+    assert server.url + "/agent.py" in page.locator("#install-linux").inner_text()
+    page.goto(server.url + "/devices")
+    assert page.locator("#new-key").count() == 0 and key not in page.content()  # shown that once
+    row = page.locator("tr", has=page.locator("td", has_text="page-pc"))
+    expect(row).to_contain_text("online")
+    row.locator("button", has_text="Remove with its history").click()
+    expect(page.locator("#ask-title")).to_have_text("Remove page-pc?")
+    page.click("button.danger:has-text('Remove page-pc')")
+    expect(page.locator(".done")).to_contain_text("Removed page-pc")
+    context.close()
