@@ -82,6 +82,9 @@ def test_a_key_removed_while_its_agent_runs_is_refused_within_a_second_with_one_
         log.close()
     lines = [line for line in (tmp_path / "agent.log").read_text().splitlines() if "refused" in line]
     assert lines == ["agent: the server refused the device key (401: unknown device key)"]
+    # The server's log alone says so, never with the key.
+    assert "refused a push from 127.0.0.1: unknown device key (its digest begins" in b.output()
+    assert added["key"] not in a.output() + b.output()
 
 
 def test_two_admins_adding_one_name_at_once_get_one_201_and_one_409(pair):

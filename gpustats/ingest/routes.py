@@ -1,4 +1,6 @@
 """POST /push-sse: authenticate, rate-limit, read and check a push, then commit it whole or not at all."""
+import hashlib
+import logging
 import socket
 
 from flask import jsonify, request
@@ -8,6 +10,7 @@ from gpustats.access.keys import presented_key
 from gpustats.ingest import payload
 from gpustats.web import client_address, error
 
+log = logging.getLogger("gpustats")
 # Bad keys from one address: 10 at once, then one every 6 s; past that, 429 before any check.
 BAD_KEYS_BURST, BAD_KEYS_PER_S = 10, 1 / 6
 
@@ -46,6 +49,11 @@ def register_ingest(app, config, keys, fleet, broadcaster, limiter, bad_keys, co
             reason = ("no devices are set up on this server yet (add one on its Devices page)" if not keys
                       else "unknown device key" if key
                       else "missing device key: send Authorization: Bearer <key>")
+            # Shown nowhere but here: a removed key still in use, or a PC set up wrong. Never the key itself,
+            # and at most the bad-key slow-down's share a minute from one address.
+            log.info("refused a push from %s: %s%s", address, reason,
+                     f" (its digest begins {hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()[:8]})"
+                     if key else "")
             return error(401, reason, headers={"WWW-Authenticate": "Bearer"})
         # Every authenticated push counts, a refused one too: a key cannot send junk without limit.
         wait = limiter.take(device)
