@@ -212,16 +212,17 @@ class SqliteHistory:
 
     def delete(self, device):
         """Delete every point kept of `device`; return how many went."""
-        def work():
+        def work():  # in the writer's thread, as _write is: it alone changes _ids, so no write sees them half-done
             with _transaction(self._db):
                 gone = sum(self._db.execute(f"DELETE FROM {tier.name} WHERE id IN (SELECT id FROM gpu WHERE device = ?)",
                                             (device,)).rowcount for tier in TIERS)
                 self._db.execute("DELETE FROM gpu WHERE device = ?", (device,))
+            for key in [key for key in self._ids if key[0] == device]:
+                del self._ids[key]
             return gone
         gone = self._writer.run(work)
-        for kept in (self._ids, self._sampler.last):
-            for key in [key for key in kept if key[0] == device]:
-                del kept[key]
+        for key in [key for key in self._sampler.last if key[0] == device]:
+            del self._sampler.last[key]  # on the loop's thread, where flush() builds batches with it
         return gone
 
 
