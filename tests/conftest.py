@@ -435,6 +435,14 @@ def browser():
         browser.close()
 
 
+def sign_in_page(page, server, path="/"):
+    """Open `path` in Chromium, be sent to the sign-in page, and sign in there as admin."""
+    page.goto(server.url + path)
+    page.fill("input[name=user]", "admin")
+    page.fill("input[name=password]", ADMIN_PASSWORD)
+    page.click("button[type=submit]")
+
+
 @pytest.fixture
 def page(browser):
     """A fresh page; JavaScript exceptions fail the test, console errors are kept for checks."""

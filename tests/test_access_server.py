@@ -12,7 +12,7 @@ import pytest
 import requests
 from playwright.sync_api import expect
 
-from conftest import ADMIN_PASSWORD, KEYS, PRIVATE, ROOT, gpu, multi, wait_for
+from conftest import ADMIN_PASSWORD, KEYS, PRIVATE, ROOT, gpu, multi, sign_in_page, wait_for
 
 pytestmark = pytest.mark.both_backends
 
@@ -79,10 +79,7 @@ def test_a_form_posted_from_another_origin_is_refused_without_the_csrf_token(sta
     server = start_server(**PRIVATE)
     context = browser.new_context()
     page = context.new_page()
-    page.goto(server.url + "/login")
-    page.fill("input[name=user]", "admin")
-    page.fill("input[name=password]", ADMIN_PASSWORD)
-    page.click("button[type=submit]")
+    sign_in_page(page, server)
     expect(page.locator("#connection")).to_have_text("live")
     other = OtherSite(server.url)
     try:
@@ -187,10 +184,7 @@ def test_an_admin_manages_users_links_and_tokens_in_the_page(start_server, brows
     server = start_server(**PRIVATE)
     context = browser.new_context()
     page = context.new_page()
-    page.goto(server.url + "/admin")
-    page.fill("input[name=user]", "admin")
-    page.fill("input[name=password]", ADMIN_PASSWORD)
-    page.click("button[type=submit]")
+    sign_in_page(page, server, "/admin")
     expect(page).to_have_url(server.url + "/admin")
     users = page.locator("section[aria-labelledby=users-title]")
     users.locator("input[name=name]").fill("carol")

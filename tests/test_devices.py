@@ -9,7 +9,7 @@ import pytest
 import requests
 from playwright.sync_api import expect
 
-from conftest import ADMIN_PASSWORD, KEYS, PRIVATE, ROOT, gpu, multi, wait_for
+from conftest import ADMIN_PASSWORD, KEYS, PRIVATE, ROOT, gpu, multi, sign_in_page, wait_for
 
 pytestmark = pytest.mark.both_backends
 
@@ -180,10 +180,7 @@ def test_the_page_adds_a_pc_and_shows_its_key_once(start_server, browser):
     server = start_server(**PRIVATE)
     context = browser.new_context()
     page = context.new_page()
-    page.goto(server.url + "/devices")
-    page.fill("input[name=user]", "admin")
-    page.fill("input[name=password]", ADMIN_PASSWORD)
-    page.click("button[type=submit]")
+    sign_in_page(page, server, "/devices")
     expect(page).to_have_url(server.url + "/devices")
     page.fill("input[name=name]", "page-pc")
     page.click("button:has-text('Add a PC')")

@@ -8,7 +8,7 @@ import sqlite3
 import time
 
 from gpustats.access.accounts import PREFIX_CHARS, AccountError
-from gpustats.offload import Worker
+from gpustats.offload import Worker, sqlite_file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, role TEXT NOT NULL, hash TEXT NOT NULL,
@@ -39,16 +39,8 @@ class SqliteAccounts:
     def __init__(self, path, clock=time.time):
         self._clock = clock
         self._worker = Worker("accounts")
-        self._db = self._worker.run(self._open, path or ":memory:")
+        self._db = self._worker.run(sqlite_file, path, SCHEMA)
 
-    @staticmethod
-    def _open(path):
-        db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA busy_timeout = 10000")
-        if path != ":memory:":
-            db.execute("PRAGMA journal_mode = WAL")
-        db.executescript(SCHEMA)
-        return db
 
     def _run(self, sql, *args, many=False):
         def run():

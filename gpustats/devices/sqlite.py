@@ -7,7 +7,7 @@ import sqlite3
 import time
 
 from gpustats.devices.registry import PREFIX_CHARS, DeviceError
-from gpustats.offload import Worker
+from gpustats.offload import Worker, sqlite_file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (name TEXT PRIMARY KEY, created REAL NOT NULL);
@@ -26,16 +26,8 @@ class SqliteDevices:
     def __init__(self, path, clock=time.time):
         self._clock = clock
         self._worker = Worker("devices")
-        self._db = self._worker.run(self._open, path or ":memory:")
+        self._db = self._worker.run(sqlite_file, path, SCHEMA)
 
-    @staticmethod
-    def _open(path):
-        db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA busy_timeout = 10000")
-        if path != ":memory:":
-            db.execute("PRAGMA journal_mode = WAL")
-        db.executescript(SCHEMA)
-        return db
 
     def _change(self, work):
         """Run `work(db)` and move the version on, in one transaction; return what it returned."""
