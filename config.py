@@ -425,8 +425,8 @@ def _read_password(name, stdin=sys.stdin):
 
 def accounts_command(argv, config, out=sys.stdout):
     """Run --add-user NAME --role R, --add-token NAME --role R, or --list-users against the server's store."""
-    from gpustats.access.accounts import (PREFIX_CHARS, AccountError, Hasher, check_name, check_password,
-                                          check_role, digest, new_secret)
+    from gpustats.access.accounts import AccountError, Hasher, check_name, check_password, check_role
+    from gpustats.tokens import PREFIX_CHARS, digest, new_secret
     store = _store(config, "accounts")
     try:
         if "--list-users" in argv:
@@ -456,7 +456,8 @@ def accounts_command(argv, config, out=sys.stdout):
 def main(argv):
     """Run `--init-env` (write .env, print agent commands), `--new-key`, `--port`, `--settings-table`, or the accounts commands."""
     if "--new-key" in argv:
-        print(secrets.token_urlsafe(24))
+        from gpustats.tokens import new_secret
+        print(new_secret())
         return 0
     if "--settings-table" in argv:
         print(settings_table())

@@ -87,7 +87,7 @@ def server_imports():
 # of lower layers, never one of its own layer or above (issue 21). A capability is a folder of
 # gpustats/, or a module at its top.
 LAYERS = (
-    ("offload", "background"),  # OS threads and slices; named background loops and tallies
+    ("offload", "background", "tokens"),  # OS threads and slices; background loops and tallies; secrets
     ("scaleout",),  # the Redis client, key prefix, leases and status every Redis backend shares
     ("web",),  # JSON errors, client addresses, the app's error handlers
     ("stream",),  # framing and fan-out: it knows nothing of devices

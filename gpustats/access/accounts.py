@@ -9,7 +9,6 @@ computed in an OS thread: a hash is 50-100 ms of CPU that must not stall pushes 
 Every request asks who it is, so Accounts keeps what it read for CACHE_S: a change made on
 another worker or host (or by `python config.py`) takes effect within that.
 """
-import hashlib
 import os
 import re
 import secrets
@@ -19,11 +18,11 @@ import time
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from gpustats.offload import Worker
+from gpustats.tokens import digest
 
 ROLES = ("admin", "viewer")
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", re.ASCII)
 CACHE_S = 1.0
-PREFIX_CHARS = 6
 MOST_CACHED = 10_000  # entries a worker remembers; past it the cache starts afresh
 
 
@@ -33,16 +32,6 @@ class AccountError(ValueError):
     def __init__(self, message, status=400, field=None):
         super().__init__(message)
         self.status, self.field = status, field
-
-
-def digest(secret):
-    """Return how a token's secret is kept: its SHA-256, hex."""
-    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def new_secret():
-    """Return a fresh token or link secret: 192 random bits, URL-safe."""
-    return secrets.token_urlsafe(24)
 
 
 def check_name(name):
@@ -133,4 +122,8 @@ class Accounts:
 
     def credential(self, secret):
         """Return the token or share link whose secret this is, or None; it costs a digest and, once a second, a lookup."""
-        return self._cached(("credential", digest(secret)), lambda: self.store.credential(digest(secret)))
+        return self.kept(digest(secret))
+
+    def kept(self, secret_digest):
+        """Return the token or share link kept as `secret_digest` (a share link's session holds it), or None."""
+        return self._cached(("credential", secret_digest), lambda: self.store.credential(secret_digest))

@@ -8,8 +8,8 @@ import logging
 
 from flask import g, jsonify, render_template, request
 
-from gpustats.access.accounts import (PREFIX_CHARS, AccountError, check_name, check_password, check_role, digest,
-                                      new_secret)
+from gpustats.access.accounts import AccountError, check_name, check_password, check_role
+from gpustats.tokens import PREFIX_CHARS, digest, new_secret
 from gpustats.web import error, public_url
 
 log = logging.getLogger("gpustats")

@@ -21,9 +21,10 @@ from urllib.parse import urlsplit
 from flask import g, redirect, render_template, request, session, url_for
 from flask.sessions import SecureCookieSessionInterface
 
-from gpustats.access.accounts import AccountError, check_password, digest
+from gpustats.access.accounts import AccountError, check_password
 from gpustats.access.keys import basic_login, same_login
 from gpustats.background import watch
+from gpustats.tokens import digest
 from gpustats.web import client_address, error, is_https
 
 log = logging.getLogger("gpustats")
@@ -192,7 +193,7 @@ def register_login(app, config, accounts, hasher, throttle):
         return None
 
     def _share(secret_digest):
-        found = accounts._cached(("share", secret_digest), lambda: accounts.store.credential(secret_digest))
+        found = accounts.kept(secret_digest)
         return found if found is not None and found["kind"] == "share" else None
 
     def still_valid(key):
@@ -312,7 +313,6 @@ def register_login(app, config, accounts, hasher, throttle):
         return render_template("account.html", problem=problem, done=done), 400 if problem else 200
 
     watch("session-sweep", 1.0, lambda: open_streams.sweep(still_valid), lambda: False)
-    return identify
 
 
 def _csrf_ok():

@@ -10,8 +10,9 @@ import time
 
 import redis
 
-from gpustats.access.accounts import PREFIX_CHARS, AccountError
+from gpustats.access.accounts import AccountError
 from gpustats.scaleout import PREFIX, Unavailable
+from gpustats.tokens import PREFIX_CHARS
 
 USERS, CREDENTIALS, USED, NEXT_ID = (PREFIX + "users", PREFIX + "credentials", PREFIX + "credential-used",
                                      PREFIX + "credential-id")

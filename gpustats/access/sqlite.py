@@ -7,8 +7,9 @@ import json
 import sqlite3
 import time
 
-from gpustats.access.accounts import PREFIX_CHARS, AccountError
+from gpustats.access.accounts import AccountError
 from gpustats.offload import Worker, sqlite_file
+from gpustats.tokens import PREFIX_CHARS
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, role TEXT NOT NULL, hash TEXT NOT NULL,

@@ -31,16 +31,10 @@ class SavedState:
         self._path, self._name = path, name
         self._worker = offload.Worker("alert-state") if path else None
         if self._worker:
-            self._db = self._worker.run(self._open)
+            self._db = self._worker.run(offload.sqlite_file, path, SCHEMA)
 
     def __bool__(self):
         return self._worker is not None
-
-    def _open(self):
-        db = sqlite3.connect(self._path, timeout=10, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.executescript(SCHEMA)
-        return db
 
     def _run(self, fn, *args):
         return self._worker.run(fn, *args) if self._worker else None

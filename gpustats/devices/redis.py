@@ -9,8 +9,9 @@ import time
 
 import redis
 
-from gpustats.devices.registry import PREFIX_CHARS, DeviceError
+from gpustats.devices.registry import DeviceError
 from gpustats.scaleout import PREFIX, Unavailable
+from gpustats.tokens import PREFIX_CHARS
 
 DEVICES, KEYS, USED, VERSION, NEXT_ID = (PREFIX + "devs", PREFIX + "devkeys", PREFIX + "devkey-used",
                                          PREFIX + "devs-version", PREFIX + "devkey-id")
@@ -61,13 +62,18 @@ class RedisDevices:
     def version(self):
         return int(self._call(self._client.get, VERSION) or 0)
 
+    def _keys(self):
+        """Return [(key id, digest, its hash's fields)] of every key, in one round trip after the list."""
+        listed = sorted(self._call(self._client.hgetall, KEYS).items(), key=lambda item: int(item[0]))
+        pipe = self._client.pipeline(transaction=False)
+        for _, found_digest in listed:
+            pipe.hgetall(_key_key(found_digest.decode()))
+        fields = self._call(pipe.execute) if listed else []
+        return [(key_id.decode(), found_digest.decode(), kept) for (key_id, found_digest), kept in zip(listed, fields)
+                if kept]
+
     def keys(self):
-        found = {}
-        for key_id, digest in self._call(self._client.hgetall, KEYS).items():
-            fields = self._call(self._client.hgetall, _key_key(digest.decode()))
-            if fields:
-                found[digest.decode()] = (_text(fields, "device"), key_id.decode())
-        return found
+        return {found_digest: (_text(fields, "device"), key_id) for key_id, found_digest, fields in self._keys()}
 
     def key(self, digest):
         fields = self._call(self._client.hgetall, _key_key(digest))
@@ -75,19 +81,17 @@ class RedisDevices:
 
     def devices(self):
         names = sorted(n.decode() for n in self._call(self._client.smembers, DEVICES))
-        devices = {}
+        pipe = self._client.pipeline(transaction=False)
         for name in names:
-            fields = self._call(self._client.hgetall, _device_key(name))
-            if fields:
-                devices[name] = {"name": name, "createdAt": float(_text(fields, "created")), "keys": []}
+            pipe.hget(_device_key(name), "created")
+        devices = {name: {"name": name, "createdAt": float(created), "keys": []}
+                   for name, created in zip(names, self._call(pipe.execute) if names else []) if created}
         used = {k.decode(): float(v) for k, v in self._call(self._client.hgetall, USED).items()}
-        for key_id, digest in sorted(self._call(self._client.hgetall, KEYS).items(), key=lambda item: int(item[0])):
-            fields = self._call(self._client.hgetall, _key_key(digest.decode()))
-            device = _text(fields, "device") if fields else None
-            if device in devices:
-                devices[device]["keys"].append({"id": key_id.decode(), "prefix": _text(fields, "prefix"),
-                                                "createdAt": float(_text(fields, "created")),
-                                                "lastUsedAt": used.get(key_id.decode())})
+        for key_id, _, fields in self._keys():
+            device = devices.get(_text(fields, "device"))
+            if device is not None:
+                device["keys"].append({"id": key_id, "prefix": _text(fields, "prefix"),
+                                       "createdAt": float(_text(fields, "created")), "lastUsedAt": used.get(key_id)})
         return list(devices.values())
 
     def _insert(self, name, digest, prefix, new_device):
@@ -129,12 +133,11 @@ class RedisDevices:
         if not self._call(self._client.exists, _device_key(name)):
             raise DeviceError(f"no device {name!r}", status=404, field="name")
         pipe = self._client.pipeline()
-        for found in self.devices():
-            if found["name"] == name:
-                for key in found["keys"]:
-                    pipe.delete(_key_key(self._key_of(name, key["id"])))
-                    pipe.hdel(KEYS, key["id"])
-                    pipe.hdel(USED, key["id"])
+        for key_id, found_digest, fields in self._keys():
+            if _text(fields, "device") == name:
+                pipe.delete(_key_key(found_digest))
+                pipe.hdel(KEYS, key_id)
+                pipe.hdel(USED, key_id)
         pipe.delete(_device_key(name))
         pipe.srem(DEVICES, name)
         pipe.incr(VERSION)

@@ -8,18 +8,16 @@ key not in the map is looked up in the store once (it may have been added a mome
 another host), and a miss is remembered for a second. Keys are kept only as digests, with
 their first 6 characters to tell them apart; when each was last used is written once a minute.
 """
-import hashlib
 import logging
 import re
-import secrets
 import threading
 import time
 
 from gpustats.background import watch
+from gpustats.tokens import PREFIX_CHARS, digest, new_secret
 
 log = logging.getLogger("gpustats")
 DEVICE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
-PREFIX_CHARS = 6
 CHECK_S = 1.0  # how often each worker asks the store whether anything changed
 MISS_S = 1.0  # a key the store did not know is not asked about again for this long
 USED_EVERY_S = 60.0
@@ -32,16 +30,6 @@ class DeviceError(ValueError):
     def __init__(self, message, status=400, field=None):
         super().__init__(message)
         self.status, self.field = status, field
-
-
-def digest(key):
-    """Return how a device key is kept: its SHA-256, hex."""
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def new_key():
-    """Return a fresh device key: 192 random bits, URL-safe (what `python config.py --new-key` prints)."""
-    return secrets.token_urlsafe(24)
 
 
 def check_name(name):
@@ -122,7 +110,7 @@ class DeviceRegistry:
         """Add a device; return (its first key, the key's id). The key is never kept, only its digest."""
         check_name(name)
         self._not_env(name)
-        key = new_key()
+        key = new_secret()
         key_id = self.store.add(name, digest(key), key[:PREFIX_CHARS])
         self.refresh()
         log.info("added the device %s (key %s...)", name, key[:PREFIX_CHARS])
@@ -131,7 +119,7 @@ class DeviceRegistry:
     def add_key(self, name):
         """Add a key to a device (both work until the old one is removed); return (key, key id)."""
         self._not_env(check_name(name))
-        key = new_key()
+        key = new_secret()
         key_id = self.store.add_key(name, digest(key), key[:PREFIX_CHARS])
         self.refresh()
         log.info("added a key to the device %s (%s...)", name, key[:PREFIX_CHARS])

@@ -1,5 +1,4 @@
 """POST /push-sse: authenticate, rate-limit, read and check a push, then commit it whole or not at all."""
-import hashlib
 import logging
 import socket
 
@@ -8,6 +7,7 @@ from gunicorn.http.errors import ParseException
 
 from gpustats.access.keys import presented_key
 from gpustats.ingest import payload
+from gpustats.tokens import digest
 from gpustats.web import client_address, error
 
 log = logging.getLogger("gpustats")
@@ -52,7 +52,7 @@ def register_ingest(app, config, keys, fleet, broadcaster, limiter, bad_keys, co
             # Shown nowhere but here: a removed key still in use, or a PC set up wrong. Never the key itself,
             # and at most the bad-key slow-down's share a minute from one address.
             log.info("refused a push from %s: %s%s", address, reason,
-                     f" (its digest begins {hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()[:8]})"
+                     f" (its digest begins {digest(key)[:8]})"
                      if key else "")
             return error(401, reason, headers={"WWW-Authenticate": "Bearer"})
         # Every authenticated push counts, a refused one too: a key cannot send junk without limit.
