@@ -29,8 +29,8 @@
   const gib = mib => (mib / 1024).toFixed(1);
   const show = {
     util: g => known(g.utilizationGpu) ? `${round(g.utilizationGpu)} %` : dash,
-    mem: g => known(g.memoryUsed) && known(g.memoryTotal) ? `${gib(g.memoryUsed)} / ${gib(g.memoryTotal)} GiB`
-      : known(g.memoryUsed) ? `${gib(g.memoryUsed)} GiB` : dash,
+    mem: g => (known(g.memoryUsed) && known(g.memoryTotal) ? `${gib(g.memoryUsed)} / ${gib(g.memoryTotal)} GiB`
+      : known(g.memoryUsed) ? `${gib(g.memoryUsed)} GiB` : dash) + (g.memoryShared === true ? " shared" : ""),
     temp: g => known(g.temperatureGpu) ? `${round(g.temperatureGpu)} °C` : dash,
     power: g => known(g.powerDraw) ? (known(g.powerLimit) ? `${round(g.powerDraw)} / ${round(g.powerLimit)} W`
       : `${round(g.powerDraw)} W`) : dash,
@@ -132,6 +132,7 @@
       processesKey: "", rows: {}};
     make("span", "gpu-id", head, `${device}:${index}`);
     tile.name = make("span", "gpu-name", head, "");
+    tile.vendor = make("span", "gpu-vendor", head, ""); // the vendor as text: AMD, Intel, Apple, NVIDIA
     tile.alert = make("p", "gpu-alert", root);
     tile.error = make("p", "gpu-error", root, "");
     const stats = make("dl", "stats", root);
@@ -154,6 +155,9 @@
 
   function renderGpu(tile, g) {
     setText(tile.name, g.name || "");
+    const vendor = typeof g.vendor === "string" ? g.vendor : "";
+    // Said once: "AMD Radeon RX 7800 XT" needs no "AMD" beside it, "Radeon RX 580 Series" does.
+    setText(tile.vendor, vendor && !(g.name || "").toLowerCase().startsWith(vendor.toLowerCase()) ? vendor : "");
     setText(tile.error, g.error || "");
     for (const [kind, {row, value}] of Object.entries(tile.rows)) {
       const sent = !OPTIONAL[kind] || OPTIONAL[kind].some(field => field in g);
@@ -169,6 +173,7 @@
       tile.processes.replaceChildren(...processes.slice(0, 5).map(p => {
         const item = make("li");
         make("span", "pname", item, `${p.pid ?? ""} ${p.name ?? ""}`.trim());
+        if (typeof p.user === "string" && p.user) make("span", "puser", item, p.user); // who holds the GPU
         make("span", "", item, known(p.memoryUsed) ? `${gib(p.memoryUsed)} GiB` : dash);
         return item;
       }));
@@ -422,7 +427,10 @@
       if (entry.status === "offline") continue; // old readings are not today's load
       for (const g of list) {
         if (known(g.utilizationGpu) && g.utilizationGpu >= BUSY_PERCENT) busy += 1;
-        if (known(g.memoryUsed) && known(g.memoryTotal)) { used += g.memoryUsed; total += g.memoryTotal; anyMem = true; }
+        // A Mac's or an APU's memory is the system's: counting it would make the fleet's VRAM a lie.
+        if (known(g.memoryUsed) && known(g.memoryTotal) && g.memoryShared !== true) {
+          used += g.memoryUsed; total += g.memoryTotal; anyMem = true;
+        }
         if (known(g.powerDraw)) { watts += g.powerDraw; anyWatts = true; }
       }
     }

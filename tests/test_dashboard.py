@@ -167,6 +167,34 @@ def test_fleet_appears_with_readable_values_and_totals(server, page):
     assert page.console_errors == []
 
 
+def test_other_vendors_gpus_show_their_vendor_shared_memory_and_who_holds_them(server, page):
+    # What the AMD reader sends for an APU (memory is the system's) beside a discrete Radeon,
+    # and the Apple reader's M1 Pro with nulls wherever macOS gives nothing without root.
+    apu = {"index": 0, "name": "AMD Radeon 780M", "vendor": "AMD", "utilizationGpu": 3, "memoryTotal": 16384,
+           "memoryUsed": 900, "memoryShared": True, "temperatureGpu": 41, "powerDraw": None, "fanSpeed": None,
+           "processes": [{"pid": 2201, "name": "blender", "user": "ana", "memoryUsed": 512}]}
+    radeon = {"index": 1, "name": "Radeon RX 580 Series", "vendor": "AMD", "utilizationGpu": 100,
+              "memoryTotal": 8192, "memoryUsed": 2048, "clockCore": 1366, "clockMemory": None}
+    server.push(multi(apu, radeon), device="rig-3")
+    server.push(multi({"index": 0, "name": "Apple M1 Pro", "vendor": "Apple", "utilizationGpu": 12,
+                       "memoryTotal": 32768, "memoryUsed": 1200, "memoryShared": True, "temperatureGpu": None,
+                       "powerDraw": None, "clockCore": None, "processes": []}), device="rig-4")
+    open_dashboard(page, server)
+    expect(tile(page, "rig-3", 0).locator(".gpu-vendor")).to_have_text("")  # "AMD Radeon" says it already
+    expect(tile(page, "rig-3", 1).locator(".gpu-vendor")).to_have_text("AMD")
+    expect(stat(page, "rig-3", 0, "Memory")).to_have_text("0.9 / 16.0 GiB shared")
+    expect(tile(page, "rig-3", 0).locator(".processes li")).to_have_text(["2201 blenderana0.5 GiB"])
+    expect(tile(page, "rig-3", 0).locator(".processes .puser")).to_have_text("ana")
+    expect(stat(page, "rig-3", 1, "Clocks")).to_have_text("1,366 / – MHz")
+    expect(stat(page, "rig-4", 0, "Temp")).to_have_text("–")
+    expect(stat(page, "rig-4", 0, "Power")).to_have_text("–")
+    expect(stat(page, "rig-4", 0, "Memory")).to_have_text("1.2 / 32.0 GiB shared")
+    # The system memory of an APU or a Mac is not the fleet's VRAM: only the Radeon's counts.
+    expect(page.locator("#total-vram")).to_have_text("2.0 / 8.0 GiB")
+    expect(page.locator("#total-gpus")).to_have_text("3")
+    assert page.console_errors == []
+
+
 def test_values_and_charts_update_live_and_the_dom_does_not_grow(start_server, page):
     server = start_server(PUSH_RATE_LIMIT="1000", HISTORY_S="30")  # 30 s across the chart: points apart
     for util in (10, 20, 30):

@@ -37,6 +37,17 @@ def test_unknown_fields_are_dropped_everywhere():
     assert push["gpus"][0]["processes"] == [{"pid": 1, "name": "x", "memoryUsed": 1}]
 
 
+def test_shared_memory_and_process_users_are_kept():
+    # An APU, Apple Silicon or Jetson uses the system's memory; a shared machine says who holds a GPU.
+    body = multi(gpu(0, vendor="AMD", memoryShared=True,
+                     processes=[{"pid": 7, "name": "blender", "user": "ana", "memoryUsed": 512}]))
+    kept = check(body)["gpus"][0]
+    assert kept["memoryShared"] is True and kept["processes"] == [{"pid": 7, "name": "blender", "user": "ana",
+                                                                    "memoryUsed": 512}]
+    assert refused(multi(gpu(0, memoryShared="yes"))).field == "gpus[0].memoryShared"
+    assert refused(multi(gpu(0, processes=[{"pid": 7, "user": 1000}]))).field == "gpus[0].processes[0].user"
+
+
 def test_null_means_not_reported_and_stays_null():
     assert check(multi(gpu(0, powerDraw=None)))["gpus"][0]["powerDraw"] is None
 

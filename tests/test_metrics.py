@@ -77,7 +77,7 @@ def test_a_push_is_one_sample_per_reported_value_in_base_units(make_app):
         "utilization_ratio": 0.8, "memory_used_bytes": 6144 * MIB, "memory_total_bytes": 10240 * MIB,
         "temperature_celsius": 65, "power_draw_watts": 220.5, "power_limit_watts": 320, "fan_speed_ratio": 0.55,
         "clock_core_hertz": 1905e6, "clock_memory_hertz": 9501e6}
-    assert metrics.value("gpustats_gpu_info", **first, driver="560.94") == 1
+    assert metrics.value("gpustats_gpu_info", **first, driver="560.94", vendor="NVIDIA") == 1
     second = dict(first, gpu="1", uuid=gpu(1)["uuid"])
     # What the GPU did not report has no sample at all: a 0 would read as a cold, idle, unpowered GPU.
     for name in ("temperature_celsius", "fan_speed_ratio", "power_draw_watts"):
@@ -96,7 +96,8 @@ def test_a_seed_agent_push_has_empty_labels_for_what_it_did_not_send(make_app):
     metrics = seen(client)
     assert metrics.of("rig-1") == {
         ("gpustats_gpu_temperature_celsius", frozenset({("gpu", "0"), ("uuid", ""), ("name", "NVIDIA RTX 3080")})): 65,
-        ("gpustats_gpu_info", frozenset({("gpu", "0"), ("uuid", ""), ("name", "NVIDIA RTX 3080"), ("driver", "")})): 1,
+        ("gpustats_gpu_info", frozenset({("gpu", "0"), ("uuid", ""), ("name", "NVIDIA RTX 3080"), ("driver", ""),
+                                         ("vendor", "NVIDIA")})): 1,
         ("gpustats_device_up", frozenset()): 1,
         ("gpustats_device_last_push_timestamp_seconds", frozenset()):
             metrics.value("gpustats_device_last_push_timestamp_seconds", device="rig-1")}
@@ -136,9 +137,9 @@ def test_a_quiet_device_turns_down_then_keeps_only_its_up_sample(make_app):
     push(client, multi(gpu(0)))
     back = seen(client)
     assert back.value("gpustats_gpu_info", device="rig-1", gpu="0", uuid=gpu(0)["uuid"],
-                      name="NVIDIA GeForce RTX 3080", driver="560.94") == 1
+                      name="NVIDIA GeForce RTX 3080", driver="560.94", vendor="NVIDIA") == 1
     assert back.value("gpustats_gpu_info", device="rig-1", gpu="1", uuid=gpu(1)["uuid"],
-                      name="NVIDIA GeForce RTX 3080", driver="560.94") is None
+                      name="NVIDIA GeForce RTX 3080", driver="560.94", vendor="NVIDIA") is None
 
 
 def test_open_streams_are_counted_while_they_are_open(make_app):

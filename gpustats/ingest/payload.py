@@ -78,7 +78,7 @@ def _boolean(value, where):
 PERCENT, MIB, CELSIUS = _number(0, 100), _number(0, MAX_MIB), _number(-100, 250)
 WATTS, MHZ = _number(0, 100_000), _number(0, 100_000)
 
-PROCESS_FIELDS = {"pid": _integer(0, 2**32), "name": _string, "memoryUsed": MIB}
+PROCESS_FIELDS = {"pid": _integer(0, 2**32), "name": _string, "user": _string, "memoryUsed": MIB}
 GPU_FIELDS = {
     "index": _integer(0, 1023), "uuid": _string, "name": _string, "vendor": _string,
     "driverVersion": _string, "pstate": _string, "error": _string,
@@ -86,7 +86,7 @@ GPU_FIELDS = {
     "memoryTotal": MIB, "memoryUsed": MIB, "memoryFree": MIB,
     "temperatureGpu": CELSIUS, "temperatureMemory": CELSIUS,
     "powerDraw": WATTS, "powerLimit": WATTS, "fanSpeed": PERCENT,
-    "clockCore": MHZ, "clockMemory": MHZ,
+    "clockCore": MHZ, "clockMemory": MHZ, "memoryShared": _boolean,
 }
 AGENT_FIELDS = {"version": _string, "backend": _string, "simulated": _boolean}
 

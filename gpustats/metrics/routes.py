@@ -28,8 +28,8 @@ def fleet_families(devices):
     """Yield the metric families of the devices' latest events: a value a GPU did not report has no sample."""
     gauges = [(GaugeMetricFamily(f"gpustats_gpu_{name}", text, labels=GPU_LABELS), field, convert)
               for name, field, convert, text in GPU_GAUGES]
-    info = GaugeMetricFamily("gpustats_gpu_info", "The GPU's name, uuid and driver; always 1.",
-                             labels=(*GPU_LABELS, "driver"))
+    info = GaugeMetricFamily("gpustats_gpu_info", "The GPU's name, uuid, driver and vendor; always 1.",
+                             labels=(*GPU_LABELS, "driver", "vendor"))
     up = GaugeMetricFamily("gpustats_device_up", "1 while the device pushes (online), 0 once it is stale or offline.",
                            labels=("device",))
     last = GaugeMetricFamily("gpustats_device_last_push_timestamp_seconds",
@@ -42,7 +42,7 @@ def fleet_families(devices):
         last.add_metric((device,), event["receivedAt"])
         for gpu in event["gpus"]:
             labels = (device, str(gpu["index"]), gpu.get("uuid") or "", gpu.get("name") or "")
-            info.add_metric((*labels, gpu.get("driverVersion") or ""), 1)
+            info.add_metric((*labels, gpu.get("driverVersion") or "", gpu.get("vendor") or ""), 1)
             for family, field, convert in gauges:
                 if gpu.get(field) is not None:
                     family.add_metric(labels, convert(gpu[field]))
