@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
-"""GPU Stats agent: read this PC's NVIDIA GPUs and push them to the dashboard server.
+"""GPU Stats agent: read this PC's GPUs and push them to the dashboard server.
 
-Copy this one file to each GPU PC. Needs: requests, nvidia-ml-py and/or GPUtil (with
-setuptools on Python 3.12+), python-dotenv (optional). See requirements-agent.txt.
+NVIDIA through NVML (or GPUtil and nvidia-smi); AMD and Intel on Linux through their drivers'
+sysfs, hwmon and fdinfo files; Jetson through its sysfs or tegrastats; Apple Silicon through
+ioreg; any GPU on Windows through the performance counters Task Manager reads. Nothing but
+the standard library for the others: file reads, subprocesses with a timeout, ctypes.
+
+Copy this one file to each GPU PC. Needs: requests; nvidia-ml-py and/or GPUtil (with
+setuptools on Python 3.12+) for NVIDIA; python-dotenv (optional). See requirements-agent.txt.
 """
 import argparse
 import itertools
@@ -11,6 +16,8 @@ import logging
 import math
 import os
 import random
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -157,6 +164,7 @@ class GputilBackend:
     """GPUtil for the basics, plus one nvidia-smi query (with a timeout) for the rest."""
 
     name = "gputil"
+    vendor = "NVIDIA"
 
     def __init__(self, gputil=None, run=subprocess.run, timeout=SMI_TIMEOUT_S):
         if gputil is None:
@@ -196,11 +204,12 @@ class NvmlBackend:
     """NVML through nvidia-ml-py: no subprocess, and processes, power, fans and clocks."""
 
     name = "nvml"
+    vendor = "NVIDIA"
 
-    def __init__(self, nvml=None):
+    def __init__(self, nvml=None, users=None):
         if nvml is None:
             import pynvml as nvml
-        self.nvml = nvml
+        self.nvml, self.users = nvml, users  # users(pid) -> (name, user): who runs a process
         try:
             nvml.nvmlInit()
         except nvml.NVMLError as error:
@@ -267,7 +276,16 @@ class NvmlBackend:
                 used = proc.usedGpuMemory  # None where the OS hides it (Windows WDDM)
                 found[proc.pid] = {"pid": proc.pid, "name": name.replace("\\", "/").rsplit("/", 1)[-1],
                                    "memoryUsed": _mib(used) if isinstance(used, int) else None}
+                user = self._user(proc.pid)
+                if user:
+                    found[proc.pid]["user"] = user
         return sorted(found.values(), key=lambda p: -(p["memoryUsed"] or 0))[:64]
+
+    def _user(self, pid):
+        try:
+            return self.users(pid)[1] if self.users else None
+        except (OSError, ValueError):
+            return None
 
 
 def _mib(n_bytes):
@@ -302,21 +320,1314 @@ class SimulatedBackend:
         return gpus
 
 
-def open_backend(choice, simulate=0, nvml=None, gputil=None, run=subprocess.run):
-    """Return the backend to read GPUs with; `auto` falls back to GPUtil when NVML cannot load."""
-    if simulate:
-        return SimulatedBackend(simulate)
-    if choice in ("auto", "nvml"):
+# ---- Linux: sysfs and procfs, for AMD, Intel and Jetson GPUs --------------------------------
+
+class SysRoot:
+    """Where /sys, /proc and /usr/share are: this machine's, or a host's mounted in a container (--sys-root)."""
+
+    def __init__(self, root="/", reuse_s=0.5):
+        self.root = Path(root)
+        self.sys, self.proc = self.root / "sys", self.root / "proc"
+        self.reuse_s = reuse_s  # one /proc scan serves every reader of one sample
+        self._clients = (None, [])
+        self._users = {}
+
+    def path(self, absolute):
+        return self.root / absolute.lstrip("/")
+
+    def user(self, uid):
+        """Return the account name of `uid`: from the root's /etc/passwd (a host's, in a container), else the uid."""
+        if uid not in self._users:
+            self._users[uid] = _passwd_name(uid, self.path("/etc/passwd")) or str(uid)
+        return self._users[uid]
+
+    def process(self, pid):
+        """Return (name, user) of a process from /proc/<pid>: comm and the real uid of status; None where gone."""
+        base = self.proc / str(pid)
+        name, status = read_text(base / "comm"), read_text(base / "status")
+        uid = next((line.split()[1] for line in (status or "").splitlines() if line.startswith("Uid:")), None)
+        return name, self.user(int(uid)) if uid and uid.isdigit() else None
+
+    def drm_clients(self):
+        """Return the open DRM clients of every process this user may see, as parsed fdinfo (see scan_drm_clients)."""
+        when, clients = self._clients
+        now = time.monotonic()
+        if when is None or now - when >= self.reuse_s:
+            clients = scan_drm_clients(self.proc)
+            self._clients = (now, clients)
+        return clients
+
+
+def _passwd_name(uid, passwd):
+    try:
+        import pwd
+        if passwd == Path("/etc/passwd"):
+            return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        pass
+    for line in (read_text(passwd) or "").splitlines():
+        fields = line.split(":")
+        if len(fields) > 2 and fields[2] == str(uid):
+            return fields[0]
+    return None
+
+
+def read_text(path):
+    """Return a sysfs or procfs file's text, stripped; None when it is missing, empty or cannot be read.
+
+    A GPU in reset answers reads with EIO or ENODEV: null, never a crash. Some amdgpu files come
+    padded to 4 KiB with NUL bytes after the value (an RX 6900 XT's "3\n\0\0..."): the value
+    is kept, and a file of nothing but NULs, or with NULs inside it, means null.
+    """
+    try:
+        data = Path(path).read_bytes().rstrip(b"\0")
+    except (OSError, ValueError):
+        return None
+    if b"\0" in data:
+        return None
+    return data.decode("utf-8", "replace").strip() or None
+
+
+def read_int(path):
+    """Return a file's integer (decimal, or 0x-prefixed hex as PCI ids are), else None."""
+    text = read_text(path)
+    if text is None:
+        return None
+    try:
+        return int(text, 16) if text.lower().startswith("0x") else int(text)
+    except ValueError:
+        return None
+
+
+def _scaled(value, divisor, digits=None):
+    """`value` / `divisor`, rounded (to whole numbers unless `digits`); None stays None."""
+    if value is None:
+        return None
+    result = round(value / divisor, digits) if digits else round(value / divisor)
+    return int(result) if isinstance(result, float) and result.is_integer() else result
+
+
+def _percent(value):
+    return None if value is None or not 0 <= value <= 100 else value
+
+
+PCI_ADDRESS = re.compile(r"^[0-9a-f]{4,}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-9a-f]$")
+
+
+def drm_cards(root, drivers):
+    """Return [(PCI address, card directory, driver)] of the DRM cards bound to one of `drivers`, by PCI address.
+
+    card0 is not always the GPU (simpledrm takes it on many machines), and cardN-DP-1 is a
+    connector, not a card: the driver and the PCI address say which cards are GPUs, and the
+    address keeps each GPU's index across reboots that renumber the cards.
+    """
+    found = {}
+    try:
+        cards = sorted((root.sys / "class" / "drm").iterdir())
+    except OSError:
+        return []
+    for card in cards:
+        if not (card.name.startswith("card") and card.name[4:].isdigit()):
+            continue
+        device = card / "device"
+        uevent = dict(line.partition("=")[::2] for line in (read_text(device / "uevent") or "").splitlines())
+        driver = _link_name(device / "driver") or uevent.get("DRIVER")
+        if driver not in drivers:
+            continue
+        address = next((a for a in (_link_name(device), uevent.get("PCI_SLOT_NAME", "").lower())
+                        if a and PCI_ADDRESS.match(a)), card.name)  # a platform GPU has no PCI address
+        found.setdefault(address, (card, driver))
+    return [(address, *found[address]) for address in sorted(found)]
+
+
+def _uevent_device_id(device):
+    """The device id of uevent's PCI_ID=1002:7550, for a tree without a device file."""
+    for line in (read_text(device / "uevent") or "").splitlines():
+        if line.startswith("PCI_ID=") and ":" in line:
+            try:
+                return int(line.rsplit(":", 1)[1], 16)
+            except ValueError:
+                return None
+    return None
+
+
+def _link_name(path):
+    """The last part of a symlink's target: device -> ../../../0000:03:00.0, driver -> .../amdgpu."""
+    try:
+        return os.readlink(path).rstrip("/").rsplit("/", 1)[-1].lower()
+    except OSError:  # not a link, or missing
+        return None
+
+
+def hwmon_dir(device):
+    """Return the card's hwmon directory (device/hwmon/hwmonN), or None."""
+    try:
+        return next(iter(sorted((device / "hwmon").glob("hwmon*"))), None)
+    except OSError:
+        return None
+
+
+def hwmon_temperatures(hwmon):
+    """Return {label: degrees C} of temp*_input, labelled by temp*_label (temp1 when unlabelled)."""
+    found = {}
+    if hwmon is None:
+        return found
+    for sensor in sorted(hwmon.glob("temp*_input")):
+        stem = sensor.name[:-len("_input")]
+        label = (read_text(hwmon / f"{stem}_label") or stem).lower()
+        value = read_int(sensor)
+        if value is not None and -100_000 < value < 250_000:
+            found.setdefault(label, _scaled(value, 1000, 1))
+    return found
+
+
+def _kernel_release(root):
+    return read_text(root.proc / "sys" / "kernel" / "osrelease")
+
+
+# ---- DRM clients: who uses which GPU, from /proc/<pid>/fdinfo --------------------------------
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "kib": 1024, "mb": 1 << 20, "mib": 1 << 20, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text):
+    """Return bytes of an fdinfo size ("7964 KiB", "12 kB", "4096"), or None."""
+    number, _, unit = (text or "").strip().partition(" ")
+    if not number.isdigit() or unit.strip().lower() not in SIZE_UNITS:
+        return None
+    return int(number) * SIZE_UNITS[unit.strip().lower()]
+
+
+def parse_fdinfo(text):
+    """Return an fdinfo file's "key: value" lines as a dict (the kernel's drm-usage-stats format)."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def scan_drm_clients(proc):
+    """Return [{"pid": pid, **fdinfo}] of every open DRM client this user can see, one per (device, client).
+
+    Only the file descriptors that point into /dev/dri are read (a readlink is cheaper than an
+    fdinfo read, and a desktop has thousands of descriptors); a process that opened the same
+    client twice (dup, fork) is counted once, by drm-client-id.
+    """
+    clients, seen = [], set()
+    try:
+        pids = [entry.name for entry in os.scandir(proc) if entry.name.isdigit()]
+    except OSError:
+        return clients
+    for pid in pids:
         try:
-            return NvmlBackend(nvml)
+            fds = list(os.scandir(proc / pid / "fd"))
+        except OSError:  # another user's process, or gone
+            continue
+        for fd in fds:
+            try:
+                if not os.readlink(fd.path).startswith("/dev/dri/"):
+                    continue
+            except OSError:
+                continue
+            text = read_text(proc / pid / "fdinfo" / fd.name)
+            if not text:
+                continue
+            fields = parse_fdinfo(text)
+            device = (fields.get("drm-pdev") or fields.get("pdev") or "").lower()
+            client = fields.get("drm-client-id") or fields.get("pasid") or f"{pid}/{fd.name}"
+            if not device or (device, client) in seen:
+                continue
+            seen.add((device, client))
+            clients.append({"pid": int(pid), **fields, "drm-pdev": device})
+    return clients
+
+
+def client_processes(root, clients, memory):
+    """Return the processes list of one GPU's clients: pid, name, user, and memory in use.
+
+    `memory` is one group of fdinfo keys per kind of memory counted, the first present of each
+    group read: ("drm-memory-vram", "drm-total-vram", "vram mem") is VRAM as kernels from 5.19,
+    from 6.9 and before 5.19 spell it.
+    """
+    processes = {}
+    for client in clients:
+        used = [parse_size(next((client[key] for key in group if key in client), None)) for group in memory]
+        used = [n for n in used if n is not None]
+        entry = processes.get(client["pid"])
+        if entry is None:
+            name, user = root.process(client["pid"])
+            entry = processes[client["pid"]] = {"pid": client["pid"], "name": name or "", "user": user,
+                                                "memoryUsed": None}
+        if used:
+            entry["memoryUsed"] = (entry["memoryUsed"] or 0) + sum(used)
+    for entry in processes.values():
+        if entry["memoryUsed"] is not None:
+            entry["memoryUsed"] = _mib(entry["memoryUsed"])
+        if entry["user"] is None:
+            del entry["user"]
+    return sorted(processes.values(), key=lambda p: (-(p["memoryUsed"] or 0), p["pid"]))[:64]
+
+
+# ---- AMD: the amdgpu driver's files --------------------------------------------------------
+
+AMDGPU_IDS = "/usr/share/libdrm/amdgpu.ids"
+
+
+def parse_amdgpu_ids(text):
+    """Return {(device id, revision): name} of libdrm's amdgpu.ids ("744C,\tC8,\tAMD Radeon RX 7900 XTX")."""
+    names = {}
+    for line in text.splitlines():
+        parts = [part.strip() for part in line.split(",", 2)]
+        if len(parts) == 3 and not line.startswith("#"):
+            try:
+                names[(int(parts[0], 16), int(parts[1], 16))] = parts[2]
+            except ValueError:
+                continue
+    return names
+
+
+def parse_dpm_clock(text):
+    """Return the MHz of the `*` line of pp_dpm_sclk/pp_dpm_mclk ("1: 1340Mhz *"), else None.
+
+    RDNA3 lists three lines, the middle one the present clock, and says 0Mhz there while the
+    graphics block is powered off: that 0 is true (no clock runs), not a missing value.
+    """
+    for line in (text or "").splitlines():
+        if line.rstrip().endswith("*"):
+            match = re.search(r"(\d+)\s*mhz", line, re.IGNORECASE)
+            return int(match.group(1)) if match else None
+    return None
+
+
+def _number(value):
+    """A tool's number ("45.0", 6, "(1269Mhz)", {"value": 6, "unit": "W"}); None for "N/A" and the like."""
+    if isinstance(value, dict):
+        value = value.get("value")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        match = re.fullmatch(r"\(?\s*(-?\d+(?:\.\d+)?)\s*(?:mhz|w|c|%|mb|b)?\s*\)?", value.strip(), re.IGNORECASE)
+        value = float(match.group(1)) if match else None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return int(value) if float(value).is_integer() else value
+
+
+def _json_in(text):
+    """The JSON in a tool's output, past any warnings it printed first (amd-smi's Python SyntaxWarnings)."""
+    start = min((i for i in (text.find("{"), text.find("[")) if i >= 0), default=-1)
+    if start < 0:
+        return None
+    try:
+        return json.loads(text[start:])
+    except ValueError:
+        return None
+
+
+def parse_rocm_smi(text):
+    """Return {PCI address: fields} from `rocm-smi --json` (ROCm 4.3 to 6.1: {"card0": {...}, "system": {...}})."""
+    data, found = _json_in(text), {}
+    for key, card in (data.items() if isinstance(data, dict) else ()):
+        if not key.startswith("card") or not isinstance(card, dict) or not card.get("PCI Bus"):
+            continue
+        total, used = _number(card.get("VRAM Total Memory (B)")), _number(card.get("VRAM Total Used Memory (B)"))
+        power = _number(card.get("Average Graphics Package Power (W)"))
+        if power is None:
+            power = _number(card.get("Current Socket Graphics Package Power (W)"))
+        found[card["PCI Bus"].lower()] = {
+            "utilizationGpu": _percent(_number(card.get("GPU use (%)"))),
+            "memoryTotal": _mib(total) if total else None, "memoryUsed": _mib(used) if total and used is not None else None,
+            "temperatureGpu": _number(card.get("Temperature (Sensor edge) (C)")),
+            "temperatureMemory": _number(card.get("Temperature (Sensor memory) (C)")),
+            "powerDraw": power, "fanSpeed": _percent(_number(card.get("Fan speed (%)"))),
+            "clockCore": _number(card.get("sclk clock speed:")), "clockMemory": _number(card.get("mclk clock speed:"))}
+    return found
+
+
+def parse_amd_smi(text):
+    """Return {gpu number: fields} from `amd-smi metric --json`: a list of GPUs, or {"gpu_data": [...]} (ROCm 7)."""
+    data = _json_in(text)
+    if isinstance(data, dict):
+        data = data.get("gpu_data")
+    found = {}
+    for gpu in data if isinstance(data, list) else ():
+        if not isinstance(gpu, dict) or not isinstance(gpu.get("gpu"), int):
+            continue
+
+        def get(*path):
+            value = gpu
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            return _number(value)
+        total = get("mem_usage", "total_vram")
+        found[gpu["gpu"]] = {
+            "utilizationGpu": _percent(get("usage", "gfx_activity")), "memoryTotal": total or None,
+            "memoryUsed": get("mem_usage", "used_vram") if total else None,
+            "temperatureGpu": get("temperature", "edge") if get("temperature", "edge") is not None else get(
+                "temperature", "hotspot"),
+            "temperatureMemory": get("temperature", "mem"), "powerDraw": get("power", "socket_power"),
+            "fanSpeed": _percent(get("fan", "usage")), "clockCore": get("clock", "gfx_0", "clk"),
+            "clockMemory": get("clock", "mem_0", "clk")}
+    return found
+
+
+GAP_FIELDS = ("utilizationGpu", "memoryTotal", "temperatureGpu", "powerDraw", "fanSpeed", "clockCore")
+AMD_TOOLS = (  # where installed, they may fill what sysfs left null; nothing depends on them
+    ("amd-smi", ("metric", "--json"), parse_amd_smi),
+    ("rocm-smi", ("--showuse", "--showmeminfo", "vram", "--showtemp", "--showpower", "--showfan", "--showclocks",
+                  "--showbus", "--json"), parse_rocm_smi))
+TOOL_TIMEOUT_S = 5.0
+TOOL_REST_S = 600.0  # a tool that filled nothing, or failed, is left alone this long
+
+
+AMD_MEMORY = (("drm-memory-vram", "drm-total-vram", "vram mem"), ("drm-memory-gtt", "drm-total-gtt", "gtt mem"))
+
+
+class AmdBackend:
+    """AMD GPUs through the amdgpu driver's sysfs and hwmon files and /proc fdinfo: no ROCm needed."""
+
+    name = "amd"
+    vendor = "AMD"
+    drivers = {"amdgpu"}
+
+    def __init__(self, root=None, run=subprocess.run, which=shutil.which, clock=time.monotonic):
+        self.root, self.run, self.clock = root or SysRoot(), run, clock
+        self.cards = drm_cards(self.root, self.drivers)
+        if not self.cards:
+            raise GpuReadError("no AMD GPU with the amdgpu driver under /sys/class/drm")
+        self.driver = read_text(self.root.sys / "module" / "amdgpu" / "version") or _kernel_release(self.root)
+        self.names = {}
+        self.tools = [(path, args, parse) for name, args, parse in AMD_TOOLS if (path := which(name))]
+        self.resting = {}  # tool -> when it may be asked again
+
+    def describe(self, index):
+        address, card, _ = self.cards[index]
+        return f"{self.name}: {card} ({address})"
+
+    def sample(self):
+        clients = [c for c in self.root.drm_clients() if c.get("drm-driver", "amdgpu") == "amdgpu"]
+        gpus = [self._gpu(index, address, card, [c for c in clients if c["drm-pdev"] == address])
+                for index, (address, card, _) in enumerate(self.cards)]
+        self._fill_gaps(gpus)
+        return gpus
+
+    def _fill_gaps(self, gpus):
+        """Fill what sysfs left null from amd-smi or rocm-smi, where one is installed and gives it."""
+        gaps = [g for g in gpus if g.get("pstate") != "suspended" and any(g.get(k) is None for k in GAP_FIELDS)]
+        for path, args, parse in self.tools if gaps else ():
+            if self.resting.get(path, 0) > self.clock():
+                continue
+            try:
+                done = self.run([path, *args], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+                found = parse(done.stdout)
+            except (OSError, subprocess.TimeoutExpired):
+                found = {}
+            filled = 0
+            for gpu in gaps:
+                address = self.cards[gpu["index"]][0]
+                extra = found.get(address) if parse is parse_rocm_smi else found.get(gpu["index"])  # amd-smi: by PCI order
+                for key, value in (extra or {}).items():
+                    if gpu.get(key) is None and value is not None:
+                        gpu[key], filled = value, filled + 1
+                if gpu.get("memoryFree") is None and gpu.get("memoryTotal") and gpu.get("memoryUsed") is not None:
+                    gpu["memoryFree"] = gpu["memoryTotal"] - gpu["memoryUsed"]
+            if not filled:
+                self.resting[path] = self.clock() + TOOL_REST_S
+            if filled or not any(g.get(k) is None for g in gaps for k in GAP_FIELDS):
+                return
+
+    def _name(self, device):
+        if device not in self.names:
+            ids = (read_int(device / "device") or _uevent_device_id(device), read_int(device / "revision"))
+            name = read_text(device / "product_name")
+            if not name:
+                try:
+                    known = parse_amdgpu_ids(self.root.path(AMDGPU_IDS).read_text(errors="replace"))
+                except OSError:
+                    known = {}
+                name = known.get(ids)
+                if not name and ids[1] is None:  # no revision: a device id with only one name still names it
+                    names = {n for (device_id, _), n in known.items() if device_id == ids[0]}
+                    name = names.pop() if len(names) == 1 else None
+            if not name:
+                name = f"AMD GPU 1002:{ids[0]:04x}" if ids[0] is not None else "AMD GPU"
+            self.names[device] = name
+        return self.names[device]
+
+    def _gpu(self, index, address, card, clients):
+        device = card / "device"
+        if not device.exists():
+            return {"index": index, "vendor": self.vendor, "error": f"{card.name} is gone (GPU reset or removed)"}
+        gpu = {"index": index, "uuid": read_text(device / "unique_id"), "name": self._name(device),
+               "vendor": self.vendor, "driverVersion": self.driver}
+        hwmon = hwmon_dir(device)
+        apu = hwmon is not None and (hwmon / "in1_input").exists()  # the northbridge voltage: APUs only
+        vram = [read_int(device / f"mem_info_vram_{kind}") for kind in ("total", "used")]
+        if apu:  # VRAM is a small carve-out; the GPU's memory is the system's, through GTT
+            gtt = [read_int(device / f"mem_info_gtt_{kind}") for kind in ("total", "used")]
+            vram = [a + b if a is not None and b is not None else None for a, b in zip(vram, gtt)]
+        total, used = (_mib(n) if n is not None else None for n in vram)
+        gpu.update(memoryTotal=total or None, memoryUsed=used if total else None,
+                   memoryFree=total - used if total and used is not None else None)
+        if apu:
+            gpu["memoryShared"] = True
+        gpu["processes"] = client_processes(self.root, clients, AMD_MEMORY[:2] if apu else AMD_MEMORY[:1])
+        if read_text(device / "power" / "runtime_status") == "suspended":
+            # Asleep (runtime power management): reading hwmon or the busy percent would wake it.
+            gpu.update(utilizationGpu=0, pstate="suspended")
+            return gpu
+        temperatures = hwmon_temperatures(hwmon)
+        power = read_int(hwmon / "power1_average") if hwmon else None
+        if power is None and hwmon:
+            power = read_int(hwmon / "power1_input")  # kernels from 6.6 and many cards have only this one
+        gpu.update(
+            utilizationGpu=_percent(read_int(device / "gpu_busy_percent")),
+            utilizationMemory=_percent(read_int(device / "mem_busy_percent")),
+            temperatureGpu=temperatures.get("edge", temperatures.get("junction", temperatures.get("temp1"))),
+            temperatureMemory=temperatures.get("mem"),
+            powerDraw=_scaled(power, 1e6, 1),
+            powerLimit=_scaled(read_int(hwmon / "power1_cap") if hwmon else None, 1e6, 1) or None,
+            fanSpeed=self._fan(hwmon),
+            clockCore=self._clock(hwmon, "freq1_input", device / "pp_dpm_sclk"),
+            clockMemory=self._clock(hwmon, "freq2_input", device / "pp_dpm_mclk"))
+        if all(gpu[k] is None for k in ("utilizationGpu", "memoryTotal", "temperatureGpu", "powerDraw")):
+            gpu["error"] = f"{card.name}: the amdgpu files could not be read (GPU in reset?)"
+        return gpu
+
+    @staticmethod
+    def _fan(hwmon):
+        if hwmon is None:
+            return None
+        for value, most in (("pwm1", "pwm1_max"), ("fan1_input", "fan1_max")):
+            now, top = read_int(hwmon / value), read_int(hwmon / most)
+            if value == "pwm1" and now is not None and top is None:
+                top = 255  # pwm1 is 0-255 where pwm1_max is absent
+            if now is not None and top:
+                return _percent(round(100 * now / top))
+        return None
+
+    @staticmethod
+    def _clock(hwmon, name, dpm):
+        hz = read_int(hwmon / name) if hwmon else None
+        return _scaled(hz, 1e6) if hz is not None else parse_dpm_clock(read_text(dpm))
+
+
+# ---- Intel: the i915 and xe drivers' sysfs, hwmon and fdinfo ---------------------------------
+
+PCI_IDS = ("/usr/share/hwdata/pci.ids", "/usr/share/misc/pci.ids")
+
+
+def pci_name(root, vendor, device):
+    """Return the device's name in the system's pci.ids ("DG2 [Arc A770]"), or None."""
+    wanted_vendor, wanted_device = f"{vendor:04x}", f"\t{device:04x}  "
+    for where in PCI_IDS:
+        try:
+            with open(root.path(where), encoding="utf-8", errors="replace") as ids:
+                in_vendor = False
+                for line in ids:
+                    if not line.startswith("\t"):
+                        in_vendor = line.startswith(wanted_vendor + "  ")
+                    elif in_vendor and line.startswith(wanted_device):
+                        return line[len(wanted_device):].strip()
+        except OSError:
+            continue
+    return None
+
+
+def engine_busy(previous, current, elapsed_ns):
+    """Return the busiest engine's percent between two fdinfo readings of one GPU's clients, else None.
+
+    i915 counts each engine's busy time in ns (drm-engine-render: 5234 ns), xe counts GPU
+    cycles beside the GPU's total (drm-cycles-rcs / drm-total-cycles-rcs). A client that was
+    not there before started after the last sample, so all of its time falls in this one.
+    Per engine, the clients' shares add up, divided by how many engines of that class there
+    are (drm-engine-capacity-*). Only the clients this user can see count: run as root (the
+    system service) to see everyone's.
+    """
+    busy = {}
+    for client_id, fields in current.items():
+        before = previous.get(client_id, {})
+        for key, value in fields.items():
+            if key.startswith("drm-engine-") and not key.startswith("drm-engine-capacity-"):
+                engine = key[len("drm-engine-"):]
+                now, then = parse_size(value.replace("ns", "").strip()), parse_size(
+                    before.get(key, "0").replace("ns", "").strip())
+                if now is not None and then is not None and elapsed_ns > 0 and now >= then:
+                    capacity = parse_size(fields.get(f"drm-engine-capacity-{engine}", "1")) or 1
+                    busy[engine] = busy.get(engine, 0.0) + (now - then) / elapsed_ns / capacity
+            elif key.startswith("drm-cycles-"):
+                engine = key[len("drm-cycles-"):]
+                total = fields.get(f"drm-total-cycles-{engine}")
+                cycles, total = parse_size(value), parse_size(total)
+                then_cycles = parse_size(before.get(key, "0"))
+                then_total = parse_size(before.get(f"drm-total-cycles-{engine}", "0"))
+                if None in (cycles, total, then_cycles, then_total) or total <= then_total or cycles < then_cycles:
+                    continue
+                capacity = parse_size(fields.get(f"drm-engine-capacity-{engine}", "1")) or 1
+                if client_id not in previous:
+                    continue  # xe's cycles have no common start to count a new client from
+                busy[engine] = busy.get(engine, 0.0) + (cycles - then_cycles) / (total - then_total) / capacity
+    if not busy:
+        return None
+    return min(100, round(100 * max(busy.values())))
+
+
+INTEL_MEMORY = (("drm-resident-local0", "drm-resident-vram0", "drm-total-local0", "drm-total-vram0"),)
+
+
+class IntelBackend:
+    """Intel GPUs through the i915 or xe driver: clocks from sysfs, power from the hwmon energy counter, busy from fdinfo."""
+
+    name = "intel"
+    vendor = "Intel"
+    drivers = {"i915", "xe"}
+
+    def __init__(self, root=None, clock=time.monotonic_ns):
+        self.root, self.clock = root or SysRoot(), clock
+        self.cards = drm_cards(self.root, self.drivers)
+        if not self.cards:
+            raise GpuReadError("no Intel GPU with the i915 or xe driver under /sys/class/drm")
+        self.driver = _kernel_release(self.root)
+        self.last = {}  # PCI address -> (ns, energy µJ, {client id: fdinfo})
+        self.names = {}
+
+    def describe(self, index):
+        address, card, driver = self.cards[index]
+        return f"{self.name} ({driver}): {card} ({address})"
+
+    def sample(self):
+        clients = [c for c in self.root.drm_clients() if c.get("drm-driver") in self.drivers]
+        return [self._gpu(index, address, card, driver, [c for c in clients if c["drm-pdev"] == address])
+                for index, (address, card, driver) in enumerate(self.cards)]
+
+    def _name(self, device):
+        if device not in self.names:
+            ids = read_int(device / "device") or _uevent_device_id(device)
+            name = pci_name(self.root, 0x8086, ids) if ids is not None else None
+            self.names[device] = f"Intel {name}" if name else (f"Intel GPU 8086:{ids:04x}" if ids else "Intel GPU")
+        return self.names[device]
+
+    def _gpu(self, index, address, card, driver, clients):
+        device = card / "device"
+        if not device.exists():
+            return {"index": index, "vendor": self.vendor, "error": f"{card.name} is gone (GPU reset or removed)"}
+        now = self.clock()
+        hwmon = hwmon_dir(device)
+        energy = read_int(hwmon / "energy1_input") if hwmon else None
+        by_client = {c.get("drm-client-id", c["pid"]): c for c in clients}
+        then = self.last.get(address)
+        self.last[address] = (now, energy, by_client)
+        power = busy = None
+        if then is not None:
+            elapsed = now - then[0]
+            power = energy_watts(then[1], energy, elapsed)
+            busy = engine_busy(then[2], by_client, elapsed)
+        if driver == "xe":
+            freq = device / "tile0" / "gt0" / "freq0"
+            core, top = read_int(freq / "act_freq"), read_int(freq / "max_freq")
+        else:
+            core, top = read_int(card / "gt_act_freq_mhz"), read_int(card / "gt_max_freq_mhz")
+        temperatures = hwmon_temperatures(hwmon)
+        gpu = {"index": index, "uuid": None, "name": self._name(device), "vendor": self.vendor,
+               "driverVersion": self.driver, "utilizationGpu": busy,
+               "memoryTotal": None, "memoryUsed": None, "memoryFree": None,
+               "temperatureGpu": next((temperatures[k] for k in ("pkg", "gt", "temp1") if k in temperatures), None),
+               "temperatureMemory": temperatures.get("vram"),
+               "powerDraw": power, "powerLimit": self._limit(hwmon),
+               "fanSpeed": None, "clockCore": core, "clockMemory": None,
+               "processes": client_processes(self.root, clients, INTEL_MEMORY)}
+        if top and core is not None and core > top:
+            gpu["clockCore"] = None  # a reading past the GPU's own ceiling is not a clock
+        return gpu
+
+    @staticmethod
+    def _limit(hwmon):
+        """The sustained power limit: power1_max on i915, power1_cap on xe (µW)."""
+        if hwmon is None:
+            return None
+        limit = read_int(hwmon / "power1_max")
+        return _scaled(limit if limit is not None else read_int(hwmon / "power1_cap"), 1e6, 1) or None
+
+
+def energy_watts(before_uj, after_uj, elapsed_ns):
+    """Return watts from two readings of a µJ energy counter `elapsed_ns` apart; None when unknown.
+
+    The counter wraps: hwmon's are 64 bits in the kernel, but the hardware's are 32 and some
+    drivers expose them raw. A step back is taken as one wrap of the narrowest width that
+    explains it; a result no GPU draws (over 10 kW) is dropped, never sent.
+    """
+    if before_uj is None or after_uj is None or elapsed_ns <= 0:
+        return None
+    delta = after_uj - before_uj
+    if delta < 0:
+        delta += (1 << 32) if before_uj < (1 << 32) else (1 << 64)
+    watts = delta / 1e6 / (elapsed_ns / 1e9)
+    return round(watts, 1) if 0 <= watts < 10_000 else None
+
+
+# ---- Jetson: its sysfs, or tegrastats ---------------------------------------------------------
+
+TEGRASTATS_TIMEOUT_S = 5.0
+
+
+# The rail that feeds a Jetson's GPU, most specific first: on Orin it is shared with the SoC
+# (AGX: VDD_GPU_SOC) or the CPUs and CV engines (Nano, NX: VDD_CPU_GPU_CV), as jtop shows it.
+GPU_RAILS = ("VDD_GPU", "VDD_SYS_GPU", "POM_5V_GPU", "GPU", "VDD_GPU_SOC", "VDD_CPU_GPU_CV")
+
+
+def parse_tegrastats(line):
+    """Return the GPU fields of one tegrastats line (TX1 to Orin), nulls for what it lacks.
+
+    GR3D_FREQ is the GPU's busy percent and clock ("0%@318", Orin: "12%@[1300,1300]", older
+    L4T: "GR3D 0%@998"); GPU@41.5C (Orin: gpu@47.625C) its temperature, -256C where the sensor
+    is off; the GPU's rail in mW now (and averages) after its name; RAM is the memory the GPU
+    shares with the CPUs.
+    """
+    def number(pattern, flags=0):
+        match = re.search(pattern, line, flags)
+        return float(match.group(1)) if match else None
+
+    busy = number(r"\bGR3D(?:_FREQ)? (\d+)%")
+    clock = number(r"\bGR3D(?:_FREQ)? \d+%@\[?(\d+)")
+    temperature = number(r"\bGPU@(-?[\d.]+)C", re.IGNORECASE)
+    power = next((p for p in (number(rf"(?:^|\s){rail} (\d+)(?:mW)?/") for rail in GPU_RAILS) if p is not None), None)
+    ram = re.search(r"\bRAM (\d+)/(\d+)MB", line)
+    return {"utilizationGpu": _percent(_scaled(busy, 1)), "clockCore": _scaled(clock, 1),
+            "temperatureGpu": _scaled(temperature, 1, 1) if temperature is not None and temperature > -100 else None,
+            "powerDraw": _scaled(power, 1000, 2),
+            "memoryUsed": int(ram.group(1)) if ram else None, "memoryTotal": int(ram.group(2)) if ram else None}
+
+
+class JetsonBackend:
+    """A Jetson's integrated GPU: load, devfreq clock, the gpu-thermal zone and INA3221 rails, else tegrastats."""
+
+    name = "jetson"
+    vendor = "NVIDIA"
+    GPU_NODES = {"gpu", "gb10b", "ga10b", "gv11b", "gp10b", "gm20b"}  # Thor, Orin, Xavier, TX2, Nano and TX1
+
+    def __init__(self, root=None, run=subprocess.run, which=shutil.which):
+        self.root, self.run = root or SysRoot(), run
+        self.devfreq = self._devfreq(self.root)
+        self.tegrastats = None if self.devfreq else which("tegrastats")
+        if not self.devfreq and not self.tegrastats:
+            raise GpuReadError("no Jetson GPU: no GPU under /sys/class/devfreq and no tegrastats")
+        model = self.root.proc / "device-tree" / "model"
+        try:
+            self.model = model.read_bytes().rstrip(b"\0").decode(errors="replace").strip() or None
+        except OSError:
+            self.model = None
+        self.release = read_text(self.root.path("/etc/nv_tegra_release"))
+
+    @classmethod
+    def present(cls, root):
+        return bool(cls._devfreq(root)) or root.path("/etc/nv_tegra_release").exists()
+
+    @classmethod
+    def _devfreq(cls, root):
+        try:
+            entries = sorted((root.sys / "class" / "devfreq").iterdir())
+        except OSError:
+            return None
+        for entry in entries:  # 17000000.ga10b, 57000000.gpu: the device tree names the GPU's node
+            node = read_text(entry / "device" / "of_node" / "name") or entry.name.rsplit(".", 1)[-1]
+            if node in cls.GPU_NODES and (entry / "device" / "load").exists():
+                return entry
+        return None
+
+    def describe(self, index):
+        return f"{self.name}: {self.devfreq or self.tegrastats}"
+
+    def sample(self):
+        gpu = {"index": 0, "uuid": None, "name": f"{self.model} GPU" if self.model else "NVIDIA Jetson GPU",
+               "vendor": self.vendor, "driverVersion": _l4t_version(self.release), "memoryShared": True,
+               "utilizationMemory": None, "temperatureMemory": None, "powerLimit": None, "fanSpeed": None,
+               "clockMemory": None, "pstate": None, "processes": []}
+        if self.devfreq is None:
+            gpu.update(parse_tegrastats(self._tegrastats_line()))
+        else:
+            load = read_int(self.devfreq / "device" / "load")
+            total, available = _meminfo(self.root)
+            gpu.update(utilizationGpu=_percent(_scaled(load, 10)) if load is not None else None,
+                       clockCore=_scaled(read_int(self.devfreq / "cur_freq"), 1e6),
+                       temperatureGpu=self._temperature(), powerDraw=self._power(),
+                       memoryTotal=total, memoryUsed=total - available if total and available is not None else None)
+        if gpu.get("memoryTotal") and gpu.get("memoryUsed") is not None:
+            gpu["memoryFree"] = gpu["memoryTotal"] - gpu["memoryUsed"]
+        return [gpu]
+
+    def _tegrastats_line(self):
+        try:
+            done = self.run([self.tegrastats, "--interval", "500"], capture_output=True, text=True,
+                            timeout=TEGRASTATS_TIMEOUT_S)
+            output = done.stdout
+        except subprocess.TimeoutExpired as expired:  # it prints a line every interval until stopped
+            output = expired.stdout.decode(errors="replace") if isinstance(expired.stdout, bytes) else expired.stdout or ""
+        except OSError as error:
+            raise GpuReadError(f"tegrastats could not run: {error}") from None
+        lines = [line for line in (output or "").splitlines() if "RAM" in line]
+        if not lines:
+            raise GpuReadError("tegrastats printed nothing")
+        return lines[0]
+
+    def _temperature(self):
+        for zone in sorted((self.root.sys / "class" / "thermal").glob("thermal_zone*")):
+            if (read_text(zone / "type") or "").lower() in ("gpu-thermal", "gpu-therm"):
+                value = read_int(zone / "temp")
+                return _scaled(value, 1000, 1) if value is not None and value > -100_000 else None
+        return None
+
+    def _power(self):
+        """Return the GPU rail's watts from the INA3221 monitor (hwmon from JetPack 5, iio before), else None."""
+        found = {}
+        for label in self.root.sys.glob("bus/i2c/drivers/ina3221/*/hwmon/hwmon*/in*_label"):
+            channel = label.name[2:-len("_label")]
+            millivolts, milliamps = (read_int(label.with_name(f"{kind}{channel}_input")) for kind in ("in", "curr"))
+            if millivolts is not None and milliamps is not None:
+                found.setdefault(read_text(label), millivolts * milliamps / 1000)
+        for rail in self.root.sys.glob("bus/i2c/drivers/ina3221x/*/iio:device*/rail_name_*"):
+            milliwatts = read_int(rail.with_name(f"in_power{rail.name.rsplit('_', 1)[1]}_input"))
+            if milliwatts is not None:
+                found.setdefault(read_text(rail), milliwatts)
+        milliwatts = next((found[rail] for rail in GPU_RAILS if rail in found), None)
+        return _scaled(milliwatts, 1000, 2)
+
+
+def _l4t_version(release):
+    """'# R35 (release), REVISION: 4.1, ...' -> 'L4T 35.4.1'."""
+    match = re.search(r"R(\d+) \(release\), REVISION: ([\d.]+)", release or "")
+    return f"L4T {match.group(1)}.{match.group(2)}" if match else None
+
+
+def _meminfo(root):
+    """Return (total, available) MiB of /proc/meminfo, each None where missing."""
+    fields = parse_fdinfo(read_text(root.proc / "meminfo") or "")
+    return tuple(_mib(parse_size(fields[key])) if parse_size(fields.get(key)) is not None else None
+                 for key in ("MemTotal", "MemAvailable"))
+
+
+# ---- Apple: ioreg's IOAccelerator entries ----------------------------------------------------
+
+IOREG_TIMEOUT_S = 5.0
+IOREG_VALUE = re.compile(r'"((?:[^"\\]|\\.)*)"\s*=\s*(-?\d+|"(?:[^"\\]|\\.)*"|Yes|No)')
+
+
+def parse_ioreg(text):
+    """Return [{"class": ..., property: value}] of `ioreg -r -d 1 -w 0 -c IOAccelerator`'s entries.
+
+    Each entry starts with "+-o Name  <class X, ...>" and its properties are "key" = value
+    lines; a dictionary value ({"k"=1,"k2"=2}: PerformanceStatistics) is read into its own
+    dict. Only numbers, strings and Yes/No are kept: data and arrays are not needed here.
+    """
+    entries = []
+    for line in text.splitlines():
+        head = re.search(r"\+-o (\S+)\s+<class ([^,>]+)", line)
+        if head:
+            entries.append({"class": head.group(2), "entry": head.group(1)})
+            continue
+        match = re.match(r'\s*\|?\s*"((?:[^"\\]|\\.)*)" = (.*)$', line)
+        if not match or not entries:
+            continue
+        key, value = match.groups()
+        if value.startswith("{"):
+            entries[-1][key] = {k: _ioreg_value(v) for k, v in IOREG_VALUE.findall(value)}
+        else:
+            entries[-1][key] = _ioreg_value(value.strip())
+    return entries
+
+
+def _ioreg_value(text):
+    if text.startswith('"'):
+        return text[1:-1]
+    if text in ("Yes", "No"):
+        return text == "Yes"
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def apple_gpus(text, memory_total_mib, chip=None):
+    """Return the GPUs of one ioreg capture: Apple Silicon's (and an Intel Mac's AMD or Intel GPU).
+
+    `chip` ("Apple M1 Pro", sysctl's machdep.cpu.brand_string) names an Apple GPU whose entry
+    has no "model" property.
+    """
+    gpus = []
+    for entry in parse_ioreg(text):
+        stats = entry.get("PerformanceStatistics")
+        if not isinstance(stats, dict):
+            continue
+        busy = stats.get("Device Utilization %")
+        if busy is None and ("Renderer Utilization %" in stats or "Tiler Utilization %" in stats):
+            busy = max(stats.get("Renderer Utilization %") or 0, stats.get("Tiler Utilization %") or 0)
+        model = entry.get("model") if isinstance(entry.get("model"), str) else None
+        cores = entry.get("gpu-core-count")
+        apple = entry["class"].startswith("AGX")
+        vendor = "Apple" if apple else "AMD" if entry["class"].startswith(("AMD", "ATI")) else (
+            "Intel" if entry["class"].startswith("Intel") else None)
+        name = model or (chip if apple and chip else entry["entry"])
+        if isinstance(cores, int) and cores > 0:
+            name = f"{name} ({cores}-core GPU)"
+        gpu = {"index": len(gpus), "uuid": None, "name": name, "vendor": vendor, "driverVersion": None,
+               "utilizationGpu": _percent(busy), "utilizationMemory": None,
+               "temperatureGpu": None, "temperatureMemory": None, "powerDraw": None, "powerLimit": None,
+               "fanSpeed": None, "clockCore": None, "clockMemory": None, "pstate": None, "processes": []}
+        used = stats.get("In use system memory")
+        if apple:  # unified memory: the GPU uses the machine's RAM
+            gpu.update(memoryShared=True, memoryTotal=memory_total_mib,
+                       memoryUsed=_mib(used) if isinstance(used, int) else None)
+        else:
+            vram_used, vram_free = stats.get("vramUsedBytes"), stats.get("vramFreeBytes")
+            total = _mib(vram_used + vram_free) if isinstance(vram_used, int) and isinstance(vram_free, int) else None
+            gpu.update(memoryTotal=total or None, memoryUsed=_mib(vram_used) if total else None,
+                       temperatureGpu=stats.get("Temperature(C)"), fanSpeed=_percent(stats.get("Fan Speed(%)")),
+                       clockCore=stats.get("Core Clock(MHz)"), clockMemory=stats.get("Memory Clock(MHz)"),
+                       powerDraw=stats.get("Total Power(W)"))
+        if gpu["memoryTotal"] and gpu["memoryUsed"] is not None:
+            gpu["memoryFree"] = max(0, gpu["memoryTotal"] - gpu["memoryUsed"])
+        gpus.append(gpu)
+    return gpus
+
+
+def parse_powermetrics(text):
+    """Return the GPU's clock (MHz) and power (W) from `powermetrics --samplers gpu_power` text, nulls if absent."""
+    clock = re.search(r"GPU (?:HW )?active frequency:\s*([\d.]+)\s*MHz", text)
+    power = re.search(r"GPU Power:\s*([\d.]+)\s*mW", text)
+    return {"clockCore": _scaled(float(clock.group(1)), 1) if clock else None,
+            "powerDraw": _scaled(float(power.group(1)), 1000, 2) if power else None}
+
+
+class AppleBackend:
+    """A Mac's GPUs through ioreg (no sudo); clock and power only where powermetrics can run (as root)."""
+
+    name = "apple"
+    vendor = "Apple"
+
+    def __init__(self, run=subprocess.run, memory_total_mib=None, is_root=None):
+        self.run = run
+        self.memory = memory_total_mib if memory_total_mib is not None else _physical_memory_mib()
+        self.root = (os.geteuid() == 0) if is_root is None and hasattr(os, "geteuid") else bool(is_root)
+        self._ioreg()  # says now, at start, when ioreg cannot run
+        try:
+            done = run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                       timeout=IOREG_TIMEOUT_S)
+            self.chip = done.stdout.strip() if done.returncode == 0 and done.stdout.startswith("Apple") else None
+        except (OSError, subprocess.TimeoutExpired):
+            self.chip = None
+
+    def _ioreg(self):
+        try:
+            done = self.run(["ioreg", "-r", "-d", "1", "-w", "0", "-c", "IOAccelerator"], capture_output=True,
+                            text=True, timeout=IOREG_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise GpuReadError(f"ioreg could not run: {error}") from None
+        if done.returncode != 0:
+            raise GpuReadError(f"ioreg failed (exit {done.returncode})")
+        return done.stdout
+
+    def sample(self):
+        gpus = apple_gpus(self._ioreg(), self.memory, self.chip)
+        if not gpus:
+            raise GpuReadError("ioreg lists no GPU with performance statistics")
+        if self.root:
+            try:
+                done = self.run(["powermetrics", "--samplers", "gpu_power", "-i", "200", "-n", "1"],
+                                capture_output=True, text=True, timeout=IOREG_TIMEOUT_S)
+                extra = parse_powermetrics(done.stdout)
+                for gpu in gpus:
+                    if gpu["vendor"] == "Apple":
+                        gpu.update((k, v) for k, v in extra.items() if v is not None)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        return gpus
+
+
+def _physical_memory_mib():
+    try:
+        return _mib(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# ---- Windows, any vendor: the GPU performance counters Task Manager shows ------------------------
+
+ENGINE_INSTANCE = re.compile(r"pid_(\d+)_luid_(0x[0-9a-f]+_0x[0-9a-f]+)_phys_(\d+)_eng_(\d+)_engtype_(.*)$", re.I)
+ADAPTER_INSTANCE = re.compile(r"luid_(0x[0-9a-f]+_0x[0-9a-f]+)_phys_(\d+)$", re.I)
+PROCESS_INSTANCE = re.compile(r"pid_(\d+)_luid_(0x[0-9a-f]+_0x[0-9a-f]+)_phys_(\d+)$", re.I)
+PCI_VENDORS = {0x10DE: "NVIDIA", 0x1002: "AMD", 0x1022: "AMD", 0x8086: "Intel", 0x5143: "Qualcomm",
+               0x106B: "Apple", 0x1414: "Microsoft"}
+MICROSOFT_BASIC_RENDER = (0x1414, 0x8C)
+
+
+def windows_gpus(engines, dedicated, shared, process_memory, adapters, skip_nvidia=False, process=None):
+    """Return the GPUs from one read of the counters, as Task Manager shows them.
+
+    `engines`, `dedicated`, `shared` and `process_memory` are [(instance, value)] of
+    \\GPU Engine(*)\\Utilization Percentage, \\GPU Adapter Memory(*)\\Dedicated Usage and
+    Shared Usage, and \\GPU Process Memory(*)\\Dedicated Usage. An engine's use is the sum over
+    the processes on it, at most 100; an adapter's is its busiest engine's. `adapters` are
+    {luid: {"name", "vendorId", "deviceId", "dedicated" (bytes), "shared" (bytes), "software"}},
+    keyed "0x00000000_0x0000d1a3" as the instance names spell them.
+    """
+    engine_use, pids = {}, {}
+    for instance, value in engines:
+        match = ENGINE_INSTANCE.search(instance)
+        if match and value is not None and math.isfinite(value):
+            pid, luid, phys, engine, _ = match.groups()
+            key = (luid.lower(), phys, engine)
+            engine_use[key] = engine_use.get(key, 0.0) + max(0.0, value)
+            if value > 0:  # every process with a window has an engine instance; list those using it
+                pids.setdefault(luid.lower(), set()).add(int(pid))
+    used = _by_adapter(dedicated)
+    shared_used = _by_adapter(shared)
+    per_process = {}
+    for instance, value in process_memory:
+        match = PROCESS_INSTANCE.search(instance)
+        if match and value and math.isfinite(value) and value > 0:
+            per_process.setdefault(match.group(2).lower(), {})[int(match.group(1))] = value
+    gpus = []
+    for luid in sorted(adapters):
+        adapter = adapters[luid]
+        ids = (adapter.get("vendorId"), adapter.get("deviceId"))
+        if adapter.get("software") or ids == MICROSOFT_BASIC_RENDER:
+            continue
+        vendor = PCI_VENDORS.get(ids[0])
+        if skip_nvidia and vendor == "NVIDIA":
+            continue  # NVML read it, with power, fans and clocks
+        busy = [min(100.0, v) for (l, _, _), v in engine_use.items() if l == luid]
+        total, dedicated_used = adapter.get("dedicated"), used.get(luid)
+        integrated = not total or total <= 512 << 20  # a carve-out: the GPU lives on shared memory
+        gpu = {"index": len(gpus), "uuid": None, "name": adapter.get("name"), "vendor": vendor,
+               "driverVersion": adapter.get("driver"), "utilizationGpu": round(max(busy)) if busy else None,
+               "utilizationMemory": None, "temperatureGpu": None, "temperatureMemory": None, "powerDraw": None,
+               "powerLimit": None, "fanSpeed": None, "clockCore": None, "clockMemory": None, "pstate": None}
+        if integrated:
+            total = (total or 0) + (adapter.get("shared") or 0)
+            dedicated_used = None if dedicated_used is None and shared_used.get(luid) is None else (
+                (dedicated_used or 0) + (shared_used.get(luid) or 0))
+            gpu["memoryShared"] = True
+        gpu["memoryTotal"] = _mib(total) if total else None
+        gpu["memoryUsed"] = _mib(dedicated_used) if dedicated_used is not None and total else None
+        gpu["memoryFree"] = max(0, gpu["memoryTotal"] - gpu["memoryUsed"]) if gpu["memoryUsed"] is not None else None
+        memory = per_process.get(luid, {})
+        gpu["processes"] = _windows_processes(pids.get(luid, set()) | set(memory), memory, process)
+        gpus.append(gpu)
+    return gpus
+
+
+def _by_adapter(items):
+    """Sum [(luid_..._phys_N, bytes)] per adapter LUID."""
+    found = {}
+    for instance, value in items:
+        match = ADAPTER_INSTANCE.search(instance)
+        if match and value is not None and math.isfinite(value):
+            found[match.group(1).lower()] = found.get(match.group(1).lower(), 0) + value
+    return found
+
+
+def _windows_processes(pids, memory, process):
+    processes = []
+    for pid in sorted(pids, key=lambda p: -memory.get(p, 0))[:64]:
+        if pid == 0:
+            continue
+        name, user = process(pid) if process else (None, None)
+        entry = {"pid": pid, "name": name or "", "memoryUsed": _mib(memory[pid]) if pid in memory else None}
+        if user:
+            entry["user"] = user
+        processes.append(entry)
+    return processes
+
+
+class PdhCounters:
+    """The GPU counters through pdh.dll (ctypes), one query kept open: each read is the rate since the last.
+
+    English counter names (PdhAddEnglishCounterW), so a German or Japanese Windows reads the
+    same counters.
+    """
+
+    PATHS = {"engines": r"\GPU Engine(*)\Utilization Percentage",
+             "dedicated": r"\GPU Adapter Memory(*)\Dedicated Usage",
+             "shared": r"\GPU Adapter Memory(*)\Shared Usage",
+             "process_memory": r"\GPU Process Memory(*)\Dedicated Usage"}
+    PDH_FMT_DOUBLE, PDH_FMT_NOCAP100, PDH_MORE_DATA = 0x00000200, 0x00008000, 0x800007D2
+
+    def __init__(self):
+        import ctypes
+        from ctypes import wintypes
+
+        class Value(ctypes.Structure):
+            _fields_ = [("CStatus", wintypes.DWORD), ("doubleValue", ctypes.c_double)]  # the union's double
+
+        class Item(ctypes.Structure):
+            _fields_ = [("szName", wintypes.LPWSTR), ("FmtValue", Value)]
+
+        self.ctypes, self.wintypes, self.Item = ctypes, wintypes, Item
+        self.pdh = ctypes.WinDLL("pdh")
+        self.query = wintypes.HANDLE()
+        status = self.pdh.PdhOpenQueryW(None, None, ctypes.byref(self.query))
+        if status:
+            raise GpuReadError(f"PDH could not open a query (0x{status & 0xFFFFFFFF:08X})")
+        self.counters = {}
+        for name, path in self.PATHS.items():
+            counter = wintypes.HANDLE()
+            if self.pdh.PdhAddEnglishCounterW(self.query, path, None, ctypes.byref(counter)) == 0:
+                self.counters[name] = counter
+        if "engines" not in self.counters:
+            raise GpuReadError("this Windows has no GPU performance counters (Windows 10 1709 or later has them)")
+        self.pdh.PdhCollectQueryData(self.query)  # rates need two collections: this is the first
+
+    def read(self):
+        self.pdh.PdhCollectQueryData(self.query)
+        return {name: self._items(counter) for name, counter in self.counters.items()}
+
+    def _items(self, counter):
+        ctypes, wintypes = self.ctypes, self.wintypes
+        size, count = wintypes.DWORD(0), wintypes.DWORD(0)
+        fmt = self.PDH_FMT_DOUBLE | self.PDH_FMT_NOCAP100
+        status = self.pdh.PdhGetFormattedCounterArrayW(counter, fmt, ctypes.byref(size), ctypes.byref(count), None)
+        if status & 0xFFFFFFFF != self.PDH_MORE_DATA:
+            return []
+        buffer = (ctypes.c_byte * size.value)()
+        if self.pdh.PdhGetFormattedCounterArrayW(counter, fmt, ctypes.byref(size), ctypes.byref(count), buffer):
+            return []
+        items = ctypes.cast(buffer, ctypes.POINTER(self.Item))
+        return [(items[i].szName, items[i].FmtValue.doubleValue) for i in range(count.value)
+                if items[i].FmtValue.CStatus in (0, 1)]  # PDH_CSTATUS_VALID_DATA, PDH_CSTATUS_NEW_DATA
+
+
+def dxgi_adapters():
+    """Return {luid: adapter} through DXGI (ctypes COM): names and dedicated memory past 4 GiB.
+
+    Win32_VideoController.AdapterRAM is a 32-bit field and stops at 4 GiB; DXGI_ADAPTER_DESC1's
+    sizes are SIZE_T. The LUID is the one the counters' instance names carry.
+    """
+    import ctypes
+    import uuid
+    from ctypes import wintypes
+
+    class Luid(ctypes.Structure):
+        _fields_ = [("LowPart", wintypes.DWORD), ("HighPart", wintypes.LONG)]
+
+    class Desc1(ctypes.Structure):
+        _fields_ = [("Description", wintypes.WCHAR * 128), ("VendorId", wintypes.UINT), ("DeviceId", wintypes.UINT),
+                    ("SubSysId", wintypes.UINT), ("Revision", wintypes.UINT),
+                    ("DedicatedVideoMemory", ctypes.c_size_t), ("DedicatedSystemMemory", ctypes.c_size_t),
+                    ("SharedSystemMemory", ctypes.c_size_t), ("AdapterLuid", Luid), ("Flags", wintypes.UINT)]
+
+    def method(obj, index, *argtypes):  # a COM call: the index'th entry of the object's vtable
+        table = ctypes.cast(obj, ctypes.POINTER(ctypes.POINTER(ctypes.c_void_p)))[0]
+        return ctypes.WINFUNCTYPE(ctypes.c_long, ctypes.c_void_p, *argtypes)(table[index])
+
+    iid = (ctypes.c_byte * 16).from_buffer_copy(uuid.UUID("770aae78-f26f-4dba-a829-253c83d1b387").bytes_le)
+    factory = ctypes.c_void_p()
+    if ctypes.WinDLL("dxgi").CreateDXGIFactory1(ctypes.byref(iid), ctypes.byref(factory)) < 0:
+        raise GpuReadError("DXGI could not start (CreateDXGIFactory1 failed)")
+    adapters = {}
+    try:
+        for index in itertools.count():
+            adapter = ctypes.c_void_p()
+            # IDXGIFactory1::EnumAdapters1 is vtable entry 12; DXGI_ERROR_NOT_FOUND ends the list.
+            if method(factory, 12, wintypes.UINT, ctypes.POINTER(ctypes.c_void_p))(factory, index, ctypes.byref(adapter)) < 0:
+                break
+            desc = Desc1()
+            method(adapter, 10, ctypes.POINTER(Desc1))(adapter, ctypes.byref(desc))  # IDXGIAdapter1::GetDesc1
+            method(adapter, 2)(adapter)  # Release
+            luid = f"0x{desc.AdapterLuid.HighPart & 0xFFFFFFFF:08x}_0x{desc.AdapterLuid.LowPart:08x}"
+            adapters[luid] = {"name": desc.Description, "vendorId": desc.VendorId, "deviceId": desc.DeviceId,
+                              "dedicated": desc.DedicatedVideoMemory, "shared": desc.SharedSystemMemory,
+                              "software": bool(desc.Flags & 2)}  # DXGI_ADAPTER_FLAG_SOFTWARE
+    finally:
+        method(factory, 2)(factory)
+    return adapters
+
+
+def windows_process(pid):
+    """Return (image name, DOMAIN\\user) of a process through its token; (None, None) where Windows refuses."""
+    import ctypes
+    from ctypes import wintypes
+    kernel32, advapi32 = ctypes.WinDLL("kernel32", use_last_error=True), ctypes.WinDLL("advapi32")
+    kernel32.OpenProcess.restype = wintypes.HANDLE
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return None, None
+    name = user = None
+    try:
+        path, size = ctypes.create_unicode_buffer(1024), wintypes.DWORD(1024)
+        if kernel32.QueryFullProcessImageNameW(handle, 0, path, ctypes.byref(size)):
+            name = path.value.replace("\\", "/").rsplit("/", 1)[-1]
+        token = wintypes.HANDLE()
+        if advapi32.OpenProcessToken(handle, 0x0008, ctypes.byref(token)):  # TOKEN_QUERY
+            try:
+                needed = wintypes.DWORD(0)
+                advapi32.GetTokenInformation(token, 1, None, 0, ctypes.byref(needed))  # TokenUser
+                info = (ctypes.c_byte * needed.value)()
+                if advapi32.GetTokenInformation(token, 1, info, needed, ctypes.byref(needed)):
+                    sid = ctypes.cast(info, ctypes.POINTER(ctypes.c_void_p))[0]  # TOKEN_USER.User.Sid
+                    account, domain = ctypes.create_unicode_buffer(256), ctypes.create_unicode_buffer(256)
+                    sizes, use = (wintypes.DWORD(256), wintypes.DWORD(256)), wintypes.DWORD()
+                    if advapi32.LookupAccountSidW(None, ctypes.c_void_p(sid), account, ctypes.byref(sizes[0]),
+                                                  domain, ctypes.byref(sizes[1]), ctypes.byref(use)):
+                        user = f"{domain.value}\\{account.value}" if domain.value else account.value
+            finally:
+                kernel32.CloseHandle(token)
+    finally:
+        kernel32.CloseHandle(handle)
+    return name, user
+
+
+class WindowsBackend:
+    """Any vendor's GPUs on Windows through the counters Task Manager reads; NVIDIA's left to NVML when it runs."""
+
+    name = "windows"
+    vendor = None
+
+    def __init__(self, edge=None, skip_nvidia=False):
+        """`edge` is (counters with .read(), adapters(), process(pid)); by default PDH, DXGI and the process token."""
+        counters, self.adapters_of, self.process = edge or (None, dxgi_adapters, windows_process)
+        try:
+            self.counters = counters or PdhCounters()
+            self.adapters = self.adapters_of()
+        except OSError as error:  # no pdh.dll or dxgi.dll: not Windows, or a Server Core without them
+            raise GpuReadError(f"the Windows GPU counters cannot be read: {error}") from None
+        self.skip_nvidia = skip_nvidia
+        if not any(not a.get("software") and (a.get("vendorId"), a.get("deviceId")) != MICROSOFT_BASIC_RENDER
+                   and not (skip_nvidia and a.get("vendorId") == 0x10DE) for a in self.adapters.values()):
+            raise GpuReadError("no GPU besides " + ("NVIDIA's and " if skip_nvidia else "") + "the Microsoft Basic Render Driver")
+
+    def describe(self, index):
+        return f"{self.name}: GPU performance counters (PDH) and DXGI"
+
+    def sample(self):
+        read = self.counters.read()
+        return windows_gpus(read.get("engines", []), read.get("dedicated", []), read.get("shared", []),
+                            read.get("process_memory", []), self.adapters, self.skip_nvidia, self.process)
+
+
+# ---- choosing readers: every vendor present, in one push -------------------------------------
+
+BACKENDS = ("auto", "nvml", "gputil", "amd", "intel", "apple", "windows", "jetson")
+
+
+class MultiBackend:
+    """Several readers in one push: NVIDIA's keep their own indices, each other reader's GPUs follow.
+
+    Each reader's first index is fixed at its first sample, so a GPU keeps its index (and its
+    history) while another reader's GPUs come and go; a reader that fails costs only its own
+    GPUs, which go out as one entry with the error.
+    """
+
+    def __init__(self, readers):
+        self.readers = readers
+        self.name = "+".join(reader.name for reader in readers)
+        self.bases = None
+        self.read_by = {}
+
+    def sample(self):
+        results = []
+        for reader in self.readers:
+            try:
+                results.append(reader.sample())
+            except GpuReadError as error:
+                results.append([{"index": 0, "vendor": getattr(reader, "vendor", None), "error": str(error)[:128]}])
+        if self.bases is None:
+            self.bases, base = [], 0
+            for gpus in results:
+                self.bases.append(base)
+                base += max((g.get("index", 0) for g in gpus), default=-1) + 1
+        gpus, self.read_by = [], {}
+        for reader, base, found in zip(self.readers, self.bases, results):
+            for gpu in found:
+                local = gpu.get("index", 0)
+                gpu = {**gpu, "index": base + local if isinstance(local, int) else None}
+                self.read_by[gpu["index"]] = describe(reader, local)
+                gpus.append(gpu)
+        return gpus
+
+
+class PendingBackend:
+    """A reader not opened yet (no GPU driver loaded at boot, say): each sample tries again, and says why not."""
+
+    def __init__(self, opener):
+        self.opener, self.backend = opener, None
+        self.name = "none"
+
+    def sample(self):
+        if self.backend is None:
+            self.backend = self.opener()  # GpuReadError: this sample goes out with the error
+            self.name = self.backend.name
+        return self.backend.sample()
+
+    def describe(self, index):
+        return describe(self.backend, index) if self.backend else self.name
+
+
+def describe(backend, index):
+    """Say which reader read a GPU, and from where: shown by --dry-run."""
+    if isinstance(backend, MultiBackend):
+        return backend.read_by.get(index, backend.name)
+    try:
+        return backend.describe(index)
+    except (AttributeError, IndexError):
+        return backend.name
+
+
+def _nvidia(choice, nvml, gputil, run, users):
+    """Return the NVIDIA reader `choice` names: NVML, or GPUtil (which runs nvidia-smi)."""
+    if choice == "nvml":
+        try:
+            return NvmlBackend(nvml, users=users)
         except (ImportError, OSError, GpuReadError) as error:
-            if choice == "nvml":
-                raise GpuReadError(f"NVML backend unavailable: {error}") from None
-            log.info("NVML unavailable (%s); using GPUtil and nvidia-smi", error)
+            raise GpuReadError(f"NVML backend unavailable: {error}") from None
     try:
         return GputilBackend(gputil, run)
     except ImportError as error:
         raise GpuReadError(f"GPUtil backend unavailable: {error} (pip install GPUtil setuptools)") from None
+
+
+def open_backend(choice, simulate=0, nvml=None, gputil=None, run=subprocess.run, root=None, platform=sys.platform,
+                 windows=None, which=shutil.which):
+    """Return what reads this machine's GPUs: the one `choice` names, or for `auto` every vendor's present."""
+    if simulate:
+        return SimulatedBackend(simulate)
+    root = root or SysRoot()
+    users = root.process if platform.startswith("linux") else (
+        (windows[2] if windows else windows_process) if platform == "win32" else None)
+    one = {"amd": lambda: AmdBackend(root), "intel": lambda: IntelBackend(root),
+           "jetson": lambda: JetsonBackend(root, run=run), "apple": lambda: AppleBackend(run=run),
+           "windows": lambda: WindowsBackend(windows)}
+    if choice in one:
+        return one[choice]()
+    if choice != "auto":
+        return _nvidia(choice, nvml, gputil, run, users)
+    readers, missing = [], []
+    if platform == "darwin":
+        return AppleBackend(run=run)
+    jetson = platform.startswith("linux") and JetsonBackend.present(root)
+    if not jetson:  # NVML on a Jetson knows only the GPU's name: its sysfs says the rest
+        try:
+            readers.append(NvmlBackend(nvml, users=users))
+        except (ImportError, OSError, GpuReadError) as error:
+            if gputil is not None or which("nvidia-smi"):
+                log.info("NVML unavailable (%s); using GPUtil and nvidia-smi", error)
+                try:
+                    readers.append(GputilBackend(gputil, run))
+                except ImportError as error:
+                    missing.append(f"GPUtil backend unavailable: {error} (pip install GPUtil setuptools)")
+            else:
+                missing.append(f"no NVIDIA driver (NVML: {error})")
+    others = [lambda: WindowsBackend(windows, skip_nvidia=bool(readers))] if platform == "win32" else [
+        one["amd"], one["intel"]] + ([one["jetson"]] if jetson else [])
+    for make in others:
+        try:
+            readers.append(make())
+        except GpuReadError as error:
+            missing.append(str(error))
+    if not readers:
+        raise GpuReadError("no GPU found: " + "; ".join(missing))
+    return readers[0] if len(readers) == 1 else MultiBackend(readers)
+
 
 
 # ---- pushing ----------------------------------------------------------------------------
@@ -636,14 +1947,17 @@ def settings_from(argv, environ):
     except ImportError:
         pass
     env.update(environ)
-    parser = _Parser(description="Push this PC's NVIDIA GPU stats to a GPU Stats Dashboard.")
+    parser = _Parser(description="Push this PC's GPU stats (NVIDIA, AMD, Intel, Apple) to a GPU Stats Dashboard.")
     parser.add_argument("--url", default=env.get("PUSH_URL") or env.get("DROPLET_PUSH_URL"),
                         help="server push URL, like http://host:3000/push-sse (PUSH_URL)")
     parser.add_argument("--key", default=env.get("DEVICE_KEY"),
                         help="this device's key (DEVICE_KEY; better in .env: a flag shows in ps to every user)")
     parser.add_argument("--interval", type=float, default=env.get("PUSH_INTERVAL_S", "2"),
                         help="seconds between samples (PUSH_INTERVAL_S, default 2)")
-    parser.add_argument("--backend", choices=["auto", "nvml", "gputil"], default="auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="what reads the GPUs (default auto: every vendor's this machine has)")
+    parser.add_argument("--sys-root", default="/", metavar="DIR",
+                        help="read DIR/sys and DIR/proc: an agent in a container with the host's / mounted at DIR")
     parser.add_argument("--once", action="store_true", help="send one sample, then exit")
     parser.add_argument("--dry-run", action="store_true", help="print the JSON payload instead of posting")
     parser.add_argument("--simulate", type=int, default=0, metavar="N", help="send N made-up GPUs")
@@ -657,6 +1971,8 @@ def settings_from(argv, environ):
         return args
     if not 0.2 <= args.interval <= 3600:
         parser.error(f"--interval/PUSH_INTERVAL_S: {args.interval:g} must be from 0.2 to 3600 seconds")
+    if not Path(args.sys_root, "sys").is_dir() and args.sys_root != "/":
+        parser.error(f"--sys-root: {args.sys_root} has no sys directory (mount the host's / there: -v /:/host:ro)")
     if not 0 <= args.simulate <= 64:
         parser.error("--simulate: N must be from 0 to 64")
     if not args.dry_run:
@@ -728,18 +2044,30 @@ def main(argv=None, environ=None):
                     "put DEVICE_KEY=... in a .env beside agent.py (chmod 600), or in the environment, instead",
                     ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
     try:
-        backend = open_backend(args.backend, args.simulate)
+        def opener():
+            return open_backend(args.backend, args.simulate, root=SysRoot(args.sys_root))
+        try:
+            backend = opener()
+        except GpuReadError:
+            if args.once or args.dry_run:
+                raise
+            backend = PendingBackend(opener)  # a service at boot may start before the GPU driver
         if args.once or args.dry_run:
             payload = build_payload(backend)
             if args.dry_run:
                 print(json.dumps(_fit(payload), indent=2, allow_nan=False))
+                for gpu in payload["gpus"]:  # which reader found each GPU, where: on stderr, beside the JSON
+                    _say(f"GPU {gpu['index']} {gpu.get('name') or '(no name)'}: read by {describe(backend, gpu['index'])}")
             if payload.get("error"):
                 _say(f"cannot read GPUs: {payload['error']}")
                 return 1
             if not args.dry_run:
                 Pusher(args.url, args.key).push(payload)
             return 0
-        log.info("pushing %s GPU stats to %s every %g s", backend.name, args.url, args.interval)
+        if isinstance(backend, PendingBackend):
+            log.info("pushing GPU stats to %s every %g s, once a GPU can be read", args.url, args.interval)
+        else:
+            log.info("pushing %s GPU stats to %s every %g s", backend.name, args.url, args.interval)
         run_loop(backend, Pusher(args.url, args.key), args.interval)
     except GpuReadError as error:
         _say(f"cannot read GPUs: {error}")

@@ -89,3 +89,88 @@ def nvml_gpu(**overrides):
             "clocks": {pynvml.NVML_CLOCK_GRAPHICS: 1905, pynvml.NVML_CLOCK_MEM: 9501}, "pstate": 2,
             "compute": [types.SimpleNamespace(pid=4242, usedGpuMemory=2 * gib)],
             "graphics": [types.SimpleNamespace(pid=77, usedGpuMemory=None)], **overrides}
+
+
+# ---- a machine's /sys and /proc, built from captured sysfs trees (tests/fixtures/gpus) ----------
+
+GPUS = FIXTURES / "gpus"
+
+
+class FakeRoot:
+    """A directory laid out like / for --sys-root: DRM cards whose device/ is a captured tree, and processes.
+
+    Cards link to the captures as the kernel links /sys/class/drm/cardN/device to the PCI
+    device, so nothing from tests/fixtures is copied or changed.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        (self.path / "sys" / "class" / "drm").mkdir(parents=True, exist_ok=True)
+        (self.path / "proc").mkdir(exist_ok=True)
+        (self.path / "etc").mkdir(exist_ok=True)
+        (self.path / "proc" / "sys" / "kernel").mkdir(parents=True, exist_ok=True)
+        (self.path / "proc" / "sys" / "kernel" / "osrelease").write_text("6.8.0-49-generic\n")
+
+    def card(self, name, capture, address=None):
+        """Add /sys/class/drm/<name> whose device/ is the capture's (a path under tests/fixtures/gpus).
+
+        With `address`, the card sits at that PCI address, as the kernel's relative link says
+        (device -> ../../../0000:04:00.0), whatever the capture's uevent says.
+        """
+        card = self.path / "sys" / "class" / "drm" / name
+        card.mkdir()
+        target = Path(capture) if Path(capture).is_absolute() else GPUS / capture / "device"
+        if address:
+            pci = self.path / "sys" / "devices" / "pci0000:00" / address
+            pci.parent.mkdir(parents=True, exist_ok=True)
+            pci.symlink_to(target)
+            target = pci
+        (card / "device").symlink_to(target)
+        return card
+
+    def simpledrm(self, name="card0"):
+        """Add the firmware framebuffer's card, as simpledrm registers it: no GPU."""
+        device = self.path / "sys" / "devices" / "platform" / "simple-framebuffer.0"
+        device.mkdir(parents=True)
+        (device / "uevent").write_text("DRIVER=simple-framebuffer\nMODALIAS=platform:simple-framebuffer\n")
+        card = self.path / "sys" / "class" / "drm" / name
+        card.mkdir()
+        (card / "device").symlink_to(device)
+        (self.path / "sys" / "class" / "drm" / f"{name}-Virtual-1").mkdir()
+
+    def process(self, pid, comm, uid, fdinfo=(), user=None):
+        """Add /proc/<pid> with comm, status, and one DRM file descriptor per fdinfo text."""
+        base = self.path / "proc" / str(pid)
+        (base / "fd").mkdir(parents=True)
+        (base / "fdinfo").mkdir()
+        (base / "comm").write_text(comm + "\n")
+        (base / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+        (base / "fd" / "0").symlink_to("/dev/null")
+        (base / "fdinfo" / "0").write_text("pos:\t0\nflags:\t02\n")
+        for fd, text in enumerate(fdinfo, start=3):
+            (base / "fd" / str(fd)).symlink_to("/dev/dri/renderD128")
+            (base / "fdinfo" / str(fd)).write_text(text)
+        if user:
+            with open(self.path / "etc" / "passwd", "a") as passwd:
+                passwd.write(f"{user}:x:{uid}:{uid}::/home/{user}:/bin/bash\n")
+
+    def amdgpu_ids(self):
+        """Install libdrm's amdgpu.ids (the captured excerpt) where the agent looks for it."""
+        where = self.path / "usr" / "share" / "libdrm"
+        where.mkdir(parents=True, exist_ok=True)
+        (where / "amdgpu.ids").symlink_to(GPUS / "amd" / "amdgpu.ids")
+
+    def intel_card(self, name, driver, address, card_files=None, hwmon=None):
+        """A card as the kernel lays one out: captured card files, a device/ bound to `driver` at `address`, its hwmon."""
+        card = self.path / "sys" / "class" / "drm" / name
+        card.mkdir()
+        for captured in (card_files.iterdir() if card_files else ()):
+            (card / captured.name).symlink_to(captured)
+        device = self.path / "sys" / "devices" / "pci0000:00" / address
+        device.mkdir(parents=True)
+        (device / "uevent").write_text(f"DRIVER={driver}\nPCI_SLOT_NAME={address}\n")
+        if hwmon:
+            (device / "hwmon").mkdir()
+            (device / "hwmon" / "hwmon3").symlink_to(hwmon)
+        (card / "device").symlink_to(device)
+        return device

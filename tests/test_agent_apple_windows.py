@@ -1,0 +1,167 @@
+"""The Apple and Windows readers: their parsing on real captures, their edges (ioreg, PDH, DXGI) as parameters.
+
+Neither macOS nor Windows runs here, so what those systems print or return is fed in from
+tests/fixtures/gpus/apple and windows (SOURCE.md beside each file names where it came from).
+"""
+import subprocess
+
+import pytest
+
+import agent
+from agent_fakes import GPUS
+from gpustats.ingest import payload as server_payload
+
+APPLE, WINDOWS = GPUS / "apple", GPUS / "windows"
+M1_PRO = (APPLE / "ioreg-m1pro-exelban-stats-1094.txt").read_text()
+M4 = (APPLE / "ioreg-m4-unattributed-go-test.txt").read_text()
+
+
+# ---- Apple: ioreg ------------------------------------------------------------------------------
+
+def test_an_m1_pro_reports_its_busy_percent_and_the_unified_memory_in_use():
+    [gpu] = agent.apple_gpus(M1_PRO, 16384, chip="Apple M1 Pro")  # the capture has no "model" line
+    assert gpu == {"index": 0, "uuid": None, "name": "Apple M1 Pro", "vendor": "Apple", "driverVersion": None,
+                   "utilizationGpu": 2, "utilizationMemory": None, "temperatureGpu": None,
+                   "temperatureMemory": None, "powerDraw": None, "powerLimit": None, "fanSpeed": None,
+                   "clockCore": None, "clockMemory": None, "pstate": None, "processes": [],
+                   "memoryShared": True, "memoryTotal": 16384, "memoryUsed": 325, "memoryFree": 16059}
+    assert server_payload.validate({"gpus": [gpu]})["gpus"][0] == gpu
+
+
+def test_an_m4_names_its_cores_and_reads_device_utilization_not_the_renderer_or_the_drivers_memory():
+    [gpu] = agent.apple_gpus(M4, 24576)
+    assert gpu["name"] == "Apple M4 (10-core GPU)"
+    assert gpu["utilizationGpu"] == 17  # Device Utilization %; Renderer and Tiler say 15
+    assert gpu["memoryUsed"] == 411  # "In use system memory", not "In use system memory (driver)" = 0
+
+
+def test_without_device_utilization_the_busier_of_renderer_and_tiler_is_used():
+    text = M1_PRO.replace('"Device Utilization %"=2,', "").replace('"Tiler Utilization %"=2', '"Tiler Utilization %"=9')
+    assert agent.apple_gpus(text, 16384)[0]["utilizationGpu"] == 9
+
+
+@pytest.mark.parametrize("capture,clock,power", [
+    ("powermetrics-m1pro-applegpuinfo-7.txt", 389, 0.01),
+    ("powermetrics-m2-applegpuinfo-6.txt", 444, 0.0),
+    ("powermetrics-m3-applegpuinfo-15-partial.txt", 338, None),  # cut before its GPU Power line
+])
+def test_powermetrics_gives_the_clock_and_power(capture, clock, power):
+    assert agent.parse_powermetrics((APPLE / capture).read_text()) == {"clockCore": clock, "powerDraw": power}
+
+
+def fake_mac(outputs):
+    """A `run` that answers ioreg, sysctl and powermetrics as a Mac does, and records each call."""
+    calls = []
+
+    def run(args, **kwargs):
+        calls.append(args[0])
+        assert kwargs.get("timeout"), "every subprocess has a timeout"
+        answer = outputs[args[0]]
+        if isinstance(answer, Exception):
+            raise answer
+        return subprocess.CompletedProcess(args, 0, answer, "")
+    return run, calls
+
+
+def test_the_apple_backend_adds_powermetrics_only_as_root():
+    power = (APPLE / "powermetrics-m1pro-applegpuinfo-7.txt").read_text()
+    run, calls = fake_mac({"ioreg": M1_PRO, "sysctl": "Apple M1 Pro\n", "powermetrics": power})
+    [gpu] = agent.AppleBackend(run=run, memory_total_mib=16384, is_root=False).sample()
+    assert (gpu["name"], gpu["clockCore"], gpu["powerDraw"]) == ("Apple M1 Pro", None, None)
+    assert "powermetrics" not in calls
+    [gpu] = agent.AppleBackend(run=run, memory_total_mib=16384, is_root=True).sample()
+    assert (gpu["clockCore"], gpu["powerDraw"]) == (389, 0.01)
+
+
+def test_an_ioreg_that_hangs_is_one_clear_error():
+    run, _ = fake_mac({"ioreg": subprocess.TimeoutExpired("ioreg", 5)})
+    with pytest.raises(agent.GpuReadError, match="ioreg could not run"):
+        agent.AppleBackend(run=run, memory_total_mib=16384)
+
+
+# ---- Windows: the GPU counters and DXGI ----------------------------------------------------------
+
+def instances(capture):
+    """The instance names of a capture: each whitespace-separated word that is one."""
+    text = (WINDOWS / capture).read_text()
+    return [w.strip("`\"()") for w in text.split() if w.strip("`\"()").startswith(("pid_", "luid_"))]
+
+
+GTX_1050, HD_630 = instances("instances-rainmeter-forum-t29135.txt")  # one laptop's two GPUs
+[OSHI_3D] = {i for i in instances("get-counter-oshi-pr2114.txt") if "engtype" in i}
+GIB = 1 << 30
+# What DXGI_ADAPTER_DESC1 gives for that laptop (names and LUIDs from the capture), and the software adapter.
+LAPTOP = {
+    "0x00000000_0x000095ca": {"name": "NVIDIA GeForce GTX 1050", "vendorId": 0x10DE, "deviceId": 0x1C8D,
+                              "dedicated": 4 * GIB, "shared": 8 * GIB, "software": False},
+    "0x00000000_0x0000a18d": {"name": "Intel(R) HD Graphics 630", "vendorId": 0x8086, "deviceId": 0x591B,
+                              "dedicated": 128 << 20, "shared": 8 * GIB, "software": False},
+    "0x00000000_0x0000c4cf": {"name": "Microsoft Basic Render Driver", "vendorId": 0x1414, "deviceId": 0x8C,
+                              "dedicated": 0, "shared": 8 * GIB, "software": True},
+}
+
+
+def laptop_counters():
+    """One read: two processes on the GTX 1050's 3D engine (sum over 100), video decode on the HD 630."""
+    game = GTX_1050.replace("pid_9524", "pid_1200")
+    engines = [(GTX_1050, 61.5), (game, 52.0), (HD_630, 12.25), (HD_630.replace("eng_4_engtype_VideoDecode",
+                                                                                 "eng_0_engtype_3D"), 3.05119782746321)]
+    dedicated = [("luid_0x00000000_0x000095CA_phys_0", 1.5 * GIB), ("luid_0x00000000_0x0000A18D_phys_0", 64 << 20)]
+    shared = [("luid_0x00000000_0x0000A18D_phys_0", 512 << 20)]
+    process_memory = [("pid_1200_luid_0x00000000_0x000095CA_phys_0", 1 * GIB),
+                      ("pid_9524_luid_0x00000000_0x000095CA_phys_0", 256 << 20)]
+    return engines, dedicated, shared, process_memory
+
+
+def names(pid):
+    return {1200: ("game.exe", "LAPTOP\\ana"), 9524: ("obs64.exe", None)}.get(pid, (None, None))
+
+
+def test_each_adapter_is_as_busy_as_its_busiest_engine_summed_over_processes():
+    nvidia, intel = agent.windows_gpus(*laptop_counters(), LAPTOP, process=names)
+    assert (nvidia["name"], nvidia["vendor"], nvidia["utilizationGpu"]) == ("NVIDIA GeForce GTX 1050", "NVIDIA", 100)
+    assert (nvidia["memoryTotal"], nvidia["memoryUsed"], nvidia["memoryFree"]) == (4096, 1536, 2560)
+    assert nvidia["processes"] == [{"pid": 1200, "name": "game.exe", "memoryUsed": 1024, "user": "LAPTOP\\ana"},
+                                   {"pid": 9524, "name": "obs64.exe", "memoryUsed": 256}]
+    # The iGPU's 128 MiB is a carve-out: it works in shared memory, as Task Manager shows it.
+    assert (intel["utilizationGpu"], intel["memoryShared"], intel["memoryTotal"], intel["memoryUsed"]) == (
+        12, True, 8192 + 128, 576)
+    assert all(intel[k] is None for k in ("temperatureGpu", "powerDraw", "fanSpeed", "clockCore"))
+    for gpu in (nvidia, intel):
+        assert server_payload.validate({"gpus": [gpu]})["gpus"][0] == gpu
+
+
+def test_nvidia_is_left_to_nvml_and_the_basic_render_driver_is_never_a_gpu():
+    [intel] = agent.windows_gpus(*laptop_counters(), LAPTOP, skip_nvidia=True)
+    assert intel["name"] == "Intel(R) HD Graphics 630" and intel["index"] == 0
+
+
+def test_instance_names_match_whatever_their_case_and_memory_past_4_gib_is_whole():
+    # Get-Counter prints lower-case paths (oshi PR 2114); PDH gives mixed case.
+    luid = "0x00000000_0x0000f814"
+    card = {luid: {"name": "AMD Radeon RX 7900 XTX", "vendorId": 0x1002, "deviceId": 0x744C, "dedicated": 24 * GIB}}
+    [gpu] = agent.windows_gpus([(OSHI_3D, 3.05119782746321)], [], [], [], card)
+    assert (gpu["vendor"], gpu["utilizationGpu"], gpu["memoryTotal"]) == ("AMD", 3, 24576)
+    assert "memoryShared" not in gpu and gpu["memoryUsed"] is None  # no memory counter read: unknown
+
+
+class Counters:
+    def __init__(self, reads):
+        self.reads = reads
+
+    def read(self):
+        engines, dedicated, shared, process_memory = self.reads.pop(0)
+        return {"engines": engines, "dedicated": dedicated, "shared": shared, "process_memory": process_memory}
+
+
+def test_the_windows_backend_reads_the_counters_each_sample():
+    idle = ([(GTX_1050, 0.0), (HD_630, 0.0)], [], [], [])
+    backend = agent.WindowsBackend((Counters([laptop_counters(), idle]), lambda: LAPTOP, names), skip_nvidia=False)
+    assert [g["utilizationGpu"] for g in backend.sample()] == [100, 12]
+    assert [g["utilizationGpu"] for g in backend.sample()] == [0, 0]
+
+
+def test_a_windows_with_only_nvidia_and_the_basic_render_driver_leaves_it_to_nvml():
+    only = {k: v for k, v in LAPTOP.items() if v["vendorId"] != 0x8086}
+    with pytest.raises(agent.GpuReadError, match="no GPU besides NVIDIA's and the Microsoft Basic Render Driver"):
+        agent.WindowsBackend((Counters([]), lambda: only, names), skip_nvidia=True)

@@ -1,0 +1,151 @@
+"""The Jetson and Intel readers on captured tegrastats lines, sysfs trees and fdinfo (tests/fixtures/gpus)."""
+import subprocess
+
+import pytest
+
+import agent
+from agent_fakes import GPUS, FakeRoot
+from gpustats.ingest import payload as server_payload
+
+JETSON, INTEL = GPUS / "jetson", GPUS / "intel"
+
+
+def lines(name):
+    return [line for line in (JETSON / name).read_text().splitlines() if line.strip()]
+
+
+# ---- Jetson: tegrastats ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("capture,line,expected", [
+    # AGX Xavier, JetPack 4.2 (gtop PR 7): no clock after GR3D_FREQ, the rail is "GPU now/avg" in mW.
+    ("tegrastats-agx-xavier.txt", 0, {"utilizationGpu": 0, "clockCore": None, "temperatureGpu": 30.5,
+                                      "powerDraw": 0.46, "memoryUsed": 14700, "memoryTotal": 15692}),
+    # AGX Orin, JetPack 7.2 (jetson_stats' tests): gpu@ in lower case, GR3D_FREQ 12%@[1300,1300].
+    ("tegrastats-agx-orin-jp7.txt", 0, {"utilizationGpu": 12, "clockCore": 1300, "temperatureGpu": 47.6,
+                                        "powerDraw": 5.14, "memoryUsed": 20642, "memoryTotal": 62817}),
+    # Orin Nano/NX (beszel's tests): the GPU shares VDD_CPU_GPU_CV with the CPUs.
+    ("tegrastats-orin-nano-nx-8gb-beszel.txt", 0, {"utilizationGpu": 63, "clockCore": 621, "temperatureGpu": 53.3,
+                                                   "powerDraw": 4.67, "memoryUsed": 6185, "memoryTotal": 7620}),
+    ("tegrastats-orin-nano-nx-8gb-beszel.txt", 1, {"utilizationGpu": 0, "clockCore": None, "temperatureGpu": 49.0,
+                                                   "powerDraw": 0.52, "memoryUsed": 3452, "memoryTotal": 7620}),
+    # TX2 (beszel's tests): VDD_SYS_GPU, not VDD_SYS_SOC or VDD_IN.
+    ("tegrastats-tx2-beszel.txt", 0, {"utilizationGpu": 0, "clockCore": 114, "temperatureGpu": 39.5,
+                                      "powerDraw": 0.18, "memoryUsed": 3276, "memoryTotal": 7859}),
+    # TX1, old L4T (gtop): "GR3D 0%@998", no temperature, no rails.
+    ("tegrastats-tx1-legacy-gtop.txt", 0, {"utilizationGpu": 0, "clockCore": 998, "temperatureGpu": None,
+                                           "powerDraw": None, "memoryUsed": 1104, "memoryTotal": 3995}),
+])
+def test_tegrastats_lines_from_tx1_to_orin(capture, line, expected):
+    assert agent.parse_tegrastats(lines(capture)[line]) == expected
+
+
+def test_the_jetson_backend_runs_tegrastats_with_a_timeout_where_sysfs_is_not_readable(tmp_path):
+    orin = lines("tegrastats-agx-orin-jp7.txt")[0]
+    root = FakeRoot(tmp_path / "host")
+
+    def run(args, **kwargs):
+        assert args[0] == "/usr/bin/tegrastats" and kwargs["timeout"]
+        raise subprocess.TimeoutExpired(args, kwargs["timeout"], output=(orin + "\n").encode())  # it never ends
+    reader = agent.JetsonBackend(agent.SysRoot(root.path), run=run, which=lambda name: "/usr/bin/tegrastats")
+    [gpu] = reader.sample()
+    assert (gpu["vendor"], gpu["memoryShared"], gpu["utilizationGpu"], gpu["memoryFree"]) == ("NVIDIA", True, 12, 42175)
+    assert server_payload.validate({"gpus": [gpu]})["gpus"][0] == gpu
+
+
+def test_the_jetson_backend_reads_load_and_devfreq_from_sysfs(tmp_path):
+    # jetson_stats' own fake iGPU tree: 10101010.gpu, of_node name "gpu", load 900 (per mille), 1 MHz.
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "sys").symlink_to(JETSON / "jtop-fake-igpu" / "fake_sys")
+    (host / "proc").mkdir()
+    # The AGX Orin capture's RAM (20,642 of 62,817 MB), as /proc/meminfo would say it.
+    (host / "proc" / "meminfo").write_text(f"MemTotal: {62817 * 1024} kB\nMemAvailable: {(62817 - 20642) * 1024} kB\n")
+    root = agent.SysRoot(host)
+    assert agent.JetsonBackend.present(root)
+    [gpu] = agent.JetsonBackend(root, which=lambda name: None).sample()
+    assert (gpu["utilizationGpu"], gpu["clockCore"], gpu["memoryTotal"], gpu["memoryUsed"]) == (90, 1, 62817, 20642)
+    assert (gpu["temperatureGpu"], gpu["powerDraw"], gpu["name"]) == (None, None, "NVIDIA Jetson GPU")
+
+
+def test_no_jetson_is_one_clear_error(tmp_path):
+    root = FakeRoot(tmp_path / "host")
+    assert not agent.JetsonBackend.present(agent.SysRoot(root.path))
+    with pytest.raises(agent.GpuReadError, match="no Jetson GPU"):
+        agent.JetsonBackend(agent.SysRoot(root.path), which=lambda name: None)
+
+
+# ---- Intel: i915 and xe -------------------------------------------------------------------------
+
+def advanced(text, **deltas):
+    """The fdinfo text with some counters moved on: a later read of the same client."""
+    out = []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        delta = deltas.get(key.strip().replace("drm-", "").replace("-", "_"))
+        if delta:
+            number, _, unit = value.strip().partition(" ")
+            line = f"{key}:\t{int(number) + delta}{' ' + unit if unit else ''}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+class Clock:
+    def __init__(self):
+        self.ns = 1_000_000_000_000
+
+    def __call__(self):
+        return self.ns
+
+
+def test_an_i915_igpu_reads_its_clock_and_busy_share_from_engine_time(tmp_path):
+    root = FakeRoot(tmp_path / "host")
+    root.intel_card("card0", "i915", "0000:00:02.0", card_files=INTEL / "i915-smc45-card0" / "card")
+    i915 = (INTEL / "fdinfo" / "i915-kernel-i915rst-doc.txt").read_text()  # client 7 on 0000:00:02.0
+    root.process(501, "gnome-shell", 1000, [i915], user="ana")
+    clock = Clock()
+    reader = agent.IntelBackend(agent.SysRoot(root.path, reuse_s=0), clock=clock)
+    [first] = reader.sample()
+    assert (first["vendor"], first["clockCore"], first["utilizationGpu"]) == ("Intel", 350, None)  # one read: no rate yet
+    assert first["processes"] == [{"pid": 501, "name": "gnome-shell", "user": "ana", "memoryUsed": None}]
+    # One second on: render busy 0.4 s; video busy 1.2 s over its two engines (capacity 2) is 60 %.
+    clock.ns += 1_000_000_000
+    fdinfo = root.path / "proc" / "501" / "fdinfo" / "3"
+    fdinfo.write_text(advanced(i915, engine_render=400_000_000, engine_video=1_200_000_000))
+    [second] = reader.sample()
+    assert second["utilizationGpu"] == 60
+    assert all(second[k] is None for k in ("memoryTotal", "memoryUsed", "temperatureGpu", "fanSpeed"))
+    assert server_payload.validate({"gpus": [second]})["gpus"][0] == second
+
+
+def test_an_xe_card_reads_busy_from_gpu_cycles_and_its_power_cap(tmp_path):
+    root = FakeRoot(tmp_path / "host")
+    root.intel_card("card1", "xe", "0000:03:00.0", hwmon=INTEL / "xe-arc-pro-b60-nvtop493" / "hwmon")
+    xe = (INTEL / "fdinfo" / "xe-kernel-xe_drm_client-doc.txt").read_text()  # client 3 on 0000:03:00.0
+    root.process(900, "python3", 1001, [xe], user="ben")
+    reader = agent.IntelBackend(agent.SysRoot(root.path, reuse_s=0), clock=Clock())
+    [first] = reader.sample()
+    assert (first["powerLimit"], first["utilizationGpu"], first["clockCore"]) == (200, None, None)
+    assert first["processes"] == [{"pid": 900, "name": "python3", "user": "ben", "memoryUsed": 23}]  # resident VRAM
+    # The render engine ran 25 M of the GPU's 100 M cycles; the four compute engines 200 M (capacity 4: 50 %).
+    (root.path / "proc" / "900" / "fdinfo" / "3").write_text(advanced(
+        xe, cycles_rcs=25_000_000, total_cycles_rcs=100_000_000, cycles_ccs=200_000_000, total_cycles_ccs=100_000_000,
+        total_cycles_bcs=100_000_000))
+    [second] = reader.sample()
+    assert second["utilizationGpu"] == 50  # the busiest engine class
+
+
+@pytest.mark.parametrize("before,after,seconds,watts", [
+    (1_000_000, 31_000_000, 2, 15.0),
+    ((1 << 32) - 5_000_000, 25_000_000, 2, 15.0),  # a 32-bit counter wrapped
+    (None, 31_000_000, 2, None),
+    (1_000_000, 1_000_000 + 40_000_000_000, 2, None),  # 20 kW: not a GPU's draw
+])
+def test_power_is_the_energy_counters_rate(before, after, seconds, watts):
+    assert agent.energy_watts(before, after, seconds * 1_000_000_000) == watts
+
+
+def test_no_intel_card_is_one_clear_error(tmp_path):
+    root = FakeRoot(tmp_path / "host")
+    root.simpledrm()
+    with pytest.raises(agent.GpuReadError, match="no Intel GPU with the i915 or xe driver"):
+        agent.IntelBackend(agent.SysRoot(root.path))
