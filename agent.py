@@ -322,14 +322,18 @@ class SimulatedBackend:
 
 # ---- Linux: sysfs and procfs, for AMD, Intel and Jetson GPUs --------------------------------
 
+RESCAN_S = 10.0  # how often /proc is searched for new GPU clients; known ones are read every sample
+
+
 class SysRoot:
     """Where /sys, /proc and /usr/share are: this machine's, or a host's mounted in a container (--sys-root)."""
 
-    def __init__(self, root="/", reuse_s=0.5):
+    def __init__(self, root="/", reuse_s=0.5, rescan_s=RESCAN_S):
         self.root = Path(root)
         self.sys, self.proc = self.root / "sys", self.root / "proc"
-        self.reuse_s = reuse_s  # one /proc scan serves every reader of one sample
+        self.reuse_s, self.rescan_s = reuse_s, rescan_s  # one read serves every reader of one sample
         self._clients = (None, [])
+        self._descriptors = (None, [])
         self._users = {}
 
     def path(self, absolute):
@@ -353,7 +357,11 @@ class SysRoot:
         when, clients = self._clients
         now = time.monotonic()
         if when is None or now - when >= self.reuse_s:
-            clients = scan_drm_clients(self.proc)
+            found, descriptors = self._descriptors
+            if found is None or now - found >= self.rescan_s:  # new GPU processes appear within RESCAN_S
+                descriptors = drm_descriptors(self.proc)
+                self._descriptors = (now, descriptors)
+            clients = read_drm_clients(self.proc, descriptors)
             self._clients = (now, clients)
         return clients
 
@@ -508,39 +516,49 @@ def parse_fdinfo(text):
     return fields
 
 
-def scan_drm_clients(proc):
-    """Return [{"pid": pid, **fdinfo}] of every open DRM client this user can see, one per (device, client).
+def drm_descriptors(proc):
+    """Return [(pid, fd)] of every open file descriptor into /dev/dri that this user can see.
 
-    Only the file descriptors that point into /dev/dri are read (a readlink is cheaper than an
-    fdinfo read, and a desktop has thousands of descriptors); a process that opened the same
-    client twice (dup, fork) is counted once, by drm-client-id.
+    A desktop has thousands of descriptors and each costs a readlink: this is most of a
+    Linux reader's CPU (make bench-agent), so it runs every RESCAN_S, not every sample.
     """
-    clients, seen = [], set()
+    found = []
     try:
         pids = [entry.name for entry in os.scandir(proc) if entry.name.isdigit()]
     except OSError:
-        return clients
+        return found
     for pid in pids:
         try:
-            fds = list(os.scandir(proc / pid / "fd"))
+            fds = list(os.scandir(f"{proc}/{pid}/fd"))
         except OSError:  # another user's process, or gone
             continue
         for fd in fds:
             try:
-                if not os.readlink(fd.path).startswith("/dev/dri/"):
-                    continue
+                if os.readlink(fd.path).startswith("/dev/dri/"):
+                    found.append((pid, fd.name))
             except OSError:
                 continue
-            text = read_text(proc / pid / "fdinfo" / fd.name)
-            if not text:
-                continue
-            fields = parse_fdinfo(text)
-            device = (fields.get("drm-pdev") or fields.get("pdev") or "").lower()
-            client = fields.get("drm-client-id") or fields.get("pasid") or f"{pid}/{fd.name}"
-            if not device or (device, client) in seen:
-                continue
-            seen.add((device, client))
-            clients.append({"pid": int(pid), **fields, "drm-pdev": device})
+    return found
+
+
+def read_drm_clients(proc, descriptors):
+    """Return [{"pid": pid, **fdinfo}] of the DRM clients behind `descriptors`, one per (device, client).
+
+    A process that opened the same client twice (dup, fork) is counted once, by drm-client-id;
+    a descriptor closed since it was found reads as nothing and is left out.
+    """
+    clients, seen = [], set()
+    for pid, fd in descriptors:
+        text = read_text(proc / pid / "fdinfo" / fd)
+        if not text:
+            continue
+        fields = parse_fdinfo(text)
+        device = (fields.get("drm-pdev") or fields.get("pdev") or "").lower()
+        client = fields.get("drm-client-id") or fields.get("pasid") or f"{pid}/{fd}"
+        if not device or (device, client) in seen:
+            continue
+        seen.add((device, client))
+        clients.append({"pid": int(pid), **fields, "drm-pdev": device})
     return clients
 
 

@@ -253,6 +253,52 @@ def bench_agent(samples):
     print(f"agent, gputil backend, 2 GPUs, {samples} samples: {own:.2f} ms CPU per sample in the agent itself, "
           f"{child / samples * 1000:.1f} ms in the 2 nvidia-smi runs (the fake, a Python script), "
           f"{wall / samples * 1000:.1f} ms wall per sample")
+    bench_agent_amd(samples)
+
+
+def bench_agent_amd(samples, processes=300, fds=40, clients=4):
+    """The agent's CPU per sample on the AMD reader: two captured cards and a /proc of `processes` processes.
+
+    Each process has `fds` descriptors, `clients` of the processes hold a GPU: the reader
+    readlinks every descriptor it may see, as on a desktop, so this is most of its cost.
+    """
+    import agent
+    captures = harness.ROOT / "tests" / "fixtures" / "gpus" / "amd"
+    root = Path(tempfile.mkdtemp())
+    fdinfo = (captures / "fdinfo" / "kernel-patch-2024-05-06-v1-drm-engine-gfx.txt").read_text()
+    for number, (capture, address) in enumerate([("rx580", "0000:09:00.0"), ("rx6900xt", "0000:0c:00.0")]):
+        card = root / "sys" / "class" / "drm" / f"card{number + 1}"
+        card.mkdir(parents=True)
+        (card / "device").symlink_to(captures / capture / "device")
+    (root / "usr" / "share" / "libdrm").mkdir(parents=True)
+    (root / "usr" / "share" / "libdrm" / "amdgpu.ids").symlink_to(captures / "amdgpu.ids")
+    for pid in range(1000, 1000 + processes):
+        base = root / "proc" / str(pid)
+        (base / "fd").mkdir(parents=True)
+        (base / "fdinfo").mkdir()
+        (base / "comm").write_text("worker\n")
+        (base / "status").write_text(f"Name:\tworker\nUid:\t1000\t1000\t1000\t1000\n")
+        for fd in range(fds):
+            drm = pid < 1000 + clients and fd == fds - 1
+            (base / "fd" / str(fd)).symlink_to("/dev/dri/renderD128" if drm else f"socket:[{pid * 100 + fd}]")
+            (base / "fdinfo" / str(fd)).write_text(fdinfo.replace("0000:04:00.0", "0000:09:00.0") if drm else "pos:\t0\n")
+    costs = {}
+    for kind, rescan_s in (("searching /proc", 0), ("reading known clients", 3600)):
+        backend = agent.AmdBackend(agent.SysRoot(root, reuse_s=0, rescan_s=rescan_s), which=lambda name: None)
+        for _ in range(3):
+            json.dumps(agent.build_payload(backend))
+        before = os.times()
+        for _ in range(samples):
+            json.dumps(agent.build_payload(backend))
+        after = os.times()
+        costs[kind] = (after.user - before.user + after.system - before.system) / samples * 1000
+    every = round(agent.RESCAN_S / 2)  # samples at the default 2 s interval between two searches of /proc
+    average = (costs["searching /proc"] + (every - 1) * costs["reading known clients"]) / every
+    print(f"agent, amd backend, 2 GPUs (RX 580, RX 6900 XT captures), {processes} processes with {fds} descriptors "
+          f"each ({clients} on the GPU), {samples} samples: " + ", ".join(f"{v:.2f} ms CPU per sample {k}"
+                                                                         for k, v in costs.items())
+          + f"; {average:.2f} ms on average at the default 2 s interval (/proc searched every {agent.RESCAN_S:g} s)")
+    shutil.rmtree(root)
 
 
 def _drain(port, count, ready):

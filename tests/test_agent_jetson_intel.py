@@ -103,7 +103,7 @@ def test_an_i915_igpu_reads_its_clock_and_busy_share_from_engine_time(tmp_path):
     i915 = (INTEL / "fdinfo" / "i915-kernel-i915rst-doc.txt").read_text()  # client 7 on 0000:00:02.0
     root.process(501, "gnome-shell", 1000, [i915], user="ana")
     clock = Clock()
-    reader = agent.IntelBackend(agent.SysRoot(root.path, reuse_s=0), clock=clock)
+    reader = agent.IntelBackend(agent.SysRoot(root.path, reuse_s=0, rescan_s=0), clock=clock)
     [first] = reader.sample()
     assert (first["vendor"], first["clockCore"], first["utilizationGpu"]) == ("Intel", 350, None)  # one read: no rate yet
     assert first["processes"] == [{"pid": 501, "name": "gnome-shell", "user": "ana", "memoryUsed": None}]
@@ -122,7 +122,7 @@ def test_an_xe_card_reads_busy_from_gpu_cycles_and_its_power_cap(tmp_path):
     root.intel_card("card1", "xe", "0000:03:00.0", hwmon=INTEL / "xe-arc-pro-b60-nvtop493" / "hwmon")
     xe = (INTEL / "fdinfo" / "xe-kernel-xe_drm_client-doc.txt").read_text()  # client 3 on 0000:03:00.0
     root.process(900, "python3", 1001, [xe], user="ben")
-    reader = agent.IntelBackend(agent.SysRoot(root.path, reuse_s=0), clock=Clock())
+    reader = agent.IntelBackend(agent.SysRoot(root.path, reuse_s=0, rescan_s=0), clock=Clock())
     [first] = reader.sample()
     assert (first["powerLimit"], first["utilizationGpu"], first["clockCore"]) == (200, None, None)
     assert first["processes"] == [{"pid": 900, "name": "python3", "user": "ben", "memoryUsed": 23}]  # resident VRAM
