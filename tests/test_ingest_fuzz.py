@@ -23,7 +23,7 @@ from conftest import KEYS, Server, Stream, gpu, multi, raw_exchange
 FUZZ = dict(deadline=None, database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                    HealthCheck.function_scoped_fixture])
-NUMBER_FIELDS = [name for name, check in payload.GPU_FIELDS.items() if check is not payload._string]
+NUMBER_FIELDS = [name for name, check in payload.GPU_FIELDS.items() if check not in (payload._string, payload._boolean)]
 STRING_FIELDS = [name for name, check in payload.GPU_FIELDS.items() if check is payload._string]
 STALL_S = 0.1  # PUSH_BODY_TIMEOUT_S (its least) on the server the framing is fuzzed on; the others keep the default
 # Cases each property sends; together over 10,000 a run.
