@@ -68,7 +68,7 @@ def create_app(overrides=None):
     register_ingest(app, config, registry, fleet, broadcaster, parts.push_limits, parts.bad_key_limits, parts.counters)
     register_history(app, config, history, known_devices=known_devices)
     register_metrics(app, fleet, parts.counters)
-    register_pages(app, config, fleet, broadcaster)
+    register_pages(app, config, fleet, broadcaster, history)
     # Outside Flask, around everything: a refusal costs no routing, and the deadline covers the write.
     app.wsgi_app = ClientLimits(app.wsgi_app, config.response_timeout_s, config.max_requests_per_client,
                                 config.trusted_proxies)

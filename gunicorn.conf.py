@@ -20,6 +20,11 @@ worker_connections = _config.worker_connections
 # connections evenly over them. On one shared socket gevent workers took viewers about 2:1
 # (686 and 1,314 of 2,000, measured), so one worker carried twice its share.
 reuse_port = workers > 1
+# An agent pushes every 2 s on one keep-alive connection. gunicorn's default keep-alive is 2 s,
+# so it closed each agent's connection just about as the next push went out on it: a reset,
+# and that push lost to the agent's backoff (make bench BENCH_ARGS=--ingest-fleet counts them).
+# nginx keeps idle connections 75 s.
+keepalive = 75
 
 
 def worker_exit(server, worker):

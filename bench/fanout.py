@@ -277,7 +277,7 @@ def bench_agent_amd(samples, processes=300, fds=40, clients=4):
         (base / "fd").mkdir(parents=True)
         (base / "fdinfo").mkdir()
         (base / "comm").write_text("worker\n")
-        (base / "status").write_text(f"Name:\tworker\nUid:\t1000\t1000\t1000\t1000\n")
+        (base / "status").write_text("Name:\tworker\nUid:\t1000\t1000\t1000\t1000\n")
         for fd in range(fds):
             drm = pid < 1000 + clients and fd == fds - 1
             (base / "fd" / str(fd)).symlink_to("/dev/dri/renderD128" if drm else f"socket:[{pid * 100 + fd}]")
@@ -541,7 +541,18 @@ def main():
                       help="write this many days of history for the devices before the server starts")
     live.add_argument("--history-db", type=Path, metavar="FILE",
                       help="start from a copy of this HISTORY_DB file instead")
+    ingest = parser.add_argument_group("--ingest and --ingest-fleet (bench/ingest.py)")
+    ingest.add_argument("--ingest", action="store_true",
+                        help="instead: CPU per push at saturation, side by side with the Node seed")
+    ingest.add_argument("--ingest-fleet", action="store_true",
+                        help="instead: --devices devices pushing every --push-interval s for --seconds to one worker")
+    ingest.add_argument("--devices", type=int, default=2000, help="devices, each with its own key")
+    ingest.add_argument("--connections", type=int, default=8, help="keep-alive connections at saturation")
+    ingest.add_argument("--seconds", type=float, default=10.0, help="seconds measured (after --warmup)")
     args = parser.parse_args()
+    if args.ingest or args.ingest_fleet:
+        from bench import ingest
+        return ingest.saturation(args) if args.ingest else ingest.fleet(args)
     if args.agent:
         return bench_agent(args.agent)
     if args.cap:

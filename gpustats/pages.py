@@ -13,7 +13,7 @@ SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-
 YEAR_S = 365 * 24 * 3600
 
 
-def register_pages(app, config, fleet, broadcaster):
+def register_pages(app, config, fleet, broadcaster, history=None):
     """Add `GET /`, versioned asset URLs, the headers every response gets, and `GET /healthz`."""
     started = time.monotonic()
     versions = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:12]
@@ -33,8 +33,10 @@ def register_pages(app, config, fleet, broadcaster):
     @app.get("/healthz")
     def healthz():
         counts = fleet.counts()
+        backlog = getattr(history, "backlog", None)  # SQLite's writer queue; Redis history has none
         return jsonify(ok=True, devices=sum(counts.values()), **counts,
                        subscribers=broadcaster.subscribers, **fleet.health(),
+                       **({"historyBacklog": backlog()} if backlog else {}),
                        uptimeS=round(time.monotonic() - started, 1))
 
     @app.after_request

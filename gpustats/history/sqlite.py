@@ -124,6 +124,10 @@ class SqliteHistory:
     def close(self):
         self._closed = True
 
+    def backlog(self):
+        """Return how many samples wait for the writer: a second's worth when it keeps up."""
+        return len(self._pending)
+
     def add(self, event):
         """Queue what history keeps of an accepted push (a few numbers a GPU) for the next write; never blocks."""
         if len(self._pending) == MAX_PENDING:
@@ -160,8 +164,9 @@ class SqliteHistory:
         added = {}  # new GPUs' ids: kept only once the transaction commits
         with _transaction(self._db):
             ids = self._gpu_ids(batch.gpus, added)
-            self._db.executemany(PUT_SECOND, [(ids[device, gpu], second, *values[:-1], round(values[-1], 1))
-                                              for (device, gpu, second), values in batch.seconds.items()])
+            self._db.executemany(PUT_SECOND, [(ids[device, gpu], second, util, mem, temp, power, round(joules, 1))
+                                              for (device, gpu, second), (util, mem, temp, power, joules)
+                                              in batch.seconds.items()])
             for tier, buckets in batch.buckets.items():
                 self._db.executemany(ADD_BUCKET.format(table=tier.name), [
                     (ids[device, gpu], start, *sums) for (device, gpu, start), sums in buckets.items()])
@@ -173,15 +178,17 @@ class SqliteHistory:
         self._ids.update(added)
 
     def _gpu_ids(self, gpus, added):
-        """Return {(device, gpu): id}, adding new GPUs and a changed uuid or name to `added`."""
+        """Return {(device, gpu): id} of the batch's GPUs, adding new GPUs and a changed uuid or name to `added`."""
+        ids = {}
         for key, (uuid, name) in gpus.items():
             kept = self._ids.get(key)
-            if kept is None or kept[1:] != (uuid, name):
+            if kept is None or kept[1] != uuid or kept[2] != name:
                 gpu_id = self._db.execute(
                     "INSERT INTO gpu (device, gpu, uuid, name) VALUES (?, ?, ?, ?) ON CONFLICT (device, gpu) "
                     "DO UPDATE SET uuid = excluded.uuid, name = excluded.name RETURNING id", (*key, uuid, name)).fetchone()[0]
-                added[key] = (gpu_id, uuid, name)
-        return {key: kept[0] for key, kept in {**self._ids, **added}.items()}
+                kept = added[key] = (gpu_id, uuid, name)
+            ids[key] = kept[0]
+        return ids
 
     def gpus(self, device):
         """Return [(index, uuid, name, key for series())] of the device's GPUs, by index; None if it has no history."""
