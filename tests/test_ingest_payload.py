@@ -116,3 +116,29 @@ def test_a_sample_that_failed_whole_carries_its_error():
     push = check({"gpus": [], "error": "nvidia-smi failed (exit 9): NVIDIA-SMI has failed"})
     assert push["gpus"] == [] and push["error"].startswith("nvidia-smi failed")
     assert refused({"gpus": [], "error": 9}).field == "error"
+
+
+@pytest.mark.parametrize("body", [
+    json.dumps(multi(gpu(0), gpu(1))).encode(),
+    json.dumps(multi(gpu(0, name="Radeon: RX 580"))).encode(),  # a colon in a string: proven the slow way
+    b'{"gpus": [{"index": 0, "name": "a", "name": "b"}]}',  # a key twice
+    b'{"gpus": [], "gpus": []}',
+    b'{"gpus": [{"index": 0, "extra": {"a": {"b": {"c": 1}}}}]}',  # an unknown field nested too deeply
+    b'{"gpus": [{"index": 0, "extra": {"a": 1}}], "x": [[[[1]]]]}',
+    b'{"gpus": [{"index": 0, "processes": [{"pid": 1, "x": [1]}]}]}',  # one level past a process
+    b'{"gpus": [{"index": 0, "processes": [{"pid": 1, "x": []}]}]}',
+    b'\xef\xbb\xbf{"gpus": [{"index": 0}]}',  # a byte order mark
+    b'{"gpus": [{"index": 5.0}, {"index": 5}]}',  # the same index, once as 5.0
+    b'{"gpus": [{"index": 0, "temperatureGpu": 1e400}]}',
+    b'{"gpus": [{"index": 0, "name": "\\ud800"}]}',
+    b'{"gpus": [{"index": 0, "utilizationGpu": NaN}]}',
+    b'{"name": "NVIDIA RTX 3080", "temperatureGpu": 65}',  # the seed's one GPU object
+    b'{"gpus": [{"index": 0}], "agent": {"version": "1", "x": {"y": {"z": {"w": 1}}}}}',
+])
+def test_the_routes_one_pass_parse_answers_as_decode_then_validate(body):
+    def answer(check):
+        try:
+            return check()
+        except payload.PushError as error:
+            return ("refused", error.field, str(error))
+    assert answer(lambda: payload.parse(body)) == answer(lambda: payload.validate(payload.decode(body)))

@@ -18,6 +18,7 @@ FIELDS = ("utilizationGpu", "memoryUsed", "temperatureGpu", "powerDraw")
 # A bucket's sums: for each field its sum and its count of reported values, then joules drawn.
 WIDTH = 2 * len(FIELDS) + 1
 POWER = FIELDS.index("powerDraw")
+POWER_AT = 3 + POWER  # in a sample's GPU tuple: (index, uuid, name, *FIELDS values)
 DEFAULT_POINTS = 1000  # the most buckets a query gets when it names no step (SPEC)
 MOST_POINTS = 10_000  # the most buckets a query may ask for with its own step
 NICE_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
@@ -53,26 +54,46 @@ class Batch:
     def __init__(self):
         self.seconds = {}  # (device, gpu, second) -> [*values, joules]: the newest values win, joules add
         self.buckets = {MINUTE: {}, HOUR: {}}  # tier -> {(device, gpu, start): sums}
+        self._minutes, self._hours = self.buckets[MINUTE], self.buckets[HOUR]
+        assert len(FIELDS) == 4 and (MINUTE.step_s, HOUR.step_s) == (60, 3600)  # as add() has them
         self.gpus = {}  # (device, gpu) -> (uuid, name), the latest seen
 
-    def add(self, device, index, uuid, name, values, t, joules):
+    def add(self, device, gpu, t, joules):
+        """Add one GPU's sample, (index, uuid, name, *FIELDS values), with the joules drawn since its last.
+
+        Written out for the four FIELDS: a fleet of 2,000 PCs adds 8,000 of these a second.
+        """
+        index, uuid, name, util, mem, temp, power = gpu
         self.gpus[(device, index)] = (uuid, name)
         second = math.floor(t)
-        kept = self.seconds.get((device, index, second))
-        self.seconds[(device, index, second)] = values + [joules + (kept[-1] if kept else 0.0)]
-        for tier, buckets in self.buckets.items():
-            sums = buckets.setdefault((device, index, second - second % tier.step_s), [0] * WIDTH)
-            for i, value in enumerate(values):
-                if value is not None:
-                    sums[2 * i] += value
-                    sums[2 * i + 1] += 1
-            sums[-1] += joules
+        key = (device, index, second)
+        kept = self.seconds.get(key)
+        self.seconds[key] = [util, mem, temp, power, joules + kept[-1] if kept else joules]
+        for buckets, start in ((self._minutes, second - second % 60), (self._hours, second - second % 3600)):
+            key = (device, index, start)
+            sums = buckets.get(key)
+            if sums is None:
+                sums = buckets[key] = [0, 0, 0, 0, 0, 0, 0, 0, 0.0]
+            if util is not None:
+                sums[0] += util
+                sums[1] += 1
+            if mem is not None:
+                sums[2] += mem
+                sums[3] += 1
+            if temp is not None:
+                sums[4] += temp
+                sums[5] += 1
+            if power is not None:
+                sums[6] += power
+                sums[7] += 1
+            sums[8] += joules
 
 
 def sample(event):
     """Return what history keeps of an accepted push: (device, t, [(gpu, uuid, name, *FIELDS values)])."""
     return event["device"], event["receivedAt"], [
-        (gpu["index"], gpu.get("uuid"), gpu.get("name"), *(gpu.get(name) for name in FIELDS)) for gpu in event["gpus"]]
+        (gpu["index"], gpu.get("uuid"), gpu.get("name"), gpu.get("utilizationGpu"), gpu.get("memoryUsed"),
+         gpu.get("temperatureGpu"), gpu.get("powerDraw")) for gpu in event["gpus"]]
 
 
 AHEAD_S = 2.0  # a kept sample this far past the writer's clock came from a clock that stepped back since
@@ -93,22 +114,23 @@ class Sampler:
     def add(self, batch, sampled, now=None):
         """Add one sample; `now` is the writer's clock, which tells a kept sample from the future."""
         device, t, gpus = sampled
-        now = time.time() if now is None else now
-        for index, uuid, name, *values in gpus:
-            key, power = (device, index), values[POWER]
-            previous = self.last.get(key)
+        ahead = (time.time() if now is None else now) + AHEAD_S
+        last, max_gap_s, add = self.last, self.max_gap_s, batch.add
+        for gpu in gpus:
+            key, power = (device, gpu[0]), gpu[POWER_AT]
+            previous = last.get(key)
             joules = 0.0
-            if previous is not None and t <= previous[0] and previous[0] > now + AHEAD_S:
-                # Issue 20: after the clock ran an hour ahead for 5 s, every present sample was
-                # "older" than those and dropped for an hour, across restarts too. The present wins.
-                previous = None
             if previous is not None:
-                if t <= previous[0]:
-                    continue  # older than what is kept already (two hosts' clocks, a replay): drop it
-                if power is not None and previous[1] is not None and t - previous[0] <= self.max_gap_s:
-                    joules = (previous[1] + power) / 2 * (t - previous[0])
-            self.last[key] = (t, power)
-            batch.add(device, index, uuid, name, values, t, joules)
+                then, drawn = previous
+                if t <= then:
+                    if then <= ahead:
+                        continue  # older than what is kept already (two hosts' clocks, a replay): drop it
+                    # Issue 20: after the clock ran an hour ahead for 5 s, every present sample was
+                    # "older" than those and dropped for an hour, across restarts too. The present wins.
+                elif power is not None and drawn is not None and t - then <= max_gap_s:
+                    joules = (drawn + power) / 2 * (t - then)
+            last[key] = (t, power)
+            add(device, gpu, t, joules)
 
 
 class TrustedClock:

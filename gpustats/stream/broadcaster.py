@@ -140,9 +140,9 @@ class Broadcaster:
         return f"{self.boot_id}-{seq}"
 
     @staticmethod
-    def encode(device, data, event=None):
-        """Do all the work of a publish that can fail (ValueError), touching no state."""
-        return device, sse.event_head(event), sse.data_block(data)
+    def encode(device, data, event=None, finite=False):
+        """Do all the work of a publish that can fail (ValueError), touching no state; see sse.data_block."""
+        return device, sse.event_head(event), sse.data_block(data, finite)
 
     def publish(self, device, data, event=None):
         """Frame `data` once, store it for every subscriber, wake them; return its id."""

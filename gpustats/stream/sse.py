@@ -1,6 +1,8 @@
 """Server-Sent Events framing: pure functions from values to wire bytes."""
 import json
 
+import orjson
+
 
 def encode_json(data):
     """Serialize `data` compactly; NaN and Infinity are refused, never sent."""
@@ -13,12 +15,19 @@ def frame(data, event_id=None, event=None):
     return head + event_head(event) + data_block(data)
 
 
-def data_block(data):
+def data_block(data, finite=False):
     """Return the `data:` lines of an event and its blank line, as bytes.
 
     Raises ValueError (UnicodeEncodeError is one) for what cannot be sent: NaN, Infinity,
     or a string holding a lone UTF-16 surrogate, which JSON can carry but UTF-8 cannot.
+    `finite`: the caller has checked every number (a validated push), so orjson, 10x faster
+    than json but writing NaN as null, may encode it. Compact JSON has no newline: one line.
     """
+    if finite and not isinstance(data, str):
+        try:
+            return b"data: " + orjson.dumps(data) + b"\n\n"
+        except orjson.JSONEncodeError as error:  # a lone surrogate; a number past 64 bits
+            raise ValueError(str(error)) from None
     text = data if isinstance(data, str) else encode_json(data)
     # A newline in data would end the field early; each line gets its own `data:` prefix.
     return ("".join(f"data: {line}\n" for line in text.split("\n")) + "\n").encode()
