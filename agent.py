@@ -215,6 +215,7 @@ class NvmlBackend:
         except nvml.NVMLError as error:
             raise GpuReadError(f"NVML could not start: {error}") from None
         self.driver = self._read(nvml.nvmlSystemGetDriverVersion)
+        self.count = self._read(nvml.nvmlDeviceGetCount) or 0  # the slots its GPUs keep beside other readers'
 
     def _read(self, getter, *args):
         """Call an NVML getter; NotSupported and every other NVMLError mean null."""
@@ -698,6 +699,7 @@ AMD_TOOLS = (  # where installed, they may fill what sysfs left null; nothing de
                   "--showbus", "--json"), parse_rocm_smi))
 TOOL_TIMEOUT_S = 5.0
 TOOL_REST_S = 600.0  # a tool that filled nothing, or failed, is left alone this long
+TOOL_EVERY_S = 60.0  # a tool that fills gaps is asked at most this often
 
 
 AMD_MEMORY = (("drm-memory-vram", "drm-total-vram", "vram mem"), ("drm-memory-gtt", "drm-total-gtt", "gtt mem"))
@@ -718,7 +720,7 @@ class AmdBackend:
         self.driver = read_text(self.root.sys / "module" / "amdgpu" / "version") or _kernel_release(self.root)
         self.names = {}
         self.tools = [(path, args, parse) for name, args, parse in AMD_TOOLS if (path := which(name))]
-        self.resting = {}  # tool -> when it may be asked again
+        self.resting, self.given = {}, {}  # tool -> when it may be asked again, and what it gave last
 
     def describe(self, index):
         address, card, _ = self.cards[index]
@@ -732,27 +734,38 @@ class AmdBackend:
         return gpus
 
     def _fill_gaps(self, gpus):
-        """Fill what sysfs left null from amd-smi or rocm-smi, where one is installed and gives it."""
-        gaps = [g for g in gpus if g.get("pstate") != "suspended" and any(g.get(k) is None for k in GAP_FIELDS)]
+        """Fill what sysfs left null from amd-smi or rocm-smi, where one is installed and gives it.
+
+        A tool that gives something is asked again a minute later at most (amd-smi costs a second
+        of CPU), and what it gave stands in the meantime: at most TOOL_EVERY_S old. One that gives
+        nothing, or fails, is left alone TOOL_REST_S. None is run while a card sleeps: the tools
+        read every card, and would wake it.
+        """
+        if any(g.get("pstate") == "suspended" for g in gpus):
+            return
+        gaps = [g for g in gpus if any(g.get(k) is None for k in GAP_FIELDS)]
+        now = self.clock()
         for path, args, parse in self.tools if gaps else ():
-            if self.resting.get(path, 0) > self.clock():
-                continue
-            try:
-                done = self.run([path, *args], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
-                found = parse(done.stdout)
-            except (OSError, subprocess.TimeoutExpired):
-                found = {}
+            if self.resting.get(path, 0) > now:
+                found = self.given.get(path, {})
+            else:
+                try:
+                    done = self.run([path, *args], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+                    found = parse(done.stdout)
+                except (OSError, ValueError, subprocess.TimeoutExpired):
+                    found = {}
+                found = {gpu["index"]: found.get(self.cards[gpu["index"]][0] if parse is parse_rocm_smi else gpu["index"])
+                         for gpu in gaps}  # rocm-smi names cards by PCI address, amd-smi numbers them in PCI order
+                found = {index: values for index, values in found.items() if values}
+                self.given[path] = found
+                self.resting[path] = now + (TOOL_EVERY_S if found else TOOL_REST_S)
             filled = 0
             for gpu in gaps:
-                address = self.cards[gpu["index"]][0]
-                extra = found.get(address) if parse is parse_rocm_smi else found.get(gpu["index"])  # amd-smi: by PCI order
-                for key, value in (extra or {}).items():
+                for key, value in found.get(gpu["index"], {}).items():
                     if gpu.get(key) is None and value is not None:
                         gpu[key], filled = value, filled + 1
                 if gpu.get("memoryFree") is None and gpu.get("memoryTotal") and gpu.get("memoryUsed") is not None:
                     gpu["memoryFree"] = gpu["memoryTotal"] - gpu["memoryUsed"]
-            if not filled:
-                self.resting[path] = self.clock() + TOOL_REST_S
             if filled or not any(g.get(k) is None for g in gaps for k in GAP_FIELDS):
                 return
 
@@ -859,8 +872,8 @@ def engine_busy(previous, current, elapsed_ns):
 
     i915 counts each engine's busy time in ns (drm-engine-render: 5234 ns), xe counts GPU
     cycles beside the GPU's total (drm-cycles-rcs / drm-total-cycles-rcs). A client that was
-    not there before started after the last sample, so all of its time falls in this one.
-    Per engine, the clients' shares add up, divided by how many engines of that class there
+    first seen now is a baseline: /proc is searched for new clients every RESCAN_S, so its time
+    so far need not be this interval's. Per engine, the clients' shares add up, divided by how many engines of that class there
     are (drm-engine-capacity-*). Only the clients this user can see count: run as root (the
     system service) to see everyone's.
     """
@@ -870,8 +883,10 @@ def engine_busy(previous, current, elapsed_ns):
         for key, value in fields.items():
             if key.startswith("drm-engine-") and not key.startswith("drm-engine-capacity-"):
                 engine = key[len("drm-engine-"):]
+                if key not in before:
+                    continue  # a client first seen now: /proc is searched every RESCAN_S, so its time is not this interval's
                 now, then = parse_size(value.replace("ns", "").strip()), parse_size(
-                    before.get(key, "0").replace("ns", "").strip())
+                    before[key].replace("ns", "").strip())
                 if now is not None and then is not None and elapsed_ns > 0 and now >= then:
                     capacity = parse_size(fields.get(f"drm-engine-capacity-{engine}", "1")) or 1
                     busy[engine] = busy.get(engine, 0.0) + (now - then) / elapsed_ns / capacity
@@ -931,6 +946,12 @@ class IntelBackend:
         device = card / "device"
         if not device.exists():
             return {"index": index, "vendor": self.vendor, "error": f"{card.name} is gone (GPU reset or removed)"}
+        if read_text(device / "power" / "runtime_status") == "suspended":
+            # Asleep: the energy counter, the clocks and the engines' counters would wake it.
+            self.last.pop(address, None)
+            return {"index": index, "uuid": None, "name": self._name(device), "vendor": self.vendor,
+                    "driverVersion": self.driver, "utilizationGpu": 0, "pstate": "suspended",
+                    "processes": client_processes(self.root, clients, INTEL_MEMORY)}
         now = self.clock()
         hwmon = hwmon_dir(device)
         energy = read_int(hwmon / "energy1_input") if hwmon else None
@@ -972,22 +993,23 @@ class IntelBackend:
 def energy_watts(before_uj, after_uj, elapsed_ns):
     """Return watts from two readings of a µJ energy counter `elapsed_ns` apart; None when unknown.
 
-    The counter wraps: hwmon's are 64 bits in the kernel, but the hardware's are 32 and some
-    drivers expose them raw. A step back is taken as one wrap of the narrowest width that
-    explains it; a result no GPU draws (over 10 kW) is dropped, never sent.
+    i915 and xe add the hardware's 32-bit counter up into 64 bits, so a step back is a reset (a
+    driver reload, a card reset) far more often than a wrap, and which one cannot be told:
+    that interval is null, never a guess, and the next one is measured again. A result no
+    GPU draws (over 10 kW) is dropped.
     """
     if before_uj is None or after_uj is None or elapsed_ns <= 0:
         return None
     delta = after_uj - before_uj
     if delta < 0:
-        delta += (1 << 32) if before_uj < (1 << 32) else (1 << 64)
+        return None  # a reset (the driver reloaded, the card reset) or a wrap: this one interval is unknown
     watts = delta / 1e6 / (elapsed_ns / 1e9)
     return round(watts, 1) if 0 <= watts < 10_000 else None
 
 
 # ---- Jetson: its sysfs, or tegrastats ---------------------------------------------------------
 
-TEGRASTATS_TIMEOUT_S = 5.0
+TEGRASTATS_TIMEOUT_S = 1.0  # it prints a line every --interval until stopped: the first one is all a sample needs
 
 
 # The rail that feeds a Jetson's GPU, most specific first: on Orin it is shared with the SoC
@@ -1077,7 +1099,7 @@ class JetsonBackend:
 
     def _tegrastats_line(self):
         try:
-            done = self.run([self.tegrastats, "--interval", "500"], capture_output=True, text=True,
+            done = self.run([self.tegrastats, "--interval", "100"], capture_output=True, text=True,
                             timeout=TEGRASTATS_TIMEOUT_S)
             output = done.stdout
         except subprocess.TimeoutExpired as expired:  # it prints a line every interval until stopped
@@ -1306,7 +1328,9 @@ def windows_gpus(engines, dedicated, shared, process_memory, adapters, skip_nvid
         if match and value and math.isfinite(value) and value > 0:
             per_process.setdefault(match.group(2).lower(), {})[int(match.group(1))] = value
     gpus = []
-    for luid in sorted(adapters):
+    order = sorted(adapters, key=lambda luid: (adapters[luid].get("vendorId") or 0, adapters[luid].get("deviceId") or 0,
+                                               adapters[luid].get("name") or "", luid))
+    for luid in order:  # a stable index: LUIDs are handed out in start order, and change when a driver restarts
         adapter = adapters[luid]
         ids = (adapter.get("vendorId"), adapter.get("deviceId"))
         if adapter.get("software") or ids == MICROSOFT_BASIC_RENDER:
@@ -1393,8 +1417,12 @@ class PdhCounters:
             if self.pdh.PdhAddEnglishCounterW(self.query, path, None, ctypes.byref(counter)) == 0:
                 self.counters[name] = counter
         if "engines" not in self.counters:
+            self.close()
             raise GpuReadError("this Windows has no GPU performance counters (Windows 10 1709 or later has them)")
         self.pdh.PdhCollectQueryData(self.query)  # rates need two collections: this is the first
+
+    def close(self):
+        self.pdh.PdhCloseQuery(self.query)
 
     def read(self):
         self.pdh.PdhCollectQueryData(self.query)
@@ -1402,13 +1430,17 @@ class PdhCounters:
 
     def _items(self, counter):
         ctypes, wintypes = self.ctypes, self.wintypes
-        size, count = wintypes.DWORD(0), wintypes.DWORD(0)
         fmt = self.PDH_FMT_DOUBLE | self.PDH_FMT_NOCAP100
-        status = self.pdh.PdhGetFormattedCounterArrayW(counter, fmt, ctypes.byref(size), ctypes.byref(count), None)
-        if status & 0xFFFFFFFF != self.PDH_MORE_DATA:
-            return []
-        buffer = (ctypes.c_byte * size.value)()
-        if self.pdh.PdhGetFormattedCounterArrayW(counter, fmt, ctypes.byref(size), ctypes.byref(count), buffer):
+        for _ in range(3):  # a process that starts between asking the size and reading grows the array
+            size, count = wintypes.DWORD(0), wintypes.DWORD(0)
+            status = self.pdh.PdhGetFormattedCounterArrayW(counter, fmt, ctypes.byref(size), ctypes.byref(count), None)
+            if status & 0xFFFFFFFF != self.PDH_MORE_DATA:
+                return []
+            buffer = (ctypes.c_byte * size.value)()
+            status = self.pdh.PdhGetFormattedCounterArrayW(counter, fmt, ctypes.byref(size), ctypes.byref(count), buffer)
+            if status & 0xFFFFFFFF != self.PDH_MORE_DATA:
+                break
+        if status:
             return []
         items = ctypes.cast(buffer, ctypes.POINTER(self.Item))
         return [(items[i].szName, items[i].FmtValue.doubleValue) for i in range(count.value)
@@ -1461,6 +1493,23 @@ def dxgi_adapters():
     return adapters
 
 
+def _remembered(lookup, keep_s=60.0, clock=time.monotonic):
+    """`lookup(pid)` remembered `keep_s` per pid: a process's token and account lookups, at most once a minute."""
+    if lookup is None:
+        return None
+    kept = {}
+
+    def remembered(pid):
+        now = clock()
+        found = kept.get(pid)
+        if found is None or now - found[0] > keep_s:
+            if len(kept) > 4096:
+                kept.clear()
+            found = kept[pid] = (now, lookup(pid))
+        return found[1]
+    return remembered
+
+
 def windows_process(pid):
     """Return (image name, DOMAIN\\user) of a process through its token; (None, None) where Windows refuses."""
     import ctypes
@@ -1503,22 +1552,27 @@ class WindowsBackend:
 
     def __init__(self, edge=None, skip_nvidia=False):
         """`edge` is (counters with .read(), adapters(), process(pid)); by default PDH, DXGI and the process token."""
-        counters, self.adapters_of, self.process = edge or (None, dxgi_adapters, windows_process)
-        try:
-            self.counters = counters or PdhCounters()
-            self.adapters = self.adapters_of()
-        except OSError as error:  # no pdh.dll or dxgi.dll: not Windows, or a Server Core without them
-            raise GpuReadError(f"the Windows GPU counters cannot be read: {error}") from None
+        counters, self.adapters_of, process = edge or (None, dxgi_adapters, windows_process)
+        self.process = _remembered(process)
         self.skip_nvidia = skip_nvidia
-        if not any(not a.get("software") and (a.get("vendorId"), a.get("deviceId")) != MICROSOFT_BASIC_RENDER
-                   and not (skip_nvidia and a.get("vendorId") == 0x10DE) for a in self.adapters.values()):
-            raise GpuReadError("no GPU besides " + ("NVIDIA's and " if skip_nvidia else "") + "the Microsoft Basic Render Driver")
+        try:
+            self.adapters = self.adapters_of()  # first: a PC with no GPU to read opens no query at all
+            if not any(not a.get("software") and (a.get("vendorId"), a.get("deviceId")) != MICROSOFT_BASIC_RENDER
+                       and not (skip_nvidia and a.get("vendorId") == 0x10DE) for a in self.adapters.values()):
+                raise GpuReadError("no GPU besides " + ("NVIDIA's and " if skip_nvidia else "")
+                                   + "the Microsoft Basic Render Driver")
+            self.counters = counters or PdhCounters()
+        except (OSError, AttributeError) as error:  # no pdh.dll or dxgi.dll: not Windows, or a Server Core without them
+            raise GpuReadError(f"the Windows GPU counters cannot be read: {error}") from None
 
     def describe(self, index):
         return f"{self.name}: GPU performance counters (PDH) and DXGI"
 
     def sample(self):
         read = self.counters.read()
+        seen = {m.group(2).lower() for i, _ in read.get("engines", []) if (m := ENGINE_INSTANCE.search(i))}
+        if seen - set(self.adapters):  # an adapter restarted (a driver update) and came back with a new LUID
+            self.adapters = self.adapters_of()
         return windows_gpus(read.get("engines", []), read.get("dedicated", []), read.get("shared", []),
                             read.get("process_memory", []), self.adapters, self.skip_nvidia, self.process)
 
@@ -1547,13 +1601,16 @@ class MultiBackend:
         for reader in self.readers:
             try:
                 results.append(reader.sample())
-            except GpuReadError as error:
-                results.append([{"index": 0, "vendor": getattr(reader, "vendor", None), "error": str(error)[:128]}])
-        if self.bases is None:
+            except Exception as error:  # GpuReadError, or a reader's own bug: its GPUs go out with the error
+                text = str(error) if isinstance(error, GpuReadError) else f"{reader.name}: {type(error).__name__}: {error}"
+                if not isinstance(error, GpuReadError):
+                    log.debug("the %s reader failed", reader.name, exc_info=True)
+                results.append([{"index": 0, "vendor": getattr(reader, "vendor", None), "error": text[:128]}])
+        if self.bases is None:  # a reader that failed its first sample still keeps the slots it knows of
             self.bases, base = [], 0
-            for gpus in results:
+            for reader, gpus in zip(self.readers, results):
                 self.bases.append(base)
-                base += max((g.get("index", 0) for g in gpus), default=-1) + 1
+                base += max(max((g.get("index", 0) for g in gpus), default=-1) + 1, getattr(reader, "count", 0))
         gpus, self.read_by = [], {}
         for reader, base, found in zip(self.readers, self.bases, results):
             for gpu in found:
@@ -1748,6 +1805,9 @@ def build_payload(backend, clock=time.time):
         gpus, error = distinct_indices(backend.sample()), None
     except GpuReadError as failure:
         gpus, error = [], str(failure)
+    except Exception as failure:  # a reader's own bug: this sample says so, and the agent goes on (SPEC)
+        log.debug("reading the GPUs failed", exc_info=True)
+        gpus, error = [], f"{backend.name}: {type(failure).__name__}: {failure}"
     payload = {"host": socket.gethostname(), "sampledAt": round(sampled_at, 3),
                "agent": {"version": VERSION, "backend": backend.name,
                          "simulated": backend.name == "simulated"},

@@ -546,13 +546,17 @@ def main():
                         help="instead: CPU per push at saturation, side by side with the Node seed")
     ingest.add_argument("--ingest-fleet", action="store_true",
                         help="instead: --devices devices pushing every --push-interval s for --seconds to one worker")
+    ingest.add_argument("--ingest-floor", action="store_true",
+                        help="instead: CPU per request of gunicorn's gevent worker with a bare Flask route, and bare WSGI")
     ingest.add_argument("--devices", type=int, default=2000, help="devices, each with its own key")
     ingest.add_argument("--connections", type=int, default=8, help="keep-alive connections at saturation")
     ingest.add_argument("--seconds", type=float, default=10.0, help="seconds measured (after --warmup)")
+    ingest.add_argument("--before", type=Path, metavar="DIR", help="also run an older tree of this server "
+                        "(git worktree add DIR COMMIT), in turn; with --ingest-fleet, run it instead")
     args = parser.parse_args()
-    if args.ingest or args.ingest_fleet:
+    if args.ingest or args.ingest_fleet or args.ingest_floor:
         from bench import ingest
-        return ingest.saturation(args) if args.ingest else ingest.fleet(args)
+        return ingest.saturation(args) if args.ingest else ingest.fleet(args) if args.ingest_fleet else ingest.floor(args)
     if args.agent:
         return bench_agent(args.agent)
     if args.cap:

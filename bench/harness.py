@@ -160,6 +160,18 @@ def wait_up(url, process, log):
     sys.exit("server did not start")
 
 
+def wait_up_any(port, timeout_s=15):
+    """Wait until something accepts connections on `port`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"nothing listens on port {port}")
+
+
 def start_ours(port, keys, log, server_dir=ROOT, **settings):
     """Start the server in `server_dir` (this tree, or an older one) with its Procfile's own command."""
     command = next(l for l in (Path(server_dir) / "Procfile").read_text().splitlines() if l.startswith("web:"))[4:]

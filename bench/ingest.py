@@ -16,7 +16,6 @@ The load generator and the viewers are raw sockets on epoll in their own process
 requests session per push would cost more CPU than the server under test.
 """
 import heapq
-from array import array
 import json
 import multiprocessing
 import os
@@ -29,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 import requests
@@ -233,17 +233,18 @@ def pct(values, q):
     return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
-def start_server(target, port, keys, log, node_dir, settings):
+def start_server(target, port, keys, log, node_dir, settings, server_dir=harness.ROOT):
     if target == "node-seed":
         return harness.start_node(port, log, node_dir)
-    return harness.start_ours(port, keys, log, **settings)
+    return harness.start_ours(port, keys, log, server_dir, **settings)
 
 
 def one_window(target, args, keys, mode, connections, seconds, settings=None):
     """Start `target`, hold viewers, push for warm-up + `seconds`, and return the window's figures."""
     port = harness.free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-ingest-{target}-", suffix=".log", delete=False)
-    server = start_server(target, port, keys, log, args.node_dir, settings or {})
+    server_dir = getattr(args, "server_dir", harness.ROOT) if target != "before" else args.before
+    server = start_server(target, port, keys, log, args.node_dir, settings or {}, server_dir)
     try:
         ready, results = multiprocessing.Event(), multiprocessing.Queue()
         viewers = multiprocessing.Process(target=view, args=(port, VIEWERS, args.warmup + seconds + 3, ready, results))
@@ -257,7 +258,7 @@ def one_window(target, args, keys, mode, connections, seconds, settings=None):
         generator.start()
         time.sleep(args.warmup)
         cpu0, wall0 = harness.server_cpu_s(server.pid), time.monotonic()
-        backlog = watch_backlog(port, wall0 + seconds) if target != "node-seed" else time.sleep(seconds) or []
+        backlog = watch_backlog(port, wall0 + seconds) if target == "flask-gevent" else time.sleep(seconds) or []
         cpu1, wall1 = harness.server_cpu_s(server.pid), time.monotonic()
         load = pushed.get(timeout=120)
         seen = results.get(timeout=120)
@@ -317,6 +318,8 @@ def stop(process):
 def saturation(args):
     """Both servers in turn, `repeat` windows each; print the median row of each."""
     targets = ["flask-gevent", "node-seed"] if shutil.which("node") else ["flask-gevent"]
+    if args.before:  # an older tree of this server, in turn with the others (git worktree add DIR COMMIT)
+        targets.insert(1, "before")
     keys = keys_for(args.devices)
     print(f"{os.cpu_count()} cores shared by the server, the load generator and {VIEWERS} viewers; "
           f"8-GPU pushes on {args.connections} keep-alive connections, each from the next of {args.devices} devices; "
@@ -336,8 +339,8 @@ def saturation(args):
         print(f"| {target} | {row['pushes_per_s']:,.0f} | {row['cpu_ms_per_push']:.3f} ms | "
               f"{row['push_p50_ms']:.1f} / {row['push_p99_ms']:.1f} ms | {row['events']:,} of "
               f"{row['accepted'] * VIEWERS:,} | {row['generator_cpu_s'] / max(row['accepted'], 1) * 1000:.3f} ms |")
-    if len(targets) == 2:
-        ours, node = (statistics.median(r["cpu_ms_per_push"] for r in rows[t]) for t in targets)
+    if "node-seed" in targets:
+        ours, node = (statistics.median(r["cpu_ms_per_push"] for r in rows[t]) for t in ("flask-gevent", "node-seed"))
         print(f"\nCPU per push, this server / the Node seed: {ours / node:.2f}x")
 
 
@@ -350,9 +353,12 @@ def fleet(args):
           f"with history on SQLite, alert rules and metrics on; {VIEWERS} viewers")
     idle = idle_memory(args, keys)
     # Behind nginx, as the README deploys it: each PC's own address comes in X-Forwarded-For.
-    row = one_window("flask-gevent", args, keys, "open", 0, args.seconds, {"TRUSTED_PROXIES": "127.0.0.1"})
-    queue = f"{row['backlog_max']:,} most, {row['backlog_last']:,} at the end"
+    row = one_window("before" if args.before else "flask-gevent", args, keys, "open", 0, args.seconds,
+                     {"TRUSTED_PROXIES": "127.0.0.1"})
+    queue = (f"{row['backlog_max']:,} most, {row['backlog_last']:,} at the end" if row["backlog_max"] is not None
+             else "not said (an older tree)")
     expected = args.devices / args.push_interval * args.seconds
+    print(f"server: {args.before or 'this tree'}")
     print("| pushes answered 200 (refused) | rate | push p50 / p99 / max | push-to-viewer p50 / p99 "
           "| events to viewers | server CPU | history writer's queue, most seen | memory |")
     print("|---|---|---|---|---|---|---|---|")
@@ -378,3 +384,38 @@ def idle_memory(args, keys):
     finally:
         stop(server)
 
+
+
+def floor(args):
+    """CPU per request of gunicorn's gevent worker with a Flask route that does nothing, and with bare WSGI."""
+    keys = keys_for(args.devices)
+    print(f"8-GPU pushes on {args.connections} keep-alive connections, {args.warmup:g} s of warm-up, then "
+          f"{args.seconds:g} s; median of {args.repeat}")
+    print("| server | requests/s | CPU per request |")
+    print("|---|---|---|")
+    for name, target in (("gunicorn -k gevent, a bare Flask route", "bench.floor_app:flask_app"),
+                         ("gunicorn -k gevent, a bare WSGI function", "bench.floor_app:wsgi")):
+        rows = []
+        for _ in range(args.repeat):
+            port = harness.free_port()
+            server = harness.subprocess.Popen(
+                [str(Path(sys.executable).with_name("gunicorn")), target, "-k", "gevent", "--bind", f"127.0.0.1:{port}"],
+                cwd=harness.ROOT, stdout=harness.subprocess.DEVNULL, stderr=harness.subprocess.DEVNULL)
+            try:
+                harness.wait_up_any(port)
+                pushed = multiprocessing.Queue()
+                generator = multiprocessing.Process(target=generate, args=(port, keys, "closed", args.connections,
+                                                                           2.0, args.warmup, args.seconds, pushed))
+                generator.start()
+                time.sleep(args.warmup)
+                cpu0 = harness.server_cpu_s(server.pid)
+                time.sleep(args.seconds)
+                cpu1 = harness.server_cpu_s(server.pid)
+                load = pushed.get(timeout=120)
+                generator.join(30)
+                n = load["statuses"].get(200, 0)
+                rows.append((n / args.seconds, (cpu1 - cpu0) / max(n, 1) * 1000))
+            finally:
+                stop(server)
+        rate, cpu = sorted(rows, key=lambda r: r[1])[len(rows) // 2]
+        print(f"| {name} | {rate:,.0f} | {cpu:.3f} ms |")

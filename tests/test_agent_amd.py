@@ -102,16 +102,19 @@ def test_a_card_that_vanishes_in_a_reset_costs_only_itself(root, tmp_path):
     assert "gone" in second["error"] and first["utilizationGpu"] == 3
 
 
-def test_a_card_in_runtime_suspend_is_idle_and_its_hwmon_is_not_read(root, tmp_path):
+def test_a_card_in_runtime_suspend_is_idle_and_its_hwmon_is_not_read(root, tmp_path, monkeypatch):
     tree = tmp_path / "rx6900xt"
     shutil.copytree(GPUS / "amd" / "rx6900xt", tree)
     (tree / "device" / "power" / "runtime_status").write_text("suspended\n")
-    hwmon = next((tree / "device" / "hwmon").iterdir())
-    for sensor in hwmon.glob("*_input"):
-        sensor.chmod(0)  # reading would wake the card: a read here fails the test
     card = root.path / "sys" / "class" / "drm" / "card1"
     card.mkdir()
     (card / "device").symlink_to(tree / "device")
+    read = agent.read_int
+
+    def no_waking(path):  # hwmon, the busy percent and the dpm tables wake a sleeping card: none is read
+        assert "hwmon" not in str(path) and "busy" not in str(path), f"read {path}, which wakes the card"
+        return read(path)
+    monkeypatch.setattr(agent, "read_int", no_waking)
     [gpu] = amd(root).sample()
     assert (gpu["utilizationGpu"], gpu["pstate"], gpu["memoryUsed"]) == (0, "suspended", 637)
     assert all(k not in gpu for k in ("temperatureGpu", "powerDraw", "clockCore"))
@@ -217,24 +220,40 @@ def test_amd_smi_metric_json_in_both_shapes():
     assert agent.parse_amd_smi("amd-smi: command failed") == {}
 
 
-def test_an_installed_amd_smi_fills_only_what_sysfs_left_null_and_rests_when_it_gives_nothing(root):
+def test_an_installed_amd_smi_fills_only_what_sysfs_left_null_at_most_once_a_minute(root):
     root.card("card1", "amd/rx9070xt")  # no fan files
-    calls = []
-    listed = (ROCM / "amd-smi-list-rx6600-luckylinux.json").read_text()
+    calls, now = [], [1000.0]
+    listed = [(ROCM / "amd-smi-list-rx6600-luckylinux.json").read_text()]
 
     def run(args, **kwargs):
         calls.append(args)
         assert kwargs["timeout"]
-        return agent.subprocess.CompletedProcess(args, 0, listed, "")
-    reader = amd(root, run=run, which=lambda name: f"/opt/rocm/bin/{name}" if name == "amd-smi" else None)
+        return agent.subprocess.CompletedProcess(args, 0, listed[0], "")
+    reader = amd(root, run=run, which=lambda name: f"/opt/rocm/bin/{name}" if name == "amd-smi" else None,
+                 clock=lambda: now[0])
     [gpu] = reader.sample()
     assert gpu["fanSpeed"] == 0 and gpu["utilizationGpu"] == 9  # sysfs's busy percent stands
     assert calls == [["/opt/rocm/bin/amd-smi", "metric", "--json"]]
-    listed = "[]"  # the tool stops giving anything: it is not asked again for ten minutes
-    reader.sample()
+    now[0] += 30  # amd-smi costs a second of CPU: within the minute, what it gave stands
+    assert reader.sample()[0]["fanSpeed"] == 0 and len(calls) == 1
+    now[0] += 31
+    listed[0] = "[]"  # asked again; it gives nothing now: no fan, and left alone ten minutes
+    assert reader.sample()[0]["fanSpeed"] is None and len(calls) == 2
+    now[0] += 300
     reader.sample()
     assert len(calls) == 2
 
+
+def test_no_tool_runs_while_a_card_sleeps(root, tmp_path):
+    tree = tmp_path / "rx6900xt"
+    shutil.copytree(GPUS / "amd" / "rx6900xt", tree)
+    (tree / "device" / "power" / "runtime_status").write_text("suspended\n")
+    root.card("card1", str(tree / "device"))
+    root.card("card2", "amd/rx9070xt", address="0000:0d:00.0")
+    calls = []
+    reader = amd(root, run=lambda args, **kwargs: calls.append(args), which=lambda name: f"/opt/rocm/bin/{name}")
+    reader.sample()
+    assert calls == []  # amd-smi reads every card: it would wake the sleeping one
 
 def captured_cards():
     """Every captured amdgpu tree: <name>/device (amdgpu-sysfs-rs, procfs) or lact-<name>/cardN/device (LACT)."""
@@ -256,9 +275,14 @@ def test_every_captured_card_reads_into_a_push_the_server_takes(root, device):
     [gpu] = amd(root).sample()
     assert server_payload.validate({"gpus": [gpu]})["gpus"][0] == gpu
     assert gpu["vendor"] == "AMD" and gpu["name"]
-    # Whatever the card lacks is null, never a made-up 0, and the push still goes out.
-    for key in ("utilizationGpu", "temperatureGpu", "powerDraw", "fanSpeed"):
-        assert gpu[key] is None or isinstance(gpu[key], (int, float))
+    # Whatever the card lacks is null, never a made-up 0: a value is there only where its file is.
+    hwmon = next(iter(sorted(device.glob("hwmon/hwmon*"))), None)
+    has = {"utilizationGpu": (device / "gpu_busy_percent").exists(),
+           "powerDraw": hwmon is not None and any((hwmon / f).exists() for f in ("power1_average", "power1_input")),
+           "fanSpeed": hwmon is not None and any((hwmon / f).exists() for f in ("pwm1", "fan1_input")),
+           "temperatureGpu": hwmon is not None and any(hwmon.glob("temp*_input"))}
+    for key, present in has.items():
+        assert present or gpu[key] is None, key
 
 
 def test_known_clients_are_read_every_sample_and_proc_is_searched_for_new_ones_every_rescan(root):

@@ -136,7 +136,8 @@ def test_an_xe_card_reads_busy_from_gpu_cycles_and_its_power_cap(tmp_path):
 
 @pytest.mark.parametrize("before,after,seconds,watts", [
     (1_000_000, 31_000_000, 2, 15.0),
-    ((1 << 32) - 5_000_000, 25_000_000, 2, 15.0),  # a 32-bit counter wrapped
+    ((1 << 32) - 5_000_000, 25_000_000, 2, None),  # a wrap, or a reset: that interval is unknown, not a guess
+    (3_000_000_000, 5, 1, None),  # a driver reload: not 1,295 W
     (None, 31_000_000, 2, None),
     (1_000_000, 1_000_000 + 40_000_000_000, 2, None),  # 20 kW: not a GPU's draw
 ])
@@ -149,3 +150,25 @@ def test_no_intel_card_is_one_clear_error(tmp_path):
     root.simpledrm()
     with pytest.raises(agent.GpuReadError, match="no Intel GPU with the i915 or xe driver"):
         agent.IntelBackend(agent.SysRoot(root.path))
+
+
+def test_a_client_first_seen_now_is_a_baseline_not_a_burst():
+    # /proc is searched for new clients every 10 s: a client found now may have run all that time.
+    assert agent.engine_busy({}, {"7": {"drm-engine-render": "9000000000 ns"}}, 1_000_000_000) is None
+    before = {"7": {"drm-engine-render": "9000000000 ns"}}
+    assert agent.engine_busy(before, {"7": {"drm-engine-render": "9500000000 ns"}}, 1_000_000_000) == 50
+
+
+def test_an_intel_card_in_runtime_suspend_is_idle_and_not_woken(tmp_path, monkeypatch):
+    root = FakeRoot(tmp_path / "host")
+    device = root.intel_card("card1", "xe", "0000:03:00.0", hwmon=INTEL / "xe-arc-pro-b60-nvtop493" / "hwmon")
+    (device / "power").mkdir()
+    (device / "power" / "runtime_status").write_text("suspended\n")
+    read = agent.read_int
+
+    def no_waking(path):
+        assert "hwmon" not in str(path) and "freq0" not in str(path), f"read {path}, which wakes the card"
+        return read(path)
+    monkeypatch.setattr(agent, "read_int", no_waking)
+    [gpu] = agent.IntelBackend(agent.SysRoot(root.path, reuse_s=0, rescan_s=0)).sample()
+    assert (gpu["utilizationGpu"], gpu["pstate"], gpu["vendor"]) == (0, "suspended", "Intel")

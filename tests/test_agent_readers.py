@@ -59,6 +59,29 @@ def test_a_reader_that_fails_costs_only_its_own_gpus_and_the_others_keep_their_i
     assert after[1]["utilizationGpu"] == 11  # the RX 580 is still GPU 2: its history goes on
 
 
+def test_a_reader_whose_first_sample_fails_keeps_the_slots_of_the_gpus_it_knows(host):
+    nvml = nvml_module([nvml_gpu(), nvml_gpu()])
+    count = nvml.nvmlDeviceGetCount
+    nvml.nvmlDeviceGetCount = lambda: (_ for _ in ()).throw(pynvml.NVMLError_Unknown())
+    backend = auto(host, nvml=nvml)
+    backend.readers[0].count = 2  # what NVML counted when it opened, before it fell over
+    assert [g["index"] for g in backend.sample()] == [0, 2, 3]
+    nvml.nvmlDeviceGetCount = count  # it recovers: its GPUs take their slots, the others keep theirs
+    assert [(g["index"], g["vendor"]) for g in backend.sample()] == [
+        (0, "NVIDIA"), (1, "NVIDIA"), (2, "AMD"), (3, "Intel")]
+
+
+def test_a_readers_own_bug_costs_its_gpus_not_the_agent(host):
+    backend = auto(host, nvml=nvml_module([nvml_gpu()]))
+
+    def broken():
+        raise KeyError("hwmon")
+    backend.readers[1].sample = broken  # the AMD reader
+    gpus = agent.build_payload(backend)["gpus"]
+    assert [(g["index"], g["vendor"]) for g in gpus] == [(0, "NVIDIA"), (1, "AMD"), (2, "Intel")]
+    assert gpus[1]["error"] == "amd: KeyError: 'hwmon'"
+
+
 def test_without_nvml_auto_reads_the_other_vendors_and_nvidia_smi_only_where_installed(host):
     nvml = nvml_module([], fail_init=pynvml.NVMLError_LibraryNotFound)
     assert auto(host, nvml=nvml).name == "amd+intel"
@@ -120,21 +143,26 @@ def test_a_service_that_starts_before_the_gpu_driver_keeps_trying():
 
 # ---- the real agent process, --sys-root ------------------------------------------------------------
 
-def run_agent(*args, env=None):
+def run_agent(*args, env=None, no_nvidia=None):
+    """Run agent.py with no NVIDIA driver to find, even on a PC that has one: only the fake tree's GPUs."""
     environ = {k: v for k, v in os.environ.items() if k not in ("PUSH_URL", "DEVICE_KEY", "DROPLET_PUSH_URL")}
+    if no_nvidia:
+        no_nvidia.mkdir(exist_ok=True)
+        (no_nvidia / "pynvml.py").write_text("raise ImportError('no NVML in this test')\n")
+        environ.update(PYTHONPATH=f"{no_nvidia}{os.pathsep}{environ.get('PYTHONPATH', '')}", PATH="/nonexistent")
     return subprocess.run([sys.executable, str(ROOT / "agent.py"), *args], env={**environ, **(env or {})},
                           capture_output=True, text=True, timeout=30)
 
 
-def test_dry_run_with_sys_root_says_which_reader_read_each_gpu(host):
-    result = run_agent("--dry-run", "--sys-root", str(host.path))
+def test_dry_run_with_sys_root_says_which_reader_read_each_gpu(host, tmp_path):
+    result = run_agent("--dry-run", "--sys-root", str(host.path), no_nvidia=tmp_path / "shim")
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     assert [g["name"] for g in payload["gpus"]] == ["AMD Radeon RX 580 Series", "Intel GPU"]
     assert result.stderr.splitlines() == [
         f"agent: GPU 0 AMD Radeon RX 580 Series: read by amd: {host.path}/sys/class/drm/card1 (0000:09:00.0)",
         f"agent: GPU 1 Intel GPU: read by intel (i915): {host.path}/sys/class/drm/card2 (0000:00:02.0)"]
-    one = run_agent("--dry-run", "--backend", "intel", "--sys-root", str(host.path))
+    one = run_agent("--dry-run", "--backend", "intel", "--sys-root", str(host.path), no_nvidia=tmp_path / "shim")
     assert [g["vendor"] for g in json.loads(one.stdout)["gpus"]] == ["Intel"]
 
 
@@ -144,13 +172,13 @@ def test_a_sys_root_without_sys_is_one_line_naming_the_flag(tmp_path):
     assert result.stderr == f"agent: --sys-root: {tmp_path} has no sys directory (mount the host's / there: -v /:/host:ro)\n"
 
 
-def test_the_real_agent_reads_an_amd_and_an_intel_tree_and_the_page_shows_both(server, page, host):
+def test_the_real_agent_reads_an_amd_and_an_intel_tree_and_the_page_shows_both(server, page, host, tmp_path):
     host.process(2201, "blender", 1000, [(GPUS / "amd" / "fdinfo" / "amdgpu_top-issue87-dgpu-0000-08-00.0.txt")
                                          .read_text().replace("0000:08:00.0", "0000:09:00.0")], user="ana")
     page.goto(server.url + "/")
     expect(page.locator("#connection")).to_have_text("live")
     started = time.monotonic()
-    result = run_agent("--once", "--sys-root", str(host.path),
+    result = run_agent("--once", "--sys-root", str(host.path), no_nvidia=tmp_path / "shim",
                        env={"PUSH_URL": server.url + "/push-sse", "DEVICE_KEY": KEYS["rig-5"]})
     assert result.returncode == 0, result.stderr
     card = page.locator('section.device[data-device="rig-5"]')
