@@ -399,7 +399,8 @@ def floor(args):
         for _ in range(args.repeat):
             port = harness.free_port()
             server = harness.subprocess.Popen(
-                [str(Path(sys.executable).with_name("gunicorn")), target, "-k", "gevent", "--bind", f"127.0.0.1:{port}"],
+                [str(Path(sys.executable).with_name("gunicorn")), "-c", os.devnull, target, "-k", "gevent",
+                 "--bind", f"127.0.0.1:{port}"],
                 cwd=harness.ROOT, stdout=harness.subprocess.DEVNULL, stderr=harness.subprocess.DEVNULL)
             try:
                 harness.wait_up_any(port)
