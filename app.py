@@ -150,7 +150,8 @@ def wsgi_app():
     sys.setswitchinterval(0.001)
     _collect_garbage_on_a_schedule(GC_EVERY_S)
     parts = app.extensions["gpustats"]
-    _end_streams_on_sigterm(*(parts[name] for name in ("broadcaster", "fleet", "history", "alerter", "sender", "counters")))
+    _end_streams_on_sigterm(*(parts[name] for name in ("broadcaster", "fleet", "history", "alerter", "sender", "counters")),
+                            connections=app.wsgi_app)
     return app
 
 
@@ -195,7 +196,7 @@ def _allow_open_files(connections):
                     "(LimitNOFILE= in a systemd unit) or lower WORKER_CONNECTIONS", raised, connections)
 
 
-def _end_streams_on_sigterm(broadcaster, *background):
+def _end_streams_on_sigterm(broadcaster, *background, connections=None):
     """On SIGTERM, end every stream and the background work, then let gunicorn's handler run.
 
     Streams never finish by themselves, so without this a deploy would wait out the
@@ -207,6 +208,8 @@ def _end_streams_on_sigterm(broadcaster, *background):
         broadcaster.close()
         for part in background:
             part.close()  # each only sets a flag: safe in a signal handler
+        if connections is not None:
+            connections.close_idle()  # keep-alive connections waiting for a next request (75 s) end now
         if callable(previous):
             previous(signum, frame)
     signal.signal(signal.SIGTERM, handler)

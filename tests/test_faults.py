@@ -9,7 +9,9 @@ import sys
 import threading
 import time
 
-from conftest import KEYS, PRIVATE, ROOT, Stream, multi
+import requests
+
+from conftest import KEYS, PRIVATE, ROOT, Stream, gpu, multi
 
 
 def push_from(server, source, key, forwarded_for=None):
@@ -72,6 +74,21 @@ def test_sigterm_ends_streams_at_once_so_a_deploy_does_not_hang(start_server):
     print(f"SIGTERM with 5 open streams: server gone in {time.monotonic() - started:.2f} s")
     # gunicorn polls once a second (alive, then its pool): about 2.8 s; without ending the
     # streams it would wait out --graceful-timeout (5 s) and more.
+    assert time.monotonic() - started < 4
+
+
+def test_sigterm_ends_agents_idle_keep_alive_connections_too(start_server):
+    # gunicorn keeps an agent's connection 75 s between pushes (gunicorn.conf.py) and waits for
+    # each at a stop: without ending them a deploy waits out --graceful-timeout (5 s) and more.
+    server = start_server()
+    agents = [requests.Session() for _ in range(5)]
+    for session in agents:
+        answer = session.post(server.url + "/push-sse", data=json.dumps(multi(gpu(0))), timeout=10,
+                              headers={"Authorization": f"Bearer {KEYS['rig-1']}", "Content-Type": "application/json"})
+        assert answer.status_code in (200, 429)
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(10)
     assert time.monotonic() - started < 4
 
 

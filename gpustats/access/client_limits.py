@@ -16,6 +16,7 @@ import json
 import logging
 import socket
 import threading
+import weakref
 
 from gpustats.background import Tally, counted
 from gpustats.offload import gevent_running
@@ -53,6 +54,8 @@ class ClientLimits:
         self._trusted = trusted_proxies
         self._lock = threading.Lock()
         self._in_progress = {}  # address -> requests being answered
+        self._connections = weakref.WeakSet()  # every client connection seen, gone when its socket is
+        self._busy = set()  # those with a request other than a stream being answered now
         self._cut = Tally(lambda counts: log.warning(
             "cut answers not taken within RESPONSE_TIMEOUT_S (%g s): %s", timeout_s, counted(counts)))
         self._refused = Tally(lambda counts: log.warning(
@@ -60,6 +63,8 @@ class ClientLimits:
 
     def __call__(self, environ, start_response):
         sock = environ.get("gunicorn.socket")
+        if sock is not None:
+            self._connections.add(sock)
         if sock is None or environ.get("PATH_INFO") == STREAM:
             return self._app(environ, start_response)
         address = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._trusted)
@@ -71,19 +76,35 @@ class ClientLimits:
             self._refused.add("requests")
             return self._too_many(sock, held, start_response)
         cancel = _timer(self._timeout_s, lambda: self._cut_off(sock, environ.get("PATH_INFO", "")))
+        self._busy.add(sock)
         try:
             answer = self._app(environ, start_response)
         except BaseException:
-            self._done(address, cancel)
+            self._done(address, cancel, sock)
             raise
-        return Answer(answer, lambda: self._done(address, cancel))
+        return Answer(answer, lambda: self._done(address, cancel, sock))
+
+    def close_idle(self):
+        """On SIGTERM: end the keep-alive connections that wait for a next request, and the streams' after they end.
+
+        Agents keep their connection 75 s between pushes (gunicorn.conf.py); gunicorn waits for
+        each of them at a stop, so a deploy would wait out --graceful-timeout. Their read side is
+        shut: the request being answered on a busy one is finished, and gunicorn closes it after.
+        """
+        for sock in list(self._connections):
+            if sock not in self._busy:
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
 
     def _cut_off(self, sock, path):
         self._cut.add(f"on {path}" if path.startswith(("/api/", "/static/", "/push-sse", "/metrics")) else "others")
         _shut(sock)
 
-    def _done(self, address, cancel):
+    def _done(self, address, cancel, sock=None):
         cancel()
+        self._busy.discard(sock)
         with self._lock:
             left = self._in_progress[address] - 1
             if left:
