@@ -262,6 +262,11 @@ def validate(data):
         raise PushError("body", "must be a JSON object")
     if _depth(data) > MAX_DEPTH:
         raise PushError("body", "is nested too deeply")
+    return _checked(data)
+
+
+def _checked(data):
+    """validate() past its depth check: the fields, field by field."""
     if "gpus" not in data:
         # The original agent's shape: one GPU object at the top level.
         if not any(name in data for name in GPU_FIELDS):
@@ -293,23 +298,23 @@ GPU_KNOWN, PROCESS_KNOWN = frozenset(GPU_FIELDS) | {"processes"}, frozenset(PROC
 def parse(body):
     """Return validate(decode(body)), in one walk of the push where it can (the route's way), or raise the same.
 
-    A push as agents send it is decoded by orjson and checked in one pass that also counts its
-    pairs (the duplicate-key proof of decode()) and measures only what the checks do not bound
-    (unknown fields; a known one holds a checked number or string). Anything that pass would
-    refuse, or cannot prove, goes the whole way of decode() and validate(), whose answer is given.
+    A push as agents send it is decoded by orjson; one walk of its objects counts its pairs
+    (the duplicate-key proof of decode()) and measures the depth of its unknown fields only:
+    the checks bound the rest (a known field holds a checked number or string). Then the
+    same checks as validate() run. Anything that walk cannot prove, or the checks refuse,
+    goes the whole way of decode() and validate(), whose answer is given.
     """
     if not body.startswith(BOM):
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
             data = None
-        if type(data) is dict and type(data.get("gpus")) is list:
+        pairs = _shape(data) if type(data) is dict and type(data.get("gpus")) is list else None
+        if pairs is not None and pairs == body.count(b":"):
             try:
-                push, pairs = _checked_in_one_pass(data)
+                return _checked(data)
             except PushError:
-                push = None
-            if push is not None and pairs == body.count(b":"):
-                return push
+                pass
     return validate(decode(body))
 
 
@@ -325,45 +330,23 @@ def _unknown(value, known, depth):
     return pairs
 
 
-def _checked_in_one_pass(data):
-    """validate()'s answer and the push's pair count; (None, 0) for anything validate() must judge itself."""
-    gpus, agent = data["gpus"], data.get("agent")
+def _shape(data):
+    """Return the pairs of a push whose only containers are where a push has them; None for any other."""
     extra = _unknown(data, TOP_KNOWN, 1)
-    if extra is None or len(gpus) > MAX_GPUS:
-        return None, 0
+    if extra is None:
+        return None
     pairs = len(data) + extra
-    checked, seen = [], set()
-    for position, value in enumerate(gpus):
-        if type(value) is not dict or (extra := _unknown(value, GPU_KNOWN, 3)) is None:
-            return None, 0
-        pairs += len(value) + extra
-        where = f"gpus[{position}]"
-        gpu = _object(value, GPU_PLAN, where)
-        processes = value.get("processes")
-        if processes is not None:
-            if type(processes) is not list or len(processes) > MAX_PROCESSES:
-                return None, 0
-            kept = []
-            for i, process in enumerate(processes):
-                if type(process) is not dict or (extra := _unknown(process, PROCESS_KNOWN, 5)) is None:
-                    return None, 0
-                pairs += len(process) + extra
-                entry = _object(process, PROCESS_PLAN, f"{where}.processes[{i}]")
-                if entry.get("pid") is None:
-                    return None, 0
-                kept.append(entry)
-            gpu["processes"] = kept
-        if gpu.get("index") is None:
-            gpu["index"] = position
-        if gpu["index"] in seen:
-            return None, 0
-        seen.add(gpu["index"])
-        checked.append(gpu)
-    top = _object(data, TOP_PLAN, "")
+    objects = [(gpu, GPU_KNOWN, 3) for gpu in data["gpus"]]
+    agent = data.get("agent")
     if agent is not None:
-        if type(agent) is not dict or (extra := _unknown(agent, AGENT_KNOWN, 2)) is None:
-            return None, 0
-        pairs += len(agent) + extra
-        agent = _object(agent, AGENT_PLAN, "agent")
-    return {"host": top.get("host"), "sampledAt": top.get("sampledAt"), "error": top.get("error"),
-            "agent": agent, "gpus": checked}, pairs
+        objects.append((agent, AGENT_KNOWN, 2))
+    for value, known, depth in objects:
+        if type(value) is not dict or (extra := _unknown(value, known, depth)) is None:
+            return None
+        pairs += len(value) + extra
+        processes = value.get("processes") if known is GPU_KNOWN else None
+        if processes is not None:
+            if type(processes) is not list:
+                return None
+            objects.extend((process, PROCESS_KNOWN, 5) for process in processes)
+    return pairs
