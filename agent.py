@@ -705,31 +705,53 @@ TOOL_EVERY_S = 60.0  # a tool that fills gaps is asked at most this often
 AMD_MEMORY = (("drm-memory-vram", "drm-total-vram", "vram mem"), ("drm-memory-gtt", "drm-total-gtt", "gtt mem"))
 
 
-class AmdBackend:
+class DrmBackend:
+    """What the Linux DRM readers share: their cards, by PCI address, and each card's clients from fdinfo."""
+
+    name = vendor = None
+    drivers = set()
+    unnamed_driver = None  # the driver of an fdinfo that names none (amdgpu's before 5.19)
+
+    def __init__(self, root, missing):
+        self.root = root or SysRoot()
+        self.cards = drm_cards(self.root, self.drivers)
+        if not self.cards:
+            raise GpuReadError(missing)
+        self.names = {}
+
+    def describe(self, index):
+        address, card, driver = self.cards[index]
+        return f"{self.name}{'' if len(self.drivers) == 1 else f' ({driver})'}: {card} ({address})"
+
+    def sample(self):
+        clients = [c for c in self.root.drm_clients() if c.get("drm-driver", self.unnamed_driver) in self.drivers]
+        return [self._card(index, address, card, driver, [c for c in clients if c["drm-pdev"] == address])
+                for index, (address, card, driver) in enumerate(self.cards)]
+
+    def _card(self, index, address, card, driver, clients):
+        device = card / "device"
+        if not device.exists():
+            return {"index": index, "vendor": self.vendor, "error": f"{card.name} is gone (GPU reset or removed)"}
+        return self._gpu(index, address, card, driver, device, clients)
+
+
+class AmdBackend(DrmBackend):
     """AMD GPUs through the amdgpu driver's sysfs and hwmon files and /proc fdinfo: no ROCm needed."""
 
     name = "amd"
     vendor = "AMD"
     drivers = {"amdgpu"}
+    unnamed_driver = "amdgpu"
 
     def __init__(self, root=None, run=subprocess.run, which=shutil.which, clock=time.monotonic):
-        self.root, self.run, self.clock = root or SysRoot(), run, clock
-        self.cards = drm_cards(self.root, self.drivers)
-        if not self.cards:
-            raise GpuReadError("no AMD GPU with the amdgpu driver under /sys/class/drm")
+        super().__init__(root, "no AMD GPU with the amdgpu driver under /sys/class/drm")
+        self.run, self.clock = run, clock
         self.driver = read_text(self.root.sys / "module" / "amdgpu" / "version") or _kernel_release(self.root)
-        self.names = {}
         self.tools = [(path, args, parse) for name, args, parse in AMD_TOOLS if (path := which(name))]
         self.resting, self.given = {}, {}  # tool -> when it may be asked again, and what it gave last
 
-    def describe(self, index):
-        address, card, _ = self.cards[index]
-        return f"{self.name}: {card} ({address})"
-
     def sample(self):
-        clients = [c for c in self.root.drm_clients() if c.get("drm-driver", "amdgpu") == "amdgpu"]
-        gpus = [self._gpu(index, address, card, [c for c in clients if c["drm-pdev"] == address])
-                for index, (address, card, _) in enumerate(self.cards)]
+        gpus = super().sample()
         self._fill_gaps(gpus)
         return gpus
 
@@ -787,10 +809,7 @@ class AmdBackend:
             self.names[device] = name
         return self.names[device]
 
-    def _gpu(self, index, address, card, clients):
-        device = card / "device"
-        if not device.exists():
-            return {"index": index, "vendor": self.vendor, "error": f"{card.name} is gone (GPU reset or removed)"}
+    def _gpu(self, index, address, card, driver, device, clients):
         gpu = {"index": index, "uuid": read_text(device / "unique_id"), "name": self._name(device),
                "vendor": self.vendor, "driverVersion": self.driver}
         hwmon = hwmon_dir(device)
@@ -910,7 +929,7 @@ def engine_busy(previous, current, elapsed_ns):
 INTEL_MEMORY = (("drm-resident-local0", "drm-resident-vram0", "drm-total-local0", "drm-total-vram0"),)
 
 
-class IntelBackend:
+class IntelBackend(DrmBackend):
     """Intel GPUs through the i915 or xe driver: clocks from sysfs, power from the hwmon energy counter, busy from fdinfo."""
 
     name = "intel"
@@ -918,22 +937,10 @@ class IntelBackend:
     drivers = {"i915", "xe"}
 
     def __init__(self, root=None, clock=time.monotonic_ns):
-        self.root, self.clock = root or SysRoot(), clock
-        self.cards = drm_cards(self.root, self.drivers)
-        if not self.cards:
-            raise GpuReadError("no Intel GPU with the i915 or xe driver under /sys/class/drm")
+        super().__init__(root, "no Intel GPU with the i915 or xe driver under /sys/class/drm")
+        self.clock = clock
         self.driver = _kernel_release(self.root)
         self.last = {}  # PCI address -> (ns, energy µJ, {client id: fdinfo})
-        self.names = {}
-
-    def describe(self, index):
-        address, card, driver = self.cards[index]
-        return f"{self.name} ({driver}): {card} ({address})"
-
-    def sample(self):
-        clients = [c for c in self.root.drm_clients() if c.get("drm-driver") in self.drivers]
-        return [self._gpu(index, address, card, driver, [c for c in clients if c["drm-pdev"] == address])
-                for index, (address, card, driver) in enumerate(self.cards)]
 
     def _name(self, device):
         if device not in self.names:
@@ -942,10 +949,7 @@ class IntelBackend:
             self.names[device] = f"Intel {name}" if name else (f"Intel GPU 8086:{ids:04x}" if ids else "Intel GPU")
         return self.names[device]
 
-    def _gpu(self, index, address, card, driver, clients):
-        device = card / "device"
-        if not device.exists():
-            return {"index": index, "vendor": self.vendor, "error": f"{card.name} is gone (GPU reset or removed)"}
+    def _gpu(self, index, address, card, driver, device, clients):
         if read_text(device / "power" / "runtime_status") == "suspended":
             # Asleep: the energy counter, the clocks and the engines' counters would wake it.
             self.last.pop(address, None)

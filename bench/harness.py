@@ -131,15 +131,20 @@ def server_cpu_s(pid):
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def server_peak_mib(pid):
-    """Return the summed peak resident memory (VmHWM) of a process tree, in MiB."""
+def server_memory_mib(pid, field="VmRSS"):
+    """Return a process tree's summed resident memory (VmRSS), or another /proc status field, in MiB."""
     total = 0
     for p in tree_pids(pid):
         try:
-            total += int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{p}/status").read_text())[1])
+            total += int(re.search(rf"{field}:\s+(\d+)", Path(f"/proc/{p}/status").read_text())[1])
         except (OSError, TypeError):
             pass
     return total / 1024
+
+
+def server_peak_mib(pid):
+    """Return the summed peak resident memory (VmHWM) of a process tree, in MiB."""
+    return server_memory_mib(pid, "VmHWM")
 
 
 def free_port():

@@ -37,7 +37,6 @@ from bench import harness
 
 VIEWERS = 10
 GPUS = 8
-SAMPLED_AT = re.compile(rb'"sampledAt":([0-9.]+)')
 
 
 def keys_for(devices):
@@ -221,7 +220,7 @@ def view(port, viewers, seconds, ready, results):
             for part in parts:
                 if b'"snapshot":true' in part:
                     continue
-                found = SAMPLED_AT.search(part)
+                found = harness.SAMPLED_AT.search(part)
                 if found:
                     stamps.append(float(found.group(1)))
                     reads.append(now)
@@ -264,7 +263,7 @@ def one_window(target, args, keys, mode, connections, seconds, settings=None):
         seen = results.get(timeout=120)
         generator.join(30)
         viewers.join(30)
-        rss = current_rss_mib(server.pid)
+        rss = harness.server_memory_mib(server.pid)
         accepted = load["statuses"].get(200, 0)
         # The events of the pushes accepted in the window: each stamped with the sampledAt it was sent with.
         # In milliseconds: a server may print 1.120 as 1.12.
@@ -295,16 +294,6 @@ def watch_backlog(port, until):
         except (requests.RequestException, ValueError):
             seen.append(None)
     return [n for n in seen if n is not None]
-
-
-def current_rss_mib(pid):
-    total = 0
-    for p in harness.tree_pids(pid):
-        try:
-            total += int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{p}/status").read_text())[1])
-        except (OSError, TypeError):
-            pass
-    return total / 1024
 
 
 def stop(process):
@@ -380,7 +369,7 @@ def idle_memory(args, keys):
     try:
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
         time.sleep(1)
-        return current_rss_mib(server.pid)
+        return harness.server_memory_mib(server.pid)
     finally:
         stop(server)
 
