@@ -1,4 +1,5 @@
 """What every route shares: the JSON error answer, the client's address through trusted proxies, the app-wide error handlers."""
+import ipaddress
 import logging
 
 from flask import g, jsonify, request
@@ -22,6 +23,28 @@ def client_address(remote_addr, forwarded_for, trusted_proxies):
         if hop not in trusted_proxies:
             return hop
     return remote_addr
+
+
+def limit_key(address):
+    """Return what a per-address limit counts `address` as: itself, or for IPv6 its /64.
+
+    One IPv6 host is handed a whole /64 (and picks addresses in it at will): counted one by one,
+    a single attacker would be 2^64 clients to every per-address limit.
+    """
+    if not address or ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
+def client_key(remote_addr, forwarded_for, trusted_proxies):
+    """Return the key of the request's client for per-address limits: its address through trusted proxies, IPv6 by /64."""
+    return limit_key(client_address(remote_addr, forwarded_for, trusted_proxies))
 
 
 def error(status, message, field=None, headers=None):

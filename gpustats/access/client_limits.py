@@ -20,7 +20,7 @@ import weakref
 
 from gpustats.background import Tally, counted
 from gpustats.offload import gevent_running
-from gpustats.web import client_address
+from gpustats.web import client_key
 
 log = logging.getLogger("gpustats")
 STREAM = "/gpu/stream"
@@ -67,7 +67,7 @@ class ClientLimits:
             self._connections.add(sock)
         if sock is None or environ.get("PATH_INFO") == STREAM:
             return self._app(environ, start_response)
-        address = client_address(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._trusted)
+        address = client_key(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._trusted)
         with self._lock:
             held = self._in_progress.get(address, 0)
             if held < self._per_client:

@@ -9,7 +9,7 @@ from gunicorn.http.errors import ParseException
 from gpustats.access.keys import presented_key
 from gpustats.ingest import payload
 from gpustats.tokens import digest
-from gpustats.web import client_address, error
+from gpustats.web import client_key, error
 
 log = logging.getLogger("gpustats")
 # Bad keys from one address: 10 at once, then one every 6 s; past that, 429 before any check.
@@ -39,7 +39,7 @@ def register_ingest(app, config, keys, fleet, broadcaster, limiter, bad_keys, co
         key = presented_key(request.headers)
         device = keys.device_for(key) if key else None
         if device is None:
-            address = client_address(request.remote_addr, request.headers.get("X-Forwarded-For"),
+            address = client_key(request.remote_addr, request.headers.get("X-Forwarded-For"),
                                      config.trusted_proxies)
             # Only bad keys are slowed: a valid agent behind the same address (a NAT, a proxy
             # missing from TRUSTED_PROXIES) is never held up by another's guesses.

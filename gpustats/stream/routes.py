@@ -5,7 +5,7 @@ from flask import Response, request
 
 from gpustats.stream.broadcaster import ViewerLimit
 from gpustats.stream.viewer_socket import viewer_socket
-from gpustats.web import allowed_devices, client_address, error
+from gpustats.web import allowed_devices, client_key, error
 
 CORS_PATHS = ("/gpu/stream", "/healthz")
 
@@ -30,7 +30,7 @@ def register_stream(app, config, broadcaster):
 
     @app.get("/gpu/stream")
     def stream():
-        address = client_address(request.remote_addr, request.headers.get("X-Forwarded-For"),
+        address = client_key(request.remote_addr, request.headers.get("X-Forwarded-For"),
                                  config.trusted_proxies)
         devices = request.args.get("device")
         devices = {d.strip() for d in devices.split(",") if d.strip()} if devices else None
