@@ -101,8 +101,15 @@ def _destinations(name, raw):
         raise ConfigError(f"{name}: {problem}") from None
 
 
+# RFC 3986's characters less ': the address goes into the shell commands that install the agent
+# (issue: a ' in it let the Windows one run iex), so quotes, spaces and the like are refused here too.
+URL_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:/?#[]@!$&()*+,;=%")
+
+
 def _web_address(name, raw):
     raw = raw.strip().rstrip("/")
+    if bad := next((c for c in raw if c not in URL_CHARACTERS), None):
+        raise ConfigError(f"{name}: {bad!r} has no place in an address: no quotes, spaces or <>\\^`{{|}}")
     if raw and not re.match(r"^https?://[^\s/]+", raw):
         raise ConfigError(f"{name}: {raw!r} is not an http:// or https:// address")
     return raw

