@@ -10,6 +10,8 @@ import requests
 from playwright.sync_api import expect
 
 from conftest import ADMIN_PASSWORD, KEYS, PRIVATE, ROOT, gpu, multi, sign_in_page, wait_for
+from gpustats.devices.sqlite import SqliteDevices
+from gpustats.tokens import digest, new_secret
 
 pytestmark = pytest.mark.both_backends
 
@@ -105,7 +107,8 @@ def test_bad_input_is_400_or_404_naming_the_field_and_changes_nothing(pair):
     admin = Admin(a)
     before = admin.get("/api/devices").json()
     for body, field in (({"name": "bad name"}, "name"), ({"name": ""}, "name"), ({"name": "x" * 65}, "name"),
-                        ({}, "name"), ({"name": ["rig"]}, "name")):
+                        ({}, "name"), ({"name": ["rig"]}, "name"), ({"name": "."}, "name"), ({"name": ".."}, "name"),
+                        ({"name": "-"}, "name"), ({"name": "_._"}, "name"), ({"name": "-rig"}, "name")):
         answer = admin.post("/api/devices", json=body)
         assert answer.status_code == 400 and answer.json()["field"] == field, body
     for method, path, status, field in (("post", "/api/devices/nobody/keys", 404, "name"),
@@ -210,3 +213,26 @@ def test_a_hostile_host_header_puts_none_of_itself_in_the_install_commands(start
     added = admin.post("/api/devices", json={"name": "host-pc"}, headers={"Host": hostile, "Cookie": cookie})
     assert added.status_code == 201
     assert not [c for c in added.json()["install"].values() if "iex" in c or "evil" in c]
+
+
+@pytest.mark.no_backend
+def test_a_device_named_with_no_letter_or_digit_before_is_still_removed_on_the_page(start_server, browser):
+    # Names were once checked only for their characters: "." and ".." were taken, and a browser drops
+    # such a path segment, so the page's forms for them posted to /api/devices/keys and /api/keys.
+    # One made then must not be stuck: the page removes it.
+    server = start_server(**PRIVATE)
+    store = SqliteDevices(server.settings["HISTORY_DB"])
+    made = [".", "..", "_._"]
+    for name in made:
+        store.add(name, digest(new_secret()), new_secret())
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in_page(page, server, "/devices")
+    for name in made:
+        row = page.locator("tr").filter(has=page.locator("td:first-child", has_text=re.compile(f"^{re.escape(name)}$")))
+        row.get_by_role("button", name="Remove", exact=True).click()
+        expect(page.locator("#ask-title")).to_have_text(f"Remove {name}?")
+        page.get_by_role("button", name=f"Remove {name}", exact=True).click()
+        expect(page.locator(".done")).to_contain_text(f"Removed {name};")
+    assert not {d["name"] for d in store.devices()} & set(made)
+    context.close()

@@ -17,7 +17,10 @@ from gpustats.background import watch
 from gpustats.tokens import PREFIX_CHARS, digest, new_secret
 
 log = logging.getLogger("gpustats")
-DEVICE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
+# A letter or digit first: never "." or "..", path segments a browser drops from the page's form
+# addresses (issue: such a device could not be removed), nor a name that reads as a flag.
+DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+STORED_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)  # what the rule let in before: still removable
 CHECK_S = 1.0  # how often each worker asks the store whether anything changed
 MISS_S = 1.0  # a key the store did not know is not asked about again for this long
 USED_EVERY_S = 60.0
@@ -32,9 +35,10 @@ class DeviceError(ValueError):
         self.status, self.field = status, field
 
 
-def check_name(name):
-    if not isinstance(name, str) or not DEVICE_NAME.fullmatch(name):
-        raise DeviceError("name: 1-64 letters, digits, '.', '_' or '-'", field="name")
+def check_name(name, stored=False):
+    """Return `name` if a new device may have it (`stored`: if a device may already have it), else raise DeviceError."""
+    if not isinstance(name, str) or not (STORED_NAME if stored else DEVICE_NAME).fullmatch(name):
+        raise DeviceError("name: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit", field="name")
     return name
 
 
@@ -118,7 +122,7 @@ class DeviceRegistry:
 
     def add_key(self, name):
         """Add a key to a device (both work until the old one is removed); return (key, key id)."""
-        self._not_env(check_name(name))
+        self._not_env(check_name(name, stored=True))
         key = new_secret()
         key_id = self.store.add_key(name, digest(key), key[:PREFIX_CHARS])
         self.refresh()
@@ -126,13 +130,13 @@ class DeviceRegistry:
         return key, key_id
 
     def remove_key(self, name, key_id):
-        self._not_env(check_name(name))
+        self._not_env(check_name(name, stored=True))
         self.store.remove_key(name, str(key_id))
         self.refresh()
         log.info("removed the key %s of the device %s", key_id, name)
 
     def remove(self, name):
-        self._not_env(check_name(name))
+        self._not_env(check_name(name, stored=True))
         self.store.remove(name)
         self.refresh()
         log.info("removed the device %s", name)

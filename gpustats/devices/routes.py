@@ -98,7 +98,7 @@ def register_devices(app, config, registry, fleet, history, public_url):
 
     @app.get("/api/devices/<name>")
     def device(name):
-        check_name(name)
+        check_name(name, stored=True)
         found = next((d for d in listed() if d["name"] == name), None)
         if found is None:
             raise DeviceError(f"no device {name!r}", status=404, field="name")
@@ -111,7 +111,7 @@ def register_devices(app, config, registry, fleet, history, public_url):
         if keep not in ("keep", "delete"):
             raise DeviceError("history: keep or delete", field="history")
         if request.method == "POST" and not body.get("confirmed"):  # the page asks first, with what would go
-            check_name(name)
+            check_name(name, stored=True)
             return page(asked={"name": name, "history": keep, "points": history.points(name) if keep == "delete"
                                else 0})
         registry.remove(name)
@@ -123,3 +123,9 @@ def register_devices(app, config, registry, fleet, history, public_url):
             return page(done=f"Removed {name}" + (f" and its {points} history points." if keep == "delete" else
                                                  "; its history is kept."))
         return jsonify({"ok": True, "name": name, "historyPointsDeleted": points})
+
+    @app.post("/api/devices:remove")
+    def remove_named_device():
+        # A browser drops a "." or ".." path segment (WHATWG URL; %2e too), so the page removes a
+        # device of such a name, made before a name needed a letter or digit first, by its form's field.
+        return remove_device(given().get("name"))
