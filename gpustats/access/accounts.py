@@ -6,6 +6,11 @@ API tokens and share links, each kept as the SHA-256 digest of its secret with t
 characters to tell them apart. Passwords are kept only as Werkzeug's salted scrypt hashes,
 computed in an OS thread: a hash is 50-100 ms of CPU that must not stall pushes or streams.
 
+A signed-in browser holds only a session's secret id in its cookie; the store keeps the session
+(its digest, whose it is, when made and last used, from where), so signing out, a password
+change or a user's removal ends it at once, and it ends by itself SESSION_LIFE_S after it was
+made or SESSION_IDLE_S after it was last used.
+
 Every request asks who it is, so Accounts keeps what it read for CACHE_S: a change made on
 another worker or host (or by `python config.py`) takes effect within that.
 """
@@ -23,6 +28,8 @@ from gpustats.tokens import digest
 ROLES = ("admin", "viewer")
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", re.ASCII)
 CACHE_S = 1.0
+SESSION_LIFE_S, SESSION_IDLE_S = 30 * 86400, 7 * 86400
+MOST_SESSIONS = 50  # a user's latest sessions kept; signing in again and again cannot grow the store
 MOST_CACHED = 10_000  # entries a worker remembers; past it the cache starts afresh
 
 
@@ -89,6 +96,12 @@ class Hasher:
         return self._worker.run(check_password_hash, stored or _UNKNOWN, password) and stored is not None
 
 
+def lasts(session, now=None):
+    """Return whether a session is within SESSION_LIFE_S of its making and SESSION_IDLE_S of its last use."""
+    now = time.time() if now is None else now
+    return now - session["createdAt"] <= SESSION_LIFE_S and now - session["lastUsedAt"] <= SESSION_IDLE_S
+
+
 class Accounts:
     """Users, tokens and share links from a store, read through a cache of CACHE_S."""
 
@@ -118,7 +131,36 @@ class Accounts:
 
     def user(self, name):
         """Return {"name", "role", "hash", "epoch", "createdAt"} of a user, or None."""
+        if not isinstance(name, str) or not USER_NAME.fullmatch(name):
+            return None  # no user has such a name: nothing is looked up, nothing kept
         return self._cached(("user", name), lambda: self.store.user(name))
+
+    def session(self, secret_digest):
+        """Return the session kept as `secret_digest` while it lasts, or None (never made, ended, or run out)."""
+        found = self._cached(("session", secret_digest), lambda: self.store.session(secret_digest))
+        return found if found is not None and lasts(found) else None
+
+    def remove_user(self, name):
+        """Remove a user, every session of theirs, and every token and link they made."""
+        self.store.remove_user(name)
+        self.store.remove_sessions(name)
+        revoked = self.store.remove_credentials_made_by(name, ROLES)
+        self.forget()
+        return revoked
+
+    def set_role(self, name, role):
+        """Give a user `role`; the tokens they made above it are revoked. Return how many."""
+        self.store.update_user(name, role=role)
+        above = ROLES[:ROLES.index(role)]
+        revoked = self.store.remove_credentials_made_by(name, above) if above else 0
+        self.forget()
+        return revoked
+
+    def set_password(self, name, password_hash, keep=None):
+        """Give a user a new password hash; every session of theirs ends but `keep`'s."""
+        self.store.update_user(name, password_hash=password_hash)
+        self.store.remove_sessions(name, keep=keep)
+        self.forget()
 
     def credential(self, secret):
         """Return the token or share link whose secret this is, or None; it costs a digest and, once a second, a lookup."""

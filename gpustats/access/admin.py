@@ -68,10 +68,10 @@ def register_admin(app, config, accounts, hasher, known_devices=lambda: []):
             role = check_role(body["role"])
             if role != "admin":
                 _keep_an_admin(accounts, name)
-            accounts.store.update_user(name, role=role)
-            done = f"{name} is now {role}."
+            revoked = accounts.set_role(name, role)
+            done = f"{name} is now {role}." + (f" Revoked {revoked} admin tokens they made." if revoked else "")
         elif body.get("password"):
-            accounts.store.update_user(name, password_hash=hasher.hash(check_password(body["password"])))
+            accounts.set_password(name, hasher.hash(check_password(body["password"])))
             done = f"{name}'s password is reset; their sessions are signed out."
         else:
             raise AccountError("give a role or a password", field="role")
@@ -84,10 +84,12 @@ def register_admin(app, config, accounts, hasher, known_devices=lambda: []):
         _keep_an_admin(accounts, name)
         if name == g.identity.name and g.identity.kind == "user":
             raise AccountError("you cannot remove yourself", status=409)
-        accounts.store.remove_user(name)
+        revoked = accounts.remove_user(name)  # their sessions end, and the tokens and links they made
         changed()
-        log.info("%s removed the user %s", g.identity.name, name)
-        return answer({"ok": True, "name": name, "done": f"Removed {name}."})
+        log.info("%s removed the user %s (and %d tokens and links they made)", g.identity.name, name, revoked)
+        return answer({"ok": True, "name": name, "revoked": revoked,
+                       "done": f"Removed {name}" + (f" and the {revoked} tokens and links they made." if revoked
+                                                    else ".")})
 
     @app.get("/api/<any(tokens, shares):kinds>")
     def credentials(kinds):
@@ -105,7 +107,8 @@ def register_admin(app, config, accounts, hasher, known_devices=lambda: []):
             if any(not isinstance(d, str) or len(d) > 64 for d in devices):
                 raise AccountError("devices: names of at most 64 characters", field="devices")
         secret = new_secret()
-        credential_id = accounts.store.add_credential(kind, name, role, digest(secret), secret[:PREFIX_CHARS], devices)
+        credential_id = accounts.store.add_credential(kind, name, role, digest(secret), secret[:PREFIX_CHARS], devices,
+                                                      maker=g.identity.user)
         changed()
         log.info("%s made the %s %s (%s)", g.identity.name, kind, name, role if kind == "token" else
                  ", ".join(devices or ["every device"]))
@@ -135,4 +138,5 @@ def _public(user):
 
 
 def _credential(found):
-    return {key: found[key] for key in ("id", "name", "role", "prefix", "devices", "createdAt", "lastUsedAt")}
+    return {key: found.get(key) for key in ("id", "name", "role", "prefix", "devices", "createdAt", "lastUsedAt",
+                                            "maker")}

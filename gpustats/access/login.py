@@ -4,8 +4,9 @@ Every request but the open ones (OPEN_PATHS) is answered for an Identity, found 
 - `Authorization: Bearer <token>`: an API token an admin made (viewer or admin);
 - `Authorization: Basic`: the extra viewer login (DASHBOARD_USER/DASHBOARD_PASSWORD), or a
   user's own password; for reading only;
-- the session cookie, signed with SECRET_KEY: a signed-in user (while the password it was
-  signed in with stands), or a share link's read-only view of some devices;
+- the session cookie, signed with SECRET_KEY: a signed-in session's secret id, kept in the
+  accounts store (a user's, while it lasts and the password it was signed in with stands;
+  the extra viewer login's), or a share link's read-only view of some devices;
 - DASHBOARD_PUBLIC=1: anyone may read.
 None of those: an API call gets 401 JSON, a browser asking for a page is sent to /login.
 A request that changes state and is signed in by the cookie must carry the page's CSRF token.
@@ -21,11 +22,11 @@ from urllib.parse import urlsplit
 from flask import g, redirect, render_template, request, session, url_for
 from flask.sessions import SecureCookieSessionInterface
 
-from gpustats.access.accounts import AccountError, check_password
+from gpustats.access.accounts import USER_NAME, AccountError, check_password, lasts
 from gpustats.access.keys import basic_login, same_login
 from gpustats.background import watch
-from gpustats.tokens import digest
-from gpustats.web import client_address, error, is_https
+from gpustats.tokens import digest, new_secret
+from gpustats.web import client_address, error, is_https, limit_key
 
 log = logging.getLogger("gpustats")
 SESSIONLESS = {"/push-sse"}
@@ -37,7 +38,11 @@ SHARE_PATHS = {"/", "/gpu/stream", "/api/history", "/api/history.csv", "/api/ale
 CHANGES = {"POST", "PUT", "PATCH", "DELETE"}
 SESSION_DAYS = 30
 BASIC_CACHE_S = 60.0  # a user's right Basic password is not hashed again for this long (a scrape every 15 s)
-USED_EVERY_S = 60.0  # how often a token's or link's "last used" is written
+USED_EVERY_S = 60.0  # how often a token's, link's or session's "last used" is written
+MOST_USED = 100_000  # "last used" times waiting to be written again; past it, written at the next use
+NAME_CHARS = 64  # the longest user name there can be (accounts.USER_NAME)
+HASHES_PER_ADDRESS = 2  # passwords from one address checked at once; more tries wait their turn as 429
+AGENT_CHARS = 120  # of a session's User-Agent, kept to show where it is
 
 
 @dataclass(frozen=True)
@@ -49,10 +54,16 @@ class Identity:
     devices: frozenset = None  # a share link's devices; None: every device
     by_cookie: bool = False  # signed in by the session cookie: a change needs the CSRF token
     read_only: bool = False  # HTTP Basic, a share link, the public dashboard
+    made_by: str = None  # an API token's maker
 
     @property
     def admin(self):
         return self.role == "admin"
+
+    @property
+    def user(self):
+        """Return the user this request acts for: a signed-in user, an API token's maker; None for others."""
+        return self.name if self.kind == "user" else self.made_by
 
 
 class Sessions(SecureCookieSessionInterface):
@@ -108,39 +119,88 @@ def register_login(app, config, accounts, hasher, throttle):
         log.warning("SECRET_KEY is not set: sessions are signed with a key made at this start, so everyone signs in "
                     "again after a restart (make run writes one to .env)")
     app.session_interface = Sessions(config.trusted_proxies)
+    # The cookie is sent again only when it changes: a session ends SESSION_DAYS after its sign-in,
+    # or 7 days unused (accounts.py), however often it is used.
     app.config.update(SESSION_COOKIE_NAME="gpustats_session", SESSION_COOKIE_HTTPONLY=True,
-                      SESSION_COOKIE_SAMESITE="Lax", PERMANENT_SESSION_LIFETIME=SESSION_DAYS * 86400)
-    open_streams, basic_ok, used = OpenStreams(), {}, {}
+                      SESSION_COOKIE_SAMESITE="Lax", PERMANENT_SESSION_LIFETIME=SESSION_DAYS * 86400,
+                      SESSION_REFRESH_EACH_REQUEST=False)
+    open_streams, basic_ok, used, hashing = OpenStreams(), {}, {}, {}
     lock = threading.Lock()
 
     def address():
         return client_address(request.remote_addr, request.headers.get("X-Forwarded-For"), config.trusted_proxies)
 
-    def note_used(credential):
+    def due(key):
+        """Return whether `key`'s "last used" should be written now (once every USED_EVERY_S)."""
         now = time.time()
         with lock:
-            if now - used.get(credential["id"], 0) < USED_EVERY_S:
-                return
-            used[credential["id"]] = now
-        accounts.store.used(credential["id"], now)
+            if now - used.get(key, 0) < USED_EVERY_S:
+                return False
+            if len(used) >= MOST_USED:
+                used.clear()
+            used[key] = now
+        return True
+
+    def note_used(credential):
+        if due(credential["id"]):
+            accounts.store.used(credential["id"], time.time())
 
     def sign_in(name, password):
-        """Return the user that `name` and `password` sign in as, or an answer: 429 held back, 401 wrong."""
-        where = address()
+        """Return the user that `name` and `password` sign in as, or an answer: 400 no such name, 429 held back, 401 wrong."""
+        if not isinstance(name, str) or len(name) > NAME_CHARS:
+            return error(400, f"user: at most {NAME_CHARS} characters", field="user")  # nothing kept for it
+        where = limit_key(address())
         wait = throttle.blocked_for(where)
         if wait:  # no hash for a held-back address: a guess costs a lookup
             return error(429, f"too many wrong passwords from this address; try again in {wait} s",
                          headers={"Retry-After": str(wait)})
+        with lock:
+            checking = hashing.get(where, 0)
+            if checking < HASHES_PER_ADDRESS:
+                hashing[where] = checking + 1
+        if checking >= HASHES_PER_ADDRESS:  # a hundred guesses sent at once: two are checked, the rest wait
+            return error(429, "passwords from this address are being checked already; try again in a second",
+                         headers={"Retry-After": "1"})
+        try:
+            return check(where, name, password)
+        finally:
+            with lock:
+                if hashing[where] > 1:
+                    hashing[where] -= 1
+                else:
+                    del hashing[where]
+
+    def check(where, name, password):
         time.sleep(throttle.delay_for(name))  # many wrong guesses at this user lately: each try waits, none is locked out
         if legacy_login(name, password):
             throttle.succeeded(where, name)
             return {"name": name, "role": "viewer", "epoch": None, "legacy": True}
-        user = accounts.user(name) if isinstance(name, str) else None
+        # Counted as wrong before the hash, and given back if right: tries sent at once are all counted
+        # before any of them is checked, so the throttle's 5 per address holds.
+        throttle.failed(where, name)
+        user = accounts.user(name) if USER_NAME.fullmatch(name) else None
         if hasher.verify(user["hash"] if user else None, password):
             throttle.succeeded(where, name)
             return user
-        throttle.failed(where, name)
         return error(401, "wrong user or password")
+
+    def start_session(kind, name, proof):
+        """Sign this browser in: a new session in the store, and only its secret id (and a CSRF token) in the cookie."""
+        secret = new_secret()
+        accounts.store.add_session(digest(secret), kind, name, proof, address(),
+                                   request.headers.get("User-Agent", "")[:AGENT_CHARS])
+        session.clear()
+        session.permanent = True
+        session.update(i=secret, c=secrets.token_urlsafe(24))
+
+    def valid(found):
+        """Return whether the session `found` still stands: its user and their password, or the viewer login's."""
+        if found is None:
+            return False
+        if found["kind"] == "viewer-login":
+            return bool(config.dashboard_password) and found["proof"] == digest(config.dashboard_password)[:16]
+        user = accounts.user(found["name"])
+        return user is not None and found["proof"] == _proof(user)
 
     def legacy_login(name, password):
         """Return whether this is the extra viewer login of DASHBOARD_USER and DASHBOARD_PASSWORD."""
@@ -177,18 +237,20 @@ def register_login(app, config, accounts, hasher, throttle):
             if found is None or found["kind"] != "token":
                 return error(401, "unknown API token", headers={"WWW-Authenticate": "Bearer"})
             note_used(found)
-            return Identity("token", found["name"], found["role"])
+            return Identity("token", found["name"], found["role"], made_by=found.get("maker"))
         if scheme.lower() == "basic":
             return from_basic(request.headers["Authorization"])
-        if "v" in session:  # the extra viewer login, signed in on the form: valid while its password stands
-            if config.dashboard_password and hmac.compare_digest(session["v"], digest(config.dashboard_password)[:16]):
-                return Identity("viewer-login", config.dashboard_user, "viewer", by_cookie=True, read_only=True)
-            session.clear()
-        elif "u" in session:
-            user = accounts.user(session["u"])
-            if user is not None and user["epoch"] == session.get("e"):
-                return Identity("user", user["name"], user["role"], by_cookie=True)
-            session.clear()  # removed, or its password changed since: signed out
+        if "i" in session:  # a signed-in session: valid while the store keeps it and its password stands
+            session_id = digest(str(session["i"]))
+            found = accounts.session(session_id)
+            if valid(found):
+                if due(session_id):
+                    accounts.store.session_used(session_id, time.time(), address(),
+                                                request.headers.get("User-Agent", "")[:AGENT_CHARS])
+                if found["kind"] == "viewer-login":
+                    return Identity("viewer-login", config.dashboard_user, "viewer", by_cookie=True, read_only=True)
+                return Identity("user", found["name"], accounts.user(found["name"])["role"], by_cookie=True)
+            session.clear()  # signed out, run out, removed, or its password changed since
         elif "s" in session:
             found = _share(session["s"])
             if found is not None:
@@ -205,12 +267,9 @@ def register_login(app, config, accounts, hasher, throttle):
         return found if found is not None and found["kind"] == "share" else None
 
     def still_valid(key):
-        kind, value, epoch = key
-        if kind == "user":
-            user = accounts.user(value)
-            return user is not None and user["epoch"] == epoch
-        if kind == "viewer-login":
-            return bool(config.dashboard_password) and value == digest(config.dashboard_password)[:16]
+        kind, value = key
+        if kind == "session":
+            return valid(accounts.session(value))
         return _share(value) is not None
 
     @app.before_request
@@ -242,8 +301,7 @@ def register_login(app, config, accounts, hasher, throttle):
             if found.by_cookie and not _csrf_ok():
                 return error(403, "the page's CSRF token is missing or wrong: reload the page and try again")
         if path == "/gpu/stream" and found.by_cookie:  # ended within a second once its session is no more
-            key = {"user": ("user", found.name, session.get("e")), "share": ("share", session.get("s"), None),
-                   "viewer-login": ("viewer-login", session.get("v"), None)}[found.kind]
+            key = ("share", session["s"]) if found.kind == "share" else ("session", digest(str(session["i"])))
             open_streams.add(key, request.environ.get("gunicorn.socket"))
         return None
 
@@ -260,11 +318,8 @@ def register_login(app, config, accounts, hasher, throttle):
 
     @app.post("/login")
     def login():
-        # A form on another site signing you in as someone else: browsers say where a request comes from
-        # (Sec-Fetch-Site; Origin is "null" under this site's no-referrer policy). Programs send neither.
-        origin, site = request.headers.get("Origin", "null"), request.headers.get("Sec-Fetch-Site", "same-origin")
-        if site not in ("same-origin", "none") or (origin != "null" and urlsplit(origin).netloc != request.host):
-            return error(403, "a sign-in must come from this server's own page")
+        if not _from_this_site():
+            return error(403, "a sign-in must come from this server's own page: reload it and try again")
         name, password = request.form.get("user", ""), request.form.get("password", "")
         target = _local(request.form.get("next", "/"))
         found = sign_in(name, password)
@@ -273,17 +328,18 @@ def register_login(app, config, accounts, hasher, throttle):
                 problem = found[0].get_json()["error"]
                 return render_template("login.html", next=target, problem=problem, user=name[:64]), found[1], found[2]
             return found
-        session.clear()
-        session.permanent = True
         if found.get("legacy"):
-            session.update(v=digest(config.dashboard_password)[:16], c=secrets.token_urlsafe(24))
+            start_session("viewer-login", found["name"], digest(config.dashboard_password)[:16])
         else:
-            session.update(u=found["name"], e=found["epoch"], c=secrets.token_urlsafe(24))
+            start_session("user", found["name"], _proof(found))
         log.info("%s signed in from %s", found["name"], address())
         return redirect(target, 303) if _wants_page() else ({"ok": True, "user": found["name"], "role": found["role"]}, 200)
 
     @app.post("/logout")
     def logout():
+        if "i" in session:  # ended in the store: a copy of this cookie signs nobody in, on any worker or host
+            accounts.store.remove_session(digest(str(session["i"])))
+            accounts.forget()
         session.clear()
         return redirect(url_for("login_page"), 303) if _wants_page() else ({"ok": True}, 200)
 
@@ -304,23 +360,60 @@ def register_login(app, config, accounts, hasher, throttle):
         if identity.kind != "user" or not identity.by_cookie:
             return error(403, "the account page is for a user signed in on this page")
         problem = done = None
+        if request.method == "POST" and request.form.get("everywhere"):
+            ended = accounts.store.remove_sessions(identity.name)
+            accounts.forget()
+            session.clear()
+            log.info("%s signed out everywhere (%d sessions)", identity.name, ended)
+            return redirect(url_for("login_page"), 303)
         if request.method == "POST":
             user = accounts.user(identity.name)
             try:
                 new = check_password(request.form.get("new", ""))
                 if not hasher.verify(user["hash"], request.form.get("current", "")):
                     raise AccountError("current password: wrong", status=403)
-                accounts.store.update_user(identity.name, password_hash=hasher.hash(new))
-                accounts.forget()
-                # This session stays signed in; every other one of this user ends (its epoch is behind).
-                session["e"] = accounts.user(identity.name)["epoch"]
+                this = digest(str(session["i"]))
+                accounts.set_password(identity.name, hasher.hash(new), keep=this)
+                accounts.store.remove_session(this)
+                start_session("user", identity.name, _proof(accounts.user(identity.name)))  # this browser stays in
                 done = "Password changed. Your other sessions are signed out."
                 log.info("%s changed their password", identity.name)
             except AccountError as problem_:
                 problem = str(problem_)
-        return render_template("account.html", problem=problem, done=done), 400 if problem else 200
+        this = digest(str(session["i"]))
+        sessions = [dict(found, current=found["id"] == this) for found in accounts.store.sessions(identity.name)
+                    if lasts(found) and valid(found)]
+        return (render_template("account.html", problem=problem, done=done, sessions=sessions),
+                400 if problem else 200)
 
     watch("session-sweep", 1.0, lambda: open_streams.sweep(still_valid), lambda: False)
+
+
+def _proof(user):
+    """Return what a user's session holds to prove it still stands: their password's epoch and the user's birth.
+
+    A user removed and made again under the same name starts at epoch 0 again; their creation time
+    tells the two apart, so no session of the first one signs in as the second.
+    """
+    return f"{user['epoch']}:{user['createdAt']!r}"
+
+
+def _from_this_site():
+    """Return whether a sign-in form was posted from this server's own page, not a form on another site.
+
+    Browsers say where a request comes from: Sec-Fetch-Site, or Origin. Under this site's
+    no-referrer policy Origin is "null" even from our own page, and browsers too old for
+    Sec-Fetch-Site send only that, as they do from an attacker's page: then the form's CSRF
+    token must match the cookie's. Programs send neither header.
+    """
+    site, origin = request.headers.get("Sec-Fetch-Site"), request.headers.get("Origin")
+    if site is not None:
+        return site in ("same-origin", "none") and (origin in (None, "null") or urlsplit(origin).netloc == request.host)
+    if origin is None:
+        return True
+    if origin != "null":
+        return urlsplit(origin).netloc == request.host
+    return _csrf_ok()
 
 
 def _csrf_ok():

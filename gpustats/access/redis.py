@@ -3,14 +3,17 @@
 - `gpustats:user:<name>`: a hash (role, hash, epoch, created); `gpustats:users`: their names.
 - `gpustats:credential:<digest>`: a hash (id, kind, name, role, prefix, devices, created);
   `gpustats:credentials`: id -> digest, to list and remove them; `gpustats:credential-used`:
-  id -> when last used.
+  id -> when last used. A credential's `maker` is the user who made it.
+- `gpustats:session:<digest>`: a signed-in session (kind, name, proof, created, used, address,
+  agent), expiring 30 days after it was made or 7 after it was last used, whichever is first;
+  `gpustats:sessions:<kind>:<name>`: its digests by when last used.
 """
 import json
 import time
 
 import redis
 
-from gpustats.access.accounts import AccountError
+from gpustats.access.accounts import MOST_SESSIONS, SESSION_IDLE_S, SESSION_LIFE_S, AccountError
 from gpustats.scaleout import PREFIX, Unavailable
 from gpustats.tokens import PREFIX_CHARS
 
@@ -30,6 +33,43 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[1] == 'hash' then redis.call('HINCRBY', KEYS[1], 'epoch', 1) end
 return 1
 """
+# KEYS: the session's hash, its name's sorted set. ARGV: digest, kind, name, proof, now, address, agent, most,
+# the session key's prefix, idle seconds, life seconds. Keeps the name's `most` latest sessions.
+ADD_SESSION = """
+local now, idle, life = tonumber(ARGV[5]), tonumber(ARGV[10]), tonumber(ARGV[11])
+redis.call('HSET', KEYS[1], 'kind', ARGV[2], 'name', ARGV[3], 'proof', ARGV[4], 'created', ARGV[5], 'used', ARGV[5],
+           'address', ARGV[6], 'agent', ARGV[7])
+redis.call('PEXPIREAT', KEYS[1], math.floor((now + math.min(idle, life)) * 1000))
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - idle)
+for _, old in ipairs(redis.call('ZRANGE', KEYS[2], 0, -(tonumber(ARGV[8]) + 1))) do
+  redis.call('DEL', ARGV[9] .. old)
+  redis.call('ZREM', KEYS[2], old)
+end
+redis.call('PEXPIRE', KEYS[2], math.floor(idle * 1000))
+return 1
+"""
+# KEYS: the session's hash, its name's sorted set. ARGV: digest, now, address, agent, idle seconds, life seconds.
+# Only a session that still exists is marked used: an ended one is not brought back.
+SESSION_USED = """
+local created = tonumber(redis.call('HGET', KEYS[1], 'created'))
+if not created then return 0 end
+local now, idle, life = tonumber(ARGV[2]), tonumber(ARGV[5]), tonumber(ARGV[6])
+redis.call('HSET', KEYS[1], 'used', ARGV[2], 'address', ARGV[3], 'agent', ARGV[4])
+redis.call('PEXPIREAT', KEYS[1], math.floor(math.min(now + idle, created + life) * 1000))
+redis.call('ZADD', KEYS[2], 'XX', now, ARGV[1])
+redis.call('PEXPIRE', KEYS[2], math.floor(idle * 1000))
+return 1
+"""
+SESSION_FIELDS = ("kind", "name", "proof", "created", "used", "address", "agent")
+
+
+def _session_key(secret_digest):
+    return f"{PREFIX}session:{secret_digest}"
+
+
+def _sessions_key(kind, name):
+    return f"{PREFIX}sessions:{kind}:{name}"
 
 
 def _user_key(name):
@@ -52,6 +92,8 @@ class RedisAccounts:
         self._client, self._clock = client, clock
         self._add_user = client.register_script(ADD_USER)
         self._update_user = client.register_script(UPDATE_USER)
+        self._add_session = client.register_script(ADD_SESSION)
+        self._session_used = client.register_script(SESSION_USED)
 
     def _call(self, fn, *args, **kwargs):
         try:
@@ -86,12 +128,12 @@ class RedisAccounts:
         if not self._call(pipe.execute)[0]:
             raise AccountError(f"no user {name!r}", status=404, field="name")
 
-    def add_credential(self, kind, name, role, secret_digest, prefix, devices=None):
+    def add_credential(self, kind, name, role, secret_digest, prefix, devices=None, maker=None):
         credential_id = str(self._call(self._client.incr, NEXT_ID))
         pipe = self._client.pipeline()
         pipe.hset(_credential_key(secret_digest), mapping={
             "id": credential_id, "kind": kind, "name": name, "role": role, "prefix": prefix[:PREFIX_CHARS],
-            "devices": json.dumps(devices) if devices else "", "created": self._clock()})
+            "devices": json.dumps(devices) if devices else "", "created": self._clock(), "maker": maker or ""})
         pipe.hset(CREDENTIALS, credential_id, secret_digest)
         self._call(pipe.execute)
         return credential_id
@@ -106,7 +148,7 @@ class RedisAccounts:
         return {"id": credential_id, "kind": _text(fields, "kind"), "name": _text(fields, "name"),
                 "role": _text(fields, "role"), "prefix": _text(fields, "prefix"),
                 "devices": json.loads(devices) if devices else None, "createdAt": float(_text(fields, "created")),
-                "lastUsedAt": float(used) if used else None}
+                "lastUsedAt": float(used) if used else None, "maker": _text(fields, "maker") or None}
 
     def credentials(self, kind):
         digests = self._call(self._client.hgetall, CREDENTIALS)
@@ -118,6 +160,9 @@ class RedisAccounts:
         found = secret_digest and self.credential(secret_digest.decode())
         if not found or found["kind"] != kind:
             raise AccountError(f"no {kind} {credential_id!r}", status=404, field="id")
+        self._forget_credential(credential_id, secret_digest)
+
+    def _forget_credential(self, credential_id, secret_digest):
         pipe = self._client.pipeline()
         pipe.delete(_credential_key(secret_digest.decode()))
         pipe.hdel(CREDENTIALS, credential_id)
@@ -126,3 +171,55 @@ class RedisAccounts:
 
     def used(self, credential_id, at):
         self._call(self._client.hset, USED, credential_id, at)
+
+    def remove_credentials_made_by(self, maker, roles):
+        """Remove the tokens and links `maker` made with one of `roles`; return how many."""
+        removed = 0
+        for credential_id, secret_digest in self._call(self._client.hgetall, CREDENTIALS).items():
+            found = self.credential(secret_digest.decode())
+            if found and found["maker"] == maker and found["role"] in roles:
+                self._forget_credential(credential_id.decode(), secret_digest)
+                removed += 1
+        return removed
+
+    def add_session(self, secret_digest, kind, name, proof, address, agent):
+        self._call(self._add_session, keys=[_session_key(secret_digest), _sessions_key(kind, name)],
+                   args=[secret_digest, kind, name, proof, self._clock(), address or "", agent or "", MOST_SESSIONS,
+                         f"{PREFIX}session:", SESSION_IDLE_S, SESSION_LIFE_S])
+
+    def session(self, secret_digest):
+        values = self._call(self._client.hmget, _session_key(secret_digest), SESSION_FIELDS)
+        if values[0] is None:
+            return None
+        kind, name, proof, created, used, address, agent = (v.decode() if v is not None else None for v in values)
+        return {"id": secret_digest, "kind": kind, "name": name, "proof": proof, "createdAt": float(created),
+                "lastUsedAt": float(used), "address": address or None, "agent": agent or None}
+
+    def sessions(self, name):
+        digests = [d.decode() for d in self._call(self._client.zrevrange, _sessions_key("user", name), 0, -1)]
+        return [found for found in map(self.session, digests) if found is not None]
+
+    def session_used(self, secret_digest, at, address, agent):
+        found = self.session(secret_digest)
+        if found is not None:
+            self._call(self._session_used, keys=[_session_key(secret_digest), _sessions_key(found["kind"], found["name"])],
+                       args=[secret_digest, at, address or "", agent or "", SESSION_IDLE_S, SESSION_LIFE_S])
+
+    def remove_session(self, secret_digest):
+        found = self.session(secret_digest)
+        pipe = self._client.pipeline()
+        pipe.delete(_session_key(secret_digest))
+        if found is not None:
+            pipe.zrem(_sessions_key(found["kind"], found["name"]), secret_digest)
+        self._call(pipe.execute)
+
+    def remove_sessions(self, name, keep=None):
+        """Remove every session of the user `name` but `keep`'s; return how many."""
+        index = _sessions_key("user", name)
+        gone = [d.decode() for d in self._call(self._client.zrange, index, 0, -1) if d.decode() != keep]
+        if gone:
+            pipe = self._client.pipeline()
+            pipe.delete(*map(_session_key, gone))
+            pipe.zrem(index, *gone)
+            self._call(pipe.execute)
+        return len(gone)

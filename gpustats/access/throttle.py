@@ -3,6 +3,8 @@
 - An address with FREE_FAILS wrong passwords within WINDOW_S is answered 429 at once (no hash
   computed) until its wait is over; the wait starts at FIRST_WAIT_S and doubles with each
   further wrong password, up to WINDOW_S. Its first lock-out is logged once, with the address.
+- A try is counted as wrong before its password is hashed, and taken back if it was right: tries
+  sent at once cannot all be checked before the first of them is counted (issue 29).
 - Wrong passwords for one user, from any number of addresses, slow that user's sign-ins by
   USER_DELAY_S each past FREE_FAILS, up to MOST_USER_DELAY_S: never a lock-out, so the right
   password from an address that has not failed still gets in.
@@ -17,7 +19,7 @@ import time
 log = logging.getLogger("gpustats")
 FREE_FAILS, WINDOW_S, FIRST_WAIT_S = 5, 900.0, 2.0
 USER_DELAY_S, MOST_USER_DELAY_S = 0.1, 1.0
-MOST_REMEMBERED = 100_000  # addresses and users; past it the oldest are forgotten
+MOST_REMEMBERED = 10_000  # addresses and users each; past it the least recently counted are forgotten
 
 
 def wait_after(fails):
@@ -71,12 +73,20 @@ class SignInThrottle:
                         WINDOW_S // 60)
 
     def succeeded(self, address, user):
-        """The right password: that address starts afresh."""
+        """The right password: that address starts afresh, and the user's count gives back the try counted for it."""
         with self._lock:
             self._addresses.pop(address, None)
+            if user in self._users:
+                start, fails = self._users[user]
+                self._users[user] = (start, max(0, fails - 1))
 
-    @staticmethod
-    def _remember(table, key, value):
-        if len(table) >= MOST_REMEMBERED:
-            table.pop(next(iter(table)))  # many addresses cannot grow memory
+    def _remember(self, table, key, value):
+        """Keep `value` for `key`, first forgetting what has run out and, past MOST_REMEMBERED, the least recent."""
+        now = self._clock()
+        while table:
+            oldest = next(iter(table))
+            kept = table[oldest]
+            if len(table) < MOST_REMEMBERED and (now - kept[0] <= WINDOW_S or (len(kept) > 2 and kept[2] > now)):
+                break
+            del table[oldest]  # run out, or one too many: a table cannot grow with the addresses and names tried
         table[key] = value

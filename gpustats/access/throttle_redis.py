@@ -45,6 +45,15 @@ if now - (tonumber(user[1]) or now) > tonumber(ARGV[1]) then fails = 0 end
 return {tostring(math.max(0, untl - now)), fails}
 """
 
+# KEYS: the address's hash, the user's hash. The right password: the address starts afresh, and the
+# user's count gives back the try counted for it before the hash.
+SUCCEEDED = """
+redis.call('DEL', KEYS[1])
+local fails = tonumber(redis.call('HGET', KEYS[2], 'fails'))
+if fails and fails > 0 then redis.call('HSET', KEYS[2], 'fails', fails - 1) end
+return 1
+"""
+
 
 class RedisSignInThrottle:
     """The guessing throttle for the whole fleet, in Redis."""
@@ -53,6 +62,7 @@ class RedisSignInThrottle:
         self._client = client
         self._failed = client.register_script(FAILED)
         self._state = client.register_script(STATE)
+        self._succeeded = client.register_script(SUCCEEDED)
 
     @staticmethod
     def _keys(address, user):
@@ -79,7 +89,5 @@ class RedisSignInThrottle:
                         WINDOW_S // 60)
 
     def succeeded(self, address, user):
-        try:
-            self._client.delete(self._keys(address, user)[0])
-        except redis.RedisError as error:
-            raise Unavailable(f"Redis: {error}") from None
+        address_key, user_key = self._keys(address, user)
+        self._call(self._succeeded, [address_key, user_key], [])
