@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import runpy
 import shutil
 import signal
 import socket
@@ -25,6 +26,11 @@ os.environ["HISTORY_DB"] = ""
 # The suite's servers are the original design's open read-only dashboard, unless a test signs in:
 # the access tests set ADMIN_PASSWORD and DASHBOARD_PUBLIC=0 themselves.
 os.environ["DASHBOARD_PUBLIC"] = "1"
+# No test reads a real GPU: on a contributor's NVIDIA machine every agent the tests start (and this
+# process) finds no libnvidia-ml, as here, so `auto` chooses as the tests expect (issue 30).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests" / "fixtures" / "no-nvml"),
+                                                         os.environ.get("PYTHONPATH")]))
+runpy.run_path(str(ROOT / "tests" / "fixtures" / "no-nvml" / "sitecustomize.py"))  # and for this process
 # One session key for every server, as hosts behind one load balancer share one (REDIS_URL needs it).
 os.environ["SECRET_KEY"] = "session-key-for-tests-" + "x" * 16
 ADMIN_PASSWORD = "admin-password-for-tests"

@@ -22,6 +22,11 @@ def smi(tmp_path, monkeypatch):
     return FakeSmi(tmp_path, monkeypatch)
 
 
+# The environment of a PC without NVIDIA's driver, on any PC: nvidia-ml-py finds no library.
+NO_NVML = ROOT / "tests" / "fixtures" / "no-nvml"
+WITHOUT_NVML = {"PYTHONPATH": os.pathsep.join(filter(None, [str(NO_NVML), os.environ.get("PYTHONPATH")]))}
+
+
 def run_agent(*args, env=None, cwd=ROOT, script=None, timeout=30):
     environ = {k: v for k, v in os.environ.items() if k not in ("PUSH_URL", "DEVICE_KEY", "DROPLET_PUSH_URL")}
     return subprocess.run([sys.executable, str(script or ROOT / "agent.py"), *args], cwd=cwd,
@@ -75,9 +80,12 @@ def test_dry_run_prints_the_payload_read_through_gputil(smi):
 
 
 def test_auto_without_an_nvml_library_uses_gputil(smi):
-    # No GPU driver here: nvidia-ml-py cannot load libnvidia-ml, so auto falls back.
-    result = run_agent("--once", "--dry-run")
+    # nvidia-ml-py cannot load libnvidia-ml (hidden, should this PC have a driver), so auto falls back.
+    result = run_agent("--once", "--dry-run", env=WITHOUT_NVML)
     assert result.returncode == 0 and json.loads(result.stdout)["agent"]["backend"] == "gputil"
+    hidden = subprocess.run([sys.executable, "-c", "import pynvml; pynvml.nvmlInit()"], capture_output=True,
+                            text=True, env={**os.environ, **WITHOUT_NVML}, timeout=30)
+    assert "NVMLError_LibraryNotFound" in hidden.stderr
 
 
 def test_once_with_driver_not_loaded_exits_nonzero_with_one_line(smi):

@@ -134,7 +134,9 @@ def test_a_sample_that_failed_whole_carries_its_error():
     b'{"gpus": [{"index": 0, "utilizationGpu": NaN}]}',
     b'{"name": "NVIDIA RTX 3080", "temperatureGpu": 65}',  # the seed's one GPU object
     b'{"gpus": [{"index": 0}], "agent": {"version": "1", "x": {"y": {"z": {"w": 1}}}}}',
-])
+], ids=["two-gpus", "colon-in-a-string", "key-twice", "gpus-twice", "deep-unknown-field", "deep-top-level-field",
+        "deep-process-field", "empty-process-list", "byte-order-mark", "index-5.0-and-5", "number-past-float",
+        "lone-surrogate", "nan", "the-seeds-one-gpu", "deep-agent-field"])  # the same in every xdist process
 def test_the_routes_one_pass_parse_answers_as_decode_then_validate(body):
     def answer(check):
         try:
