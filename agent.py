@@ -19,8 +19,10 @@ import random
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -1870,7 +1872,10 @@ def run_loop(backend, pusher, interval, clock=time.monotonic, sleep=time.sleep, 
 SERVICE = "gpu-stats-agent"
 TASK = "GPU Stats Agent"
 LAUNCHD = "com.gpustats.agent"
-MANIFEST = "gpu-stats-agent.installed"  # beside agent.py: what --install wrote, so --uninstall removes just that
+# Beside agent.py: which of the plans below --install used (system-wide or not) and whether it made
+# the .env. Never commands or paths: --uninstall works those out again (issue: it ran what the file listed).
+MANIFEST = "gpu-stats-agent.installed"
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # Windows has none: _refuse_link's os.path.islink is the check there
 TASK_XML = """<?xml version="1.0" encoding="UTF-16"?>
 <Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">
   <RegistrationInfo><Description>Pushes this PC's GPU stats to the GPU Stats Dashboard.</Description></RegistrationInfo>
@@ -1900,6 +1905,15 @@ def _systemd_quote(word):
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$").replace("%", "%%") + '"'
 
 
+class InstallError(Exception):
+    """--install or --uninstall will not go on (a link where it writes, a folder others can write to); the message says what to do."""
+
+
+def _as_root():
+    """Return whether --install makes a system-wide unit: as root, unless GPU_STATS_SCOPE=user."""
+    return os.environ.get("GPU_STATS_SCOPE") != "user" and hasattr(os, "geteuid") and os.geteuid() == 0
+
+
 def install_plan(flags, agent, python, platform=sys.platform, home=None, root=None):
     """Return (files {path: text}, commands to run, commands that undo them, where its log is).
 
@@ -1927,10 +1941,7 @@ def install_plan(flags, agent, python, platform=sys.platform, home=None, root=No
                                "StandardOutPath": str(logs), "StandardErrorPath": str(logs)}).decode()
         return ({plist: text}, [["launchctl", "load", "-w", str(plist)]], [["launchctl", "unload", "-w", str(plist)]],
                 str(logs))
-    # System-wide as root, a user unit otherwise; GPU_STATS_SCOPE=user makes a user unit as root too.
-    if root is None:
-        root = os.environ.get("GPU_STATS_SCOPE") != "user" and hasattr(os, "geteuid") and os.geteuid() == 0
-    system = bool(root)
+    system = _as_root() if root is None else bool(root)
     unit = (Path("/etc/systemd/system") if system else home / ".config" / "systemd" / "user") / f"{SERVICE}.service"
     scope = [] if system else ["--user"]
     text = (f"# Written by agent.py --install; agent.py --uninstall removes it.\n"
@@ -1946,53 +1957,130 @@ def install_plan(flags, agent, python, platform=sys.platform, home=None, root=No
             f"journalctl {'--user ' if scope else ''}-u {SERVICE} -f")
 
 
+def _own_group(gid, uid):
+    """Return whether group `gid` is `uid`'s private group (its name, no other member): the umask 002 of Debian and Ubuntu."""
+    import grp
+    import pwd
+    try:
+        group, user = grp.getgrgid(gid), pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
+
+
+def _check_folder(folder):
+    """Refuse a folder another user owns or can write to: they could plant a link or a manifest in it."""
+    if not hasattr(os, "geteuid"):  # Windows: ACLs, not mode bits, say who may write there; the link checks still hold
+        return
+    found, uid = folder.stat(), os.geteuid()
+    if found.st_uid != uid:
+        raise InstallError(f"{folder} is owned by uid {found.st_uid}, not you: install from a folder of your own "
+                           f"(or chown it to yourself, then chmod go-w {folder})")
+    if found.st_mode & 0o002 or found.st_mode & 0o020 and not _own_group(found.st_gid, uid):
+        raise InstallError(f"{folder} is writable by others, who could plant links in it: chmod go-w {folder}")
+
+
+def _refuse_link(path):
+    """Refuse a symbolic link at `path`: O_NOFOLLOW refuses one too (ELOOP), this says so in words, and Windows has only this."""
+    if os.path.islink(path):
+        raise InstallError(f"{path} is a symbolic link: remove it and run again (--install writes through no link)")
+
+
+def _read_own(path):
+    """Return the text of `path`, or None where there is none; a link or anything but a plain file is refused."""
+    _refuse_link(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW | getattr(os, "O_NONBLOCK", 0))  # a planted FIFO cannot hang it
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, encoding="utf-8") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InstallError(f"{path} is not a plain file: remove it and run again")
+        return f.read()
+
+
+def _write_own(path, text, mode=0o644, encoding="utf-8"):
+    """Write `path` whole: a new file beside it, renamed over it, so a link planted at `path` is replaced, never followed."""
+    _refuse_link(path)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # O_EXCL | O_NOFOLLOW, mode 600
+    try:
+        with os.fdopen(fd, "w", encoding=encoding) as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)
+            f.write(text)
+        os.replace(temp, path)  # a rename replaces a link at `path` itself, on Windows too
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
 def _write_secret_env(path, url, key):
     """Keep PUSH_URL and DEVICE_KEY in `path` (mode 600: its owner alone reads it); return whether it was new."""
-    lines = path.read_text().splitlines() if path.exists() else []
+    lines = (_read_own(path) or "").splitlines()
     kept = [line for line in lines if not line.split("=", 1)[0].strip() in ("PUSH_URL", "DROPLET_PUSH_URL", "DEVICE_KEY")]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        if hasattr(os, "fchmod"):
-            os.fchmod(f.fileno(), 0o600)
-        f.write("\n".join([*kept, f"PUSH_URL={url}", f"DEVICE_KEY={key}"]) + "\n")
+    _write_own(path, "\n".join([*kept, f"PUSH_URL={url}", f"DEVICE_KEY={key}"]) + "\n", mode=0o600)
     return not lines
 
 
-def install(args, argv, run=subprocess.run, **where):
+def _installed(text, env_file):
+    """Return (root, made the .env) from a manifest's text: which plan --install used, and nothing else."""
+    try:
+        record = json.loads(text)
+        if "undo" in record:  # an earlier agent's lists commands and paths: they only tell which plan it was
+            return not any("--user" in command for command in record["undo"]), str(env_file) in record["files"]
+        root, env = record["root"], record["env"]
+    except (ValueError, TypeError, KeyError):
+        root = env = None
+    if not isinstance(root, bool) or not isinstance(env, bool):
+        raise InstallError(f"{env_file.with_name(MANIFEST)} is not what --install writes: remove it and run again")
+    return root, env
+
+
+def install(args, argv, run=subprocess.run, agent=None, platform=sys.platform, home=None, root=None):
     """Write what starts the agent at boot or logon, start it, and say in one line what was written and where its log is."""
-    agent = Path(__file__).resolve()
-    flags = _start_flags(argv)
-    files, commands, undo, log_at = install_plan(flags, agent, Path(sys.executable), **where)
-    env_file = agent.with_name(".env")
-    written = [str(env_file)] if _write_secret_env(env_file, args.url, args.key) else []
+    agent = Path(agent or __file__).resolve()
+    _check_folder(agent.parent)
+    root = _as_root() if root is None else root
+    files, commands, undo, log_at = install_plan(_start_flags(argv), agent, Path(sys.executable), platform, home, root)
+    env_file, manifest = agent.with_name(".env"), agent.with_name(MANIFEST)
+    for path in (env_file, manifest, *files):  # all refused before any is written
+        _refuse_link(path)
+    earlier = _installed(before, env_file)[1] if (before := _read_own(manifest)) else False  # a .env it made stays its
+    made_env = _write_secret_env(env_file, args.url, args.key) or earlier
+    written = [str(env_file)] if made_env else []
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-16" if str(path).endswith(".xml") else "utf-8")
+        _write_own(path, text, encoding="utf-16" if str(path).endswith(".xml") else "utf-8")
         written.append(str(path))
-    agent.with_name(MANIFEST).write_text(json.dumps({"files": written, "undo": undo}, indent=1))
+    _write_own(manifest, json.dumps({"root": bool(root), "env": made_env}))
     for command in commands:
         done = run(command, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
-            raise Rejected(f"{' '.join(command)} failed: {(done.stderr or done.stdout).strip()[:200]}")
+            raise InstallError(f"{' '.join(command)} failed: {(done.stderr or done.stdout).strip()[:200]}")
     linger = "" if "--user" not in sum(commands, []) else (
         "; it starts when you log in (to start it at boot: sudo loginctl enable-linger $USER)")
     _say(f"installed: wrote {', '.join(written)}, the key kept in {env_file} (mode 600){linger}; its log: {log_at}")
     return 0
 
 
-def uninstall(run=subprocess.run):
-    """Stop the agent started at boot or logon and remove exactly what --install wrote."""
-    manifest = Path(__file__).resolve().with_name(MANIFEST)
-    if not manifest.exists():
+def uninstall(run=subprocess.run, agent=None, platform=sys.platform, home=None):
+    """Stop the agent started at boot or logon and remove what --install wrote: worked out again, never read from a file."""
+    agent = Path(agent or __file__).resolve()
+    _check_folder(agent.parent)
+    manifest, env_file = agent.with_name(MANIFEST), agent.with_name(".env")
+    text = _read_own(manifest)
+    if text is None:
         _say(f"nothing to uninstall: no {manifest.name} beside agent.py")
         return 0
-    record = json.loads(manifest.read_text())
-    for command in record["undo"]:
+    root, made_env = _installed(text, env_file)
+    files, _, undo, _ = install_plan([], agent, Path(sys.executable), platform, home, root)
+    for command in undo:
         run(command, capture_output=True, text=True, timeout=60)  # one that fails (already stopped) stops nothing
-    for path in record["files"]:
-        Path(path).unlink(missing_ok=True)
+    removed = [*files, *([env_file] if made_env else [])]
+    for path in removed:
+        path.unlink(missing_ok=True)  # a link is removed itself, never what it points to
     manifest.unlink()
-    _say(f"uninstalled: stopped it and removed {', '.join(record['files'])}")
+    _say(f"uninstalled: stopped it and removed {', '.join(map(str, removed))}")
     return 0
 
 
@@ -2113,13 +2201,11 @@ def main(argv=None, environ=None):
     argv = sys.argv[1:] if argv is None else argv
     args = settings_from(argv, os.environ if environ is None else environ)
     _configure_logging(args.debug)
-    if args.uninstall:
-        return uninstall()
-    if args.install:
+    if args.install or args.uninstall:
         try:
-            return install(args, argv)
-        except (OSError, subprocess.SubprocessError, Rejected) as error:
-            _say(f"cannot install: {error}")
+            return uninstall() if args.uninstall else install(args, argv)
+        except (OSError, subprocess.SubprocessError, InstallError) as error:
+            _say(f"cannot {'uninstall' if args.uninstall else 'install'}: {error}")
             return 1
     if key_on_command_line(argv) and (others := other_users()):
         log.warning("--key puts the device key where every user of this machine can read it (ps; here: %s): "

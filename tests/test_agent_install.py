@@ -1,20 +1,25 @@
 """agent.py --install and --uninstall: the files it writes for systemd, Task Scheduler and launchd, and the one-minute path."""
 import configparser
+import grp
+import json
 import os
 import plistlib
+import pwd
 import re
 import shlex
 import stat
 import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 import requests
 
 import agent
 from agent_fakes import L40S, FakeSmi
-from conftest import ADMIN_PASSWORD, PRIVATE, require, wait_for
+from conftest import ADMIN_PASSWORD, PRIVATE, ROOT, require, wait_for
 
 TASK_NS = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
 AGENT = Path("/opt/gpu-stats-agent/agent.py")
@@ -140,3 +145,130 @@ def test_the_linux_command_the_page_shows_installs_the_agent_and_it_goes_live(st
     assert not unit.exists() and not (folder / ".env").exists() and not (folder / agent.MANIFEST).exists()
     assert calls.read_text().splitlines()[2:] == ["--user disable --now gpu-stats-agent", "--user daemon-reload"]
     assert sorted(p.name for p in folder.iterdir()) == [".venv", "agent.py", "requirements-agent.txt"]  # all else it wrote
+
+
+# ---- what --install writes, in a folder others could have planted things in (issue 8) ---------
+
+KEY = "test-key-install-0123456789"
+
+
+class Installed:
+    """A copy of agent.py in a folder of its own, a HOME, and a systemctl that records: --install run as a user runs it."""
+
+    def __init__(self, tmp_path):
+        self.folder, self.home, self.outside = tmp_path / "gpu-stats-agent", tmp_path / "home", tmp_path / "outside"
+        for folder in (self.folder, self.home, self.outside):
+            folder.mkdir()
+            folder.chmod(0o755)
+        (self.folder / "agent.py").write_bytes((ROOT / "agent.py").read_bytes())
+        self.calls = fake_systemctl(tmp_path / "bin")
+        self.unit = self.home / ".config/systemd/user/gpu-stats-agent.service"
+        self.env = {"HOME": str(self.home), "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+                    "GPU_STATS_SCOPE": "user", "DEVICE_KEY": KEY}
+
+    def run(self, *args):
+        return subprocess.run([sys.executable, "agent.py", *args], cwd=self.folder, env=self.env, capture_output=True,
+                              text=True, timeout=60)
+
+    def install(self):
+        return self.run("--url", "http://gpus.example.com:3000/push-sse", "--install")
+
+    def systemctl(self):
+        return self.calls.read_text().splitlines() if self.calls.exists() else []
+
+
+def refused_in_one_line(done, *words):
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.splitlines()
+    assert all(word in line for word in words), line
+    return line
+
+
+def test_install_then_uninstall_writes_and_removes_just_its_files(tmp_path):
+    at = Installed(tmp_path)
+    done = at.install()
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE((at.folder / ".env").stat().st_mode) == 0o600 and KEY in (at.folder / ".env").read_text()
+    assert at.unit.is_file() and at.systemctl() == ["--user daemon-reload", "--user enable --now gpu-stats-agent"]
+    assert sorted(p.name for p in at.folder.iterdir()) == [".env", "agent.py", agent.MANIFEST]
+    assert at.install().returncode == 0  # again, as a rotated key's install command does: the .env is still its own
+    undone = at.run("--uninstall")
+    assert undone.returncode == 0 and "uninstalled" in undone.stderr, undone.stderr
+    assert at.systemctl()[4:] == ["--user disable --now gpu-stats-agent", "--user daemon-reload"]
+    assert not at.unit.exists() and sorted(p.name for p in at.folder.iterdir()) == ["agent.py"]
+
+
+def test_a_planted_env_link_is_refused_and_its_target_kept(tmp_path):
+    at = Installed(tmp_path)
+    target = at.outside / "precious"
+    target.write_text("PRECIOUS=1\n")
+    (at.folder / ".env").symlink_to(target)
+    refused_in_one_line(at.install(), "cannot install", str(at.folder / ".env"), "link")
+    assert target.read_text() == "PRECIOUS=1\n" and not at.unit.exists() and at.systemctl() == []
+
+
+def test_a_planted_manifest_link_is_refused_and_its_target_not_made(tmp_path):
+    at = Installed(tmp_path)
+    target = at.outside / "made-by-install"
+    (at.folder / agent.MANIFEST).symlink_to(target)
+    refused_in_one_line(at.install(), "cannot install", agent.MANIFEST, "link")
+    assert not target.exists() and not (at.folder / ".env").exists() and at.systemctl() == []
+
+
+def test_a_planted_unit_link_is_refused_and_its_target_not_made(tmp_path):
+    at = Installed(tmp_path)
+    target = at.outside / "made-by-install"
+    at.unit.parent.mkdir(parents=True)
+    at.unit.symlink_to(target)
+    refused_in_one_line(at.install(), "cannot install", str(at.unit), "link")
+    assert not target.exists() and not (at.folder / ".env").exists() and at.systemctl() == []
+
+
+def test_uninstall_runs_and_removes_only_what_install_would_have_never_what_the_manifest_lists(tmp_path):
+    at = Installed(tmp_path)
+    assert at.install().returncode == 0
+    victim = at.outside / "victim"
+    victim.write_text("keep me\n")
+    pwned = at.outside / "pwned"
+    (at.folder / agent.MANIFEST).write_text(json.dumps({  # as an agent before this wrote it, with more added
+        "files": [str(victim)], "undo": [["systemctl", "--user", "disable", "--now", "gpu-stats-agent"],
+                                         ["sh", "-c", f"touch {shlex.quote(str(pwned))}"]]}))
+    undone = at.run("--uninstall")
+    assert undone.returncode == 0, undone.stderr
+    assert not pwned.exists() and victim.read_text() == "keep me\n"
+    assert not at.unit.exists() and at.systemctl()[2:] == ["--user disable --now gpu-stats-agent", "--user daemon-reload"]
+
+
+def test_a_folder_others_can_write_to_is_refused_and_nothing_written(tmp_path):
+    at = Installed(tmp_path)
+    at.folder.chmod(0o757)
+    refused_in_one_line(at.install(), "cannot install", str(at.folder), "chmod go-w")
+    assert sorted(p.name for p in at.folder.iterdir()) == ["agent.py"] and not at.unit.exists()
+    at.folder.chmod(0o755)
+    assert at.install().returncode == 0
+    at.folder.chmod(0o757)  # its manifest, which --uninstall reads, could be anyone's now
+    refused_in_one_line(at.run("--uninstall"), "cannot uninstall", str(at.folder), "chmod go-w")
+    assert at.unit.exists() and len(at.systemctl()) == 2
+
+
+def test_a_folder_of_another_user_or_writable_by_a_shared_group_is_refused(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a folder to another user or group")
+    at = Installed(tmp_path)
+    os.chown(at.folder, 4321, -1)
+    refused_in_one_line(at.install(), "cannot install", str(at.folder), "owned by")
+    os.chown(at.folder, 0, 4321)
+    at.folder.chmod(0o775)
+    refused_in_one_line(at.install(), "cannot install", str(at.folder), "chmod go-w")
+    assert sorted(p.name for p in at.folder.iterdir()) == ["agent.py"] and not at.unit.exists()
+
+
+def test_a_folder_writable_by_the_users_own_group_is_fine(tmp_path):
+    # Debian and Ubuntu give each user a group of their own and umask 002: mkdir makes the folder
+    # group-writable, and no one else is in that group.
+    at = Installed(tmp_path)
+    own = grp.getgrgid(os.getegid())
+    if own.gr_name != pwd.getpwuid(os.geteuid()).pw_name or set(own.gr_mem) - {own.gr_name}:
+        pytest.skip("this user has no group of its own")
+    at.folder.chmod(0o775)
+    assert at.install().returncode == 0
