@@ -17,11 +17,11 @@ pytestmark = pytest.mark.both_backends
 
 
 class Admin:
-    """An admin signed in on a server through the form, sending the page's CSRF token with each change."""
+    """An admin (or `user`) signed in on a server through the form, sending the page's CSRF token with each change."""
 
-    def __init__(self, server):
+    def __init__(self, server, user="admin", password=ADMIN_PASSWORD):
         self.server, self.session = server, requests.Session()
-        self.session.post(server.url + "/login", data={"user": "admin", "password": ADMIN_PASSWORD},
+        self.session.post(server.url + "/login", data={"user": user, "password": password},
                           timeout=10).raise_for_status()
         page = self.session.get(server.url + "/", headers={"Accept": "text/html"}, timeout=10).text
         self.session.headers["X-CSRF-Token"] = re.search(r'name="csrf-token" content="([^"]+)"', page)[1]
@@ -236,3 +236,19 @@ def test_a_device_named_with_no_letter_or_digit_before_is_still_removed_on_the_p
         expect(page.locator(".done")).to_contain_text(f"Removed {name};")
     assert not {d["name"] for d in store.devices()} & set(made)
     context.close()
+
+
+@pytest.mark.no_backend
+def test_removing_by_the_name_in_the_form_needs_an_admin_and_the_pages_token(start_server):
+    server = start_server(**PRIVATE)
+    admin = Admin(server)
+    assert admin.post("/api/users", json={"name": "vera", "password": "vera-password-1", "role": "viewer"}).ok
+    SqliteDevices(server.settings["HISTORY_DB"]).add("..", digest(new_secret()), new_secret())
+    form = {"name": "..", "confirmed": "1"}
+    assert requests.post(server.url + "/api/devices:remove", data=form, timeout=10).status_code == 401
+    assert Admin(server, "vera", "vera-password-1").post("/api/devices:remove", data=form).status_code == 403
+    assert admin.session.post(server.url + "/api/devices:remove", data=form, timeout=10,
+                              headers={"X-CSRF-Token": ""}).status_code == 403
+    assert ".." in [d["name"] for d in admin.get("/api/devices").json()]
+    assert admin.post("/api/devices:remove", data=form).status_code == 200
+    assert ".." not in [d["name"] for d in admin.get("/api/devices").json()]
