@@ -2045,7 +2045,8 @@ def install(args, argv, run=subprocess.run, agent=None, platform=sys.platform, h
     env_file, manifest = agent.with_name(".env"), agent.with_name(MANIFEST)
     for path in (env_file, manifest, *files):  # all refused before any is written
         _refuse_link(path)
-    earlier = _installed(before, env_file)[1] if (before := _read_own(manifest)) else False  # a .env it made stays its
+    before = _read_own(manifest)
+    earlier = _installed(before, env_file)[1] if before else False  # a .env an earlier --install made is still its own
     made_env = _write_secret_env(env_file, args.url, args.key) or earlier
     written = [str(env_file)] if made_env else []
     for path, text in files.items():
