@@ -76,6 +76,7 @@ def create_app(overrides=None):
     # Outside Flask, around everything: a refusal costs no routing, and the deadline covers the write.
     app.wsgi_app = ClientLimits(app.wsgi_app, config.response_timeout_s, config.max_requests_per_client,
                                 config.trusted_proxies)
+    fleet.restore_kept(set(known_devices()))  # every PC as it last was, until it pushes again
     fleet.start(broadcaster, config.sweep_s)
     parts.counters.start(lambda: broadcaster.subscribers)
     for part in (history, parts.alerter, parts.sender, registry):

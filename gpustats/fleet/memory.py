@@ -68,6 +68,20 @@ class Fleet:
         self.attach(broadcaster)
         watch("status-watch", sweep_s, self.sweep, lambda: self._closed)
 
+    def restore_kept(self, known):
+        """Take each known device's state as history kept it at the last stop, with the status it had then.
+
+        A device that went quiet while the server was down turns stale or offline at the first sweep,
+        so its DeviceOffline fires as if the server had never stopped.
+        """
+        if self._history is None:
+            return 0
+        kept = [event for event in self._history.last_states() if event.get("device") in known]
+        with self._lock:
+            for event in kept:
+                self._devices.setdefault(event["device"], event)
+        return len(kept)
+
     def close(self):
         """Stop the background work (on SIGTERM)."""
         self._closed = True
@@ -144,6 +158,8 @@ class Fleet:
         with self._lock:
             if self._devices.pop(device, None) is not None and self._broadcaster is not None:
                 self._broadcaster.publish(device, removal(device, self._clock()), event="status")
+        if self._history is not None:
+            self._history.forget_state(device)
 
     def snapshot(self):
         """Return the broadcaster's (sequence, event id) and [(device, latest event data)] that match it."""
@@ -167,6 +183,8 @@ class Fleet:
                     self._devices[name] = dict(event, status=status)
                     change = status_change(name, status, event["receivedAt"], now)
                     changes.append((name, change))
+                    if self._history is not None:
+                        self._history.keep_status(name, status)
                     if self._broadcaster is not None:
                         self._broadcaster.publish(name, change, event="status")
         for _, change in changes if self._alerter is not None else ():

@@ -99,6 +99,10 @@ class RedisFleet:
         mirror.attach(self._broadcaster)
         return mirror
 
+    def restore_kept(self, known):
+        """Take nothing: Redis keeps each device's state across restarts, and the mirror loads it at start."""
+        return 0
+
     def start(self, broadcaster, sweep_s):
         """Read the stream into `broadcaster`, and sweep statuses while holding the lease."""
         self._broadcaster = broadcaster

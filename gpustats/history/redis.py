@@ -219,6 +219,16 @@ class RedisHistory(LeasedWork):
         except redis.RedisError as error:
             raise Unavailable(f"Redis: {error}") from None
 
+    def keep_status(self, device, status):
+        """Nothing to do: with Redis the fleet keeps each device's state itself (fleet/redis.py)."""
+
+    def forget_state(self, device):
+        """Nothing to do: with Redis the fleet keeps each device's state itself (fleet/redis.py)."""
+
+    def last_states(self):
+        """Return nothing: with Redis the fleet keeps each device's state itself (fleet/redis.py)."""
+        return []
+
     def delete(self, device):
         """Delete every point kept of `device`; return how many went."""
         try:

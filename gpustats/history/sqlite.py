@@ -4,14 +4,18 @@ SQLite blocks the thread that calls it, and under gevent that thread runs every 
 stream: so the database is only used from OS threads of its own (offload.Worker). A push
 only appends its event to a queue; once a second the writer turns what gathered into
 buckets and writes them in one transaction, and once a minute it deletes what is past its
-tier's keep. Queries run in a second thread on their own connection (WAL lets them read
+tier's keep. The same write keeps each device's latest event and status, so a restart shows
+every PC as it last was (issue 30: a PC down at a deploy vanished). Queries run in a second thread on their own connection (WAL lets them read
 while the writer writes), and SQLite builds their answer's JSON arrays itself, without the GIL.
 """
 import collections
+import json
 import logging
 import sqlite3
 import time
 from contextlib import contextmanager
+
+import orjson
 
 from config import ConfigError
 from gpustats import offload
@@ -29,7 +33,10 @@ CREATE TABLE IF NOT EXISTS minute (id INTEGER NOT NULL, t INTEGER NOT NULL, util
                                    power, power_n, joules, PRIMARY KEY (id, t)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hour (id INTEGER NOT NULL, t INTEGER NOT NULL, util, util_n, mem, mem_n, temp, temp_n,
                                  power, power_n, joules, PRIMARY KEY (id, t)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS device (name TEXT PRIMARY KEY, event TEXT NOT NULL);
 """
+PUT_DEVICE = "INSERT INTO device VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET event = excluded.event"
+SET_STATUS = "UPDATE device SET event = json_set(event, '$.status', ?) WHERE name = ?"
 SUMS = ("util", "util_n", "mem", "mem_n", "temp", "temp_n", "power", "power_n", "joules")
 # A second holds the newest values pushed in it, and all the energy drawn up to them.
 PUT_SECOND = ("INSERT INTO second VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, t) DO UPDATE SET util = excluded.util, "
@@ -68,6 +75,7 @@ class SqliteHistory:
         self._trusted = TrustedClock(clock, steady)  # what pruning goes by: never one reading of a stepped clock
         self._flush_s, self._prune_s = flush_s, prune_s
         self._pending = collections.deque(maxlen=MAX_PENDING)
+        self._latest, self._statuses = {}, {}  # device -> its newest event, and its status since, to keep
         self._dropped = 0
         self._closed = False
         self._writer = offload.Worker("history-writer")
@@ -133,19 +141,38 @@ class SqliteHistory:
         if len(self._pending) == MAX_PENDING:
             self._dropped += 1
         self._pending.append(sample(event))
+        self._latest[event["device"]] = event
+        self._statuses.pop(event["device"], None)
+
+    def keep_status(self, device, status):
+        """Queue a device's new status (stale, offline) for the next write, so a restart shows it as it was."""
+        self._statuses[device] = status
+
+    def forget_state(self, device):
+        """Forget a removed device's kept state: a restart does not bring it back."""
+        self._latest.pop(device, None)
+        self._statuses.pop(device, None)
+        self._writer.run(lambda: self._db.execute("DELETE FROM device WHERE name = ?", (device,)))
+
+    def last_states(self):
+        """Return every device's newest kept event, with the status it last had."""
+        return self._reader.run(lambda: [json.loads(event) for event, in self._read_db.execute(
+            "SELECT event FROM device ORDER BY name")])
 
     def flush(self):
         """Write what gathered since the last flush in one transaction; prune once a minute."""
         samples = [self._pending.popleft() for _ in range(len(self._pending))]
+        latest, self._latest = self._latest, {}
+        statuses, self._statuses = self._statuses, {}
         if self._dropped:
             log.error("history fell behind: %d samples were dropped unwritten", self._dropped)
             self._dropped = 0
         now, trusted, steady = self._clock(), self._trusted.now(), self._steady()
         prune = steady - self._pruned >= self._prune_s
-        if not samples and not prune:
+        if not samples and not prune and not latest and not statuses:
             return
         try:
-            self._writer.run(self._write, samples, now, trusted if prune else None)
+            self._writer.run(self._write, samples, now, trusted if prune else None, latest, statuses)
         except sqlite3.OperationalError as problem:  # a full disk, a file gone read-only: one line a minute, counted
             self._failing = str(problem)
             self._lost.add("samples", len(samples))
@@ -157,7 +184,7 @@ class SqliteHistory:
         if prune:
             self._pruned = steady
 
-    def _write(self, samples, now, prune_at):
+    def _write(self, samples, now, prune_at, latest=None, statuses=None):
         # The batch is built here, in the writer's thread: it holds the GIL as it would on the loop,
         # but the loop gets it back every 5 ms (the switch interval) instead of waiting out all of it,
         # 50 ms a second for a fleet of 2,000 PCs, which every push then waited behind.
@@ -173,6 +200,9 @@ class SqliteHistory:
             for tier, buckets in batch.buckets.items():
                 self._db.executemany(ADD_BUCKET.format(table=tier.name), [
                     (ids[device, gpu], start, *sums) for (device, gpu, start), sums in buckets.items()])
+            self._db.executemany(PUT_DEVICE, [(device, orjson.dumps(event).decode())
+                                              for device, event in (latest or {}).items()])
+            self._db.executemany(SET_STATUS, [(status, device) for device, status in (statuses or {}).items()])
             if prune_at is not None:
                 for gpu_id, _, _ in self._ids.values():
                     for tier in TIERS:
@@ -227,6 +257,7 @@ class SqliteHistory:
                 gone = sum(self._db.execute(f"DELETE FROM {tier.name} WHERE id IN (SELECT id FROM gpu WHERE device = ?)",
                                             (device,)).rowcount for tier in TIERS)
                 self._db.execute("DELETE FROM gpu WHERE device = ?", (device,))
+                self._db.execute("DELETE FROM device WHERE name = ?", (device,))
             for key in [key for key in self._ids if key[0] == device]:
                 del self._ids[key]
             for key in [key for key in self._sampler.last if key[0] == device]:
