@@ -202,6 +202,11 @@ def _finite(value):
     return int(value) if value.is_integer() else value
 
 
+# What NVML answers a driver that has no nvmlDeviceGetMemoryInfo_v2: not found, not supported, or
+# a version it does not know.
+_NO_MEMORY_V2 = (13, 3, 25)  # NVML_ERROR_FUNCTION_NOT_FOUND, _NOT_SUPPORTED, _ARGUMENT_VERSION_MISMATCH
+
+
 class NvmlBackend:
     """NVML through nvidia-ml-py: no subprocess, and processes, power, fans and clocks."""
 
@@ -218,6 +223,22 @@ class NvmlBackend:
             raise GpuReadError(f"NVML could not start: {error}") from None
         self.driver = self._read(nvml.nvmlSystemGetDriverVersion)
         self.count = self._read(nvml.nvmlDeviceGetCount) or 0  # the slots its GPUs keep beside other readers'
+        self._memory_v2 = getattr(nvml, "nvmlMemory_v2", None)  # None: this binding or driver has no v2
+
+    def _memory(self, handle):
+        """Return the GPU's memory as nvidia-smi counts it: v2 leaves the driver's reserved memory out of used.
+
+        v1 counts it as used: 615 MiB on an idle H200 where nvidia-smi says 0 (captures in
+        shared/nvidia-smi-samples/h200-580). Drivers before R510 have no v2: v1 from then on.
+        """
+        nvml = self.nvml
+        if self._memory_v2 is not None:
+            try:
+                return nvml.nvmlDeviceGetMemoryInfo(handle, version=self._memory_v2)
+            except nvml.NVMLError as error:
+                if getattr(error, "value", None) in _NO_MEMORY_V2:
+                    self._memory_v2 = None
+        return self._read(nvml.nvmlDeviceGetMemoryInfo, handle)
 
     def _read(self, getter, *args):
         """Call an NVML getter; NotSupported and every other NVMLError mean null."""
@@ -242,7 +263,7 @@ class NvmlBackend:
         except nvml.NVMLError as error:
             return {"index": index, "error": f"NVML: {error}"}
         rates = read(nvml.nvmlDeviceGetUtilizationRates, handle)  # NotSupported on MIG GPUs
-        memory = read(nvml.nvmlDeviceGetMemoryInfo, handle)
+        memory = self._memory(handle)
         power, limit = read(nvml.nvmlDeviceGetPowerUsage, handle), read(nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
         pstate = read(nvml.nvmlDeviceGetPerformanceState, handle)
         gpu = {"index": index, "uuid": read(nvml.nvmlDeviceGetUUID, handle),

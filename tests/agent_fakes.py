@@ -56,6 +56,13 @@ def nvml_module(gpus, driver=b"560.94", fail_init=None):
         value = types.SimpleNamespace(uiVal=gpus[handle].get("memTemp", 0))
         return [types.SimpleNamespace(nvmlReturn=0 if "memTemp" in gpus[handle] else pynvml.NVML_ERROR_NOT_SUPPORTED,
                                       value=value)]
+    def memory_info(handle, version=None):
+        if version is None:
+            return get(handle, "memory")
+        if "memory_v2" not in gpus[handle]:  # a driver before R510: no nvmlDeviceGetMemoryInfo_v2
+            raise pynvml.NVMLError_FunctionNotFound()
+        assert version == pynvml.nvmlMemory_v2
+        return get(handle, "memory_v2")
     module = types.SimpleNamespace(
         NVMLError=pynvml.NVMLError, NVML_TEMPERATURE_GPU=pynvml.NVML_TEMPERATURE_GPU,
         NVML_CLOCK_GRAPHICS=pynvml.NVML_CLOCK_GRAPHICS, NVML_CLOCK_MEM=pynvml.NVML_CLOCK_MEM,
@@ -64,7 +71,7 @@ def nvml_module(gpus, driver=b"560.94", fail_init=None):
         nvmlDeviceGetCount=lambda: len(gpus), nvmlDeviceGetHandleByIndex=handle_by_index,
         nvmlDeviceGetName=lambda h: get(h, "name"), nvmlDeviceGetUUID=lambda h: get(h, "uuid"),
         nvmlDeviceGetUtilizationRates=lambda h: get(h, "rates"),
-        nvmlDeviceGetMemoryInfo=lambda h: get(h, "memory"),
+        nvmlDeviceGetMemoryInfo=memory_info, nvmlMemory_v2=pynvml.nvmlMemory_v2,
         nvmlDeviceGetTemperature=lambda h, sensor: get(h, "temp"),
         nvmlDeviceGetFieldValues=field_values,
         nvmlDeviceGetPowerUsage=lambda h: get(h, "power_mw"),

@@ -1,5 +1,6 @@
 """Reading GPUs: the nvidia-smi parser on real captures, GPUtil through a fake nvidia-smi, NVML."""
 import json
+import types
 
 import pynvml
 import pytest
@@ -163,6 +164,31 @@ def test_auto_falls_back_to_gputil_when_nvml_cannot_load(smi):
 
 
 # ---- the NVML backend against a module with nvidia-ml-py's names and errors ------------------
+
+MIB = 1 << 20
+
+
+def test_nvml_memory_leaves_the_drivers_reserved_memory_out_of_used_as_nvidia_smi_does():
+    # An idle H200, driver 580.159.04 (shared/nvidia-smi-samples/h200-580): nvidia-smi says 0 MiB used
+    # of 143,771; v1 says 615 used (the reserved memory), v2 total 143,771, reserved 615, used 0, free 143,155.
+    v1 = types.SimpleNamespace(total=143_771 * MIB, used=615 * MIB, free=143_155 * MIB)
+    v2 = types.SimpleNamespace(version=pynvml.nvmlMemory_v2, total=143_771 * MIB, reserved=615 * MIB, used=0,
+                               free=143_155 * MIB)
+    h200 = nvml_gpu(name="NVIDIA H200", memory=v1, memory_v2=v2)
+    [gpu] = agent.NvmlBackend(nvml_module([h200])).sample()
+    assert (gpu["memoryTotal"], gpu["memoryUsed"], gpu["memoryFree"]) == (143_771, 0, 143_155)
+    # Busy: nvidia-smi 30,335 MiB used; v1 said 30,950.
+    busy = dict(h200, memory=types.SimpleNamespace(total=143_771 * MIB, used=30_950 * MIB, free=112_821 * MIB),
+                memory_v2=types.SimpleNamespace(total=143_771 * MIB, reserved=615 * MIB, used=30_335 * MIB,
+                                                free=112_821 * MIB))
+    assert agent.NvmlBackend(nvml_module([busy])).sample()[0]["memoryUsed"] == 30_335
+
+
+def test_nvml_memory_on_a_driver_without_v2_is_v1():
+    nvml = nvml_module([nvml_gpu()])  # no memory_v2: nvmlDeviceGetMemoryInfo_v2 is not found
+    backend = agent.NvmlBackend(nvml)
+    assert [g["memoryUsed"] for g in backend.sample() + backend.sample()] == [6144, 6144]
+    assert backend._memory_v2 is None  # asked once, not every sample
 
 def test_nvml_backend_reads_everything_in_the_payload_units():
     [gpu] = agent.NvmlBackend(nvml_module([nvml_gpu(memTemp=72)])).sample()
