@@ -2057,12 +2057,27 @@ def _installed(text, env_file):
     return root, env
 
 
+def _systemd_runs(scope, run):
+    """Return whether systemd runs this machine's services (sd_booted()'s question), as its own systemctl answers it."""
+    try:
+        done = run(["systemctl", *scope, "is-system-running"], capture_output=True, text=True, timeout=15)
+    except (FileNotFoundError, PermissionError):
+        return False  # no systemctl at all: a chroot, a minimal container
+    # "offline" (and exit 1) where systemd is not PID 1: a container, WSL1, a chroot.
+    return done.stdout.strip() in ("running", "degraded", "starting", "initializing", "maintenance")
+
+
 def install(args, argv, run=subprocess.run, agent=None, platform=sys.platform, home=None, root=None):
     """Write what starts the agent at boot or logon, start it, and say in one line what was written and where its log is."""
     agent = Path(agent or __file__).resolve()
     _check_folder(agent.parent)
     root = _as_root() if root is None else root
     files, commands, undo, log_at = install_plan(_start_flags(argv), agent, Path(sys.executable), platform, home, root)
+    if commands[0][0] == "systemctl" and not _systemd_runs(commands[0][1:2] if "--user" in commands[0] else [], run):
+        # Checked before anything is written (issue 30: it wrote the unit, then crashed).
+        raise InstallError("systemd is not running here (a container, WSL1 or a chroot), so nothing can start the agent "
+                           "at boot; nothing was written. Run it in the foreground instead: python3 agent.py, with "
+                           "PUSH_URL and DEVICE_KEY in a .env beside it (chmod 600), from this machine's own init")
     env_file, manifest = agent.with_name(".env"), agent.with_name(MANIFEST)
     for path in (env_file, manifest, *files):  # all refused before any is written
         _refuse_link(path)
@@ -2078,7 +2093,12 @@ def install(args, argv, run=subprocess.run, agent=None, platform=sys.platform, h
     for command in commands:
         done = run(command, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
-            raise InstallError(f"{' '.join(command)} failed: {(done.stderr or done.stdout).strip()[:200]}")
+            for step in undo:  # nothing is left half installed: what was written goes, and what started stops
+                run(step, capture_output=True, text=True, timeout=60)
+            for path in [*files, manifest, *([env_file] if made_env and not earlier else [])]:
+                path.unlink(missing_ok=True)
+            raise InstallError(f"{' '.join(command)} failed: {(done.stderr or done.stdout).strip()[:200]}; "
+                               "nothing was left installed")
     linger = "" if "--user" not in sum(commands, []) else (
         "; it starts when you log in (to start it at boot: sudo loginctl enable-linger $USER)")
     _say(f"installed: wrote {', '.join(written)}, the key kept in {env_file} (mode 600){linger}; its log: {log_at}")

@@ -89,10 +89,19 @@ def test_macos_is_a_launchd_agent_kept_alive_after_a_crash(tmp_path):
     assert start == [["launchctl", "load", "-w", str(path)]] and undo == [["launchctl", "unload", "-w", str(path)]]
 
 
-def fake_systemctl(folder):
-    """Put a systemctl on PATH that records its arguments, as the sandbox has no systemd running."""
+def fake_systemctl(folder, state="running", failing=None):
+    """Put a systemctl on PATH that records its arguments, as the sandbox has no systemd running.
+
+    It answers `is-system-running` with `state` ("offline" where systemd is not PID 1, as the real
+    one here says), unrecorded, and exits 1 for the command `failing`.
+    """
     folder.mkdir(exist_ok=True)
-    (folder / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(folder / "calls"))}\n')
+    calls = shlex.quote(str(folder / "calls"))
+    fail = f'[ "$*" = {shlex.quote(failing)} ] && {{ echo "Failed to {failing}: Access denied" >&2; exit 1; }}\n' \
+        if failing else ""
+    (folder / "systemctl").write_text(
+        f'#!/bin/sh\ncase "$*" in *is-system-running) echo {state}; [ {state} = running ]; exit $?;; esac\n'
+        f'echo "$@" >> {calls}\n{fail}exit 0\n')
     (folder / "systemctl").chmod(0o755)
     return folder / "calls"
 
@@ -272,3 +281,37 @@ def test_a_folder_writable_by_the_users_own_group_is_fine(tmp_path):
         pytest.skip("this user has no group of its own")
     at.folder.chmod(0o775)
     assert at.install().returncode == 0
+
+
+# ---- where --install cannot work: it says so in one line, and leaves nothing behind (issue 30) ----
+
+def test_without_systemd_install_writes_nothing_and_says_how_to_run_the_agent(tmp_path):
+    at = Installed(tmp_path)
+    fake_systemctl(tmp_path / "bin", state="offline")  # a container, WSL1: systemctl is there, systemd is not PID 1
+    line = refused_in_one_line(at.install(), "systemd is not running here", "nothing was written", "python3 agent.py")
+    assert "Rejected" not in line and "TypeError" not in line
+    assert sorted(p.name for p in at.folder.iterdir()) == ["agent.py"] and not at.unit.exists()
+    assert at.systemctl() == []
+    (tmp_path / "bin" / "systemctl").unlink()  # a chroot: no systemctl at all
+    at.env["PATH"] = str(tmp_path / "bin")
+    refused_in_one_line(at.install(), "systemd is not running here")
+    assert sorted(p.name for p in at.folder.iterdir()) == ["agent.py"] and not at.unit.exists()
+
+
+def test_a_systemctl_that_fails_leaves_nothing_installed(tmp_path):
+    at = Installed(tmp_path)
+    fake_systemctl(tmp_path / "bin", failing="--user enable --now gpu-stats-agent")
+    refused_in_one_line(at.install(), "--user enable --now gpu-stats-agent failed", "Access denied",
+                        "nothing was left installed")
+    assert sorted(p.name for p in at.folder.iterdir()) == ["agent.py"] and not at.unit.exists()
+    assert at.systemctl()[-2:] == ["--user disable --now gpu-stats-agent", "--user daemon-reload"]
+
+
+def test_uninstall_with_nothing_installed_or_a_manifest_it_did_not_write(tmp_path):
+    at = Installed(tmp_path)
+    nothing = at.run("--uninstall")
+    assert nothing.returncode == 0 and nothing.stderr.strip().splitlines() == [
+        f"agent: nothing to uninstall: no {agent.MANIFEST} beside agent.py"]
+    (at.folder / agent.MANIFEST).write_text('{"root": "yes"}')
+    refused_in_one_line(at.run("--uninstall"), "is not what --install writes")
+    assert at.systemctl() == [] and (at.folder / agent.MANIFEST).exists()
