@@ -2,9 +2,10 @@
 import socket
 import time
 
+import pytest
 import requests
 
-from conftest import KEYS, gpu, multi, wait_for
+from conftest import KEYS, PRIVATE, gpu, multi, wait_for
 from test_stream_slow_clients import rss_mib
 
 PIPELINED = b"GET /static/uPlot.iife.min.js HTTP/1.1\r\nHost: x\r\n\r\n" * 200  # 10 MB of answers asked for
@@ -123,3 +124,57 @@ def test_history_answers_to_clients_that_never_read_hold_one_gpu_each(start_serv
     assert took < 2
     for sock in stuck:
         sock.close()
+
+
+def pipelined(port, request, count):
+    """Send `count` copies of `request` from 127.0.0.2 with a tiny receive window, read nothing; return the socket."""
+    sock = asks_and_never_reads(port, request=b"")
+    sock.settimeout(3)
+    try:
+        sock.sendall(request * count)
+    except socket.timeout:
+        pass  # the server stopped reading, blocked on its answers: what was sent is enough
+    return sock
+
+
+@pytest.mark.parametrize("refused", ["401 without a sign-in", "405 to a POST"])
+def test_refusals_on_the_stream_path_end_within_response_timeout_s(start_server, refused):
+    # The attack on a fresh clone: /gpu/stream's answers other than the stream skipped the deadline,
+    # and 12,000 of them pipelined and never read kept a connection with 2.8 MB unsent past 150 s.
+    if refused.startswith("401"):
+        server = start_server(RESPONSE_TIMEOUT_S="2", **PRIVATE)
+        request = b"GET /gpu/stream HTTP/1.1\r\nHost: x\r\n\r\n"
+    else:
+        server = start_server(RESPONSE_TIMEOUT_S="2")
+        request = b"POST /gpu/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    stuck = pipelined(server.port, request, 12_000)
+    # Cut 2 s after the server blocks on a full send buffer; reading nothing until then.
+    wait_for(lambda: "cut answers not taken within RESPONSE_TIMEOUT_S (2 s): on /gpu/stream" in server.output(),
+             timeout=15)
+    taken, started = b"", time.monotonic()
+    stuck.settimeout(1)
+    while time.monotonic() - started < 5:  # what was sent is read now; then the end, or nothing more
+        try:
+            chunk = stuck.recv(1 << 20)
+        except socket.timeout:
+            break
+        except OSError:  # reset: cut all the same
+            chunk = b""
+        if not chunk:
+            break
+        taken += chunk
+    assert taken.startswith(b"HTTP/1.1 " + refused[:3].encode())
+    assert not chunk, "the connection was not cut"
+    assert taken.count(b"HTTP/1.1 ") < 12_000
+    assert "Traceback" not in server.output()
+    stuck.close()
+
+
+def test_a_real_stream_outlives_response_timeout_s(start_server, open_stream):
+    server = start_server(RESPONSE_TIMEOUT_S="1")
+    stream = open_stream(server)
+    assert stream.status == 200
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5:
+        stream.next(timeout=2, with_comments=True)  # heartbeats every HEARTBEAT_S, past the deadline
+    assert "cut answers" not in server.output()

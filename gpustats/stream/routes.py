@@ -8,6 +8,9 @@ from gpustats.stream.viewer_socket import viewer_socket
 from gpustats.web import allowed_devices, client_key, error
 
 CORS_PATHS = ("/gpu/stream", "/healthz")
+# Set in the environ of a request answered with a real stream: access/client_limits.py lifts the answer
+# deadline for it alone, not for this path's 401, 405 or 429, which a client could pipeline and never read.
+STREAMING = "gpustats.streaming"
 
 
 def register_stream(app, config, broadcaster):
@@ -42,6 +45,7 @@ def register_stream(app, config, broadcaster):
                                            viewer_socket=viewer_socket(request.environ))
         except ViewerLimit as refused:
             return error(refused.status, str(refused), headers={"Retry-After": "5"})
+        request.environ[STREAMING] = True
         # direct_passthrough hands gunicorn the generator itself: no per-event wrapper layers.
         return Response(chunks, content_type="text/event-stream", direct_passthrough=True, headers={
             "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
