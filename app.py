@@ -18,6 +18,7 @@ from gpustats.background import watch
 from gpustats.access.accounts import AccountError, Accounts, Hasher
 from gpustats.access.admin import register_admin
 from gpustats.access.client_limits import ClientLimits
+from gpustats.access.connections import Connections
 from gpustats.access.login import register_login
 from gpustats.access.sqlite import SqliteAccounts
 from gpustats.access.throttle import SignInThrottle
@@ -74,8 +75,11 @@ def create_app(overrides=None):
     register_metrics(app, fleet, parts.counters)
     register_pages(app, config, fleet, broadcaster, history)
     # Outside Flask, around everything: a refusal costs no routing, and the deadline covers the write.
+    # gunicorn.conf.py hands the connections each connection gunicorn accepts, before any request.
+    connections = Connections(config.worker_connections, config.max_connections_per_client, config.trusted_proxies)
+    app.extensions["gpustats"]["connections"] = connections
     app.wsgi_app = ClientLimits(app.wsgi_app, config.response_timeout_s, config.max_requests_per_client,
-                                config.trusted_proxies)
+                                config.trusted_proxies, connections)
     fleet.restore_kept(set(known_devices()))  # every PC as it last was, until it pushes again
     fleet.start(broadcaster, config.sweep_s)
     parts.counters.start(lambda: broadcaster.subscribers)

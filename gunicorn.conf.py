@@ -23,8 +23,21 @@ reuse_port = workers > 1
 # An agent pushes every 2 s on one keep-alive connection. gunicorn's default keep-alive is 2 s,
 # so it closed each agent's connection just about as the next push went out on it: a reset,
 # and that push lost to the agent's backoff (make bench BENCH_ARGS=--ingest-fleet counts them).
-# nginx keeps idle connections 75 s.
+# nginx keeps idle connections 75 s. One address may hold only its share of the pool, and the
+# connections idle longest are closed first when it runs low (post_worker_init, below).
 keepalive = 75
+
+
+def post_worker_init(worker):
+    """Have the app count each connection the worker accepts, before any request (gpustats/access/connections.py).
+
+    The gevent worker binds `handle` to its listening socket after this hook and calls it once
+    per connection: a WSGI middleware alone never sees a connection that sends nothing.
+    """
+    from gunicorn.workers.base_async import AsyncWorker  # gthread's handle takes other arguments
+    connections = getattr(worker.wsgi, "extensions", {}).get("gpustats", {}).get("connections")
+    if connections is not None and isinstance(worker, AsyncWorker):
+        worker.handle = connections.guard(worker.handle)
 
 
 def worker_exit(server, worker):

@@ -1,5 +1,5 @@
 """What one client may hold of a worker: every answer but a stream ends within a deadline, and one
-address holds at most a small share of the connections.
+address holds at most a small share of the requests in progress and of the connections.
 
 gunicorn's gevent worker serves WORKER_CONNECTIONS connections at once, one greenlet each, and
 writes an answer with a blocking sendall that has no timeout: a client that asks and never
@@ -13,14 +13,14 @@ in front of the app:
 Both hold for every answer on every path, /gpu/stream's 401, 405 and 429 included: 12,000
 pipelined requests there, never read, once kept 2.8 MB unsent past 150 s. Only an answer that
 is a stream (its route marks the environ) is let go once it starts: it has caps and a kernel
-send timeout of its own (stream/broadcaster.py, stream/routes.py).
+send timeout of its own (stream/broadcaster.py, stream/routes.py). The connections themselves,
+idle ones included, are counted by connections.py, which this tells when a request starts and ends.
 """
 import json
 import logging
-import socket
 import threading
-import weakref
 
+from gpustats.access.connections import shut
 from gpustats.background import Tally, counted
 from gpustats.offload import gevent_running
 from gpustats.stream.routes import STREAMING
@@ -43,28 +43,15 @@ def _timer(seconds, callback):
     return timer.cancel
 
 
-def _shut(sock, how=socket.SHUT_RDWR):
-    """End a connection's reading, writing or both: a read or write its greenlet waits on returns, and gunicorn closes it.
-
-    The real socket's, not gevent's: gevent's own shutdown() throws EBADF into the greenlet waiting on
-    it, and gunicorn logs that with a traceback ("Socket error processing request"), once per connection.
-    """
-    try:
-        getattr(sock, "_sock", sock).shutdown(how)
-    except OSError:
-        pass  # gone already
-
-
 class ClientLimits:
     """WSGI middleware: a deadline on every answer but a stream, and a cap on each address's requests in progress."""
 
-    def __init__(self, app, timeout_s, per_client, trusted_proxies):
+    def __init__(self, app, timeout_s, per_client, trusted_proxies, connections):
         self._app, self._timeout_s, self._per_client = app, timeout_s, per_client
         self._trusted = trusted_proxies
+        self.connections = connections  # connections.Connections: gunicorn.conf.py hands it each connection
         self._lock = threading.Lock()
         self._in_progress = {}  # address -> requests being answered
-        self._connections = weakref.WeakSet()  # every client connection seen, gone when its socket is
-        self._busy = set()  # those with a request other than a stream being answered now
         self._cut = Tally(lambda counts: log.warning(
             "cut answers not taken within RESPONSE_TIMEOUT_S (%g s): %s", timeout_s, counted(counts)))
         self._refused = Tally(lambda counts: log.warning(
@@ -72,8 +59,6 @@ class ClientLimits:
 
     def __call__(self, environ, start_response):
         sock = environ.get("gunicorn.socket")
-        if sock is not None:
-            self._connections.add(sock)
         if sock is None:
             return self._app(environ, start_response)
         address = client_key(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._trusted)
@@ -85,15 +70,17 @@ class ClientLimits:
             self._refused.add("requests")
             return self._too_many(sock, held, start_response)
         cancel = _timer(self._timeout_s, lambda: self._cut_off(sock, environ.get("PATH_INFO", "")))
-        self._busy.add(sock)
+        self.connections.busy(sock)
         try:
             answer = self._app(environ, start_response)
         except BaseException:
             self._done(address, cancel, sock)
             raise
-        if environ.get(STREAMING):  # a real stream from here on: no deadline, not in progress
-            self._done(address, cancel, sock)
-            return answer
+        if environ.get(STREAMING):
+            # A real stream from here on: no deadline, not in progress; it is idle again if it ever ends.
+            self._done(address, cancel)
+            self.connections.streaming(sock)
+            return Answer(answer, lambda: self.connections.idle(sock))
         return Answer(answer, lambda: self._done(address, cancel, sock))
 
     def close_idle(self):
@@ -103,17 +90,16 @@ class ClientLimits:
         each of them at a stop, so a deploy would wait out --graceful-timeout. Their read side is
         shut: the request being answered on a busy one is finished, and gunicorn closes it after.
         """
-        for sock in list(self._connections):
-            if sock not in self._busy:
-                _shut(sock, socket.SHUT_RD)
+        self.connections.close_idle()
 
     def _cut_off(self, sock, path):
         self._cut.add(f"on {path}" if path.startswith(NAMED_PATHS) else "others")
-        _shut(sock)
+        shut(sock)
 
     def _done(self, address, cancel, sock=None):
         cancel()
-        self._busy.discard(sock)
+        if sock is not None:
+            self.connections.idle(sock)
         with self._lock:
             left = self._in_progress[address] - 1
             if left:
@@ -129,7 +115,7 @@ class ClientLimits:
         # Then the connection is shut once this answer is written (gunicorn drops hop-by-hop headers such
         # as Connection: close): what was pipelined behind it and is already read fails at its first
         # write, instead of being parsed and refused one by one (3,000 such clients starved pushes).
-        return Answer([body], lambda: _shut(sock))
+        return Answer([body], lambda: shut(sock))
 
 
 class Answer:
