@@ -2,7 +2,8 @@
 
 Prints delivered/expected, fan-out latency p50/p99 (push sent -> event read), server CPU
 per delivered event and the server's peak memory, one Markdown row per server. Other
-scenarios: --reconnect-storm (bench/storm.py), --history-load (bench/history_load.py), --cap, --greedy, --agent;
+scenarios: --reconnect-storm (bench/storm.py), --history-load (bench/history_load.py), --idle-flood
+(bench/idle_flood.py), --cap, --greedy, --agent;
 --server-dir runs another tree's server, such as an older commit's, with this same bench.
 """
 import argparse
@@ -505,6 +506,9 @@ def main():
                         help="also run flask-gevent while the admin signs in PER_S times a second (a slow hash each)")
     parser.add_argument("--greedy", type=int, metavar="CONNECTIONS", default=0,
                         help="at the default sizes, CONNECTIONS from one address ask and never read; time pushes")
+    parser.add_argument("--idle-flood", type=int, metavar="CONNECTIONS", nargs="?", const=10_100, default=0,
+                        help="at the default sizes, CONNECTIONS (10,100) from one address ask once and stay idle; "
+                             "time pushes from another (bench/idle_flood.py)")
     parser.add_argument("--send-floor", action="store_true",
                         help="time a bare loop of non-blocking sends to -n loopback sockets: the floor of a fan-out")
     parser.add_argument("--agent", type=int, metavar="SAMPLES", default=0,
@@ -563,6 +567,9 @@ def main():
         return bench_cap(args.cap, args.server_dir)
     if args.greedy:
         return bench_greedy(args.greedy, server_dir=args.server_dir)
+    if args.idle_flood:
+        from bench import idle_flood
+        return idle_flood.idle_flood(args.idle_flood, server_dir=args.server_dir)
     if args.send_floor:
         return bench_send_floor(args.subscribers)
     if args.reconnect_storm:
