@@ -159,7 +159,7 @@ def _broken(errors, taken):
     refused the whole push ("gpus[2].index: 2 is used twice"): the PC left the dashboard.
     """
     free = _free_indices(taken)
-    return [{"index": next(free), "error": line[:128]} for line in errors]
+    return [{"index": next(free), "error": clip(_one_line(line))} for line in errors]
 
 
 class GputilBackend:
@@ -1632,7 +1632,7 @@ class MultiBackend:
                 text = str(error) if isinstance(error, GpuReadError) else f"{reader.name}: {type(error).__name__}: {error}"
                 if not isinstance(error, GpuReadError):
                     log.debug("the %s reader failed", reader.name, exc_info=True)
-                results.append([{"index": 0, "vendor": getattr(reader, "vendor", None), "error": text[:128]}])
+                results.append([{"index": 0, "vendor": getattr(reader, "vendor", None), "error": clip(_one_line(text))}])
         if self.bases is None:  # a reader that failed its first sample still keeps the slots it knows of
             self.bases, base = [], 0
             for reader, gpus in zip(self.readers, results):
@@ -1782,6 +1782,19 @@ def _one_line(text):
     return " ".join(str(text).split())
 
 
+def clip(text, most=128):
+    """Return `text` as the server keeps it whole (128 characters): if longer, cut at a word, with an ellipsis.
+
+    The driver's own message runs past 128 ("... Make sure that the latest NVIDIA driver is installed
+    and running."), and was cut mid-word with nothing to say so (issue 30).
+    """
+    if len(text) <= most:
+        return text
+    cut = text[:most - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > most // 2 else cut).rstrip(" ,;:.") + "…"
+
+
 def _retry_after(answer):
     try:
         return max(0.0, float(answer.headers.get("Retry-After", "")))
@@ -1798,7 +1811,7 @@ def backoff_s(failures, interval, retry_after=None, rng=random.random):
 def _fit(value):
     """Make a value fit the server's limits: strings of at most 128 printable characters."""
     if isinstance(value, str):
-        return "".join(c if c.isprintable() else " " for c in value)[:128]
+        return clip("".join(c if c.isprintable() else " " for c in value))
     if isinstance(value, dict):
         return {k: _fit(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -1840,7 +1853,7 @@ def build_payload(backend, clock=time.time):
                          "simulated": backend.name == "simulated"},
                "gpus": gpus}
     if error:
-        payload["error"] = error
+        payload["error"] = error  # whole here, for the agent's own log; the push clips it (_fit)
     return payload
 
 

@@ -344,13 +344,20 @@
   showRange();
 
   // ---- events -------------------------------------------------------------------------------
+  // An online PC that reads no GPU and says why is a problem, not a green "online" (issue 30).
+  function unread(entry) {
+    const data = entry.data;
+    return Boolean(data && data.error && !(Array.isArray(data.gpus) && data.gpus.length));
+  }
+
   function setStatus(entry, status) {
     entry.status = status;
-    if (!entry.card.classList.contains(status)) {
-      entry.card.classList.remove("online", "stale", "offline");
-      entry.card.classList.add(status);
-      entry.badge.className = `badge ${status}`;
-      setText(entry.badge, status);
+    const shown = status === "online" && unread(entry) ? "problem" : status;
+    if (!entry.card.classList.contains(shown)) {
+      entry.card.classList.remove("online", "stale", "offline", "problem");
+      entry.card.classList.add(shown);
+      entry.badge.className = `badge ${shown}`;
+      setText(entry.badge, shown === "problem" ? "⚠ no GPU read" : status);
     }
     updateSeen(entry);
   }
@@ -363,6 +370,7 @@
     entry.data = data;
     setText(entry.host, data.host && data.host !== data.device ? `host ${data.host}` : "");
     setText(entry.error, data.error ? `Cannot read GPUs: ${data.error}` : "");
+    entry.error.title = data.error || ""; // the whole of it, should the card's width wrap it
     const seen = new Set();
     for (const g of Array.isArray(data.gpus) ? data.gpus : []) {
       const tile = gpuTile(entry, data.device, g.index);

@@ -112,6 +112,18 @@ def test_fewer_gpus_than_within_six_hours_is_a_device_gpu_error():
     assert play(r, *later)[-1:] == [(6 * 3600 + 140, "GpuError", "resolved")]
 
 
+def test_a_pc_that_never_read_a_gpu_and_says_why_is_a_gpu_error():
+    # Issue 30: an agent that reads no GPU showed a green "online" and "no alerts".
+    r = rules()
+    why = "nvidia-smi failed (exit 9): NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver…"
+    assert play(r, push(0, error=why), push(5, error=why)) == [(0, "GpuError", "firing")]
+    alert = r.active()[0]
+    assert "gpu" not in alert and alert["summary"] == f"rig-1 reads no GPU: {why}"
+    assert play(r, push(10, gpu(0)), push(129, gpu(0))) == []
+    assert play(r, push(130, gpu(0))) == [(130, "GpuError", "resolved")]
+    assert play(rules(), push(0), push(5)) == []  # a PC without a GPU that says nothing wrong is no problem
+
+
 def test_a_job_done_fires_when_a_long_busy_gpu_goes_idle_and_resolves_at_once():
     r = rules(job_min_s=900)
     busy = [push(t, gpu(utilizationGpu=30 if t % 600 == 300 else 97)) for t in range(0, 3 * 3600 + 12 * 60, 30)]

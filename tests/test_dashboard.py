@@ -10,6 +10,7 @@ import pytest
 import requests
 from playwright.sync_api import expect
 
+import agent
 from conftest import PRIVATE, Stream, gpu, multi, wait_for
 
 # What a user sees on a chart's canvas, kept where a test can read it: the text each canvas drew
@@ -387,6 +388,24 @@ def test_a_device_that_stops_pushing_turns_stale_then_offline(start_server, page
     server.push(multi())
     expect(card).to_have_class("device online")
     expect(card.locator(".seen")).to_have_text("")
+
+
+def test_a_pc_that_reads_no_gpu_is_a_problem_with_its_whole_error(server, page):
+    # Issue 30: it showed a green "online" and "no alerts", its error cut mid-word.
+    whole = ("nvidia-smi failed (exit 9): NVIDIA-SMI has failed because it couldn't communicate with the "
+             "NVIDIA driver. Make sure that the latest NVIDIA driver is installed and running.")
+    body = agent._fit(dict(multi(), gpus=[], error=whole))  # as the agent pushes it
+    why = body["error"]
+    assert why == whole[:whole.rindex(" ", 0, 127)] + "…" and len(why) <= 128
+    assert server.push(body).status_code == 200
+    open_dashboard(page, server)
+    card = page.locator('section.device[data-device="rig-1"]')
+    expect(card).to_have_class("device problem")
+    expect(card.locator(".badge").first).to_have_text("⚠ no GPU read")
+    expect(card.locator(".device-error")).to_have_text(f"Cannot read GPUs: {why}")
+    expect(card.locator(".device-error")).to_have_attribute("title", why)
+    server.push(multi())
+    expect(card).to_have_class("device online")
 
 
 def test_html_in_agent_strings_is_shown_as_text_and_runs_nothing(server, page):

@@ -201,7 +201,7 @@ class Rules:
         return []
 
     def _count(self, device, now, count, error):
-        """GpuError for the device: it reports fewer GPUs than it did within the last 6 hours."""
+        """GpuError for the device: it reads no GPU and says why, or reports fewer GPUs than within the last 6 hours."""
         seen = self._gpus.setdefault(device, {})
         if now - seen.get(str(count), float("-inf")) >= 60:  # to the minute: the state changes once a minute, not each push
             seen[str(count)] = now
@@ -209,9 +209,14 @@ class Rules:
             del seen[kept]
         most = max(int(c) for c in seen)
         why = f": {str(error)[:300]}" if error else ""
-        return self._hold("GpuError", device, None, now, count < most, count,
-                          lambda v: f"{device} reports {v} GPU{'' if v == 1 else 's'}; it had {most} "
-                                    f"within {GPUS_WINDOW_S // 3600} h{why}",
+        # A PC that reads no GPU at all and says why is a problem too (issue 30: it showed a green "online").
+        unread = count == 0 and bool(error)
+
+        def fired(v):
+            if unread and most == 0:
+                return f"{device} reads no GPU{why}"
+            return f"{device} reports {v} GPU{'' if v == 1 else 's'}; it had {most} within {GPUS_WINDOW_S // 3600} h{why}"
+        return self._hold("GpuError", device, None, now, count < most or unread, count, fired,
                           lambda v: f"{device} reports {v} GPU{'' if v == 1 else 's'} again", fire_after=0)
 
     # ---- transitions ---------------------------------------------------------------------------
