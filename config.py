@@ -16,7 +16,6 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 HERE = Path(__file__).resolve().parent
-DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEVICE_KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
 
 
@@ -117,13 +116,14 @@ def _web_address(name, raw):
 
 def parse_device_keys(name, raw):
     """Parse `name:key,name2:key2` into {key: name}; a device may have several keys."""
+    from gpustats.devices.registry import DEVICE_NAME  # one rule for a device's name, wherever it comes in
     keys = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
         device, sep, key = item.partition(":")
         device, key = device.strip(), key.strip()
-        if not sep or not DEVICE_NAME.match(device):
-            raise ConfigError(f"{name}: {item.split(':')[0]!r} is not name:key with a name of "
-                              "letters, digits, '.', '_' or '-'")
+        if not sep or not DEVICE_NAME.fullmatch(device):
+            raise ConfigError(f"{name}: {item.split(':')[0]!r} is not name:key with a name of 1-64 "
+                              "letters, digits, '.', '_' or '-', starting with a letter or digit")
         if not DEVICE_KEY.match(key):
             raise ConfigError(f"{name}: the key of {device!r} must be 16 to 256 letters, digits "
                               "or ._~+/=- (make one with: python config.py --new-key)")
@@ -182,7 +182,9 @@ SETTINGS = (
             "other origins allowed to read the stream and `/healthz` (`*` for any)"),
     Setting("WORKER_CONNECTIONS", "worker_connections", "10000", _number(int, 20, 1_000_000),
             "connections one worker serves at once (`gunicorn.conf.py` hands it to gunicorn); streams "
-            "may use at most 90 % of it, so pushes always get in"),
+            "may use at most 90 % of it, so pushes always get in. One address may hold at most 10 % of it "
+            "(idle and silent connections included; never fewer than its streams and requests in progress may "
+            "take; a trusted proxy apart); from 95 % on, the connections idle longest are closed first"),
     Setting("RESPONSE_TIMEOUT_S", "response_timeout_s", "60", _number(float, 1, 3600),
             "every answer but the stream is cut if it is not delivered within this long: a client that asks and "
             "never reads cannot hold a connection. One address may have at most 1 % of `WORKER_CONNECTIONS` "
@@ -228,6 +230,10 @@ STREAM_SHARE = 0.9
 # One address may have at most this share of them in requests in progress (streams apart), and
 # at least REQUESTS_PER_CLIENT_LEAST: a browser loads a page over 6 connections at once.
 REQUEST_SHARE, REQUESTS_PER_CLIENT_LEAST = 0.01, 8
+# One address may hold at most this share of them, idle keep-alive and silent ones included, and never
+# fewer than its streams and requests in progress may take: a lab behind one NAT holds one keep-alive
+# connection per agent, and its browsers their streams.
+CONNECTION_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -272,6 +278,12 @@ class Config:
     def max_requests_per_client(self):
         """Return how many requests one address may have in progress at once (streams apart)."""
         return max(REQUESTS_PER_CLIENT_LEAST, int(self.worker_connections * REQUEST_SHARE))
+
+    @property
+    def max_connections_per_client(self):
+        """Return how many connections one address may hold at once, idle ones included."""
+        return max(int(self.worker_connections * CONNECTION_SHARE),
+                   self.max_subscribers_per_client + self.max_requests_per_client)
 
     @property
     def devices(self):
