@@ -76,7 +76,8 @@ class Fleet:
         """
         if self._history is None:
             return 0
-        kept = [event for event in self._history.last_states() if event.get("device") in known]
+        kept = [dict(event, status=event.get("status") or "online") for event in self._history.last_states()
+                if event.get("device") in known and isinstance(event.get("receivedAt"), (int, float))]
         with self._lock:
             for event in kept:
                 self._devices.setdefault(event["device"], event)
