@@ -38,9 +38,10 @@ run: venv
 
 # The server plus three simulated agents with their own fresh keys: a live fleet, no GPU needed.
 # Keys go in the agents' environment (readable by their owner only), never on a command line.
-# It is open to read (DASHBOARD_PUBLIC=1, unless set): simulated PCs, nothing to sign in to.
+# It is open to read (DASHBOARD_PUBLIC=1, unless set): simulated PCs, nothing to sign in to. Its
+# history is a file of its own, so the PCs it makes up never show in what `make run` serves.
 demo: $(SERVER) $(AGENT)
-	@export DASHBOARD_PUBLIC="$${DASHBOARD_PUBLIC:-1}"; \
+	@export DASHBOARD_PUBLIC="$${DASHBOARD_PUBLIC:-1}" HISTORY_DB="$${DEMO_HISTORY_DB:-demo-history.sqlite3}"; \
 	export PATH="$(abspath $(VENV))/bin:$$PATH" PORT="$${PORT:-$$($(PY) config.py --port)}"; \
 	k1=$$($(PY) config.py --new-key); k2=$$($(PY) config.py --new-key); k3=$$($(PY) config.py --new-key); \
 	export DEVICE_KEYS="render-box:$$k1,workstation:$$k2,lab-rig:$$k3"; \

@@ -320,27 +320,41 @@ class SimulatedBackend:
     """Made-up GPUs with plausible moving numbers, for demos and machines with no GPU."""
 
     name = "simulated"
+    # (name, MiB, power limit W, memory clock MHz) of real cards: each simulated GPU is one of them.
+    MODELS = (("NVIDIA GeForce RTX 4090", 24564, 450.0, 10501), ("NVIDIA RTX A6000", 49140, 300.0, 8001),
+              ("NVIDIA A100-SXM4-80GB", 81920, 400.0, 1593), ("NVIDIA GeForce RTX 3090", 24576, 350.0, 9751),
+              ("NVIDIA L40S", 46068, 350.0, 9001), ("NVIDIA H100 80GB HBM3", 81559, 700.0, 2619))
+    PROGRAMS = ("python3", "blender", "ollama", "comfyui", "llama-server", "ffmpeg")
 
     def __init__(self, count, seed=None, clock=time.time):
         self.rng, self.clock = random.Random(seed), clock
-        self.load = [self.rng.uniform(10, 90) for _ in range(count)]
+        self.load = [self.rng.uniform(0, 95) for _ in range(count)]
+        # Each GPU its own card, job and trend, so no two read alike (issue 30: two showed the same).
+        self.models = [self.rng.choice(self.MODELS) for _ in range(count)]
+        self.jobs = [(self.rng.randrange(1000, 60000), self.rng.choice(self.PROGRAMS)) for _ in range(count)]
+        self.drift = [self.rng.uniform(-1.5, 1.5) for _ in range(count)]
+        self.tag = f"{socket.gethostname()}-{os.getpid()}-{self.rng.randrange(1 << 16):04x}"
 
     def sample(self):
         gpus = []
         for index, load in enumerate(self.load):
-            load = min(100.0, max(0.0, load + self.rng.gauss(0, 8)))
+            load = min(100.0, max(0.0, load + self.drift[index] + self.rng.gauss(0, 8)))
+            if load in (0.0, 100.0):
+                self.drift[index] = -self.drift[index]  # a job ends, another starts
             self.load[index] = load
-            temp = 35 + load * 0.45
-            gpus.append({"index": index, "uuid": f"GPU-SIMULATED-{socket.gethostname()}-{index}"[:128],
-                         "name": "Simulated GeForce RTX 4090", "vendor": "NVIDIA", "driverVersion": "560.94",
+            name, total, limit, memory_clock = self.models[index]
+            pid, program = self.jobs[index]
+            used = round(min(total, 600 + load / 100 * total * 0.8))
+            temp = 33 + load * 0.45 + index % 8
+            gpus.append({"index": index, "uuid": f"GPU-SIMULATED-{self.tag}-{index}"[:128],
+                         "name": name, "vendor": "NVIDIA", "driverVersion": "560.94",
                          "utilizationGpu": round(load), "utilizationMemory": round(load * 0.6),
-                         "memoryTotal": 24564, "memoryUsed": round(2000 + load * 180),
-                         "memoryFree": 24564 - round(2000 + load * 180),
+                         "memoryTotal": total, "memoryUsed": used, "memoryFree": total - used,
                          "temperatureGpu": round(temp), "temperatureMemory": None,
-                         "powerDraw": round(30 + load * 4.1, 1), "powerLimit": 450.0,
-                         "fanSpeed": round(max(0.0, (temp - 40) * 2)), "clockCore": round(210 + load * 23),
-                         "clockMemory": 10501, "pstate": "P2" if load > 5 else "P8",
-                         "processes": [{"pid": 4242 + index, "name": "python", "memoryUsed": round(load * 170)}]})
+                         "powerDraw": round(limit * (0.07 + load / 100 * 0.85), 1), "powerLimit": limit,
+                         "fanSpeed": round(min(100.0, max(0.0, (temp - 40) * 2))),
+                         "clockCore": round(210 + load * 23), "clockMemory": memory_clock, "pstate": "P2" if load > 5 else "P8",
+                         "processes": [{"pid": pid, "name": program, "memoryUsed": used - 600}] if load > 5 else []})
         return gpus
 
 

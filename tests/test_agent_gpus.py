@@ -226,6 +226,16 @@ def test_simulated_gpus_move_and_stay_in_range():
         assert gpu["memoryUsed"] + gpu["memoryFree"] == gpu["memoryTotal"]
 
 
+def test_simulated_gpus_differ_from_each_other_and_from_another_agents():
+    # Issue 30: in make demo two simulated GPUs showed the same values and processes.
+    one, other = agent.SimulatedBackend(8).sample(), agent.SimulatedBackend(8).sample()
+    readings = [tuple((k, str(v)) for k, v in sorted(g.items()) if k not in ("index", "uuid")) for g in one + other]
+    assert len(set(readings)) == 16
+    assert len({g["uuid"] for g in one + other}) == 16
+    for gpu in one + other:
+        server_payload.validate({"gpus": [gpu]})
+
+
 def test_what_the_agent_sends_always_fits_the_servers_limits():
     procs = [{"pid": i, "name": "C:\\Program Files\\Game\tLauncher\x00" + "x" * 300, "memoryUsed": 1}
              for i in range(100)]
