@@ -155,7 +155,7 @@ def wsgi_app():
     sys.setswitchinterval(0.001)
     _collect_garbage_on_a_schedule(GC_EVERY_S)
     parts = app.extensions["gpustats"]
-    _end_streams_on_sigterm(*(parts[name] for name in ("broadcaster", "fleet", "history", "alerter", "sender", "counters")),
+    _end_streams_on_stop(*(parts[name] for name in ("broadcaster", "fleet", "history", "alerter", "sender", "counters")),
                             connections=app.wsgi_app)
     return app
 
@@ -201,11 +201,14 @@ def _allow_open_files(connections):
                     "(LimitNOFILE= in a systemd unit) or lower WORKER_CONNECTIONS", raised, connections)
 
 
-def _end_streams_on_sigterm(broadcaster, *background, connections=None):
-    """On SIGTERM, end every stream and the background work, then let gunicorn's handler run.
+def _end_streams_on_stop(broadcaster, *background, connections=None):
+    """On SIGTERM, SIGINT or SIGQUIT, end every stream and the background work, then let gunicorn's SIGTERM handler run.
 
     Streams never finish by themselves, so without this a deploy would wait out the
-    whole --graceful-timeout. gunicorn installs its handler before loading the app.
+    whole --graceful-timeout. gunicorn installs its handlers before loading the app.
+    Ctrl-C (SIGINT to the whole group) and the master's quick stop (SIGQUIT) stop the
+    worker the same way: gunicorn's own quit ran sys.exit in a greenlet, and gevent
+    printed 15 lines of traceback at every Ctrl-C on make run (issue 30).
     """
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -217,4 +220,5 @@ def _end_streams_on_sigterm(broadcaster, *background, connections=None):
             connections.close_idle()  # keep-alive connections waiting for a next request (75 s) end now
         if callable(previous):
             previous(signum, frame)
-    signal.signal(signal.SIGTERM, handler)
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(stop, handler)

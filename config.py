@@ -497,19 +497,18 @@ def main(argv):
         except ConfigError as error:
             print(f"config error: {error}", file=sys.stderr)
             return 2
+        host = socket.gethostname() or "SERVER"
+        # A key is printed once, when it is made: a 40-PC DEVICE_KEYS printed 120 lines at every start (issue 30).
         if created:
-            print(f"Wrote {path} with a device key for {created[0]!r}.")
+            device, key = created
+            print(f"Wrote {path} with a device key for {device!r}. On that GPU PC: copy agent.py beside a .env "
+                  "holding the two lines below (chmod 600 .env), then run: python agent.py")
+            print("\n".join(f"    {line}" for line in agent_env(key, config.port).splitlines()))
         if password:
-            host = socket.gethostname() or "SERVER"
             print(f"Sign in at http://{host}:{config.port}/ as admin, password {password}\n"
                   "  (shown this once: it is ADMIN_PASSWORD in .env; change it in the page once signed in)")
-        if config.device_keys:
-            print("On each GPU PC: copy agent.py beside a .env holding its two lines below (chmod 600 .env), "
-                  "then run: python agent.py")
-        for key, device in config.device_keys.items():
-            print(f"  {device}:\n" + "\n".join(f"    {line}" for line in agent_env(key, config.port).splitlines()))
-        if not config.device_keys:
-            print("DEVICE_KEYS is empty in .env: add name:key pairs (python config.py --new-key).")
+        else:
+            print(f"Sign in at http://{host}:{config.port}/ (add PCs on its Devices page, /devices)")
         return 0
     if {"--add-device", "--remove-device", "--list-devices"} & set(argv):
         try:

@@ -1,6 +1,7 @@
 """Config: defaults, .env versus the environment, and one clear error per bad value."""
 import os
 import re
+import socket
 import shutil
 import stat
 import subprocess
@@ -102,8 +103,21 @@ def test_first_run_prints_the_agents_env_lines_not_a_command_line_with_the_key(t
     assert done.returncode == 0, done.stderr
     key = re.search(r"DEVICE_KEYS=gpu-pc-1:(\S+)", (tmp_path / ".env").read_text())[1]
     assert "--key" not in done.stdout
-    assert "copy agent.py beside a .env holding its two lines below (chmod 600 .env)" in done.stdout
+    assert "copy agent.py beside a .env holding the two lines below (chmod 600 .env)" in done.stdout
     assert re.search(r"^    PUSH_URL=http://\S+:3000/push-sse\n    DEVICE_KEY=" + re.escape(key) + "$", done.stdout, re.M)
+
+
+def test_a_key_is_printed_once_when_made_and_the_sign_in_address_at_every_start(tmp_path):
+    # Issue 30: every start printed every device key again: 120 lines for a 40-PC DEVICE_KEYS.
+    first = init_env(tmp_path)
+    key = re.search(r"DEVICE_KEYS=gpu-pc-1:(\S+)", (tmp_path / ".env").read_text())[1]
+    assert key in first
+    with open(tmp_path / ".env", "a") as env:
+        env.write("DEVICE_KEYS=" + ",".join(f"pc-{n}:{'k' * 20}{n:02d}" for n in range(40)) + "\n")
+    again = init_env(tmp_path)
+    assert key not in again and "k" * 20 not in again
+    assert again.strip().splitlines() == [f"Sign in at http://{socket.gethostname()}:3000/ (add PCs on its Devices "
+                                          "page, /devices)"]
 
 
 def init_env(folder):
