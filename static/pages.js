@@ -23,3 +23,20 @@ for (const button of document.querySelectorAll("button[data-copy]")) {
     }
   });
 }
+
+// The Devices page opened at localhost: the admin types the address PCs reach, and the install
+// commands follow it. Only characters no shell and no PowerShell string treats specially are taken,
+// so putting the address in place of the page's own needs no quoting.
+const address = document.getElementById("install-address");
+if (address) {
+  const base = address.dataset.base;
+  const commands = [...document.querySelectorAll("code[id^='install-']")].map(code => [code, code.textContent]);
+  const ADDRESS = /^https?:\/\/[A-Za-z0-9.-]+(:[0-9]{1,5})?(\/[A-Za-z0-9._\/-]*)?$/;
+  address.addEventListener("input", () => {
+    const typed = address.value.trim().replace(/\/+$/, "");
+    const ok = ADDRESS.test(typed);
+    address.setCustomValidity(ok ? "" : "http:// or https://, a host name or IPv4 address, a port, a path");
+    address.reportValidity();
+    for (const [code, text] of commands) code.textContent = text.split(base).join(ok ? typed : base);
+  });
+}

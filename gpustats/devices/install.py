@@ -9,7 +9,9 @@ Every value put in a command is quoted for its shell here, wherever it came from
 may be ALERT_DASHBOARD_URL or the request's own Host header (issue: a ' in the address let the
 Windows command run `iex(...)`).
 """
+import ipaddress
 import shlex
+from urllib.parse import urlsplit
 
 # PowerShell's tokenizer reads each of these as a single quote (IsSingleQuote): ' and U+2018-U+201B.
 POWERSHELL_QUOTES = "'\u2018\u2019\u201a\u201b"
@@ -34,3 +36,14 @@ def commands(base, key):
                "py -m pip install -q -r requirements-agent.txt; "
                f"$env:DEVICE_KEY = {powershell_quote(key)}; py agent.py --url {powershell_quote(push_url)} --install")
     return {"linux": posix, "windows": windows, "macos": posix}
+
+
+def reaches_only_itself(base):
+    """Return whether `base` names this machine alone (localhost, 127.0.0.0/8, ::1): no other PC reaches it there."""
+    host = (urlsplit(base).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

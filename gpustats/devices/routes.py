@@ -9,7 +9,7 @@ from pathlib import Path
 
 from flask import Response, g, jsonify, render_template, request
 
-from gpustats.devices.install import commands
+from gpustats.devices.install import commands, reaches_only_itself
 from gpustats.devices.registry import DeviceError, check_name
 from gpustats.web import error
 
@@ -52,7 +52,12 @@ def register_devices(app, config, registry, fleet, history, public_url):
         return not request.is_json and bool(request.form)
 
     def page(made=None, done=None, problem=None, asked=None):
-        return render_template("devices.html", devices=listed(), made=made, done=done, problem=problem, asked=asked)
+        base = public_url()
+        # Opened at localhost, the commands would point a remote PC at itself (issue 30): the page says so,
+        # and lets the admin type the address PCs reach, unless ALERT_DASHBOARD_URL names it.
+        local = not config.alert_dashboard_url and reaches_only_itself(base)
+        return render_template("devices.html", devices=listed(), made=made, done=done, problem=problem, asked=asked,
+                               base=base, local=local)
 
     def install(key):
         return commands(public_url(), key)
