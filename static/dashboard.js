@@ -26,7 +26,8 @@
   const known = v => typeof v === "number" && Number.isFinite(v);
   const dash = "–";
   const round = v => Math.round(v).toLocaleString("en-US");
-  const gib = mib => (mib / 1024).toFixed(1);
+  // Thousands separated as power's are: "3,432.9 / 7,676.3 GiB", not "3432.9 / 7676.3 GiB".
+  const gib = mib => (mib / 1024).toLocaleString("en-US", {minimumFractionDigits: 1, maximumFractionDigits: 1});
   const show = {
     util: g => known(g.utilizationGpu) ? `${round(g.utilizationGpu)} %` : dash,
     mem: g => (known(g.memoryUsed) && known(g.memoryTotal) ? `${gib(g.memoryUsed)} / ${gib(g.memoryTotal)} GiB`
@@ -35,8 +36,10 @@
     power: g => known(g.powerDraw) ? (known(g.powerLimit) ? `${round(g.powerDraw)} / ${round(g.powerLimit)} W`
       : `${round(g.powerDraw)} W`) : dash,
     fan: g => known(g.fanSpeed) ? `${round(g.fanSpeed)} %` : dash,
+    // Two clocks, not a value out of a maximum: "core 2,510 · memory 10,501 MHz".
     clocks: g => known(g.clockCore) || known(g.clockMemory)
-      ? `${known(g.clockCore) ? round(g.clockCore) : dash} / ${known(g.clockMemory) ? round(g.clockMemory) : dash} MHz` : dash,
+      ? `core ${known(g.clockCore) ? round(g.clockCore) : dash} · memory ${known(g.clockMemory) ? round(g.clockMemory) : dash} MHz`
+      : dash,
     pstate: g => g.pstate || dash,
   };
   const LABELS = {util: "Util", mem: "Memory", temp: "Temp", power: "Power", fan: "Fan", clocks: "Clocks", pstate: "Perf"};

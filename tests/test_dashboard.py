@@ -156,7 +156,7 @@ def test_fleet_appears_with_readable_values_and_totals(server, page):
     expect(stat(page, "rig-1", 0, "Temp")).to_have_text("65 °C")
     expect(stat(page, "rig-1", 0, "Power")).to_have_text("221 / 320 W")
     expect(stat(page, "rig-1", 0, "Fan")).to_have_text("55 %")
-    expect(stat(page, "rig-1", 0, "Clocks")).to_have_text("1,905 / 9,501 MHz")
+    expect(stat(page, "rig-1", 0, "Clocks")).to_have_text("core 1,905 · memory 9,501 MHz")
     expect(tile(page, "rig-1", 0).locator(".processes li")).to_have_text(["4242 python2.0 GiB"])
     expect(stat(page, "rig-1", 1, "Power")).to_have_text("–")  # not reported: a dash, not 0
     expect(stat(page, "rig-1", 1, "Temp")).to_have_class("level-hot")
@@ -186,7 +186,7 @@ def test_other_vendors_gpus_show_their_vendor_shared_memory_and_who_holds_them(s
     expect(stat(page, "rig-3", 0, "Memory")).to_have_text("0.9 / 16.0 GiB shared")
     expect(tile(page, "rig-3", 0).locator(".processes li")).to_have_text(["2201 blenderana0.5 GiB"])
     expect(tile(page, "rig-3", 0).locator(".processes .puser")).to_have_text("ana")
-    expect(stat(page, "rig-3", 1, "Clocks")).to_have_text("1,366 / – MHz")
+    expect(stat(page, "rig-3", 1, "Clocks")).to_have_text("core 1,366 · memory – MHz")
     expect(stat(page, "rig-4", 0, "Temp")).to_have_text("–")
     expect(stat(page, "rig-4", 0, "Power")).to_have_text("–")
     expect(stat(page, "rig-4", 0, "Memory")).to_have_text("1.2 / 32.0 GiB shared")
@@ -388,6 +388,14 @@ def test_a_device_that_stops_pushing_turns_stale_then_offline(start_server, page
     server.push(multi())
     expect(card).to_have_class("device online")
     expect(card.locator(".seen")).to_have_text("")
+
+
+def test_large_memory_has_thousands_separators_as_power_does(server, page):
+    # Issue 30: "3432.9 / 7676.3 GiB" beside "12,345 W".
+    server.push(multi(gpu(0, memoryUsed=3_515_290, memoryTotal=7_860_531, memoryFree=4_345_241)))
+    open_dashboard(page, server)
+    expect(stat(page, "rig-1", 0, "Memory")).to_have_text("3,432.9 / 7,676.3 GiB")
+    expect(page.locator("#total-vram")).to_have_text("3,432.9 / 7,676.3 GiB")
 
 
 def test_a_pc_that_reads_no_gpu_is_a_problem_with_its_whole_error(server, page):

@@ -89,6 +89,16 @@ def test_a_key_removed_while_its_agent_runs_is_refused_within_a_second_with_one_
     assert added["key"] not in a.output() + b.output()
 
 
+def test_a_key_in_use_never_reads_used_never(pair):
+    # Issue 30: "used never" while its device was online: the use is written once a minute.
+    first, _ = pair
+    admin = Admin(first)
+    added = admin.post("/api/devices", json={"name": "busy-pc"}).json()
+    assert push(first, added["key"]).status_code == 200
+    (listed,) = [d for d in admin.get("/api/devices").json() if d["name"] == "busy-pc"]
+    assert listed["status"] == "online" and listed["keys"][0]["lastUsedAt"] is not None
+
+
 def test_two_admins_adding_one_name_at_once_get_one_201_and_one_409(pair):
     a, b = pair
     admins, codes = [Admin(a), Admin(b)], []
@@ -203,6 +213,11 @@ def test_the_page_adds_a_pc_and_shows_its_key_once(start_server, browser):
     assert page.evaluate("document.getElementById('install-address').validity.valid") is False
     page.goto(server.url + "/devices")
     assert page.locator("#new-key").count() == 0 and key not in page.content()  # shown that once
+    page.set_viewport_size({"width": 1440, "height": 900})  # issue 30: "DEVI CE", "AGE NT", "GPU S" there
+    lines = page.evaluate("""[...document.querySelectorAll('.card th')].filter(th => th.textContent).map(th => {
+        const range = document.createRange(); range.selectNodeContents(th);
+        return [th.textContent, new Set([...range.getClientRects()].map(r => Math.round(r.top))).size]; })""")
+    assert lines and all(count == 1 for _, count in lines), lines
     row = page.locator("tr", has=page.locator("td", has_text="page-pc"))
     expect(row).to_contain_text("online")
     row.locator("button", has_text="Remove with its history").click()
