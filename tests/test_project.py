@@ -266,6 +266,17 @@ def readme_section(title):
     return text[start:end if end != -1 else None]
 
 
+def test_quickstart_names_every_program_the_tests_need_with_the_line_that_installs_it():
+    # Issue 30: a new user met these at README line 1,210, after make test had failed.
+    ci = (ROOT / ".ci" / "run").read_text()
+    needed = re.findall(r"missing\+=\((\S+)\)", ci)
+    assert len(needed) >= 5
+    quickstart = readme_section("Quickstart")
+    install = next(line for line in quickstart.splitlines() if "apt-get install" in line)
+    assert all(package in install.split() for package in needed), (needed, install)
+    assert "bash .ci/run" in quickstart
+
+
 def test_readme_configuration_table_is_the_configs_own():
     section = readme_section("Configuration")
     table = [line for line in section.splitlines() if line.startswith("|")]
