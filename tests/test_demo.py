@@ -12,12 +12,14 @@ from conftest import ROOT, free_port, multi, wait_for
 
 
 def make_env():
-    """Return this environment without an outer make's flags, and nothing a test set for its own servers."""
-    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "HISTORY_DB")}
+    """Return a user's plain environment: no outer make's flags, no setting another test made for its servers."""
+    return {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH")}
 
 
 def ctrl_c(process):
     """Send SIGINT to the process's whole group, as a terminal's Ctrl-C does; return its output once it ends."""
+    if process.poll() is not None:
+        return ""
     os.killpg(process.pid, signal.SIGINT)
     output, _ = process.communicate(timeout=15)
     return output
@@ -39,6 +41,7 @@ def test_make_demo_keeps_its_own_history_and_ctrl_c_stops_it_without_a_traceback
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for(lambda: demo.poll() is not None or (health(port) or {}).get("online") == 3, timeout=30, interval=0.3)
+        assert demo.poll() is None, demo.communicate()[0][-3000:]
         assert health(port)["devices"] == 3
         wait_for(lambda: history.exists(), timeout=5)  # the demo's own file, not the HISTORY_DB make run serves
     finally:
