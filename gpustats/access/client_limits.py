@@ -9,7 +9,9 @@ in front of the app:
 - an answer not delivered within RESPONSE_TIMEOUT_S of its request is cut (the socket is shut
   down, so the blocked write fails and gunicorn closes the connection), counted once a minute;
 - one address may have at most `per_client` requests in progress; past that it is answered
-  429 at once and the connection is closed, so it cannot queue more behind it.
+  429 at once and the connection is closed, so it cannot queue more behind it. Requests for
+  the stream are capped per address where they are admitted (MAX_SUBSCRIBERS_PER_CLIENT), not
+  here: 200 viewers behind one address connecting at once got 429 while their routes ran.
 Both hold for every answer on every path, /gpu/stream's 401, 405 and 429 included: 12,000
 pipelined requests there, never read, once kept 2.8 MB unsent past 150 s. Only an answer that
 is a stream (its route marks the environ) is let go once it starts: it has caps and a kernel
@@ -27,7 +29,8 @@ from gpustats.stream.routes import STREAMING
 from gpustats.web import client_key
 
 log = logging.getLogger("gpustats")
-NAMED_PATHS = ("/api/", "/static/", "/push-sse", "/metrics", "/gpu/stream")  # cut answers are counted by these
+STREAM_PATH = "/gpu/stream"
+NAMED_PATHS = ("/api/", "/static/", "/push-sse", "/metrics", STREAM_PATH)  # cut answers are counted by these
 
 
 def _timer(seconds, callback):
@@ -61,14 +64,16 @@ class ClientLimits:
         sock = environ.get("gunicorn.socket")
         if sock is None:
             return self._app(environ, start_response)
-        address = client_key(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._trusted)
-        with self._lock:
-            held = self._in_progress.get(address, 0)
-            if held < self._per_client:
-                self._in_progress[address] = held + 1
-        if held >= self._per_client:
-            self._refused.add("requests")
-            return self._too_many(sock, held, start_response)
+        address = None if environ.get("PATH_INFO") == STREAM_PATH else client_key(
+            environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._trusted)
+        if address is not None:
+            with self._lock:
+                held = self._in_progress.get(address, 0)
+                if held < self._per_client:
+                    self._in_progress[address] = held + 1
+            if held >= self._per_client:
+                self._refused.add("requests")
+                return self._too_many(sock, held, start_response)
         cancel = _timer(self._timeout_s, lambda: self._cut_off(sock, environ.get("PATH_INFO", "")))
         self.connections.busy(sock)
         try:
@@ -100,6 +105,8 @@ class ClientLimits:
         cancel()
         if sock is not None:
             self.connections.idle(sock)
+        if address is None:
+            return  # a stream request: not counted in progress
         with self._lock:
             left = self._in_progress[address] - 1
             if left:
