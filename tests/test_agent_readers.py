@@ -117,7 +117,7 @@ def test_nvml_processes_carry_their_user_from_proc(host):
 
 
 def test_on_windows_auto_leaves_nvidia_to_nvml_and_the_counters_read_the_rest():
-    from test_agent_apple_windows import LAPTOP, Counters, laptop_counters, names
+    from test_agent_windows import LAPTOP, Counters, laptop_counters, names
     edge = (Counters([laptop_counters()]), lambda: LAPTOP, names)
     backend = agent.open_backend("auto", platform="win32", nvml=nvml_module([nvml_gpu(name="NVIDIA GeForce GTX 1050")]),
                                  windows=edge, which=lambda n: None)
