@@ -1,4 +1,4 @@
-"""Device keys for pushes and the optional viewer login, compared in constant time."""
+"""Credentials in a request's headers: a device's key, and the optional viewer login, compared in constant time."""
 import base64
 import binascii
 import hashlib
@@ -6,26 +6,8 @@ import hmac
 
 
 def _digest(secret):
-    # Comparing fixed-length digests keeps compare_digest from leaking a key's length.
+    # Comparing fixed-length digests keeps compare_digest from leaking a name's or a password's length.
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
-
-
-class DeviceKeys:
-    """Map a presented key to the device it belongs to."""
-
-    def __init__(self, keys):
-        self._keys = [(_digest(key), device) for key, device in keys.items()]
-
-    def __bool__(self):
-        return bool(self._keys)
-
-    def device_for(self, key):
-        """Return the device name for `key`, or None; every stored key is compared."""
-        presented, found = _digest(key), None
-        for digest, device in self._keys:
-            if hmac.compare_digest(presented, digest):
-                found = device
-        return found
 
 
 def presented_key(headers):
@@ -53,9 +35,3 @@ def same_login(user, password, want_user, want_password):
     user_ok = hmac.compare_digest(_digest(user), _digest(want_user))
     password_ok = hmac.compare_digest(_digest(password), _digest(want_password))
     return user_ok and password_ok
-
-
-def viewer_allowed(header, user, password):
-    """Return whether an `Authorization: Basic` header carries the viewer login."""
-    login = basic_login(header)
-    return login is not None and same_login(*login, user, password)
