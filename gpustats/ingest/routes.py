@@ -24,7 +24,7 @@ class BodyError(Exception):
         self.status = status
 
 
-def register_ingest(app, config, keys, fleet, broadcaster, limiter, bad_keys, counters):
+def register_ingest(app, config, registry, fleet, broadcaster, push_limits, bad_key_limits, counters):
     """Add `POST /push-sse`, with its per-device rate limit and per-address bad-key slow-down."""
 
     @app.after_request
@@ -37,17 +37,17 @@ def register_ingest(app, config, keys, fleet, broadcaster, limiter, bad_keys, co
     @app.post("/push-sse")
     def push():
         key = presented_key(request.headers)
-        device = keys.device_for(key) if key else None
+        device = registry.device_for(key) if key else None
         if device is None:
             address = client_key(request.remote_addr, request.headers.get("X-Forwarded-For"),
                                      config.trusted_proxies)
             # Only bad keys are slowed: a valid agent behind the same address (a NAT, a proxy
             # missing from TRUSTED_PROXIES) is never held up by another's guesses.
-            wait = bad_keys.blocked_for(address)
+            wait = bad_key_limits.blocked_for(address)
             if wait:
                 return error(429, "too many bad device keys from this address", headers={"Retry-After": str(wait)})
-            bad_keys.take(address)
-            reason = ("no devices are set up on this server yet (add one on its Devices page)" if not keys
+            bad_key_limits.take(address)
+            reason = ("no devices are set up on this server yet (add one on its Devices page)" if not registry
                       else "unknown device key" if key
                       else "missing device key: send Authorization: Bearer <key>")
             # Shown nowhere but here: a removed key still in use, or a PC set up wrong. Never the key itself,
@@ -57,7 +57,7 @@ def register_ingest(app, config, keys, fleet, broadcaster, limiter, bad_keys, co
                      if key else "")
             return error(401, reason, headers={"WWW-Authenticate": "Bearer"})
         # Every authenticated push counts, a refused one too: a key cannot send junk without limit.
-        wait = limiter.take(device)
+        wait = push_limits.take(device)
         if wait:
             return error(429, f"{device} pushes faster than {config.push_rate_limit:g}/s",
                          headers={"Retry-After": str(wait)})
