@@ -99,8 +99,8 @@ def _parts(config):
         from gpustats.alerts.redis_outbox import NotifierLease, RedisOutbox
         from gpustats.fleet.redis import RedisFleet
         from gpustats.history.redis import RedisHistory
-        from gpustats.ingest.ratelimit_redis import RedisRateLimiter
-        from gpustats.metrics.counters_redis import RedisCounters
+        from gpustats.ingest.redis import RedisRateLimiter
+        from gpustats.metrics.redis import RedisCounters
         from gpustats.scaleout import SharedRedis
         shared = SharedRedis(config.redis_url)  # one client for every part; each says what Redis refused it
         client, status = shared.client, shared.status
