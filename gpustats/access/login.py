@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from flask import g, redirect, render_template, request, session, url_for
+from flask import Blueprint, current_app, g, redirect, render_template, request, session, url_for
 from flask.sessions import SecureCookieSessionInterface
 
 from gpustats.access.accounts import USER_NAME, AccountError, check_password, lasts
@@ -112,6 +112,172 @@ class OpenStreams:
                         pass
 
 
+bp = Blueprint("login", __name__)
+
+
+class Access:
+    """One app's sign-ins and sessions: who a request is, and the streams to end once that no longer stands."""
+
+    def __init__(self, config, accounts, hasher, throttle):
+        self.config, self.accounts, self.hasher, self.throttle = config, accounts, hasher, throttle
+        self.open_streams = OpenStreams()
+        self._lock = threading.Lock()
+        self._basic_ok = {}  # digest of a user's right Basic login -> (when, password epoch)
+        self._used = {}  # credential or session id -> when its "last used" was written
+        self._hashing = {}  # address -> passwords from it being checked now
+
+    def address(self):
+        return client_address(request.remote_addr, request.headers.get("X-Forwarded-For"),
+                              self.config.trusted_proxies)
+
+    def due(self, key):
+        """Return whether `key`'s "last used" should be written now (once every USED_EVERY_S)."""
+        now = time.time()
+        with self._lock:
+            if now - self._used.get(key, 0) < USED_EVERY_S:
+                return False
+            if len(self._used) >= MOST_USED:
+                self._used.clear()
+            self._used[key] = now
+        return True
+
+    def note_used(self, credential):
+        if self.due(credential["id"]):
+            self.accounts.store.used(credential["id"], time.time())
+
+    def sign_in(self, name, password):
+        """Return the user that `name` and `password` sign in as, or an answer: 400 no such name, 429 held back, 401 wrong."""
+        if not isinstance(name, str) or len(name) > NAME_CHARS:
+            return error(400, f"user: at most {NAME_CHARS} characters", field="user")  # nothing kept for it
+        where = limit_key(self.address())
+        wait = self.throttle.blocked_for(where)
+        if wait:  # no hash for a held-back address: a guess costs a lookup
+            return error(429, f"too many wrong passwords from this address; try again in {wait} s",
+                         headers={"Retry-After": str(wait)})
+        with self._lock:
+            checking = self._hashing.get(where, 0)
+            if checking < HASHES_PER_ADDRESS:
+                self._hashing[where] = checking + 1
+        if checking >= HASHES_PER_ADDRESS:  # a hundred guesses sent at once: two are checked, the rest wait
+            return error(429, "passwords from this address are being checked already; try again in a second",
+                         headers={"Retry-After": "1"})
+        try:
+            return self._check(where, name, password)
+        finally:
+            with self._lock:
+                if self._hashing[where] > 1:
+                    self._hashing[where] -= 1
+                else:
+                    del self._hashing[where]
+
+    def _check(self, where, name, password):
+        time.sleep(self.throttle.delay_for(name))  # many wrong guesses at this user lately: each try waits, none is locked out
+        if self.legacy_login(name, password):
+            self.throttle.succeeded(where, name)
+            return {"name": name, "role": "viewer", "epoch": None, "legacy": True}
+        # Counted as wrong before the hash, and given back if right: tries sent at once are all counted
+        # before any of them is checked, so the throttle's 5 per address holds.
+        self.throttle.failed(where, name)
+        user = self.accounts.user(name) if USER_NAME.fullmatch(name) else None
+        if self.hasher.verify(user["hash"] if user else None, password):
+            self.throttle.succeeded(where, name)
+            return user
+        return error(401, "wrong user or password")
+
+    def start_session(self, kind, name, proof):
+        """Sign this browser in: a new session in the store, and only its secret id (and a CSRF token) in the cookie."""
+        secret = new_secret()
+        self.accounts.store.add_session(digest(secret), kind, name, proof, self.address(),
+                                        request.headers.get("User-Agent", "")[:AGENT_CHARS])
+        session.clear()
+        session.permanent = True
+        session.update(i=secret, c=secrets.token_urlsafe(24))
+
+    def valid(self, found):
+        """Return whether the session `found` still stands: its user and their password, or the viewer login's."""
+        if found is None:
+            return False
+        if found["kind"] == "viewer-login":
+            password = self.config.dashboard_password
+            return bool(password) and found["proof"] == digest(password)[:16]
+        user = self.accounts.user(found["name"])
+        return user is not None and found["proof"] == _proof(user)
+
+    def legacy_login(self, name, password):
+        """Return whether this is the extra viewer login of DASHBOARD_USER and DASHBOARD_PASSWORD."""
+        return bool(self.config.dashboard_password) and same_login(name, password, self.config.dashboard_user,
+                                                                   self.config.dashboard_password)
+
+    def from_basic(self, header):
+        """Return the read-only Identity of an `Authorization: Basic` header, or the answer to a bad one."""
+        login = basic_login(header)
+        if login is None:
+            return error(401, "Authorization: Basic needs user:password")
+        name, password = login
+        if self.legacy_login(name, password):
+            return Identity("viewer-login", name, "viewer", read_only=True)
+        key = digest(f"{name}\0{password}")
+        with self._lock:
+            cached = self._basic_ok.get(key)
+        user = self.accounts.user(name)
+        if cached and user and cached[1] == user["epoch"] and time.monotonic() - cached[0] < BASIC_CACHE_S:
+            return Identity("user", name, user["role"], read_only=True)
+        found = self.sign_in(name, password)
+        if not isinstance(found, dict):
+            return found
+        with self._lock:
+            if len(self._basic_ok) > 10_000:
+                self._basic_ok.clear()
+            self._basic_ok[key] = (time.monotonic(), found["epoch"])
+        return Identity("user", name, found["role"], read_only=True)
+
+    def identify(self):
+        """Return the request's Identity, None for nobody, or an answer to give at once (a bad credential)."""
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            found = self.accounts.credential(value.strip())
+            if found is None or found["kind"] != "token":
+                return error(401, "unknown API token", headers={"WWW-Authenticate": "Bearer"})
+            self.note_used(found)
+            return Identity("token", found["name"], found["role"], made_by=found.get("maker"))
+        if scheme.lower() == "basic":
+            return self.from_basic(request.headers["Authorization"])
+        if "i" in session:  # a signed-in session: valid while the store keeps it and its password stands
+            session_id = digest(str(session["i"]))
+            found = self.accounts.session(session_id)
+            if self.valid(found):
+                if self.due(session_id):
+                    self.accounts.store.session_used(session_id, time.time(), self.address(),
+                                                     request.headers.get("User-Agent", "")[:AGENT_CHARS])
+                if found["kind"] == "viewer-login":
+                    return Identity("viewer-login", self.config.dashboard_user, "viewer", by_cookie=True,
+                                    read_only=True)
+                return Identity("user", found["name"], self.accounts.user(found["name"])["role"], by_cookie=True)
+            session.clear()  # signed out, run out, removed, or its password changed since
+        elif "s" in session:
+            found = self.share(session["s"])
+            if found is not None:
+                self.note_used(found)
+                return Identity("share", found["name"], "viewer", frozenset(found["devices"] or ()) or None,
+                                by_cookie=True, read_only=True)
+            session.clear()
+        if self.config.dashboard_public:
+            return Identity("public", "", "viewer", read_only=True)
+        return None
+
+    def share(self, secret_digest):
+        """Return the share link kept under `secret_digest`, or None."""
+        found = self.accounts.kept(secret_digest)
+        return found if found is not None and found["kind"] == "share" else None
+
+    def still_valid(self, key):
+        """Return whether the session or share link behind an open stream's `key` still stands."""
+        kind, value = key
+        if kind == "session":
+            return self.valid(self.accounts.session(value))
+        return self.share(value) is not None
+
+
 def register_login(app, config, accounts, hasher, throttle):
     """Ask every request but the open ones who it is; add /login, /logout, /account and /s/<token>."""
     app.secret_key = config.secret_key or secrets.token_urlsafe(32)
@@ -124,269 +290,146 @@ def register_login(app, config, accounts, hasher, throttle):
     app.config.update(SESSION_COOKIE_NAME="gpustats_session", SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Lax", PERMANENT_SESSION_LIFETIME=SESSION_DAYS * 86400,
                       SESSION_REFRESH_EACH_REQUEST=False)
-    open_streams, basic_ok, used, hashing = OpenStreams(), {}, {}, {}
-    lock = threading.Lock()
+    access = Access(config, accounts, hasher, throttle)
+    app.extensions.setdefault("gpustats", {})["access"] = access
+    app.register_blueprint(bp)
+    watch("session-sweep", 1.0, lambda: access.open_streams.sweep(access.still_valid), lambda: False)
 
-    def address():
-        return client_address(request.remote_addr, request.headers.get("X-Forwarded-For"), config.trusted_proxies)
 
-    def due(key):
-        """Return whether `key`'s "last used" should be written now (once every USED_EVERY_S)."""
-        now = time.time()
-        with lock:
-            if now - used.get(key, 0) < USED_EVERY_S:
-                return False
-            if len(used) >= MOST_USED:
-                used.clear()
-            used[key] = now
-        return True
+def _access():
+    return current_app.extensions["gpustats"]["access"]
 
-    def note_used(credential):
-        if due(credential["id"]):
-            accounts.store.used(credential["id"], time.time())
 
-    def sign_in(name, password):
-        """Return the user that `name` and `password` sign in as, or an answer: 400 no such name, 429 held back, 401 wrong."""
-        if not isinstance(name, str) or len(name) > NAME_CHARS:
-            return error(400, f"user: at most {NAME_CHARS} characters", field="user")  # nothing kept for it
-        where = limit_key(address())
-        wait = throttle.blocked_for(where)
-        if wait:  # no hash for a held-back address: a guess costs a lookup
-            return error(429, f"too many wrong passwords from this address; try again in {wait} s",
-                         headers={"Retry-After": str(wait)})
-        with lock:
-            checking = hashing.get(where, 0)
-            if checking < HASHES_PER_ADDRESS:
-                hashing[where] = checking + 1
-        if checking >= HASHES_PER_ADDRESS:  # a hundred guesses sent at once: two are checked, the rest wait
-            return error(429, "passwords from this address are being checked already; try again in a second",
-                         headers={"Retry-After": "1"})
+@bp.before_app_request
+def require_identity():
+    """Answer a request that may not go on: nobody (401, or the sign-in page), a wrong role (403), no CSRF token."""
+    path = request.path
+    if request.url_rule is None or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        return None  # no such route: its 404 (or 405) says so, signed in or not
+    access = _access()
+    found = access.identify()
+    if found is not None and not isinstance(found, Identity):
+        return found  # a bad token or password: its own answer
+    if found is not None and found.kind == "public" and path.startswith(ADMIN_PREFIXES + ("/account",)):
+        found = None  # the open dashboard reads; to manage anything, sign in
+    if found is None:
+        if _wants_page():
+            return redirect(url_for("login.login_page", next=_local(request.full_path)))
+        return error(401, "sign in first: a session (/login), an API token (Authorization: Bearer) or HTTP Basic",
+                     headers={"WWW-Authenticate": 'Basic realm="GPU Stats"'} if access.config.dashboard_password
+                     else {})
+    g.identity = found
+    if found.devices is not None:
+        g.devices = found.devices  # the stream, history and alerts show these alone
+    if found.kind == "share" and path not in SHARE_PATHS:
+        return error(403, "a share link opens the dashboard of its devices, nothing else")
+    if path.startswith(ADMIN_PREFIXES) and not found.admin:
+        return error(403, "this needs an admin")
+    if request.method in CHANGES:
+        if found.read_only and path != "/logout":
+            return error(403, "HTTP Basic and share links are for reading only; programs that change things "
+                              "use an admin API token")
+        if found.by_cookie and not _csrf_ok():
+            return error(403, "the page's CSRF token is missing or wrong: reload the page and try again")
+    if path == "/gpu/stream" and found.by_cookie:  # ended within a second once its session is no more
+        key = ("share", session["s"]) if found.kind == "share" else ("session", digest(str(session["i"])))
+        access.open_streams.add(key, request.environ.get("gunicorn.socket"))
+    return None
+
+
+@bp.app_context_processor
+def page_context():
+    identity = g.get("identity")
+    if "c" not in session:
+        session["c"] = secrets.token_urlsafe(24)
+    return {"identity": identity, "csrf_token": session["c"]}
+
+
+@bp.get("/login")
+def login_page():
+    return render_template("login.html", next=_local(request.args.get("next", "/")), problem=None)
+
+
+@bp.post("/login")
+def login():
+    if not _from_this_site():
+        return error(403, "a sign-in must come from this server's own page: reload it and try again")
+    access = _access()
+    name, password = request.form.get("user", ""), request.form.get("password", "")
+    target = _local(request.form.get("next", "/"))
+    found = access.sign_in(name, password)
+    if not isinstance(found, dict):
+        if _wants_page():
+            problem = found[0].get_json()["error"]
+            return render_template("login.html", next=target, problem=problem, user=name[:64]), found[1], found[2]
+        return found
+    if found.get("legacy"):
+        access.start_session("viewer-login", found["name"], digest(access.config.dashboard_password)[:16])
+    else:
+        access.start_session("user", found["name"], _proof(found))
+    log.info("%s signed in from %s", found["name"], access.address())
+    return redirect(target, 303) if _wants_page() else ({"ok": True, "user": found["name"], "role": found["role"]}, 200)
+
+
+@bp.post("/logout")
+def logout():
+    if "i" in session:  # ended in the store: a copy of this cookie signs nobody in, on any worker or host
+        accounts = _access().accounts
+        accounts.store.remove_session(digest(str(session["i"])))
+        accounts.forget()
+    session.clear()
+    return redirect(url_for("login.login_page"), 303) if _wants_page() else ({"ok": True}, 200)
+
+
+@bp.get("/s/<secret>")
+def share(secret):
+    found = _access().accounts.credential(secret)
+    if found is None or found["kind"] != "share":
+        return error(404, "this share link does not exist, or was revoked")
+    session.clear()
+    session.permanent = True
+    session.update(s=digest(secret), c=secrets.token_urlsafe(24))
+    devices = found["devices"]
+    return redirect("/" + (f"?device={','.join(devices)}" if devices else ""), 303)
+
+
+@bp.route("/account", methods=["GET", "POST"])
+def account():
+    identity, access = g.identity, _access()
+    if identity.kind != "user" or not identity.by_cookie:
+        return error(403, "the account page is for a user signed in on this page")
+    problem = done = None
+    if request.method == "POST" and request.form.get("everywhere"):
+        ended = access.accounts.store.remove_sessions(identity.name)
+        access.accounts.forget()
+        session.clear()
+        log.info("%s signed out everywhere (%d sessions)", identity.name, ended)
+        return redirect(url_for("login.login_page"), 303)
+    if request.method == "POST":
         try:
-            return check(where, name, password)
-        finally:
-            with lock:
-                if hashing[where] > 1:
-                    hashing[where] -= 1
-                else:
-                    del hashing[where]
+            _change_password(access, identity.name)
+            done = "Password changed. Your other sessions are signed out."
+        except AccountError as problem_:
+            problem = str(problem_)
+    this = digest(str(session["i"]))
+    sessions = [dict(found, current=found["id"] == this) for found in access.accounts.store.sessions(identity.name)
+                if lasts(found) and access.valid(found)]
+    return (render_template("account.html", problem=problem, done=done, sessions=sessions),
+            400 if problem else 200)
 
-    def check(where, name, password):
-        time.sleep(throttle.delay_for(name))  # many wrong guesses at this user lately: each try waits, none is locked out
-        if legacy_login(name, password):
-            throttle.succeeded(where, name)
-            return {"name": name, "role": "viewer", "epoch": None, "legacy": True}
-        # Counted as wrong before the hash, and given back if right: tries sent at once are all counted
-        # before any of them is checked, so the throttle's 5 per address holds.
-        throttle.failed(where, name)
-        user = accounts.user(name) if USER_NAME.fullmatch(name) else None
-        if hasher.verify(user["hash"] if user else None, password):
-            throttle.succeeded(where, name)
-            return user
-        return error(401, "wrong user or password")
 
-    def start_session(kind, name, proof):
-        """Sign this browser in: a new session in the store, and only its secret id (and a CSRF token) in the cookie."""
-        secret = new_secret()
-        accounts.store.add_session(digest(secret), kind, name, proof, address(),
-                                   request.headers.get("User-Agent", "")[:AGENT_CHARS])
-        session.clear()
-        session.permanent = True
-        session.update(i=secret, c=secrets.token_urlsafe(24))
-
-    def valid(found):
-        """Return whether the session `found` still stands: its user and their password, or the viewer login's."""
-        if found is None:
-            return False
-        if found["kind"] == "viewer-login":
-            return bool(config.dashboard_password) and found["proof"] == digest(config.dashboard_password)[:16]
-        user = accounts.user(found["name"])
-        return user is not None and found["proof"] == _proof(user)
-
-    def legacy_login(name, password):
-        """Return whether this is the extra viewer login of DASHBOARD_USER and DASHBOARD_PASSWORD."""
-        return bool(config.dashboard_password) and same_login(name, password, config.dashboard_user,
-                                                              config.dashboard_password)
-
-    def from_basic(header):
-        login = basic_login(header)
-        if login is None:
-            return error(401, "Authorization: Basic needs user:password")
-        name, password = login
-        if legacy_login(name, password):
-            return Identity("viewer-login", name, "viewer", read_only=True)
-        key = digest(f"{name}\0{password}")
-        with lock:
-            cached = basic_ok.get(key)
-        user = accounts.user(name)
-        if cached and user and cached[1] == user["epoch"] and time.monotonic() - cached[0] < BASIC_CACHE_S:
-            return Identity("user", name, user["role"], read_only=True)
-        found = sign_in(name, password)
-        if not isinstance(found, dict):
-            return found
-        with lock:
-            if len(basic_ok) > 10_000:
-                basic_ok.clear()
-            basic_ok[key] = (time.monotonic(), found["epoch"])
-        return Identity("user", name, found["role"], read_only=True)
-
-    def identify():
-        """Return the request's Identity, None for nobody, or an answer to give at once (a bad credential)."""
-        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            found = accounts.credential(value.strip())
-            if found is None or found["kind"] != "token":
-                return error(401, "unknown API token", headers={"WWW-Authenticate": "Bearer"})
-            note_used(found)
-            return Identity("token", found["name"], found["role"], made_by=found.get("maker"))
-        if scheme.lower() == "basic":
-            return from_basic(request.headers["Authorization"])
-        if "i" in session:  # a signed-in session: valid while the store keeps it and its password stands
-            session_id = digest(str(session["i"]))
-            found = accounts.session(session_id)
-            if valid(found):
-                if due(session_id):
-                    accounts.store.session_used(session_id, time.time(), address(),
-                                                request.headers.get("User-Agent", "")[:AGENT_CHARS])
-                if found["kind"] == "viewer-login":
-                    return Identity("viewer-login", config.dashboard_user, "viewer", by_cookie=True, read_only=True)
-                return Identity("user", found["name"], accounts.user(found["name"])["role"], by_cookie=True)
-            session.clear()  # signed out, run out, removed, or its password changed since
-        elif "s" in session:
-            found = _share(session["s"])
-            if found is not None:
-                note_used(found)
-                return Identity("share", found["name"], "viewer", frozenset(found["devices"] or ()) or None,
-                                by_cookie=True, read_only=True)
-            session.clear()
-        if config.dashboard_public:
-            return Identity("public", "", "viewer", read_only=True)
-        return None
-
-    def _share(secret_digest):
-        found = accounts.kept(secret_digest)
-        return found if found is not None and found["kind"] == "share" else None
-
-    def still_valid(key):
-        kind, value = key
-        if kind == "session":
-            return valid(accounts.session(value))
-        return _share(value) is not None
-
-    @app.before_request
-    def require_identity():
-        path = request.path
-        if request.url_rule is None or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
-            return None  # no such route: its 404 (or 405) says so, signed in or not
-        found = identify()
-        if found is not None and not isinstance(found, Identity):
-            return found  # a bad token or password: its own answer
-        if found is not None and found.kind == "public" and path.startswith(ADMIN_PREFIXES + ("/account",)):
-            found = None  # the open dashboard reads; to manage anything, sign in
-        if found is None:
-            if _wants_page():
-                return redirect(url_for("login_page", next=_local(request.full_path)))
-            return error(401, "sign in first: a session (/login), an API token (Authorization: Bearer) or HTTP Basic",
-                         headers={"WWW-Authenticate": 'Basic realm="GPU Stats"'} if config.dashboard_password else {})
-        g.identity = found
-        if found.devices is not None:
-            g.devices = found.devices  # the stream, history and alerts show these alone
-        if found.kind == "share" and path not in SHARE_PATHS:
-            return error(403, "a share link opens the dashboard of its devices, nothing else")
-        if path.startswith(ADMIN_PREFIXES) and not found.admin:
-            return error(403, "this needs an admin")
-        if request.method in CHANGES:
-            if found.read_only and path != "/logout":
-                return error(403, "HTTP Basic and share links are for reading only; programs that change things "
-                                  "use an admin API token")
-            if found.by_cookie and not _csrf_ok():
-                return error(403, "the page's CSRF token is missing or wrong: reload the page and try again")
-        if path == "/gpu/stream" and found.by_cookie:  # ended within a second once its session is no more
-            key = ("share", session["s"]) if found.kind == "share" else ("session", digest(str(session["i"])))
-            open_streams.add(key, request.environ.get("gunicorn.socket"))
-        return None
-
-    @app.context_processor
-    def page_context():
-        identity = g.get("identity")
-        if "c" not in session:
-            session["c"] = secrets.token_urlsafe(24)
-        return {"identity": identity, "csrf_token": session["c"]}
-
-    @app.get("/login")
-    def login_page():
-        return render_template("login.html", next=_local(request.args.get("next", "/")), problem=None)
-
-    @app.post("/login")
-    def login():
-        if not _from_this_site():
-            return error(403, "a sign-in must come from this server's own page: reload it and try again")
-        name, password = request.form.get("user", ""), request.form.get("password", "")
-        target = _local(request.form.get("next", "/"))
-        found = sign_in(name, password)
-        if not isinstance(found, dict):
-            if _wants_page():
-                problem = found[0].get_json()["error"]
-                return render_template("login.html", next=target, problem=problem, user=name[:64]), found[1], found[2]
-            return found
-        if found.get("legacy"):
-            start_session("viewer-login", found["name"], digest(config.dashboard_password)[:16])
-        else:
-            start_session("user", found["name"], _proof(found))
-        log.info("%s signed in from %s", found["name"], address())
-        return redirect(target, 303) if _wants_page() else ({"ok": True, "user": found["name"], "role": found["role"]}, 200)
-
-    @app.post("/logout")
-    def logout():
-        if "i" in session:  # ended in the store: a copy of this cookie signs nobody in, on any worker or host
-            accounts.store.remove_session(digest(str(session["i"])))
-            accounts.forget()
-        session.clear()
-        return redirect(url_for("login_page"), 303) if _wants_page() else ({"ok": True}, 200)
-
-    @app.get("/s/<secret>")
-    def share(secret):
-        found = accounts.credential(secret)
-        if found is None or found["kind"] != "share":
-            return error(404, "this share link does not exist, or was revoked")
-        session.clear()
-        session.permanent = True
-        session.update(s=digest(secret), c=secrets.token_urlsafe(24))
-        devices = found["devices"]
-        return redirect("/" + (f"?device={','.join(devices)}" if devices else ""), 303)
-
-    @app.route("/account", methods=["GET", "POST"])
-    def account():
-        identity = g.identity
-        if identity.kind != "user" or not identity.by_cookie:
-            return error(403, "the account page is for a user signed in on this page")
-        problem = done = None
-        if request.method == "POST" and request.form.get("everywhere"):
-            ended = accounts.store.remove_sessions(identity.name)
-            accounts.forget()
-            session.clear()
-            log.info("%s signed out everywhere (%d sessions)", identity.name, ended)
-            return redirect(url_for("login_page"), 303)
-        if request.method == "POST":
-            user = accounts.user(identity.name)
-            try:
-                new = check_password(request.form.get("new", ""))
-                if not hasher.verify(user["hash"], request.form.get("current", "")):
-                    raise AccountError("current password: wrong", status=403)
-                this = digest(str(session["i"]))
-                accounts.set_password(identity.name, hasher.hash(new), keep=this)
-                accounts.store.remove_session(this)
-                start_session("user", identity.name, _proof(accounts.user(identity.name)))  # this browser stays in
-                done = "Password changed. Your other sessions are signed out."
-                log.info("%s changed their password", identity.name)
-            except AccountError as problem_:
-                problem = str(problem_)
-        this = digest(str(session["i"]))
-        sessions = [dict(found, current=found["id"] == this) for found in accounts.store.sessions(identity.name)
-                    if lasts(found) and valid(found)]
-        return (render_template("account.html", problem=problem, done=done, sessions=sessions),
-                400 if problem else 200)
-
-    watch("session-sweep", 1.0, lambda: open_streams.sweep(still_valid), lambda: False)
+def _change_password(access, name):
+    """Set `name`'s password from the account form; sign out their other sessions, keep this browser in."""
+    accounts, hasher = access.accounts, access.hasher
+    user = accounts.user(name)
+    new = check_password(request.form.get("new", ""))
+    if not hasher.verify(user["hash"], request.form.get("current", "")):
+        raise AccountError("current password: wrong", status=403)
+    this = digest(str(session["i"]))
+    accounts.set_password(name, hasher.hash(new), keep=this)
+    accounts.store.remove_session(this)
+    access.start_session("user", name, _proof(accounts.user(name)))  # this browser stays in
+    log.info("%s changed their password", name)
 
 
 def _proof(user):
