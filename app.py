@@ -92,8 +92,7 @@ def _parts(config):
     """Choose the fleet, history, alerts, counters and rate limits: in this process, or shared through Redis."""
     destinations = config.alert_webhook_urls
     if config.redis_url:
-        from gpustats.access.redis import RedisAccounts
-        from gpustats.access.throttle_redis import RedisSignInThrottle
+        from gpustats.access.redis import RedisAccounts, RedisSignInThrottle
         from gpustats.alerts.redis import RedisAlerter
         from gpustats.devices.redis import RedisDevices
         from gpustats.alerts.redis_outbox import NotifierLease, RedisOutbox

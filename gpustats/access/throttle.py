@@ -9,7 +9,7 @@
   USER_DELAY_S each past FREE_FAILS, up to MOST_USER_DELAY_S: never a lock-out, so the right
   password from an address that has not failed still gets in.
 
-This one counts in the process (no REDIS_URL); throttle_redis.py counts for every worker and host.
+This one counts in the process (no REDIS_URL); RedisSignInThrottle (redis.py) counts for every worker and host.
 """
 import logging
 import math
