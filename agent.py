@@ -44,7 +44,7 @@ SMI_FIELDS = {
     "clockCore": "clocks.current.graphics", "clockMemory": "clocks.current.memory", "pstate": "pstate",
 }
 TEXT_FIELDS = {"uuid", "name", "driverVersion", "pstate"}
-# What GPUtil does not read; the gputil backend asks nvidia-smi for these in one extra call.
+# What GPUtil does not read; the GPUtil reader asks nvidia-smi for these in one extra call.
 GPUTIL_LACKS = ("index", "uuid", "utilizationMemory", "temperatureMemory", "powerDraw",
                 "powerLimit", "fanSpeed", "clockCore", "clockMemory", "pstate")
 # The query GPUtil 1.4 runs, read directly when GPUtil itself crashes on its output.
@@ -162,7 +162,7 @@ def _broken(errors, taken):
     return [{"index": next(free), "error": clip(_one_line(line))} for line in errors]
 
 
-class GputilBackend:
+class GputilReader:
     """GPUtil for the basics, plus one nvidia-smi query (with a timeout) for the rest."""
 
     name = "gputil"
@@ -207,7 +207,7 @@ def _finite(value):
 _NO_MEMORY_V2 = (13, 3, 25)  # NVML_ERROR_FUNCTION_NOT_FOUND, _NOT_SUPPORTED, _ARGUMENT_VERSION_MISMATCH
 
 
-class NvmlBackend:
+class NvmlReader:
     """NVML through nvidia-ml-py: no subprocess, and processes, power, fans and clocks."""
 
     name = "nvml"
@@ -316,7 +316,7 @@ def _mib(n_bytes):
     return round(n_bytes / (1 << 20))
 
 
-class SimulatedBackend:
+class SimulatedReader:
     """Made-up GPUs with plausible moving numbers, for demos and machines with no GPU."""
 
     name = "simulated"
@@ -742,7 +742,7 @@ TOOL_EVERY_S = 60.0  # a tool that fills gaps is asked at most this often
 AMD_MEMORY = (("drm-memory-vram", "drm-total-vram", "vram mem"), ("drm-memory-gtt", "drm-total-gtt", "gtt mem"))
 
 
-class DrmBackend:
+class DrmReader:
     """What the Linux DRM readers share: their cards, by PCI address, and each card's clients from fdinfo."""
 
     name = vendor = None
@@ -772,7 +772,7 @@ class DrmBackend:
         return self._gpu(index, address, card, driver, device, clients)
 
 
-class AmdBackend(DrmBackend):
+class AmdReader(DrmReader):
     """AMD GPUs through the amdgpu driver's sysfs and hwmon files and /proc fdinfo: no ROCm needed."""
 
     name = "amd"
@@ -966,7 +966,7 @@ def engine_busy(previous, current, elapsed_ns):
 INTEL_MEMORY = (("drm-resident-local0", "drm-resident-vram0", "drm-total-local0", "drm-total-vram0"),)
 
 
-class IntelBackend(DrmBackend):
+class IntelReader(DrmReader):
     """Intel GPUs through the i915 or xe driver: clocks from sysfs, power from the hwmon energy counter, busy from fdinfo."""
 
     name = "intel"
@@ -1081,7 +1081,7 @@ def parse_tegrastats(line):
             "memoryUsed": int(ram.group(1)) if ram else None, "memoryTotal": int(ram.group(2)) if ram else None}
 
 
-class JetsonBackend:
+class JetsonReader:
     """A Jetson's integrated GPU: load, devfreq clock, the gpu-thermal zone and INA3221 rails, else tegrastats."""
 
     name = "jetson"
@@ -1280,7 +1280,7 @@ def parse_powermetrics(text):
             "powerDraw": _scaled(float(power.group(1)), 1000, 2) if power else None}
 
 
-class AppleBackend:
+class AppleReader:
     """A Mac's GPUs through ioreg (no sudo); clock and power only where powermetrics can run (as root)."""
 
     name = "apple"
@@ -1585,7 +1585,7 @@ def windows_process(pid):
     return name, user
 
 
-class WindowsBackend:
+class WindowsReader:
     """Any vendor's GPUs on Windows through the counters Task Manager reads; NVIDIA's left to NVML when it runs."""
 
     name = "windows"
@@ -1623,7 +1623,7 @@ class WindowsBackend:
 BACKENDS = ("auto", "nvml", "gputil", "amd", "intel", "apple", "windows", "jetson")
 
 
-class MultiBackend:
+class MultiReader:
     """Several readers in one push: NVIDIA's keep their own indices, each other reader's GPUs follow.
 
     Each reader's first index is fixed at its first sample, so a GPU keeps its index (and its
@@ -1662,78 +1662,78 @@ class MultiBackend:
         return gpus
 
 
-class PendingBackend:
+class PendingReader:
     """A reader not opened yet (no GPU driver loaded at boot, say): each sample tries again, and says why not."""
 
     def __init__(self, opener):
-        self.opener, self.backend = opener, None
+        self.opener, self.reader = opener, None
         self.name = "none"
 
     def sample(self):
-        if self.backend is None:
-            self.backend = self.opener()  # GpuReadError: this sample goes out with the error
-            self.name = self.backend.name
-        return self.backend.sample()
+        if self.reader is None:
+            self.reader = self.opener()  # GpuReadError: this sample goes out with the error
+            self.name = self.reader.name
+        return self.reader.sample()
 
     def describe(self, index):
-        return describe(self.backend, index) if self.backend else self.name
+        return describe(self.reader, index) if self.reader else self.name
 
 
-def describe(backend, index):
+def describe(reader, index):
     """Say which reader read a GPU, and from where: shown by --dry-run."""
-    if isinstance(backend, MultiBackend):
-        return backend.read_by.get(index, backend.name)
+    if isinstance(reader, MultiReader):
+        return reader.read_by.get(index, reader.name)
     try:
-        return backend.describe(index)
+        return reader.describe(index)
     except (AttributeError, IndexError):
-        return backend.name
+        return reader.name
 
 
 def _nvidia(choice, nvml, gputil, run, users):
     """Return the NVIDIA reader `choice` names: NVML, or GPUtil (which runs nvidia-smi)."""
     if choice == "nvml":
         try:
-            return NvmlBackend(nvml, users=users)
+            return NvmlReader(nvml, users=users)
         except (ImportError, OSError, GpuReadError) as error:
             raise GpuReadError(f"NVML backend unavailable: {error}") from None
     try:
-        return GputilBackend(gputil, run)
+        return GputilReader(gputil, run)
     except ImportError as error:
         raise GpuReadError(f"GPUtil backend unavailable: {error} (pip install GPUtil setuptools)") from None
 
 
-def open_backend(choice, simulate=0, nvml=None, gputil=None, run=subprocess.run, root=None, platform=sys.platform,
+def open_reader(choice, simulate=0, nvml=None, gputil=None, run=subprocess.run, root=None, platform=sys.platform,
                  windows=None, which=shutil.which):
     """Return what reads this machine's GPUs: the one `choice` names, or for `auto` every vendor's present."""
     if simulate:
-        return SimulatedBackend(simulate)
+        return SimulatedReader(simulate)
     root = root or SysRoot()
     users = root.process if platform.startswith("linux") else (
         (windows[2] if windows else windows_process) if platform == "win32" else None)
-    one = {"amd": lambda: AmdBackend(root), "intel": lambda: IntelBackend(root),
-           "jetson": lambda: JetsonBackend(root, run=run), "apple": lambda: AppleBackend(run=run),
-           "windows": lambda: WindowsBackend(windows)}
+    one = {"amd": lambda: AmdReader(root), "intel": lambda: IntelReader(root),
+           "jetson": lambda: JetsonReader(root, run=run), "apple": lambda: AppleReader(run=run),
+           "windows": lambda: WindowsReader(windows)}
     if choice in one:
         return one[choice]()
     if choice != "auto":
         return _nvidia(choice, nvml, gputil, run, users)
     readers, missing = [], []
     if platform == "darwin":
-        return AppleBackend(run=run)
-    jetson = platform.startswith("linux") and JetsonBackend.present(root)
+        return AppleReader(run=run)
+    jetson = platform.startswith("linux") and JetsonReader.present(root)
     if not jetson:  # NVML on a Jetson knows only the GPU's name: its sysfs says the rest
         try:
-            readers.append(NvmlBackend(nvml, users=users))
+            readers.append(NvmlReader(nvml, users=users))
         except (ImportError, OSError, GpuReadError) as error:
             if gputil is not None or which("nvidia-smi"):
                 log.info("NVML unavailable (%s); using GPUtil and nvidia-smi", error)
                 try:
-                    readers.append(GputilBackend(gputil, run))
+                    readers.append(GputilReader(gputil, run))
                 except ImportError as error:
                     missing.append(f"GPUtil backend unavailable: {error} (pip install GPUtil setuptools)")
             else:
                 missing.append(f"no NVIDIA driver (NVML: {error})")
-    others = [lambda: WindowsBackend(windows, skip_nvidia=bool(readers))] if platform == "win32" else [
+    others = [lambda: WindowsReader(windows, skip_nvidia=bool(readers))] if platform == "win32" else [
         one["amd"], one["intel"]] + ([one["jetson"]] if jetson else [])
     for make in others:
         try:
@@ -1742,7 +1742,7 @@ def open_backend(choice, simulate=0, nvml=None, gputil=None, run=subprocess.run,
             missing.append(str(error))
     if not readers:
         raise GpuReadError("no GPU found: " + "; ".join(missing))
-    return readers[0] if len(readers) == 1 else MultiBackend(readers)
+    return readers[0] if len(readers) == 1 else MultiReader(readers)
 
 
 
@@ -1852,19 +1852,19 @@ def distinct_indices(gpus):
     return sorted(kept + moved, key=lambda g: g["index"])
 
 
-def build_payload(backend, clock=time.time):
+def build_payload(reader, clock=time.time):
     """Sample the GPUs once; a sample that fails whole carries `error` and no GPUs."""
     sampled_at = clock()
     try:
-        gpus, error = distinct_indices(backend.sample()), None
+        gpus, error = distinct_indices(reader.sample()), None
     except GpuReadError as failure:
         gpus, error = [], str(failure)
     except Exception as failure:  # a reader's own bug: this sample says so, and the agent goes on (SPEC)
         log.debug("reading the GPUs failed", exc_info=True)
-        gpus, error = [], f"{backend.name}: {type(failure).__name__}: {failure}"
+        gpus, error = [], f"{reader.name}: {type(failure).__name__}: {failure}"
     payload = {"host": socket.gethostname(), "sampledAt": round(sampled_at, 3),
-               "agent": {"version": VERSION, "backend": backend.name,
-                         "simulated": backend.name == "simulated"},
+               "agent": {"version": VERSION, "backend": reader.name,
+                         "simulated": reader.name == "simulated"},
                "gpus": gpus}
     if error:
         payload["error"] = error  # whole here, for the agent's own log; the push clips it (_fit)
@@ -1889,12 +1889,12 @@ class StateLog:
         self.states[topic] = state
 
 
-def run_loop(backend, pusher, interval, clock=time.monotonic, sleep=time.sleep, stop=lambda: False):
+def run_loop(reader, pusher, interval, clock=time.monotonic, sleep=time.sleep, stop=lambda: False):
     """Sample and push forever; back off only while the server is down or busy; send the newest sample."""
     states, failures = StateLog(), 0
     while not stop():
         started = clock()
-        payload = build_payload(backend)
+        payload = build_payload(reader)
         states.set("GPU reading", payload.get("error") and f"cannot read GPUs: {payload['error']}")
         try:
             pusher.push(payload)
@@ -2282,30 +2282,30 @@ def main(argv=None, environ=None):
                     ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
     try:
         def opener():
-            return open_backend(args.backend, args.simulate, root=SysRoot(args.sys_root))
+            return open_reader(args.backend, args.simulate, root=SysRoot(args.sys_root))
         try:
-            backend = opener()
+            reader = opener()
         except GpuReadError:
             if args.once or args.dry_run:
                 raise
-            backend = PendingBackend(opener)  # a service at boot may start before the GPU driver
+            reader = PendingReader(opener)  # a service at boot may start before the GPU driver
         if args.once or args.dry_run:
-            payload = build_payload(backend)
+            payload = build_payload(reader)
             if args.dry_run:
                 print(json.dumps(_fit(payload), indent=2, allow_nan=False))
                 for gpu in payload["gpus"]:  # which reader found each GPU, where: on stderr, beside the JSON
-                    _say(f"GPU {gpu['index']} {gpu.get('name') or '(no name)'}: read by {describe(backend, gpu['index'])}")
+                    _say(f"GPU {gpu['index']} {gpu.get('name') or '(no name)'}: read by {describe(reader, gpu['index'])}")
             if payload.get("error"):
                 _say(f"cannot read GPUs: {payload['error']}")
                 return 1
             if not args.dry_run:
                 Pusher(args.url, args.key).push(payload)
             return 0
-        if isinstance(backend, PendingBackend):
+        if isinstance(reader, PendingReader):
             log.info("pushing GPU stats to %s every %g s, once a GPU can be read", args.url, args.interval)
         else:
-            log.info("pushing %s GPU stats to %s every %g s", backend.name, args.url, args.interval)
-        run_loop(backend, Pusher(args.url, args.key), args.interval)
+            log.info("pushing %s GPU stats to %s every %g s", reader.name, args.url, args.interval)
+        run_loop(reader, Pusher(args.url, args.key), args.interval)
     except GpuReadError as error:
         _say(f"cannot read GPUs: {error}")
         return 1

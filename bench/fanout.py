@@ -242,7 +242,7 @@ def bench_agent(samples):
     scenario.write_text(json.dumps({"gpus": ["03-l40s-query-gpu-csv-595.txt",
                                              "05-windows-rtx2080super-query-gpu-csv-591.txt"]}))
     os.environ.update(FAKE_NVIDIA_SMI=str(scenario), PATH=f"{fixtures / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    backend = agent.GputilBackend()
+    backend = agent.GputilReader()
     for _ in range(3):
         json.dumps(agent.build_payload(backend))
     before, started = os.times(), time.monotonic()
@@ -285,7 +285,7 @@ def bench_agent_amd(samples, processes=300, fds=40, clients=4):
             (base / "fdinfo" / str(fd)).write_text(fdinfo.replace("0000:04:00.0", "0000:09:00.0") if drm else "pos:\t0\n")
     costs = {}
     for kind, rescan_s in (("searching /proc", 0), ("reading known clients", 3600)):
-        backend = agent.AmdBackend(agent.SysRoot(root, reuse_s=0, rescan_s=rescan_s), which=lambda name: None)
+        backend = agent.AmdReader(agent.SysRoot(root, reuse_s=0, rescan_s=rescan_s), which=lambda name: None)
         for _ in range(3):
             json.dumps(agent.build_payload(backend))
         before = os.times()

@@ -21,7 +21,7 @@ HOT = "workstation"  # its last GPU runs hot, so the picture shows an alert
 COOL_SPELL_S = (12, 18)  # seconds after the start when it cools down for a while: a resolved alert too
 
 
-class RunningHot(agent.SimulatedBackend):
+class RunningHot(agent.SimulatedReader):
     """Simulated GPUs, the last of which is busy and runs at 86-89 °C (a clogged fan, say), but for a cool spell."""
 
     def __init__(self, count):

@@ -15,7 +15,7 @@ def root(tmp_path):
 
 def amd(root, **edges):
     """The AMD reader on the fake root; no amd-smi or rocm-smi unless a test gives one."""
-    return agent.AmdBackend(agent.SysRoot(root.path, reuse_s=0, rescan_s=0), **{"which": lambda name: None, **edges})
+    return agent.AmdReader(agent.SysRoot(root.path, reuse_s=0, rescan_s=0), **{"which": lambda name: None, **edges})
 
 
 def test_an_rx_580_gives_every_field_its_driver_exposes(root):
@@ -290,10 +290,10 @@ def test_known_clients_are_read_every_sample_and_proc_is_searched_for_new_ones_e
     compute = (FDINFO / "kernel-patch-2024-05-20-v2-drm-engine-compute.txt").read_text()
     root.card("card1", "amd/rx6900xt", address="0000:04:00.0")
     root.process(2201, "blender", 1000, [gfx])
-    reader = agent.AmdBackend(agent.SysRoot(root.path, reuse_s=0, rescan_s=3600), which=lambda name: None)
+    reader = agent.AmdReader(agent.SysRoot(root.path, reuse_s=0, rescan_s=3600), which=lambda name: None)
     assert [p["memoryUsed"] for p in reader.sample()[0]["processes"]] == [532]
     (root.path / "proc" / "2201" / "fdinfo" / "3").write_text(gfx.replace("544428 KiB", "1048576 KiB"))
     root.process(3300, "python3", 1001, [compute])  # started after the last search of /proc
     assert [(p["pid"], p["memoryUsed"]) for p in reader.sample()[0]["processes"]] == [(2201, 1024)]
-    searched = agent.AmdBackend(agent.SysRoot(root.path, rescan_s=0), which=lambda name: None)
+    searched = agent.AmdReader(agent.SysRoot(root.path, rescan_s=0), which=lambda name: None)
     assert [p["pid"] for p in searched.sample()[0]["processes"]] == [2201, 3300]

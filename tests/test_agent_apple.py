@@ -64,14 +64,14 @@ def fake_mac(outputs):
 def test_the_apple_backend_adds_powermetrics_only_as_root():
     power = (APPLE / "powermetrics-m1pro-applegpuinfo-7.txt").read_text()
     run, calls = fake_mac({"ioreg": M1_PRO, "sysctl": "Apple M1 Pro\n", "powermetrics": power})
-    [gpu] = agent.AppleBackend(run=run, memory_total_mib=16384, is_root=False).sample()
+    [gpu] = agent.AppleReader(run=run, memory_total_mib=16384, is_root=False).sample()
     assert (gpu["name"], gpu["clockCore"], gpu["powerDraw"]) == ("Apple M1 Pro", None, None)
     assert "powermetrics" not in calls
-    [gpu] = agent.AppleBackend(run=run, memory_total_mib=16384, is_root=True).sample()
+    [gpu] = agent.AppleReader(run=run, memory_total_mib=16384, is_root=True).sample()
     assert (gpu["clockCore"], gpu["powerDraw"]) == (389, 0.01)
 
 
 def test_an_ioreg_that_hangs_is_one_clear_error():
     run, _ = fake_mac({"ioreg": subprocess.TimeoutExpired("ioreg", 5)})
     with pytest.raises(agent.GpuReadError, match="ioreg could not run"):
-        agent.AppleBackend(run=run, memory_total_mib=16384)
+        agent.AppleReader(run=run, memory_total_mib=16384)

@@ -35,7 +35,7 @@ def test_an_i915_igpu_reads_its_clock_and_busy_share_from_engine_time(tmp_path):
     i915 = (INTEL / "fdinfo" / "i915-kernel-i915rst-doc.txt").read_text()  # client 7 on 0000:00:02.0
     root.process(501, "gnome-shell", 1000, [i915], user="ana")
     clock = Clock()
-    reader = agent.IntelBackend(agent.SysRoot(root.path, reuse_s=0, rescan_s=0), clock=clock)
+    reader = agent.IntelReader(agent.SysRoot(root.path, reuse_s=0, rescan_s=0), clock=clock)
     [first] = reader.sample()
     assert (first["vendor"], first["clockCore"], first["utilizationGpu"]) == ("Intel", 350, None)  # one read: no rate yet
     assert first["processes"] == [{"pid": 501, "name": "gnome-shell", "user": "ana", "memoryUsed": None}]
@@ -54,7 +54,7 @@ def test_an_xe_card_reads_busy_from_gpu_cycles_and_its_power_cap(tmp_path):
     root.intel_card("card1", "xe", "0000:03:00.0", hwmon=INTEL / "xe-arc-pro-b60-nvtop493" / "hwmon")
     xe = (INTEL / "fdinfo" / "xe-kernel-xe_drm_client-doc.txt").read_text()  # client 3 on 0000:03:00.0
     root.process(900, "python3", 1001, [xe], user="ben")
-    reader = agent.IntelBackend(agent.SysRoot(root.path, reuse_s=0, rescan_s=0), clock=Clock())
+    reader = agent.IntelReader(agent.SysRoot(root.path, reuse_s=0, rescan_s=0), clock=Clock())
     [first] = reader.sample()
     assert (first["powerLimit"], first["utilizationGpu"], first["clockCore"]) == (200, None, None)
     assert first["processes"] == [{"pid": 900, "name": "python3", "user": "ben", "memoryUsed": 23}]  # resident VRAM
@@ -81,7 +81,7 @@ def test_no_intel_card_is_one_clear_error(tmp_path):
     root = FakeRoot(tmp_path / "host")
     root.simpledrm()
     with pytest.raises(agent.GpuReadError, match="no Intel GPU with the i915 or xe driver"):
-        agent.IntelBackend(agent.SysRoot(root.path))
+        agent.IntelReader(agent.SysRoot(root.path))
 
 
 def test_a_client_first_seen_now_is_a_baseline_not_a_burst():
@@ -102,5 +102,5 @@ def test_an_intel_card_in_runtime_suspend_is_idle_and_not_woken(tmp_path, monkey
         assert "hwmon" not in str(path) and "freq0" not in str(path), f"read {path}, which wakes the card"
         return read(path)
     monkeypatch.setattr(agent, "read_int", no_waking)
-    [gpu] = agent.IntelBackend(agent.SysRoot(root.path, reuse_s=0, rescan_s=0)).sample()
+    [gpu] = agent.IntelReader(agent.SysRoot(root.path, reuse_s=0, rescan_s=0)).sample()
     assert (gpu["utilizationGpu"], gpu["pstate"], gpu["vendor"]) == (0, "suspended", "Intel")

@@ -44,7 +44,7 @@ def test_the_jetson_backend_runs_tegrastats_with_a_timeout_where_sysfs_is_not_re
     def run(args, **kwargs):
         assert args[0] == "/usr/bin/tegrastats" and kwargs["timeout"]
         raise subprocess.TimeoutExpired(args, kwargs["timeout"], output=(orin + "\n").encode())  # it never ends
-    reader = agent.JetsonBackend(agent.SysRoot(root.path), run=run, which=lambda name: "/usr/bin/tegrastats")
+    reader = agent.JetsonReader(agent.SysRoot(root.path), run=run, which=lambda name: "/usr/bin/tegrastats")
     [gpu] = reader.sample()
     assert (gpu["vendor"], gpu["memoryShared"], gpu["utilizationGpu"], gpu["memoryFree"]) == ("NVIDIA", True, 12, 42175)
     assert server_payload.validate({"gpus": [gpu]})["gpus"][0] == gpu
@@ -59,14 +59,14 @@ def test_the_jetson_backend_reads_load_and_devfreq_from_sysfs(tmp_path):
     # The AGX Orin capture's RAM (20,642 of 62,817 MB), as /proc/meminfo would say it.
     (host / "proc" / "meminfo").write_text(f"MemTotal: {62817 * 1024} kB\nMemAvailable: {(62817 - 20642) * 1024} kB\n")
     root = agent.SysRoot(host)
-    assert agent.JetsonBackend.present(root)
-    [gpu] = agent.JetsonBackend(root, which=lambda name: None).sample()
+    assert agent.JetsonReader.present(root)
+    [gpu] = agent.JetsonReader(root, which=lambda name: None).sample()
     assert (gpu["utilizationGpu"], gpu["clockCore"], gpu["memoryTotal"], gpu["memoryUsed"]) == (90, 1, 62817, 20642)
     assert (gpu["temperatureGpu"], gpu["powerDraw"], gpu["name"]) == (None, None, "NVIDIA Jetson GPU")
 
 
 def test_no_jetson_is_one_clear_error(tmp_path):
     root = FakeRoot(tmp_path / "host")
-    assert not agent.JetsonBackend.present(agent.SysRoot(root.path))
+    assert not agent.JetsonReader.present(agent.SysRoot(root.path))
     with pytest.raises(agent.GpuReadError, match="no Jetson GPU"):
-        agent.JetsonBackend(agent.SysRoot(root.path), which=lambda name: None)
+        agent.JetsonReader(agent.SysRoot(root.path), which=lambda name: None)

@@ -17,7 +17,7 @@ def smi(tmp_path, monkeypatch):
 
 
 def gputil(**kwargs):
-    return agent.GputilBackend(**kwargs)
+    return agent.GputilReader(**kwargs)
 
 
 # ---- the parser, on captured output --------------------------------------------------------
@@ -52,7 +52,7 @@ def test_error_lines_become_errors_not_rows():
     assert sorted(gpus) == [0, 2] and errors[0].startswith("Unable to determine")
 
 
-# ---- the gputil backend: real GPUtil, real subprocess, fake nvidia-smi ------------------------
+# ---- the gputil reader: real GPUtil, real subprocess, fake nvidia-smi ------------------------
 
 def test_gputil_backend_gives_the_full_payload_from_a_real_capture(smi):
     smi.set(gpus=[L40S])
@@ -142,13 +142,13 @@ def test_missing_nvidia_smi_is_one_clear_error(monkeypatch):
 
 def test_auto_falls_back_to_gputil_when_nvml_cannot_load(smi):
     nvml = nvml_module([], fail_init=pynvml.NVMLError_LibraryNotFound)
-    backend = agent.open_backend("auto", nvml=nvml)
-    assert backend.name == "gputil" and backend.sample()[0]["name"] == "NVIDIA L40S"
+    reader = agent.open_reader("auto", nvml=nvml)
+    assert reader.name == "gputil" and reader.sample()[0]["name"] == "NVIDIA L40S"
     with pytest.raises(agent.GpuReadError, match="NVML backend unavailable"):
-        agent.open_backend("nvml", nvml=nvml)
+        agent.open_reader("nvml", nvml=nvml)
 
 
-# ---- the NVML backend against a module with nvidia-ml-py's names and errors ------------------
+# ---- the NVML reader against a module with nvidia-ml-py's names and errors ------------------
 
 MIB = 1 << 20
 
@@ -160,23 +160,23 @@ def test_nvml_memory_leaves_the_drivers_reserved_memory_out_of_used_as_nvidia_sm
     v2 = types.SimpleNamespace(version=pynvml.nvmlMemory_v2, total=143_771 * MIB, reserved=615 * MIB, used=0,
                                free=143_155 * MIB)
     h200 = nvml_gpu(name="NVIDIA H200", memory=v1, memory_v2=v2)
-    [gpu] = agent.NvmlBackend(nvml_module([h200])).sample()
+    [gpu] = agent.NvmlReader(nvml_module([h200])).sample()
     assert (gpu["memoryTotal"], gpu["memoryUsed"], gpu["memoryFree"]) == (143_771, 0, 143_155)
     # Busy: nvidia-smi 30,335 MiB used; v1 said 30,950.
     busy = dict(h200, memory=types.SimpleNamespace(total=143_771 * MIB, used=30_950 * MIB, free=112_821 * MIB),
                 memory_v2=types.SimpleNamespace(total=143_771 * MIB, reserved=615 * MIB, used=30_335 * MIB,
                                                 free=112_821 * MIB))
-    assert agent.NvmlBackend(nvml_module([busy])).sample()[0]["memoryUsed"] == 30_335
+    assert agent.NvmlReader(nvml_module([busy])).sample()[0]["memoryUsed"] == 30_335
 
 
 def test_nvml_memory_on_a_driver_without_v2_is_v1():
     nvml = nvml_module([nvml_gpu()])  # no memory_v2: nvmlDeviceGetMemoryInfo_v2 is not found
-    backend = agent.NvmlBackend(nvml)
-    assert [g["memoryUsed"] for g in backend.sample() + backend.sample()] == [6144, 6144]
-    assert backend._memory_v2 is None  # asked once, not every sample
+    reader = agent.NvmlReader(nvml)
+    assert [g["memoryUsed"] for g in reader.sample() + reader.sample()] == [6144, 6144]
+    assert reader._memory_v2 is None  # asked once, not every sample
 
 def test_nvml_backend_reads_everything_in_the_payload_units():
-    [gpu] = agent.NvmlBackend(nvml_module([nvml_gpu(memTemp=72)])).sample()
+    [gpu] = agent.NvmlReader(nvml_module([nvml_gpu(memTemp=72)])).sample()
     assert gpu == {"index": 0, "uuid": "GPU-5a1c0000-0000-0000-0000-000000000000",
                    "name": "NVIDIA GeForce RTX 3080", "vendor": "NVIDIA", "driverVersion": "560.94",
                    "utilizationGpu": 80, "utilizationMemory": 41, "memoryTotal": 10240, "memoryUsed": 6144,
@@ -189,14 +189,14 @@ def test_nvml_backend_reads_everything_in_the_payload_units():
 def test_nvml_not_supported_means_null_as_on_mig_and_passive_cards():
     gpu = nvml_gpu(rates=pynvml.NVMLError_NotSupported, fan=pynvml.NVMLError_NotSupported,
                    power_mw=pynvml.NVMLError_NotSupported, compute=pynvml.NVMLError_NoPermission)
-    [read] = agent.NvmlBackend(nvml_module([gpu])).sample()
+    [read] = agent.NvmlReader(nvml_module([gpu])).sample()
     assert (read["utilizationGpu"], read["fanSpeed"], read["powerDraw"], read["temperatureMemory"]) == (None,) * 4
     assert read["temperatureGpu"] == 65 and read["processes"] == [{"pid": 77, "name": "game.exe", "memoryUsed": None}]
 
 
 def test_nvml_lost_gpu_is_an_error_entry_at_its_own_index_and_the_others_report():
-    backend = agent.NvmlBackend(nvml_module([nvml_gpu(), pynvml.NVMLError_GpuIsLost, nvml_gpu()]))
-    gpus = backend.sample()
+    reader = agent.NvmlReader(nvml_module([nvml_gpu(), pynvml.NVMLError_GpuIsLost, nvml_gpu()]))
+    gpus = reader.sample()
     assert [g.get("error") for g in gpus] == [None, "NVML: GPU is lost", None]
     assert [g["index"] for g in gpus] == [0, 1, 2] and gpus[2]["utilizationGpu"] == 80
-    server_payload.validate(agent.build_payload(backend))
+    server_payload.validate(agent.build_payload(reader))

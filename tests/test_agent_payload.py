@@ -4,15 +4,15 @@ from gpustats.ingest import payload as server_payload
 
 
 def test_no_backend_can_send_an_index_twice_or_out_of_order():
-    # The server refuses a whole push that repeats an index; whatever a backend returns, the
+    # The server refuses a whole push that repeats an index; whatever a reader returns, the
     # readable GPUs keep their indices and the rest take the lowest free ones.
-    class Backend:
+    class Reader:
         name = "test"
 
         def sample(self):
             return [{"index": 2, "error": "NVML: GPU is lost"}, {"index": 2, "name": "B"},
                     {"index": 0, "name": "A"}, {"error": "no index"}, {"index": 5000, "error": "too high"}]
-    payload = agent.build_payload(Backend())
+    payload = agent.build_payload(Reader())
     assert [(g["index"], g.get("name") or g["error"]) for g in payload["gpus"]] == [
         (0, "A"), (1, "NVML: GPU is lost"), (2, "B"), (3, "no index"), (4, "too high")]
     server_payload.validate(payload)

@@ -28,32 +28,32 @@ def host(tmp_path):
 
 
 def auto(root, **edges):
-    return agent.open_backend("auto", root=agent.SysRoot(root.path), platform="linux", which=lambda name: None, **edges)
+    return agent.open_reader("auto", root=agent.SysRoot(root.path), platform="linux", which=lambda name: None, **edges)
 
 
 def test_auto_reads_every_vendor_in_one_push_with_nvidias_indices_first(host):
-    backend = auto(host, nvml=nvml_module([nvml_gpu(), nvml_gpu(name="NVIDIA GeForce RTX 4090")]))
-    assert backend.name == "nvml+amd+intel"
-    payload = agent.build_payload(backend)
+    reader = auto(host, nvml=nvml_module([nvml_gpu(), nvml_gpu(name="NVIDIA GeForce RTX 4090")]))
+    assert reader.name == "nvml+amd+intel"
+    payload = agent.build_payload(reader)
     assert [(g["index"], g["vendor"], g["name"]) for g in payload["gpus"]] == [
         (0, "NVIDIA", "NVIDIA GeForce RTX 3080"), (1, "NVIDIA", "NVIDIA GeForce RTX 4090"),
         (2, "AMD", "AMD Radeon RX 580 Series"), (3, "Intel", "Intel GPU")]
     assert payload["agent"]["backend"] == "nvml+amd+intel"
-    assert agent.describe(backend, 0) == "nvml"
-    assert agent.describe(backend, 2).startswith("amd: ") and "card1 (0000:09:00.0)" in agent.describe(backend, 2)
-    assert agent.describe(backend, 3).startswith("intel (i915): ")
+    assert agent.describe(reader, 0) == "nvml"
+    assert agent.describe(reader, 2).startswith("amd: ") and "card1 (0000:09:00.0)" in agent.describe(reader, 2)
+    assert agent.describe(reader, 3).startswith("intel (i915): ")
 
 
 def test_a_reader_that_fails_costs_only_its_own_gpus_and_the_others_keep_their_indices(host):
     gpus = [nvml_gpu(), nvml_gpu()]
     nvml = nvml_module(gpus)
-    backend = auto(host, nvml=nvml)
-    assert [g["index"] for g in backend.sample()] == [0, 1, 2, 3]
+    reader = auto(host, nvml=nvml)
+    assert [g["index"] for g in reader.sample()] == [0, 1, 2, 3]
 
     def count():
         raise pynvml.NVMLError_Unknown()
     nvml.nvmlDeviceGetCount = count  # the NVIDIA driver falls over
-    after = backend.sample()
+    after = reader.sample()
     assert [(g["index"], g.get("vendor")) for g in after] == [(0, "NVIDIA"), (2, "AMD"), (3, "Intel")]
     assert after[0]["error"].startswith("NVML could not count GPUs")
     assert after[1]["utilizationGpu"] == 11  # the RX 580 is still GPU 2: its history goes on
@@ -63,21 +63,21 @@ def test_a_reader_whose_first_sample_fails_keeps_the_slots_of_the_gpus_it_knows(
     nvml = nvml_module([nvml_gpu(), nvml_gpu()])
     count = nvml.nvmlDeviceGetCount
     nvml.nvmlDeviceGetCount = lambda: (_ for _ in ()).throw(pynvml.NVMLError_Unknown())
-    backend = auto(host, nvml=nvml)
-    backend.readers[0].count = 2  # what NVML counted when it opened, before it fell over
-    assert [g["index"] for g in backend.sample()] == [0, 2, 3]
+    reader = auto(host, nvml=nvml)
+    reader.readers[0].count = 2  # what NVML counted when it opened, before it fell over
+    assert [g["index"] for g in reader.sample()] == [0, 2, 3]
     nvml.nvmlDeviceGetCount = count  # it recovers: its GPUs take their slots, the others keep theirs
-    assert [(g["index"], g["vendor"]) for g in backend.sample()] == [
+    assert [(g["index"], g["vendor"]) for g in reader.sample()] == [
         (0, "NVIDIA"), (1, "NVIDIA"), (2, "AMD"), (3, "Intel")]
 
 
 def test_a_readers_own_bug_costs_its_gpus_not_the_agent(host):
-    backend = auto(host, nvml=nvml_module([nvml_gpu()]))
+    reader = auto(host, nvml=nvml_module([nvml_gpu()]))
 
     def broken():
         raise KeyError("hwmon")
-    backend.readers[1].sample = broken  # the AMD reader
-    gpus = agent.build_payload(backend)["gpus"]
+    reader.readers[1].sample = broken  # the AMD reader
+    gpus = agent.build_payload(reader)["gpus"]
     assert [(g["index"], g["vendor"]) for g in gpus] == [(0, "NVIDIA"), (1, "AMD"), (2, "Intel")]
     assert gpus[1]["error"] == "amd: KeyError: 'hwmon'"
 
@@ -104,14 +104,14 @@ def test_on_a_jetson_nvml_which_knows_only_a_name_is_left_out(tmp_path):
     (host / "sys").symlink_to(GPUS / "jetson" / "jtop-fake-igpu" / "fake_sys")
     (host / "proc").mkdir()
     nvml = nvml_module([nvml_gpu(name="Orin (nvgpu)", rates=pynvml.NVMLError_NotSupported)])
-    backend = agent.open_backend("auto", root=agent.SysRoot(host), platform="linux", nvml=nvml, which=lambda n: None)
-    assert backend.name == "jetson" and backend.sample()[0]["utilizationGpu"] == 90
+    reader = agent.open_reader("auto", root=agent.SysRoot(host), platform="linux", nvml=nvml, which=lambda n: None)
+    assert reader.name == "jetson" and reader.sample()[0]["utilizationGpu"] == 90
 
 
 def test_nvml_processes_carry_their_user_from_proc(host):
     host.process(4242, "python3", 1000, user="ana")
     root = agent.SysRoot(host.path)
-    [gpu] = agent.NvmlBackend(nvml_module([nvml_gpu()]), users=root.process).sample()
+    [gpu] = agent.NvmlReader(nvml_module([nvml_gpu()]), users=root.process).sample()
     assert gpu["processes"][0] == {"pid": 4242, "name": "python3", "memoryUsed": 2048, "user": "ana"}
     assert "user" not in gpu["processes"][1]  # pid 77 is not in this /proc: no user, not a guess
 
@@ -119,10 +119,10 @@ def test_nvml_processes_carry_their_user_from_proc(host):
 def test_on_windows_auto_leaves_nvidia_to_nvml_and_the_counters_read_the_rest():
     from test_agent_windows import LAPTOP, Counters, laptop_counters, names
     edge = (Counters([laptop_counters()]), lambda: LAPTOP, names)
-    backend = agent.open_backend("auto", platform="win32", nvml=nvml_module([nvml_gpu(name="NVIDIA GeForce GTX 1050")]),
+    reader = agent.open_reader("auto", platform="win32", nvml=nvml_module([nvml_gpu(name="NVIDIA GeForce GTX 1050")]),
                                  windows=edge, which=lambda n: None)
-    assert backend.name == "nvml+windows"
-    assert [(g["index"], g["name"]) for g in backend.sample()] == [
+    assert reader.name == "nvml+windows"
+    assert [(g["index"], g["name"]) for g in reader.sample()] == [
         (0, "NVIDIA GeForce GTX 1050"), (1, "Intel(R) HD Graphics 630")]
 
 
@@ -133,8 +133,8 @@ def test_a_service_that_starts_before_the_gpu_driver_keeps_trying():
         attempts.append(1)
         if len(attempts) < 3:
             raise agent.GpuReadError("no GPU found: no AMD GPU with the amdgpu driver under /sys/class/drm")
-        return agent.SimulatedBackend(1, seed=1)
-    pending = agent.PendingBackend(opener)
+        return agent.SimulatedReader(1, seed=1)
+    pending = agent.PendingReader(opener)
     assert agent.build_payload(pending)["error"].startswith("no GPU found")
     assert agent.build_payload(pending)["agent"]["backend"] == "none"
     third = agent.build_payload(pending)

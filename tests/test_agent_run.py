@@ -268,7 +268,7 @@ def test_loop_retries_after_retry_after_and_takes_a_fresh_sample_each_time():
     answers = [agent.Retry("429", after=7), agent.Retry("down"), None, None]
     sleeps, sent = [], []
 
-    class Backend(agent.SimulatedBackend):
+    class Reader(agent.SimulatedReader):
         def sample(self):
             return [{"index": 0, "utilizationGpu": len(sent)}]
 
@@ -278,7 +278,7 @@ def test_loop_retries_after_retry_after_and_takes_a_fresh_sample_each_time():
             answer = answers.pop(0)
             if answer:
                 raise answer
-    agent.run_loop(Backend(1), Pusher(), 2, clock=lambda: 0.0, sleep=sleeps.append, stop=lambda: not answers)
+    agent.run_loop(Reader(1), Pusher(), 2, clock=lambda: 0.0, sleep=sleeps.append, stop=lambda: not answers)
     assert sleeps[0] >= 7 and 2 <= sleeps[1] <= 8 and sleeps[2] == 2
     assert sent == [0, 1, 2, 3]  # every try sends a new sample: no backlog, no resend
 
@@ -297,7 +297,7 @@ def test_a_rejected_sample_is_no_network_failure_the_loop_keeps_its_interval(cap
             answer = answers.pop(0)
             if answer:
                 raise answer
-    agent.run_loop(agent.SimulatedBackend(1), Pusher(), 2, clock=lambda: 0.0, sleep=sleeps.append,
+    agent.run_loop(agent.SimulatedReader(1), Pusher(), 2, clock=lambda: 0.0, sleep=sleeps.append,
                    stop=lambda: not answers)
     assert 2 <= sleeps[0] < 4 and sleeps[1:4] == [2, 2, 2]  # the plain interval, no backoff
     assert 2 <= sleeps[4] < 4 and sleeps[5] == 2  # the failure count started over: a first failure again

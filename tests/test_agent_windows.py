@@ -87,12 +87,12 @@ class Counters:
 
 def test_the_windows_backend_reads_the_counters_each_sample():
     idle = ([(GTX_1050, 0.0), (HD_630, 0.0)], [], [], [])
-    backend = agent.WindowsBackend((Counters([laptop_counters(), idle]), lambda: LAPTOP, names), skip_nvidia=False)
-    assert [g["utilizationGpu"] for g in backend.sample()] == [100, 12]
-    assert [g["utilizationGpu"] for g in backend.sample()] == [0, 0]
+    reader = agent.WindowsReader((Counters([laptop_counters(), idle]), lambda: LAPTOP, names), skip_nvidia=False)
+    assert [g["utilizationGpu"] for g in reader.sample()] == [100, 12]
+    assert [g["utilizationGpu"] for g in reader.sample()] == [0, 0]
 
 
 def test_a_windows_with_only_nvidia_and_the_basic_render_driver_leaves_it_to_nvml():
     only = {k: v for k, v in LAPTOP.items() if v["vendorId"] != 0x8086}
     with pytest.raises(agent.GpuReadError, match="no GPU besides NVIDIA's and the Microsoft Basic Render Driver"):
-        agent.WindowsBackend((Counters([]), lambda: only, names), skip_nvidia=True)
+        agent.WindowsReader((Counters([]), lambda: only, names), skip_nvidia=True)
