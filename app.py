@@ -93,9 +93,8 @@ def _parts(config):
     destinations = config.alert_webhook_urls
     if config.redis_url:
         from gpustats.access.redis import RedisAccounts, RedisSignInThrottle
-        from gpustats.alerts.redis import RedisAlerter
+        from gpustats.alerts.redis import NotifierLease, RedisAlerter, RedisOutbox
         from gpustats.devices.redis import RedisDevices
-        from gpustats.alerts.redis_outbox import NotifierLease, RedisOutbox
         from gpustats.fleet.redis import RedisFleet
         from gpustats.history.redis import RedisHistory
         from gpustats.ingest.redis import RedisRateLimiter

@@ -10,7 +10,7 @@ from gpustats.alerts.rules import AlertSettings
 from gpustats.alerts.redis import ALERTS
 from gpustats.scaleout import STREAM, read_entry
 from gpustats.alerts.formats import parse_destinations
-from gpustats.alerts.redis_outbox import RedisOutbox
+from gpustats.alerts.redis import RedisOutbox
 
 T0 = 1_790_000_000.0
 

@@ -11,7 +11,7 @@ from conftest import free_port, wait_for
 from receiver import receiver  # noqa: F401 a fixture
 from gpustats.alerts.sender import MemoryOutbox, Sender, retry_after
 from gpustats.alerts.formats import message, parse_destinations
-from gpustats.alerts.redis_outbox import NotifierLease, RedisOutbox
+from gpustats.alerts.redis import NotifierLease, RedisOutbox
 
 HOT = {"alertname": "GpuHot", "status": "firing", "device": "render-box", "gpu": 0,
        "summary": "render-box:0 is at 91 °C (threshold 85 °C)", "value": 91, "severity": "warning",
