@@ -1,7 +1,7 @@
 """What every Redis part shares (REDIS_URL): the client, the key prefix and the event stream's keys, leases, and Redis' health.
 
 The fleet (fleet/redis.py), history (history/redis.py), alerts (alerts/redis.py, their outbox),
-counters (metrics/counters_redis.py) and rate limits (ingest/ratelimit_redis.py) each take the
+counters (metrics/redis.py) and rate limits (ingest/redis.py) each take the
 one client made here, and tell the one RedisStatus what Redis refused them, which /healthz reads.
 """
 import json
