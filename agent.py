@@ -61,6 +61,22 @@ class GpuReadError(Exception):
     """The GPUs could not be read at all; the message is one line for the user."""
 
 
+class Reader:
+    """What reads GPUs: one vendor's, made-up ones, or several readers' in one push (MultiReader)."""
+
+    name = None  # the --backend choice that opens it; the payload says it as agent.backend
+    vendor = None  # the vendor of every GPU it reads, where it reads only one vendor's
+    count = 0  # the GPUs it knew of when it opened: MultiReader keeps their slots through a failed first sample
+
+    def sample(self):
+        """Return its GPUs as payload entries, indexed from 0; raise GpuReadError when none can be read."""
+        raise NotImplementedError
+
+    def describe(self, index):
+        """Say which reader read GPU `index`, and from where: shown by --dry-run."""
+        return self.name
+
+
 class Refused(Exception):
     """The server refused in a way retrying cannot fix (bad key, wrong URL)."""
 
@@ -162,7 +178,7 @@ def _broken(errors, taken):
     return [{"index": next(free), "error": clip(_one_line(line))} for line in errors]
 
 
-class GputilReader:
+class GputilReader(Reader):
     """GPUtil for the basics, plus one nvidia-smi query (with a timeout) for the rest."""
 
     name = "gputil"
@@ -207,7 +223,7 @@ def _finite(value):
 _NO_MEMORY_V2 = (13, 3, 25)  # NVML_ERROR_FUNCTION_NOT_FOUND, _NOT_SUPPORTED, _ARGUMENT_VERSION_MISMATCH
 
 
-class NvmlReader:
+class NvmlReader(Reader):
     """NVML through nvidia-ml-py: no subprocess, and processes, power, fans and clocks."""
 
     name = "nvml"
@@ -316,7 +332,7 @@ def _mib(n_bytes):
     return round(n_bytes / (1 << 20))
 
 
-class SimulatedReader:
+class SimulatedReader(Reader):
     """Made-up GPUs with plausible moving numbers, for demos and machines with no GPU."""
 
     name = "simulated"
@@ -742,10 +758,9 @@ TOOL_EVERY_S = 60.0  # a tool that fills gaps is asked at most this often
 AMD_MEMORY = (("drm-memory-vram", "drm-total-vram", "vram mem"), ("drm-memory-gtt", "drm-total-gtt", "gtt mem"))
 
 
-class DrmReader:
+class DrmReader(Reader):
     """What the Linux DRM readers share: their cards, by PCI address, and each card's clients from fdinfo."""
 
-    name = vendor = None
     drivers = set()
     unnamed_driver = None  # the driver of an fdinfo that names none (amdgpu's before 5.19)
 
@@ -757,7 +772,10 @@ class DrmReader:
         self.names = {}
 
     def describe(self, index):
-        address, card, driver = self.cards[index]
+        try:
+            address, card, driver = self.cards[index]
+        except IndexError:  # not one of its cards
+            return self.name
         return f"{self.name}{'' if len(self.drivers) == 1 else f' ({driver})'}: {card} ({address})"
 
     def sample(self):
@@ -1081,7 +1099,7 @@ def parse_tegrastats(line):
             "memoryUsed": int(ram.group(1)) if ram else None, "memoryTotal": int(ram.group(2)) if ram else None}
 
 
-class JetsonReader:
+class JetsonReader(Reader):
     """A Jetson's integrated GPU: load, devfreq clock, the gpu-thermal zone and INA3221 rails, else tegrastats."""
 
     name = "jetson"
@@ -1280,7 +1298,7 @@ def parse_powermetrics(text):
             "powerDraw": _scaled(float(power.group(1)), 1000, 2) if power else None}
 
 
-class AppleReader:
+class AppleReader(Reader):
     """A Mac's GPUs through ioreg (no sudo); clock and power only where powermetrics can run (as root)."""
 
     name = "apple"
@@ -1585,7 +1603,7 @@ def windows_process(pid):
     return name, user
 
 
-class WindowsReader:
+class WindowsReader(Reader):
     """Any vendor's GPUs on Windows through the counters Task Manager reads; NVIDIA's left to NVML when it runs."""
 
     name = "windows"
@@ -1623,7 +1641,7 @@ class WindowsReader:
 BACKENDS = ("auto", "nvml", "gputil", "amd", "intel", "apple", "windows", "jetson")
 
 
-class MultiReader:
+class MultiReader(Reader):
     """Several readers in one push: NVIDIA's keep their own indices, each other reader's GPUs follow.
 
     Each reader's first index is fixed at its first sample, so a GPU keeps its index (and its
@@ -1646,23 +1664,26 @@ class MultiReader:
                 text = str(error) if isinstance(error, GpuReadError) else f"{reader.name}: {type(error).__name__}: {error}"
                 if not isinstance(error, GpuReadError):
                     log.debug("the %s reader failed", reader.name, exc_info=True)
-                results.append([{"index": 0, "vendor": getattr(reader, "vendor", None), "error": clip(_one_line(text))}])
+                results.append([{"index": 0, "vendor": reader.vendor, "error": clip(_one_line(text))}])
         if self.bases is None:  # a reader that failed its first sample still keeps the slots it knows of
             self.bases, base = [], 0
             for reader, gpus in zip(self.readers, results):
                 self.bases.append(base)
-                base += max(max((g.get("index", 0) for g in gpus), default=-1) + 1, getattr(reader, "count", 0))
+                base += max(max((g.get("index", 0) for g in gpus), default=-1) + 1, reader.count)
         gpus, self.read_by = [], {}
         for reader, base, found in zip(self.readers, self.bases, results):
             for gpu in found:
                 local = gpu.get("index", 0)
                 gpu = {**gpu, "index": base + local if isinstance(local, int) else None}
-                self.read_by[gpu["index"]] = describe(reader, local)
+                self.read_by[gpu["index"]] = reader.describe(local)
                 gpus.append(gpu)
         return gpus
 
+    def describe(self, index):
+        return self.read_by.get(index, self.name)
 
-class PendingReader:
+
+class PendingReader(Reader):
     """A reader not opened yet (no GPU driver loaded at boot, say): each sample tries again, and says why not."""
 
     def __init__(self, opener):
@@ -1676,17 +1697,7 @@ class PendingReader:
         return self.reader.sample()
 
     def describe(self, index):
-        return describe(self.reader, index) if self.reader else self.name
-
-
-def describe(reader, index):
-    """Say which reader read a GPU, and from where: shown by --dry-run."""
-    if isinstance(reader, MultiReader):
-        return reader.read_by.get(index, reader.name)
-    try:
-        return reader.describe(index)
-    except (AttributeError, IndexError):
-        return reader.name
+        return self.reader.describe(index) if self.reader else self.name
 
 
 def _nvidia(choice, nvml, gputil, run, users):
@@ -2294,7 +2305,7 @@ def main(argv=None, environ=None):
             if args.dry_run:
                 print(json.dumps(_fit(payload), indent=2, allow_nan=False))
                 for gpu in payload["gpus"]:  # which reader found each GPU, where: on stderr, beside the JSON
-                    _say(f"GPU {gpu['index']} {gpu.get('name') or '(no name)'}: read by {describe(reader, gpu['index'])}")
+                    _say(f"GPU {gpu['index']} {gpu.get('name') or '(no name)'}: read by {reader.describe(gpu['index'])}")
             if payload.get("error"):
                 _say(f"cannot read GPUs: {payload['error']}")
                 return 1

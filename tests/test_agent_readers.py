@@ -39,9 +39,9 @@ def test_auto_reads_every_vendor_in_one_push_with_nvidias_indices_first(host):
         (0, "NVIDIA", "NVIDIA GeForce RTX 3080"), (1, "NVIDIA", "NVIDIA GeForce RTX 4090"),
         (2, "AMD", "AMD Radeon RX 580 Series"), (3, "Intel", "Intel GPU")]
     assert payload["agent"]["backend"] == "nvml+amd+intel"
-    assert agent.describe(reader, 0) == "nvml"
-    assert agent.describe(reader, 2).startswith("amd: ") and "card1 (0000:09:00.0)" in agent.describe(reader, 2)
-    assert agent.describe(reader, 3).startswith("intel (i915): ")
+    assert reader.describe(0) == "nvml"
+    assert reader.describe(2).startswith("amd: ") and "card1 (0000:09:00.0)" in reader.describe(2)
+    assert reader.describe(3).startswith("intel (i915): ")
 
 
 def test_a_reader_that_fails_costs_only_its_own_gpus_and_the_others_keep_their_indices(host):
