@@ -22,10 +22,11 @@ from gpustats.access.connections import Connections
 from gpustats.access.login import register_login
 from gpustats.access.sqlite import SqliteAccounts
 from gpustats.access.throttle import SignInThrottle
+from gpustats.alerts.alerter import Alerter
 from gpustats.alerts.routes import register_alerts
 from gpustats.alerts.rules import AlertBoard
 from gpustats.alerts.sender import MemoryOutbox, Sender
-from gpustats.alerts.sqlite import Alerter, SavedState, SqliteOutbox
+from gpustats.alerts.sqlite import SavedState, SqliteOutbox
 from gpustats.fleet.memory import Fleet
 from gpustats.history.routes import register_history
 from gpustats.history.sqlite import SqliteHistory
