@@ -77,30 +77,6 @@ class Reader:
         return self.name
 
 
-class Refused(Exception):
-    """The server refused in a way retrying cannot fix (bad key, wrong URL)."""
-
-
-class Retry(Exception):
-    """The push failed for now; `after` is the server's Retry-After, if any."""
-
-    def __init__(self, message, after=None):
-        super().__init__(message)
-        self.after = after
-
-
-class Rejected(Exception):
-    """The server refused this sample (400, 413, 415, 422...); the next sample may pass, so no backoff."""
-
-    def __init__(self, status, error, field=None):
-        if field:  # the server's error usually starts with the field already: "gpus[0].x: ..."
-            text = error if error.startswith(f"{field}:") else f"{field}: {error}"
-            super().__init__(f"server rejected the sample: {text}")
-        else:
-            super().__init__(f"server rejected the sample ({status}): {error}")
-        self.status, self.error, self.field = status, error, field
-
-
 # ---- parsing nvidia-smi ---------------------------------------------------------------
 
 def parse_value(text):
@@ -1759,6 +1735,34 @@ def open_reader(choice, simulate=0, nvml=None, gputil=None, run=subprocess.run, 
 
 # ---- pushing ----------------------------------------------------------------------------
 
+class PushError(Exception):
+    """A push that did not go through; the message is one line for the user."""
+
+
+class Refused(PushError):
+    """The server refused in a way retrying cannot fix (bad key, wrong URL)."""
+
+
+class Retry(PushError):
+    """The push failed for now; `after` is the server's Retry-After, if any."""
+
+    def __init__(self, message, after=None):
+        super().__init__(message)
+        self.after = after
+
+
+class Rejected(PushError):
+    """The server refused this sample (400, 413, 415, 422...); the next sample may pass, so no backoff."""
+
+    def __init__(self, status, error, field=None):
+        if field:  # the server's error usually starts with the field already: "gpus[0].x: ..."
+            text = error if error.startswith(f"{field}:") else f"{field}: {error}"
+            super().__init__(f"server rejected the sample: {text}")
+        else:
+            super().__init__(f"server rejected the sample ({status}): {error}")
+        self.status, self.error, self.field = status, error, field
+
+
 class Pusher:
     """POST payloads to the server through one keep-alive session."""
 
@@ -2320,12 +2324,12 @@ def main(argv=None, environ=None):
     except GpuReadError as error:
         _say(f"cannot read GPUs: {error}")
         return 1
-    except (Retry, Rejected) as error:
-        _say(str(error))
-        return 1
-    except Refused as error:
+    except Refused as error:  # before PushError: retrying cannot fix it, and 3 says so to systemd
         _say(str(error))
         return 3
+    except PushError as error:
+        _say(str(error))
+        return 1
     except KeyboardInterrupt:
         return 0
     except Exception as error:  # last resort: one line, traceback only under --debug
