@@ -10,7 +10,6 @@ or a long loop in Python there stalls every push and stream until it returns.
   (CPython's convoy effect: 200 viewers' writes came 200 ms late). It stays on the loop and
   calls cooperate() every millisecond or so of work instead.
 """
-import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,20 +34,6 @@ def gevent_running():
     except ImportError:
         return False
     return monkey.is_module_patched("threading")
-
-
-def sqlite_file(path, schema):
-    """Open the SQLite file `path` (in memory if empty) as the server's parts share it, with `schema` made.
-
-    Call it in the Worker that will use the connection: WAL lets the other parts' threads read and
-    write beside it, and a busy file is waited on for 10 s, not refused.
-    """
-    db = sqlite3.connect(path or ":memory:", timeout=10, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA busy_timeout = 10000")
-    if path:
-        db.execute("PRAGMA journal_mode = WAL")
-    db.executescript(schema)
-    return db
 
 
 class Worker:

@@ -8,7 +8,8 @@ import sqlite3
 import time
 
 from gpustats.access.accounts import MOST_SESSIONS, SESSION_IDLE_S, SESSION_LIFE_S, AccountError
-from gpustats.offload import Worker, sqlite_file
+from gpustats.database import sqlite_file
+from gpustats.offload import Worker
 from gpustats.tokens import PREFIX_CHARS
 
 SCHEMA = """

@@ -9,6 +9,7 @@ import logging
 
 from gpustats import offload
 from gpustats.alerts.sender import MemoryOutbox, decode_item, encode_item
+from gpustats.database import sqlite_file
 
 log = logging.getLogger("gpustats")
 SCHEMA = """
@@ -24,7 +25,7 @@ class SavedState:
         self._path, self._name = path, name
         self._worker = offload.Worker("alert-state") if path else None
         if self._worker:
-            self._db = self._worker.run(offload.sqlite_file, path, SCHEMA)
+            self._db = self._worker.run(sqlite_file, path, SCHEMA)
 
     def __bool__(self):
         return self._worker is not None

@@ -6,8 +6,9 @@ read whether to load the keys again. Calls run in an OS thread of their own.
 import sqlite3
 import time
 
+from gpustats.database import sqlite_file
 from gpustats.devices.registry import DeviceError
-from gpustats.offload import Worker, sqlite_file
+from gpustats.offload import Worker
 from gpustats.tokens import PREFIX_CHARS
 
 SCHEMA = """
