@@ -1,6 +1,6 @@
 """The GPU Stats Dashboard server's composition root: create_app() chooses each part once and registers its routes.
 
-The parts live in the gpustats package, a folder per capability (README, How it works):
+The parts live in the gpustats package, a folder per capability (docs/ARCHITECTURE.md):
 gunicorn loads wsgi_app(); nothing else but the tests imports this module.
 """
 import gc
@@ -164,11 +164,10 @@ def _collect_garbage_on_a_schedule(every_s):
 
     A fleet's state is a few hundred thousand objects, replaced at every push: each push's
     survivors reach the oldest generation, so CPython's full collections came several times
-    a second, each walking all of them (100 ms and more here), and every push and viewer
-    waited (the fleet run of 1,000 PCs: push p99 148 ms). Young collections stay as they are:
-    they free the small cycles every request leaves (werkzeug's request and its environ) while
-    they are young. A full one runs every `every_s`, and says when it took long: 1,000 PCs
-    make it about a second on the CI machine, once in ten minutes.
+    a second, each walking all of them, and every push and viewer waited (docs/PERFORMANCE.md).
+    Young collections stay as they are: they free the small cycles every request leaves
+    (werkzeug's request and its environ) while they are young. A full one runs every `every_s`,
+    and says when it took long.
     """
     gc.freeze()  # what exists at start is never walked again
     young, middle, _ = gc.get_threshold()

@@ -17,8 +17,8 @@ except ConfigError as problem:
 workers = _config.web_concurrency
 worker_connections = _config.worker_connections
 # With several workers, each binds its own SO_REUSEPORT socket and the kernel spreads new
-# connections evenly over them. On one shared socket gevent workers took viewers about 2:1
-# (686 and 1,314 of 2,000, measured), so one worker carried twice its share.
+# connections evenly over them. On one shared socket gevent workers took viewers unevenly, and
+# one worker carried about twice its share (docs/PERFORMANCE.md).
 reuse_port = workers > 1
 # An agent pushes every 2 s on one keep-alive connection. gunicorn's default keep-alive is 2 s,
 # so it closed each agent's connection just about as the next push went out on it: a reset,

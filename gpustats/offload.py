@@ -7,7 +7,7 @@ or a long loop in Python there stalls every push and stream until it returns.
   gevent (tests, scripts), a plain thread does the same job.
 - A long loop in Python must not go there: it holds the GIL, and the loop's thread, which
   gives the GIL up at every socket call, waits a switch interval to get it back each time
-  (CPython's convoy effect: 200 viewers' writes came 200 ms late). It stays on the loop and
+  (CPython's convoy effect: viewers' writes came late, docs/PERFORMANCE.md). It stays on the loop and
   calls cooperate() every millisecond or so of work instead.
 """
 import time

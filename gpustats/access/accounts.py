@@ -4,7 +4,7 @@ A store (access/sqlite.py, access/redis.py) keeps users (name, role, password ha
 epoch that a password change moves on, ending the user's other sessions), and credentials:
 API tokens and share links, each kept as the SHA-256 digest of its secret with the first 6
 characters to tell them apart. Passwords are kept only as Werkzeug's salted scrypt hashes,
-computed in an OS thread: a hash is 50-100 ms of CPU that must not stall pushes or streams.
+computed in an OS thread: a hash is slow on purpose, and must not stall pushes or streams.
 
 A signed-in browser holds only a session's secret id in its cookie; the store keeps the session
 (its digest, whose it is, when made and last used, from where), so signing out, a password
@@ -60,9 +60,9 @@ def check_password(password):
     return password
 
 
-# scrypt with N=2^14, r=8 (16 MiB a hash): 42 ms here. Werkzeug's default N=2^15 took 105 ms, and
-# 20 sign-ins a second of it are two cores: more than this machine has. Hashes made with other
-# parameters (Werkzeug's default, pbkdf2) still verify: each hash names its own.
+# scrypt with N=2^14, r=8 (16 MiB a hash): half the work of Werkzeug's default N=2^15, of which
+# 20 sign-ins a second took more than this machine's two cores (docs/PERFORMANCE.md). Hashes made
+# with other parameters (Werkzeug's default, pbkdf2) still verify: each hash names its own.
 METHOD = "scrypt:16384:8:1"
 # A hash of a password nobody has: checked against for unknown users, so their answer takes as long.
 _UNKNOWN = generate_password_hash(secrets.token_urlsafe(16), METHOD)

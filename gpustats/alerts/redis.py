@@ -71,7 +71,7 @@ class RedisAlerter(LeasedWork):
         if cursor == self._cursor:
             return
         alerts = []
-        for name, data in in_slices(read):  # 5,000 entries are ~60 ms of rules: pushes and streams go on between
+        for name, data in in_slices(read):  # rules in slices: pushes and streams go on between
             try:
                 if name == "":
                     alerts += self._rules.push(data)

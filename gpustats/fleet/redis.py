@@ -118,7 +118,7 @@ class RedisFleet:
         watch("status-sweep", sweep_s, self._sweep_if_leader, lambda: self._closed)
 
     def _check_eviction(self):
-        """Warn if Redis may evict keys: the stream, cursors and leases must stay (README: Redis settings)."""
+        """Warn if Redis may evict keys: the stream, cursors and leases must stay (docs/SCALE-OUT.md: Redis settings)."""
         try:
             policy = self.client.config_get("maxmemory-policy").get("maxmemory-policy", "noeviction")
         except redis.ResponseError:

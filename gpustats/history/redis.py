@@ -74,7 +74,7 @@ def bucket_rows(texts, tier, start, end, step):
     buckets = {}
     for i, text in enumerate(texts):
         if i % 32 == 31:
-            cooperate()  # 32 chunks are ~1 ms of parsing: pushes and streams go on between them
+            cooperate()  # a slice of parsing (docs/PERFORMANCE.md): pushes and streams go on between them
         for t, numbers in parse_chunk(text.decode() if text else "").items():
             if not start - tier.step_s < t <= end:
                 continue  # every bucket that overlaps the range, the one `from` falls in included

@@ -27,7 +27,7 @@ UNIX_S = re.compile(r"[0-9]{1,11}(\.[0-9]{1,9})?", re.ASCII)
 STEP_S = re.compile(r"[0-9]{1,9}", re.ASCII)
 CSV_HEADER = ("device", "gpu", "uuid", "name", "t", "time", *FIELDS, "energyWh")
 HISTORY_AT_ONCE, HISTORY_PER_CLIENT, SLOT_WAIT_S = 8, 4, 10.0
-CSV_ROWS = 200  # rows written at a time: about 20 KB, and a millisecond of work
+CSV_ROWS = 200  # rows written at a time: one slice of work between pushes and streams (docs/PERFORMANCE.md)
 SHARED_BYTES = 16 << 20  # series kept to share within a second, at most
 
 
@@ -210,14 +210,14 @@ def _unix_s(args, name, default):
 def json_pieces(head, series):
     """Yield an answer as JSON bytes, a series at a time, letting the event loop run between them.
 
-    Series SQLite built are sent as they are; 10,000 points of 8 GPUs in one json.dumps
-    would hold the loop for ~50 ms.
+    Series SQLite built are sent as they are; a whole answer in one json.dumps would hold
+    the loop until it is done (docs/PERFORMANCE.md).
     """
     def encode(value):
         if isinstance(value, RawJSON):
             return value
         if isinstance(value, list):
-            cooperate()  # a series of up to 10,000 numbers is about 1 ms of work
+            cooperate()  # a series at a time: pushes and streams go on between (docs/PERFORMANCE.md)
         return json.dumps(value, separators=(",", ":"), allow_nan=False)
     yield (encode(head)[:-1] + ',"gpus":[').encode()
     for n, gpu in enumerate(series):

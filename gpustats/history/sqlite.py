@@ -17,9 +17,9 @@ from contextlib import contextmanager
 
 import orjson
 
-from config import ConfigError
 from gpustats import offload
 from gpustats.background import Tally, watch
+from gpustats.errors import ConfigError
 from gpustats.history.tiers import FIELDS, SECOND, TIERS, Batch, RawJSON, Sampler, TrustedClock, sample, whole
 
 log = logging.getLogger("gpustats")
@@ -186,8 +186,8 @@ class SqliteHistory:
 
     def _write(self, samples, now, prune_at, latest=None, statuses=None):
         # The batch is built here, in the writer's thread: it holds the GIL as it would on the loop,
-        # but the loop gets it back every 5 ms (the switch interval) instead of waiting out all of it,
-        # 50 ms a second for a fleet of 2,000 PCs, which every push then waited behind.
+        # but the loop gets it back every switch interval (app.py sets it) instead of waiting out all
+        # of it, which every push then waited behind (docs/PERFORMANCE.md).
         batch = Batch()
         for sampled in samples:
             self._sampler.add(batch, sampled, now)

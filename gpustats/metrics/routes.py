@@ -76,9 +76,9 @@ class ServerCollector:
         counts, subscribers = self._counters.read()  # first: without Redis it raises, and the scrape gets 503
         for family in (*fleet_families(self._fleet.devices()), *server_families(counts, subscribers)):
             yield family
-            # The encoder writes each family out before it asks for the next (6 us a sample): in
-            # between, pushes and streams go on, so a scrape of 800 GPUs stalls them for a few
-            # milliseconds at a time, not for all of its 60 (README, Speed).
+            # The encoder writes each family out before it asks for the next: in between, pushes
+            # and streams go on, so a big fleet's scrape stalls them a family at a time, not for
+            # all of it (docs/PERFORMANCE.md, Metrics).
             cooperate()
 
 

@@ -15,10 +15,10 @@ class BroadcastCondition:
     """A condition variable whose notify_all costs the notifier O(1), whatever the waiters.
 
     threading.Condition.notify_all releases one lock per waiter inside the notifier's
-    call, and under gevent each wait allocates a lock (7.8 us a wake-up here, 11.3 us
-    with a timeout, against 3.6 us for this). Waiters of one generation share one Event
-    instead: notify_all swaps in a fresh Event and sets the old one. Works the same with
-    OS threads and with gevent's monkey-patched threading.
+    call, and under gevent each wait allocates a lock (what a wake-up costs each way:
+    docs/PERFORMANCE.md). Waiters of one generation share one Event instead: notify_all
+    swaps in a fresh Event and sets the old one. Works the same with OS threads and with
+    gevent's monkey-patched threading.
     """
 
     def __init__(self):
@@ -60,11 +60,11 @@ class BroadcastCondition:
 
 
 HEARTBEAT = sse.comment("heartbeat")
-FAN_OUT_BATCH = 1024  # sends between two chances for pushes to get in: 6-8 ms of them
+FAN_OUT_BATCH = 1024  # sends between two chances for pushes to get in (docs/PERFORMANCE.md)
 FAN_OUT_REST = 0.5  # after a pass of over 5 ms, rest this fraction of its time, so events gather
 # The most a stream writes at once when it catches up (a resume, a snapshot, a viewer that fell
 # behind): a viewer that never reads then pins this (and gunicorn's framed copy of it), not the
-# whole replay. Joined whole, 1,023 events of 4.5 KB held 12.4 MiB per stuck viewer.
+# whole replay, megabytes per stuck viewer when it was joined whole (docs/PERFORMANCE.md).
 CATCH_UP_BYTES = 64 * 1024
 
 
@@ -103,7 +103,7 @@ class Broadcaster:
     Heartbeats: one ticker notifies the condition every heartbeat_s/4, and a woken
     subscriber that has sent nothing for heartbeat_s minus a tick writes a comment, so
     the gap between writes stays within [3/4, 1] x heartbeat_s. A timer per waiting
-    subscriber would do the same at 4.4 us more CPU per delivered event (measured).
+    subscriber would do the same at more CPU per delivered event (docs/PERFORMANCE.md).
     """
 
     def __init__(self, snapshot, ring_size=1024, heartbeat_s=15.0, boot_id=None, clock=time.monotonic,
@@ -171,9 +171,8 @@ class Broadcaster:
         wake-up, generator step or gunicorn writer per viewer. It lets pushes in after every
         FAN_OUT_BATCH sends, and what they publish reaches the rest of the pass at once.
         After a long pass it rests for half as long as the pass took, so under load events
-        gather and each viewer gets fewer, larger writes (measured at 5,000 viewers: resting
-        as long as the pass halves the CPU per event of not resting, and half as long keeps
-        most of that with a p99 of 120 ms instead of 170).
+        gather and each viewer gets fewer, larger writes: resting saves CPU per event, and
+        resting half as long keeps most of that at a lower p99 (docs/PERFORMANCE.md).
         """
         while not self._closed:
             self._due.wait()
@@ -192,7 +191,7 @@ class Broadcaster:
                 if more:
                     time.sleep(0)  # let pushes, new viewers and leaving ones in
             took = time.monotonic() - started
-            if took > 0.005:  # under load: fewer, larger writes; half the pass keeps p99 at 5,000 viewers ~120 ms
+            if took > 0.005:  # under load: rest, so events gather into fewer, larger writes
                 time.sleep(took * FAN_OUT_REST)
 
     def reset(self):

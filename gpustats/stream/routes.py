@@ -55,7 +55,7 @@ def _drop_when_stuck(sock, timeout_s):
     """Have the kernel abort a viewer that acknowledges no data for `timeout_s`.
 
     TCP_USER_TIMEOUT also ends a peer that keeps a zero window (never reads). A socket
-    timeout would do it in user space, but costs 6 us per delivered event under gevent.
+    timeout would do it in user space, at a cost per delivered event under gevent (docs/PERFORMANCE.md).
     """
     if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
         try:

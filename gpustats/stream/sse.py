@@ -20,8 +20,9 @@ def data_block(data, finite=False):
 
     Raises ValueError (UnicodeEncodeError is one) for what cannot be sent: NaN, Infinity,
     or a string holding a lone UTF-16 surrogate, which JSON can carry but UTF-8 cannot.
-    `finite`: the caller has checked every number (a validated push), so orjson, 10x faster
-    than json but writing NaN as null, may encode it. Compact JSON has no newline: one line.
+    `finite`: the caller has checked every number (a validated push), so orjson, faster than
+    json (docs/PERFORMANCE.md) but writing NaN as null, may encode it. Compact JSON has no
+    newline: one line.
     """
     if finite and not isinstance(data, str):
         try:
