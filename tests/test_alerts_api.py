@@ -107,7 +107,7 @@ def test_a_worker_killed_right_after_a_firing_never_sends_it_twice(start_server,
         wait_for(lambda: len(sent(receiver, "firing")) > trial, interval=0.005)
         # 50 ms after the receiver answered: well within the second the state waited before, but
         # past the few milliseconds from its answer to the outbox forgetting the message. A kill
-        # inside those sends it again: at least once, never lost (README, Alerts).
+        # inside those sends it again: at least once, never lost (docs/API.md, Alerts).
         time.sleep(0.05)
         kill_worker(server)
         server.push(multi(gpu(0, temperatureGpu=96)))  # still hot: already firing, nothing new

@@ -167,7 +167,7 @@ def test_alert_notifications_are_counted_by_result(make_app, receiver):
 def test_metrics_need_the_viewer_login(make_app):
     client = make_app(DASHBOARD_PASSWORD="s3cret-enough", **PRIVATE).test_client()
     refused = client.get("/metrics")
-    # Issue 20: this was text/html "Login required."; every error is JSON, as the README says.
+    # Issue 20: this was text/html "Login required."; every error is JSON, as docs/API.md says.
     assert refused.status_code == 401 and refused.content_type == "application/json"
     assert refused.json["ok"] is False and refused.json["error"].startswith("sign in first")
     assert refused.headers["WWW-Authenticate"] == 'Basic realm="GPU Stats"'

@@ -139,7 +139,7 @@ def test_prometheus_scrapes_every_worker_of_the_fleet_with_the_viewer_login(star
     target = f"127.0.0.1:{server.port}"
     made = subprocess.run([sys.executable, str(ROOT / "config.py"), "--add-token", "prometheus", "--role", "viewer"],
                           capture_output=True, text=True, timeout=30, env={**os.environ, **server.settings})
-    token = made.stdout.rsplit(" ", 1)[1].strip()  # a viewer's API token, as the README says to scrape with
+    token = made.stdout.rsplit(" ", 1)[1].strip()  # a viewer's API token, as docs/API.md says to scrape with
     prom = prometheus([
         {"job_name": "gpustats", "static_configs": [{"targets": [target]}],
          "basic_auth": {"username": "admin", "password": PASSWORD}},

@@ -18,7 +18,7 @@ def start_nginx(tmp_path, backends):
     site = (ROOT / "deploy" / "nginx.conf").read_text()
     if len(backends) == 1:
         site = site.replace("server 127.0.0.1:3000;", f"server 127.0.0.1:{backends[0]};")
-    else:  # the scale-out lines, as the README says to write them: one per host
+    else:  # the scale-out lines, as docs/SCALE-OUT.md says to write them: one per host
         site = re.sub(r"\n\s*server 127\.0\.0\.1:3000;[^\n]*", "", site)
         pattern = re.search(r"# (server 10\.0\.0\.2:3000 (.*))\n", site)
         hosts = "\n".join(f"    server 127.0.0.1:{p} {pattern[2]}" for p in backends)

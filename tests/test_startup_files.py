@@ -1,4 +1,4 @@
-"""The files that start the agent at logon or boot say what the README says they do."""
+"""The files that start the agent at logon or boot say what docs/DEPLOY.md says they do."""
 import configparser
 import xml.etree.ElementTree as ET
 
