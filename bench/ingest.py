@@ -341,7 +341,7 @@ def fleet(args):
           f"{args.push_interval:g} s for {args.seconds:g} s (after {args.warmup:g} s of warm-up) to one worker, "
           f"with history on SQLite, alert rules and metrics on; {VIEWERS} viewers")
     idle = idle_memory(args, keys)
-    # Behind nginx, as the README deploys it: each PC's own address comes in X-Forwarded-For.
+    # Behind nginx, as docs/DEPLOY.md deploys it: each PC's own address comes in X-Forwarded-For.
     row = one_window("before" if args.before else "flask-gevent", args, keys, "open", 0, args.seconds,
                      {"TRUSTED_PROXIES": "127.0.0.1"})
     queue = (f"{row['backlog_max']:,} most, {row['backlog_last']:,} at the end" if row["backlog_max"] is not None
