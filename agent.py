@@ -28,12 +28,50 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 VERSION = "1.0.0"
-BACKOFF_CAP_S = 30.0
-SMI_TIMEOUT_S = 10.0
-HTTP_TIMEOUT_S = (5.0, 10.0)  # connect, read
-MAX_INDEX = 1023  # the highest GPU index the server accepts
 log = logging.getLogger("agent")
 
+
+# ---- readers: the base class, its error, and the units every reader converts to ------------------
+
+class GpuReadError(Exception):
+    """The GPUs could not be read at all; the message is one line for the user."""
+
+
+class Reader:
+    """What reads GPUs: one vendor's, made-up ones, or several readers' in one push (MultiReader)."""
+
+    name = None  # the --backend choice that opens it; the payload says it as agent.backend
+    vendor = None  # the vendor of every GPU it reads, where it reads only one vendor's
+    count = 0  # the GPUs it knew of when it opened: MultiReader keeps their slots through a failed first sample
+
+    def sample(self):
+        """Return its GPUs as payload entries, indexed from 0; raise GpuReadError when none can be read."""
+        raise NotImplementedError
+
+    def describe(self, index):
+        """Say which reader read GPU `index`, and from where: shown by --dry-run."""
+        return self.name
+
+
+def _mib(n_bytes):
+    return round(n_bytes / (1 << 20))
+
+
+def _scaled(value, divisor, digits=None):
+    """`value` / `divisor`, rounded (to whole numbers unless `digits`); None stays None."""
+    if value is None:
+        return None
+    result = round(value / divisor, digits) if digits else round(value / divisor)
+    return int(result) if isinstance(result, float) and result.is_integer() else result
+
+
+def _percent(value):
+    return None if value is None or not 0 <= value <= 100 else value
+
+
+# ---- NVIDIA: nvidia-smi's output, GPUtil and NVML ------------------------------------------------
+
+SMI_TIMEOUT_S = 10.0
 # Payload field -> nvidia-smi --query-gpu field (gpustat's habit: the tool's own names).
 SMI_FIELDS = {
     "index": "index", "uuid": "uuid", "name": "name", "driverVersion": "driver_version",
@@ -56,28 +94,6 @@ NOT_REPORTED = {"n/a", "[n/a]", "[not supported]", "[unknown error]", "[gpu is l
                 "nan", "", "not supported"}
 GPU_ERRORS = {"[unknown error]": "Unknown Error", "[gpu is lost]": "GPU is lost"}
 
-
-class GpuReadError(Exception):
-    """The GPUs could not be read at all; the message is one line for the user."""
-
-
-class Reader:
-    """What reads GPUs: one vendor's, made-up ones, or several readers' in one push (MultiReader)."""
-
-    name = None  # the --backend choice that opens it; the payload says it as agent.backend
-    vendor = None  # the vendor of every GPU it reads, where it reads only one vendor's
-    count = 0  # the GPUs it knew of when it opened: MultiReader keeps their slots through a failed first sample
-
-    def sample(self):
-        """Return its GPUs as payload entries, indexed from 0; raise GpuReadError when none can be read."""
-        raise NotImplementedError
-
-    def describe(self, index):
-        """Say which reader read GPU `index`, and from where: shown by --dry-run."""
-        return self.name
-
-
-# ---- parsing nvidia-smi ---------------------------------------------------------------
 
 def parse_value(text):
     """Turn one nvidia-smi value into a number, a string or None for 'not reported'."""
@@ -133,13 +149,6 @@ def run_nvidia_smi(names, timeout=SMI_TIMEOUT_S, run=subprocess.run):
         message = (done.stdout + done.stderr).strip().splitlines() or ["no output"]
         raise GpuReadError(f"nvidia-smi failed (exit {done.returncode}): {message[0]}")
     return gpus, errors
-
-
-# ---- backends ---------------------------------------------------------------------------
-
-def _free_indices(taken):
-    """Yield the GPU indices no GPU in `taken` uses, lowest first."""
-    return (i for i in itertools.count() if i not in taken)
 
 
 def _broken(errors, taken):
@@ -304,9 +313,7 @@ class NvmlReader(Reader):
             return None
 
 
-def _mib(n_bytes):
-    return round(n_bytes / (1 << 20))
-
+# ---- simulated GPUs: made-up ones, for demos and machines with no GPU ----------------------------
 
 class SimulatedReader(Reader):
     """Made-up GPUs with plausible moving numbers, for demos and machines with no GPU."""
@@ -383,7 +390,7 @@ class SysRoot:
         return name, self.user(int(uid)) if uid and uid.isdigit() else None
 
     def drm_clients(self):
-        """Return the open DRM clients of every process this user may see, as parsed fdinfo (see scan_drm_clients)."""
+        """Return the open DRM clients of every process this user may see, as parsed fdinfo (see read_drm_clients)."""
         when, clients = self._clients
         now = time.monotonic()
         if when is None or now - when >= self.reuse_s:
@@ -435,18 +442,6 @@ def read_int(path):
         return int(text, 16) if text.lower().startswith("0x") else int(text)
     except ValueError:
         return None
-
-
-def _scaled(value, divisor, digits=None):
-    """`value` / `divisor`, rounded (to whole numbers unless `digits`); None stays None."""
-    if value is None:
-        return None
-    result = round(value / divisor, digits) if digits else round(value / divisor)
-    return int(result) if isinstance(result, float) and result.is_integer() else result
-
-
-def _percent(value):
-    return None if value is None or not 0 <= value <= 100 else value
 
 
 PCI_ADDRESS = re.compile(r"^[0-9a-f]{4,}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-9a-f]$")
@@ -523,7 +518,7 @@ def _kernel_release(root):
     return read_text(root.proc / "sys" / "kernel" / "osrelease")
 
 
-# ---- DRM clients: who uses which GPU, from /proc/<pid>/fdinfo --------------------------------
+# ---- DRM: who uses which GPU (/proc/<pid>/fdinfo), and what the AMD and Intel readers share ------
 
 SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "kib": 1024, "mb": 1 << 20, "mib": 1 << 20, "gb": 1 << 30, "gib": 1 << 30}
 
@@ -616,6 +611,38 @@ def client_processes(root, clients, memory):
         if entry["user"] is None:
             del entry["user"]
     return sorted(processes.values(), key=lambda p: (-(p["memoryUsed"] or 0), p["pid"]))[:64]
+
+
+class DrmReader(Reader):
+    """What the Linux DRM readers share: their cards, by PCI address, and each card's clients from fdinfo."""
+
+    drivers = set()
+    unnamed_driver = None  # the driver of an fdinfo that names none (amdgpu's before 5.19)
+
+    def __init__(self, root, missing):
+        self.root = root or SysRoot()
+        self.cards = drm_cards(self.root, self.drivers)
+        if not self.cards:
+            raise GpuReadError(missing)
+        self.names = {}
+
+    def describe(self, index):
+        try:
+            address, card, driver = self.cards[index]
+        except IndexError:  # not one of its cards
+            return self.name
+        return f"{self.name}{'' if len(self.drivers) == 1 else f' ({driver})'}: {card} ({address})"
+
+    def sample(self):
+        clients = [c for c in self.root.drm_clients() if c.get("drm-driver", self.unnamed_driver) in self.drivers]
+        return [self._card(index, address, card, driver, [c for c in clients if c["drm-pdev"] == address])
+                for index, (address, card, driver) in enumerate(self.cards)]
+
+    def _card(self, index, address, card, driver, clients):
+        device = card / "device"
+        if not device.exists():
+            return {"index": index, "vendor": self.vendor, "error": f"{card.name} is gone (GPU reset or removed)"}
+        return self._gpu(index, address, card, driver, device, clients)
 
 
 # ---- AMD: the amdgpu driver's files --------------------------------------------------------
@@ -732,38 +759,6 @@ TOOL_EVERY_S = 60.0  # a tool that fills gaps is asked at most this often
 
 
 AMD_MEMORY = (("drm-memory-vram", "drm-total-vram", "vram mem"), ("drm-memory-gtt", "drm-total-gtt", "gtt mem"))
-
-
-class DrmReader(Reader):
-    """What the Linux DRM readers share: their cards, by PCI address, and each card's clients from fdinfo."""
-
-    drivers = set()
-    unnamed_driver = None  # the driver of an fdinfo that names none (amdgpu's before 5.19)
-
-    def __init__(self, root, missing):
-        self.root = root or SysRoot()
-        self.cards = drm_cards(self.root, self.drivers)
-        if not self.cards:
-            raise GpuReadError(missing)
-        self.names = {}
-
-    def describe(self, index):
-        try:
-            address, card, driver = self.cards[index]
-        except IndexError:  # not one of its cards
-            return self.name
-        return f"{self.name}{'' if len(self.drivers) == 1 else f' ({driver})'}: {card} ({address})"
-
-    def sample(self):
-        clients = [c for c in self.root.drm_clients() if c.get("drm-driver", self.unnamed_driver) in self.drivers]
-        return [self._card(index, address, card, driver, [c for c in clients if c["drm-pdev"] == address])
-                for index, (address, card, driver) in enumerate(self.cards)]
-
-    def _card(self, index, address, card, driver, clients):
-        device = card / "device"
-        if not device.exists():
-            return {"index": index, "vendor": self.vendor, "error": f"{card.name} is gone (GPU reset or removed)"}
-        return self._gpu(index, address, card, driver, device, clients)
 
 
 class AmdReader(DrmReader):
@@ -1732,8 +1727,12 @@ def open_reader(choice, simulate=0, nvml=None, gputil=None, run=subprocess.run, 
     return readers[0] if len(readers) == 1 else MultiReader(readers)
 
 
-
 # ---- pushing ----------------------------------------------------------------------------
+
+BACKOFF_CAP_S = 30.0
+HTTP_TIMEOUT_S = (5.0, 10.0)  # connect, read
+MAX_INDEX = 1023  # the highest GPU index the server accepts
+
 
 class PushError(Exception):
     """A push that did not go through; the message is one line for the user."""
@@ -1846,6 +1845,11 @@ def _fit(value):
     if isinstance(value, list):
         return [_fit(v) for v in value[:64]]
     return value
+
+
+def _free_indices(taken):
+    """Yield the GPU indices no GPU in `taken` uses, lowest first."""
+    return (i for i in itertools.count() if i not in taken)
 
 
 def distinct_indices(gpus):
