@@ -15,12 +15,10 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from gpustats.errors import ConfigError  # raised by the package too, which never imports config
+
 HERE = Path(__file__).resolve().parent
 DEVICE_KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
-
-
-class ConfigError(ValueError):
-    """A setting with a value the server cannot run with; the message names it."""
 
 
 def _number(kind, low, high=None):
@@ -269,7 +267,7 @@ class Config:
     alert_gpu_error: bool
     alert_job_min_s: float
     alert_for_s: float
-    alert_webhook_urls: tuple  # of notify_formats.Destination
+    alert_webhook_urls: tuple  # of gpustats.alerts.formats.Destination
     alert_dashboard_url: str
     trusted_proxies: tuple
     sweep_s: float  # derived: how often statuses are checked

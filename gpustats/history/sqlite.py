@@ -19,7 +19,7 @@ import orjson
 
 from gpustats import offload
 from gpustats.background import Tally, watch
-from config import ConfigError
+from gpustats.errors import ConfigError
 from gpustats.history.tiers import FIELDS, SECOND, TIERS, Batch, RawJSON, Sampler, TrustedClock, sample, whole
 
 log = logging.getLogger("gpustats")
