@@ -8,6 +8,22 @@ the standard library for the others: file reads, subprocesses with a timeout, ct
 
 Copy this one file to each GPU PC. Needs: requests; nvidia-ml-py and/or GPUtil (with
 setuptools on Python 3.12+) for NVIDIA; python-dotenv (optional). See requirements-agent.txt.
+
+Its sections, in order (each starts at a "# ---- name" line):
+  readers              Reader, the base class of every reader; GpuReadError; the units they convert to
+  NVIDIA               nvidia-smi's output parsed; GputilReader and NvmlReader
+  simulated GPUs       SimulatedReader: made-up GPUs, for --simulate
+  Linux                SysRoot (--sys-root), sysfs and hwmon reads, the DRM cards bound to a driver
+  DRM                  who uses which GPU, from /proc/<pid>/fdinfo; DrmReader, AMD's and Intel's base
+  AMD                  AmdReader: the amdgpu driver's files, amd-smi or rocm-smi for what they lack
+  Intel                IntelReader: i915 and xe sysfs, the energy counter, busy time from fdinfo
+  Jetson               JetsonReader: devfreq, the GPU's thermal zone and power rail, else tegrastats
+  Apple                AppleReader: ioreg, and powermetrics as root
+  Windows              WindowsReader, any vendor: the GPU counters Task Manager reads (PDH), DXGI
+  choosing readers     open_reader (--backend), MultiReader for several in one push, PendingReader
+  pushing              PushError and its kinds, Pusher, build_payload, run_loop
+  starting at boot     --install and --uninstall: a systemd unit, a Task Scheduler task, a launchd agent
+  settings and main    flags over the environment over .env; main, the one place failures become exit codes
 """
 import argparse
 import itertools
