@@ -378,100 +378,8 @@ def agent_env(key, port):
     return f"PUSH_URL=http://{host}:{port}/push-sse\nDEVICE_KEY={key}"
 
 
-def _store(config, what):
-    """Return the running server's store of users and tokens (`accounts`) or devices: its Redis, or its SQLite file."""
-    if config.redis_url:
-        from gpustats.access.redis import RedisAccounts
-        from gpustats.devices.redis import RedisDevices
-        from gpustats.scaleout import SharedRedis
-        return {"accounts": RedisAccounts, "devices": RedisDevices}[what](SharedRedis(config.redis_url).client)
-    if not config.history_db:
-        raise ConfigError(f"HISTORY_DB is empty: {what} live in the server's memory alone; set HISTORY_DB or REDIS_URL")
-    from gpustats.access.sqlite import SqliteAccounts
-    from gpustats.devices.sqlite import SqliteDevices
-    return {"accounts": SqliteAccounts, "devices": SqliteDevices}[what](config.history_db)
-
-
-def devices_command(argv, config, out=sys.stdout):
-    """Run --add-device NAME, --remove-device NAME or --list-devices against the running server's store."""
-    from gpustats.devices.install import commands
-    from gpustats.devices.registry import DeviceError, DeviceRegistry
-    registry = DeviceRegistry(_store(config, "devices"), config.device_keys)
-    try:
-        if "--list-devices" in argv:
-            for device in registry.devices():
-                keys = ", ".join(f"{k['prefix']}... (id {k['id']})" for k in device["keys"]) or "no keys"
-                print(f"{device['name']:<24} {'in .env' if device['source'] == 'env' else keys}", file=out)
-            return 0
-        if "--remove-device" in argv:
-            name = _option(argv, "--remove-device")
-            registry.remove(name)
-            print(f"Removed the device {name}: its keys get 401 within a second; its history is kept.", file=out)
-            return 0
-        name = _option(argv, "--add-device")
-        key, _ = registry.add(name)
-        base = config.alert_dashboard_url or f"http://{socket.gethostname() or 'SERVER'}:{config.port}"
-        print(f"Added the device {name}. Its key, shown this once: {key}\n"
-              f"On the PC, one of these installs the agent and starts it at boot or logon:", file=out)
-        for system, command in commands(base, key).items():
-            print(f"  {system}:\n    {command}", file=out)
-        return 0
-    except DeviceError as problem:
-        raise ConfigError(str(problem)) from None
-
-
-def _option(argv, flag, default=None):
-    if flag not in argv:
-        return default
-    at = argv.index(flag) + 1
-    if at >= len(argv) or argv[at].startswith("--"):
-        raise ConfigError(f"{flag} needs a value")
-    return argv[at]
-
-
-def _read_password(name, stdin=sys.stdin):
-    """Ask for a new password twice at a terminal (never on the command line), or read one line from a pipe."""
-    if not stdin.isatty():
-        return stdin.readline().rstrip("\n")
-    import getpass
-    first = getpass.getpass(f"Password for {name} (12 characters or more): ")
-    if getpass.getpass("Again: ") != first:
-        raise ConfigError("the two passwords differ")
-    return first
-
-
-def accounts_command(argv, config, out=sys.stdout):
-    """Run --add-user NAME --role R, --add-token NAME --role R, or --list-users against the server's store."""
-    from gpustats.access.accounts import AccountError, Hasher, check_name, check_password, check_role
-    from gpustats.tokens import PREFIX_CHARS, digest, new_secret
-    store = _store(config, "accounts")
-    try:
-        if "--list-users" in argv:
-            for user in store.users():
-                print(f"user   {user['name']:<24} {user['role']}", file=out)
-            for kind in ("token", "share"):
-                for found in store.credentials(kind):
-                    last = "never used" if not found["lastUsedAt"] else f"last used {int(found['lastUsedAt'])}"
-                    what = found["role"] if kind == "token" else ",".join(found["devices"] or ["every device"])
-                    print(f"{kind:<6} {found['name']:<24} {what} {found['prefix']}... id {found['id']}, {last}",
-                          file=out)
-            return 0
-        flag = "--add-user" if "--add-user" in argv else "--add-token"
-        name, role = check_name(_option(argv, flag)), check_role(_option(argv, "--role", "viewer"))
-        if flag == "--add-user":
-            store.add_user(name, role, Hasher().hash(check_password(_read_password(name))))
-            print(f"Added the user {name} ({role}); the running server knows it within a second.", file=out)
-        else:
-            secret = new_secret()
-            store.add_credential("token", name, role, digest(secret), secret[:PREFIX_CHARS])
-            print(f"API token {name} ({role}), shown this once: {secret}", file=out)
-        return 0
-    except AccountError as problem:
-        raise ConfigError(str(problem)) from None
-
-
 def main(argv):
-    """Run `--init-env` (write .env, print agent commands), `--new-key`, `--port`, `--settings-table`, or the accounts commands."""
+    """Run `--init-env` (write .env, print agent commands), `--new-key`, `--port`, `--settings-table`, or a store command."""
     if "--new-key" in argv:
         from gpustats.tokens import new_secret
         print(new_secret())
@@ -509,21 +417,19 @@ def main(argv):
             print(f"Sign in at http://{host}:{config.port}/ (add PCs on its Devices page, /devices)")
         return 0
     if {"--add-device", "--remove-device", "--list-devices"} & set(argv):
-        try:
-            return devices_command(argv, load_config())
-        except ConfigError as error:
-            print(f"config error: {error}", file=sys.stderr)
-            return 2
-    if {"--add-user", "--add-token", "--list-users"} & set(argv):
-        try:
-            return accounts_command(argv, load_config())
-        except ConfigError as error:
-            print(f"config error: {error}", file=sys.stderr)
-            return 2
-    print("usage: python config.py --init-env | --new-key | --port | --settings-table | --add-user NAME --role "
-          "admin|viewer | --add-token NAME --role admin|viewer | --list-users | --add-device NAME | "
-          "--remove-device NAME | --list-devices", file=sys.stderr)
-    return 2
+        from gpustats.devices.commands import devices_command as command
+    elif {"--add-user", "--add-token", "--list-users"} & set(argv):
+        from gpustats.access.commands import accounts_command as command
+    else:
+        print("usage: python config.py --init-env | --new-key | --port | --settings-table | --add-user NAME --role "
+              "admin|viewer | --add-token NAME --role admin|viewer | --list-users | --add-device NAME | "
+              "--remove-device NAME | --list-devices", file=sys.stderr)
+        return 2
+    try:  # the commands that open the running server's stores live with the capability they manage
+        return command(argv, load_config())
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

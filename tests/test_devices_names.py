@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from config import ConfigError, devices_command, load_config
+from config import ConfigError, load_config
+from gpustats.devices.commands import devices_command
 from gpustats.devices.sqlite import SqliteDevices
 from gpustats.tokens import digest, new_secret
 
