@@ -1,5 +1,5 @@
 """The project's own files: what each install pulls in, how the suite starts, and that the
-README's configuration table and systemd unit say what the code does."""
+README's configuration table and docs/DEPLOY.md's systemd unit say what the code does."""
 import ast
 import os
 import re
@@ -87,22 +87,28 @@ def server_imports():
 # of lower layers, never one of its own layer or above (issue 21). A capability is a folder of
 # gpustats/, or a module at its top.
 LAYERS = (
-    ("offload", "background", "tokens"),  # OS threads and slices; background loops and tallies; secrets
+    # OS threads and slices; background loops and tallies; secrets; the SQLite file; ConfigError (config.py's too)
+    ("offload", "background", "tokens", "database", "errors"),
     ("scaleout",),  # the Redis client, key prefix, leases and status every Redis backend shares
-    ("web",),  # JSON errors, client addresses, the app's error handlers
+    ("web", "command_line"),  # JSON errors, client addresses, the app's error handlers; what store commands share
     ("stream",),  # framing and fan-out: it knows nothing of devices
     ("access", "alerts", "devices", "history", "metrics"),
     ("fleet",),  # the fleet feeds history and alerts and publishes to the stream
     ("ingest", "pages"),  # routes over the fleet
 )
 LAYER = {capability: n for n, capabilities in enumerate(LAYERS) for capability in capabilities}
+# Above the whole package: config.py (settings, which hands its store commands to the package) and
+# app.py (the composition root). The package raises ConfigError; they turn it into a message.
+ABOVE = ("config", "app")
 
 
 def package_imports(path):
-    """Yield every gpustats module `path` imports, as a dotted name, lazy imports in functions included."""
+    """Yield every gpustats module, or module ABOVE it, that `path` imports, as a dotted name, lazy imports included."""
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names if alias.name.split(".")[0] == "gpustats")
+            yield from (alias.name for alias in node.names if alias.name.split(".")[0] in ("gpustats", *ABOVE))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] in ABOVE:
+            yield node.module
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] == "gpustats":
             if node.module == "gpustats" or (ROOT / node.module.replace(".", "/")).is_dir():
                 yield from (f"{node.module}.{alias.name}" for alias in node.names)  # from gpustats.alerts import formats
@@ -126,7 +132,9 @@ def layering_problems(root=ROOT):
         mine = capability_of(".".join(relative.parts))
         for module in package_imports(path):
             theirs = capability_of(module) if module != "a relative import" else None
-            if mine not in LAYER or theirs not in LAYER:
+            if module.split(".")[0] in ABOVE:
+                problems.append(f"{relative} imports {module}, which stands above the package: imports go down")
+            elif mine not in LAYER or theirs not in LAYER:
                 problems.append(f"{relative}: imports {module}, which has no layer in tests/test_project.py")
             elif theirs != mine and LAYER[theirs] >= LAYER[mine]:
                 problems.append(f"{relative} ({mine}, layer {LAYER[mine]}) imports {module} ({theirs}, layer "
@@ -148,6 +156,16 @@ def test_a_sideways_or_upward_import_is_caught(tmp_path):
     assert layering_problems(tmp_path) == [
         "gpustats/alerts/rules (alerts, layer 4) imports gpustats.history.tiers (history, layer 4): imports go down",
         "gpustats/history/tiers (history, layer 4) imports gpustats.fleet.memory (fleet, layer 5): imports go down"]
+
+
+def test_an_import_of_config_or_app_from_the_package_is_caught(tmp_path):
+    # config.py and app.py import the package; the package importing them back ran in a circle.
+    (tmp_path / "gpustats" / "history").mkdir(parents=True)
+    (tmp_path / "gpustats" / "history" / "sqlite.py").write_text("from config import ConfigError\n")
+    (tmp_path / "gpustats" / "pages.py").write_text("def f():\n    import app\n")
+    assert layering_problems(tmp_path) == [
+        "gpustats/history/sqlite imports config, which stands above the package: imports go down",
+        "gpustats/pages imports app, which stands above the package: imports go down"]
 
 
 def test_nothing_but_gunicorn_and_the_tests_imports_the_composition_root():
@@ -258,9 +276,9 @@ def test_bare_pytest_imports_the_top_level_modules():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def readme_section(title):
-    """Return the README's `## title` section, up to the next `## ` heading."""
-    text = (ROOT / "README.md").read_text()
+def readme_section(title, page="README.md"):
+    """Return the `## title` section of the README (or of another page), up to the next `## ` heading."""
+    text = (ROOT / page).read_text()
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
     return text[start:end if end != -1 else None]
@@ -345,9 +363,10 @@ def stop_group(process):
     process.stdout.close()
 
 
-def test_readme_systemd_unit_starts_the_server():
+def test_deploy_docs_systemd_unit_starts_the_server():
     """The unit's ExecStart, as systemd runs it, boots gunicorn and serves (it once passed quotes literally)."""
-    unit = re.search(r"```ini\n(\[Unit\].*?)```", readme_section("Deploy on a droplet behind nginx"), re.S)[1]
+    deploy = readme_section("Deploy on a droplet behind nginx", "docs/DEPLOY.md")
+    unit = re.search(r"```ini\n(\[Unit\].*?)```", deploy, re.S)[1]
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
     env = {"PORT": "0", "ENV_FILE": os.devnull, "ADMIN_PASSWORD": "admin-password-of-the-unit",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', os.defpath)}"}
