@@ -347,15 +347,8 @@ def bench_send_floor(viewers, size=2200, rounds=300):
 
 def _open_stream(port, source):
     """Open one viewer from a loopback address; return its socket and HTTP status."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
-    sock.sendall(b"GET /gpu/stream HTTP/1.1\r\nHost: x\r\n\r\n")
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        head += chunk
-    return sock, int(head.split(b" ")[1]) if head else 0
+    sock, status, _ = harness.open_raw_stream(port, source)
+    return sock, int(status.split(" ")[1]) if status else 0
 
 
 def bench_cap(pushes, server_dir=harness.ROOT):

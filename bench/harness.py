@@ -153,6 +153,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+def open_raw_stream(port, source="127.0.0.1"):
+    """Connect a viewer from a loopback address; return its socket, its status line and the answer's head."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    sock.sendall(b"GET /gpu/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return sock, head.split(b"\r\n")[0].decode(), head
+
+
 def wait_up(url, process, log):
     for _ in range(300):
         if process.poll() is not None:

@@ -363,15 +363,46 @@ def seq(event_id):
     return int(event_id.rsplit("-", 1)[1])
 
 
-def wait_for(predicate, timeout=5, interval=0.02):
-    """Poll `predicate` until it returns something true and return that; fail at the deadline."""
+def wait_for(predicate, timeout=5, interval=0.02, what="condition"):
+    """Poll `predicate` until it returns something true and return that; fail at the deadline, saying `what` never came."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
         if result:
             return result
-        assert time.monotonic() < deadline, "condition not met in time"
+        if time.monotonic() >= deadline:
+            pytest.fail(f"{what} not met in time ({timeout:g} s)")
         time.sleep(interval)
+
+
+@pytest.fixture
+def make_app(monkeypatch, tmp_path):
+    """Build isolated apps in this process from settings (over the suite's devices, history in tmp_path); stop their background work after."""
+    from app import create_app
+    monkeypatch.setenv("ENV_FILE", os.devnull)
+    apps = []
+
+    def make(**settings):
+        app = create_app({"DEVICE_KEYS": ",".join(f"{d}:{k}" for d, k in KEYS.items()),
+                          "HISTORY_DB": str(tmp_path / "history.sqlite3"), **settings})
+        apps.append(app)
+        return app
+    yield make
+    for app in apps:
+        for part in app.extensions["gpustats"].values():
+            getattr(part, "close", lambda: None)()
+
+
+@pytest.fixture
+def app(make_app):
+    """One app in this process, the suite's devices and history in a scratch file."""
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    """Flask's test client on `app`."""
+    return app.test_client()
 
 
 def raw_exchange(port, request, close_write, timeout=5):

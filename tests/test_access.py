@@ -1,34 +1,20 @@
 """Private by default (SPEC, Access), in-process with Flask's test client: sessions, roles, CSRF, tokens, links, guessing."""
 import base64
-import os
 import re
 import time
 
 import pytest
 
-from app import create_app
 from conftest import ADMIN_PASSWORD, KEYS, PRIVATE, gpu, multi
 
 READ_ROUTES = ["/gpu/stream", "/api/history?device=rig-1", "/api/history.csv?device=rig-1", "/api/alerts", "/metrics"]
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def make_app(monkeypatch, tmp_path, request):
-    """Build private apps in this process, on one SQLite file or one Redis; their background work is stopped after."""
-    monkeypatch.setenv("ENV_FILE", os.devnull)
+def make_app(make_app, request):
+    """Build private apps in this process, on one SQLite file or one Redis (conftest's make_app, with PRIVATE)."""
     shared = {"REDIS_URL": request.getfixturevalue("redis_server").url} if request.param == "redis" else {}
-    apps = []
-
-    def make(**settings):
-        app = create_app({"DEVICE_KEYS": ",".join(f"{d}:{k}" for d, k in KEYS.items()),
-                          "HISTORY_DB": str(tmp_path / "history.sqlite3"), "PUSH_RATE_LIMIT": "1000",
-                          **PRIVATE, **shared, **settings})
-        apps.append(app)
-        return app
-    yield make
-    for app in apps:
-        for part in app.extensions["gpustats"].values():
-            getattr(part, "close", lambda: None)()
+    return lambda **settings: make_app(**{"PUSH_RATE_LIMIT": "1000", **PRIVATE, **shared, **settings})
 
 
 def client(app, address="127.0.0.1"):

@@ -14,7 +14,7 @@ import pytest
 
 import agent
 from agent_fakes import DRIVER_NOT_LOADED, L40S, RTX2080S, FakeSmi
-from conftest import KEYS, ROOT
+from conftest import KEYS, ROOT, wait_for
 
 
 @pytest.fixture
@@ -41,12 +41,6 @@ def poll(predicate, timeout):
             return False
         time.sleep(0.05)
     return True
-
-
-def wait_for(predicate, what, timeout=10):
-    """Wait until `predicate` is true; fail the test, saying `what` never happened, after `timeout` s."""
-    if not poll(predicate, timeout):
-        pytest.fail(f"waited {timeout:g} s for {what}")
 
 
 def stop_agent(process, log, line):
@@ -181,7 +175,8 @@ def test_agent_pushes_resume_after_the_server_restarts_newest_sample_first(serve
         first = stream.until(lambda e: e["data"].get("gpus"), timeout=10)
         assert first["data"]["device"] == "rig-1" and len(first["data"]["gpus"]) == 2
         server.stop()
-        wait_for(lambda: "server unreachable" in Path(log.name).read_text(), "the agent to find the server down")
+        wait_for(lambda: "server unreachable" in Path(log.name).read_text(), what="the agent to find the server down",
+                 timeout=10)
         server.start(server.port)
         restarted = time.time()
         stream = open_stream(server)
@@ -206,7 +201,7 @@ def test_gpu_failure_is_logged_once_pushed_as_an_error_and_recovers(server, open
         assert failed["data"]["gpus"] == [] and "exit 9" in failed["data"]["error"]
         # Several failed samples, so the log below shows the failure once, not once per sample.
         wait_for(lambda: "cannot read GPUs" in Path(log.name).read_text() and len(smi.calls()) >= 4,
-                 "the agent to log the failure and sample a few more times")
+                 what="the agent to log the failure and sample a few more times", timeout=10)
         smi.set(gpus=[L40S])
         recovered = stream.until(lambda e: e["data"].get("gpus"), timeout=10)
         assert recovered["data"]["gpus"][0]["name"] == "NVIDIA L40S" and recovered["data"]["error"] is None
@@ -243,7 +238,7 @@ def test_a_sample_the_server_refuses_is_logged_once_and_the_agent_keeps_its_pace
     try:
         stream = open_stream(server)
         wait_for(lambda: samples() > 2 * most_samples_with_backoff(time.monotonic() - started, interval),
-                 "twice as many samples as backoff would allow", timeout=15)
+                 what="twice as many samples as backoff would allow", timeout=15)
         assert REJECTED in Path(log.name).read_text()
         smi.set(gpus=[L40S])
         shown = stream.until(lambda e: e["data"].get("device") == "rig-6", timeout=10)["data"]

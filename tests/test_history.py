@@ -329,13 +329,12 @@ def test_a_full_disk_is_one_line_a_minute_with_the_samples_dropped(tmp_path, cap
 
 
 
-def test_healthz_says_how_many_samples_wait_for_the_history_writer(tmp_path):
-    from app import create_app
+def test_healthz_says_how_many_samples_wait_for_the_history_writer(tmp_path, make_app):
     store = SqliteHistory(str(tmp_path / "history.sqlite3"), 15)
     for t in range(3):
         store.add(event(1_700_000_000 + t, util=50))
     assert store.backlog() == 3
     store.flush()  # the writer takes what gathered, once a second
     assert store.backlog() == 0
-    app = create_app({"HISTORY_DB": str(tmp_path / "app.sqlite3"), "DEVICE_KEYS": "rig-1:" + "k" * 24})
+    app = make_app(HISTORY_DB=str(tmp_path / "app.sqlite3"), DEVICE_KEYS="rig-1:" + "k" * 24)
     assert app.test_client().get("/healthz").json["historyBacklog"] == 0

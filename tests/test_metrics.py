@@ -5,7 +5,6 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import create_app
 from conftest import KEYS, PRIVATE, gpu, multi, wait_for
 from receiver import receiver  # noqa: F401 a fixture
 
@@ -16,21 +15,10 @@ GPU_METRICS = ("utilization_ratio", "memory_used_bytes", "memory_total_bytes", "
 
 
 @pytest.fixture
-def make_app(backend, request, monkeypatch):
-    """Build apps in this process (on one Redis when `backend` says); their background work is stopped after."""
-    monkeypatch.setenv("ENV_FILE", os.devnull)
+def make_app(make_app, backend, request):
+    """Build apps in this process (on one Redis when `backend` says), history in memory (conftest's make_app)."""
     shared = {"REDIS_URL": request.getfixturevalue("redis_server").url} if backend == "redis" else {}
-    apps = []
-
-    def make(**settings):
-        app = create_app({"DEVICE_KEYS": ",".join(f"{d}:{k}" for d, k in KEYS.items()), "HISTORY_DB": "",
-                          "PUSH_RATE_LIMIT": "1000", **shared, **settings})
-        apps.append(app)
-        return app
-    yield make
-    for app in apps:
-        for part in app.extensions["gpustats"].values():
-            getattr(part, "close", lambda: None)()
+    return lambda **settings: make_app(**{"HISTORY_DB": "", "PUSH_RATE_LIMIT": "1000", **shared, **settings})
 
 
 class Scrape:

@@ -8,7 +8,6 @@ import sys
 import pytest
 import requests
 
-from app import create_app
 from conftest import KEYS, PRIVATE, ROOT, free_port, gpu, multi, require, wait_for
 
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
@@ -95,21 +94,15 @@ def metric_names(expr):
     return {name for name in re.findall(r"(?<![\w$])[A-Za-z_:][\w:]*\b(?!\s*\()", expr) if name not in PROMQL_WORDS}
 
 
-def exported_names(monkeypatch):
+def exported_names(make_app):
     """Return the name of every sample a server with one fully reporting GPU exports."""
-    monkeypatch.setenv("ENV_FILE", os.devnull)
-    app = create_app({"DEVICE_KEYS": f"rig-1:{KEYS['rig-1']}", "HISTORY_DB": ""})
-    try:
-        client = app.test_client()
-        client.post("/push-sse", json=multi(gpu(0)), headers={"Authorization": f"Bearer {KEYS['rig-1']}"})
-        text = client.get("/metrics").get_data(as_text=True)
-    finally:
-        for part in app.extensions["gpustats"].values():
-            getattr(part, "close", lambda: None)()
+    client = make_app(DEVICE_KEYS=f"rig-1:{KEYS['rig-1']}", HISTORY_DB="").test_client()
+    client.post("/push-sse", json=multi(gpu(0)), headers={"Authorization": f"Bearer {KEYS['rig-1']}"})
+    text = client.get("/metrics").get_data(as_text=True)
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
-def test_the_grafana_dashboard_is_import_ready_and_asks_only_for_metrics_we_export(monkeypatch):
+def test_the_grafana_dashboard_is_import_ready_and_asks_only_for_metrics_we_export(make_app):
     board = json.loads(DASHBOARD.read_text())
     assert [i["name"] for i in board["__inputs"]] == ["DS_PROMETHEUS"]  # Grafana asks for the data source at import
     panels = [p for p in board["panels"] if p["type"] != "row"]
@@ -118,7 +111,7 @@ def test_the_grafana_dashboard_is_import_ready_and_asks_only_for_metrics_we_expo
     exprs, variables = dashboard_queries()
     assert all(variables), "every variable is a label_values() query"
     used = set().union(*map(metric_names, exprs)) | {v.group(1) for v in variables}
-    exported = exported_names(monkeypatch)
+    exported = exported_names(make_app)
     assert used - exported == set()
     assert {"gpustats_gpu_utilization_ratio", "gpustats_gpu_memory_used_bytes", "gpustats_gpu_temperature_celsius",
             "gpustats_gpu_power_draw_watts", "gpustats_device_up", "gpustats_gpu_info"} <= used

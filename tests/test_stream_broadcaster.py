@@ -6,6 +6,7 @@ from collections import deque
 
 import pytest
 
+from conftest import wait_for
 from gpustats.stream.broadcaster import Broadcaster, ViewerLimit
 
 
@@ -24,14 +25,6 @@ def make(state=None, ring_size=8, heartbeat_s=5, **limits):
     b = Broadcaster(lambda: (b.position(), sorted(state.items())),
                     ring_size=ring_size, heartbeat_s=heartbeat_s, **limits)
     return b, state
-
-
-def wait_for(predicate, timeout=5):
-    """Poll `predicate` until it holds; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 def test_first_chunk_is_retry_then_snapshot_of_every_device():

@@ -1,24 +1,11 @@
 """The viewer caps on the real server: counted exactly, checked atomically, and never locking agents out."""
-import socket
 import threading
 import time
 
 import requests
 
+from bench.harness import open_raw_stream
 from conftest import KEYS, multi, wait_for
-
-
-def open_raw_stream(port, source="127.0.0.1"):
-    """Connect a viewer from a loopback address; return the socket and its status line."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
-    sock.sendall(b"GET /gpu/stream HTTP/1.1\r\nHost: x\r\n\r\n")
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        head += chunk
-    return sock, head.split(b"\r\n")[0].decode(), head
 
 
 def test_a_burst_of_connects_never_passes_max_subscribers(start_server):
@@ -121,15 +108,12 @@ def test_a_cap_that_leaves_no_room_for_pushes_stops_the_server_with_one_line(tmp
             "set it to 180 or less") in result.stderr
 
 
-def test_connects_racing_on_os_threads_never_pass_the_cap(monkeypatch):
+def test_connects_racing_on_os_threads_never_pass_the_cap(make_app):
     # In-process, with OS threads switching every microsecond inside the view: a cap checked
     # in one place and counted in another lets racing connects through; one step does not.
-    import os
     import sys
 
-    from app import create_app
-    monkeypatch.setenv("ENV_FILE", os.devnull)
-    app = create_app({"MAX_SUBSCRIBERS": "8", "MAX_SUBSCRIBERS_PER_CLIENT": "1000", "DEVICE_KEYS": ""})
+    app = make_app(MAX_SUBSCRIBERS="8", MAX_SUBSCRIBERS_PER_CLIENT="1000", DEVICE_KEYS="")
     answers, start = [], threading.Barrier(64)
 
     def connect():
