@@ -59,7 +59,7 @@ class RedisStatus:
     @staticmethod
     def _say_full(counts):
         log.error("Redis is out of memory (maxmemory, policy noeviction); writes it refused: %s. Pushes get 503 until "
-                  "memory is freed or maxmemory raised (README: Redis settings)", counted(counts))
+                  "memory is freed or maxmemory raised (docs/SCALE-OUT.md: Redis settings)", counted(counts))
 
     def refused(self, what, error):
         """Count a write Redis refused; return the Unavailable to raise for it."""

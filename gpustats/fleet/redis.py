@@ -125,7 +125,7 @@ class RedisFleet:
             return  # CONFIG is renamed or refused on many managed Redis services: nothing to check
         if policy != "noeviction":
             log.warning("Redis' maxmemory-policy is %s: at maxmemory it may evict the event stream, the history "
-                        "and alert cursors and the leases; set maxmemory-policy noeviction (README: Redis settings)",
+                        "and alert cursors and the leases; set maxmemory-policy noeviction (docs/SCALE-OUT.md: Redis settings)",
                         policy)
 
     def close(self):
