@@ -71,7 +71,7 @@ def create_app(overrides=None):
     register_devices(app, config, registry, fleet, history, lambda: public_url(config))
     register_stream(app, config, broadcaster)
     register_alerts(app, fleet)
-    register_ingest(app, config, registry, fleet, broadcaster, parts.push_limits, parts.bad_key_limits, parts.counters)
+    register_ingest(app, config, registry, fleet, parts.push_limits, parts.bad_key_limits, parts.counters)
     register_history(app, config, history, known_devices=known_devices)
     register_metrics(app, fleet, parts.counters)
     register_pages(app, config, fleet, broadcaster, history)

@@ -1,8 +1,7 @@
 """The fleet in this process: each device's latest push and its status.
 
-A fleet (this one, or RedisFleet in fleet/redis.py) offers the same few calls: event() builds
-a push's event, commit() stores it and publishes it as one step, snapshot(), devices() and
-counts() read the state, start() begins its background work, health() adds to /healthz.
+It keeps the contract both fleets share (LiveFleet, in fleet/__init__.py); RedisFleet (fleet/redis.py)
+keeps a Fleet of its own as a mirror of Redis' state, which it feeds through record(), set_status() and alert().
 """
 import logging
 import threading
@@ -10,6 +9,7 @@ import time
 
 from gpustats.alerts.rules import AlertBoard
 from gpustats.background import watch
+from gpustats.stream import sse
 
 log = logging.getLogger("gpustats")
 
@@ -90,13 +90,17 @@ class Fleet:
     def health(self):
         return {}
 
-    def event(self, device, push):
-        """Return the event every viewer gets for an accepted push; stores nothing."""
-        return new_event(device, push, self._clock())
+    def accept(self, device, push):
+        """Store a checked push as its device's latest state, publish it, queue it for history and the alert rules; return its event id.
 
-    def commit(self, event, encoded):
-        """Store an accepted push's event, publish it (`encoded` by the broadcaster), queue it for history; return its id."""
-        event_id = self.record(event, lambda: self._broadcaster.publish_encoded(encoded))
+        What can fail (ValueError: nothing in it can be sent) fails before anything is stored:
+        a push changes all or nothing.
+        """
+        event = new_event(device, push, self._clock())
+        block = sse.data_block(event, finite=True)  # checked: every number is finite
+        with self._lock:  # state and stream move together, as in record()
+            self._devices[device] = event
+            event_id = self._broadcaster.publish_encoded((device, b"", block))
         if self._history is not None:
             self._history.add(event)
         if self._alerter is not None:

@@ -135,13 +135,14 @@ class RedisFleet:
     def health(self):
         return {"redis": self.status.health()}
 
-    def event(self, device, push):
-        """Return the event every viewer gets for an accepted push; stores nothing."""
-        return new_event(device, push, self._clock())
+    def accept(self, device, push):
+        """Store a checked push as its device's state and append it to the stream in one step; return its stream id.
 
-    def commit(self, event, encoded):
-        """Store the event and append it to the stream in one step; return its stream id."""
-        device, _, block = encoded
+        What can fail before Redis (ValueError: nothing in it can be sent) fails before anything is stored.
+        History, the alert rules and this worker's mirror take it from the stream.
+        """
+        event = new_event(device, push, self._clock())
+        block = sse.data_block(event, finite=True)  # checked: every number is finite
         try:
             event_id = self._commit(keys=[_device_key(device), DEVICES, STREAM, SEQUENCE],
                                     args=[device, sse.encode_json(event), repr(event["receivedAt"]), block,

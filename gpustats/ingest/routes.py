@@ -24,7 +24,7 @@ class BodyError(Exception):
         self.status = status
 
 
-def register_ingest(app, config, registry, fleet, broadcaster, push_limits, bad_key_limits, counters):
+def register_ingest(app, config, registry, fleet, push_limits, bad_key_limits, counters):
     """Add `POST /push-sse`, with its per-device rate limit and per-address bad-key slow-down."""
 
     @app.after_request
@@ -65,17 +65,15 @@ def register_ingest(app, config, registry, fleet, broadcaster, push_limits, bad_
             return error(415, f"Content-Type must be application/json, not {request.mimetype or 'missing'!r}")
         try:
             body = read_body(request, config.max_body_bytes, config.push_body_timeout_s)
-            push = payload.parse(body)
-            event = fleet.event(device, push)
             # All that can fail happens before anything is stored: a push changes all or nothing.
-            encoded = broadcaster.encode(device, event, finite=True)  # validated: every number is finite
+            event_id = fleet.accept(device, payload.parse(body))
         except BodyError as problem:
             return error(problem.status, str(problem), field="body")
         except payload.PushError as problem:
             return error(400, str(problem), field=problem.field)
         except ValueError:  # validation lets nothing unsendable through; this is the last guard
             return error(400, "body: holds text or numbers that cannot be sent on", field="body")
-        return accepted(device, fleet.commit(event, encoded))
+        return accepted(device, event_id)
 
     def accepted(device, event_id):
         """The 200 answer, encoded by hand: jsonify's provider machinery cost a push as much as its validation."""
