@@ -375,6 +375,21 @@ def wait_for(predicate, timeout=5, interval=0.02, what="condition"):
         time.sleep(interval)
 
 
+class Admin:
+    """An admin (or `user`) signed in on a real server through the form, sending the page's CSRF token with each change."""
+
+    def __init__(self, server, user="admin", password=ADMIN_PASSWORD):
+        self.server, self.session = server, requests.Session()
+        self.session.post(server.url + "/login", data={"user": user, "password": password},
+                          timeout=10).raise_for_status()
+        page = self.session.get(server.url + "/", headers={"Accept": "text/html"}, timeout=10).text
+        self.csrf = re.search(r'name="csrf-token" content="([^"]+)"', page)[1]
+        self.session.headers["X-CSRF-Token"] = self.csrf
+
+    def __getattr__(self, method):  # get, post, delete: on the server's URL
+        return lambda path, **kwargs: getattr(self.session, method)(self.server.url + path, timeout=10, **kwargs)
+
+
 @pytest.fixture
 def make_app(monkeypatch, tmp_path):
     """Build isolated apps in this process from settings (over the suite's devices, history in tmp_path); stop their background work after."""

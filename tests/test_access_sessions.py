@@ -6,7 +6,7 @@ from email.utils import parsedate_to_datetime
 import pytest
 
 from conftest import ADMIN_PASSWORD, KEYS, gpu, multi
-from test_access import basic, client, csrf, make_app, sign_in  # noqa: F401 make_app is a fixture
+from test_access import basic, client, make_app, sign_in  # noqa: F401 make_app is a fixture
 
 from gpustats.access.accounts import SESSION_IDLE_S, SESSION_LIFE_S, lasts
 from gpustats.access.throttle import MOST_REMEMBERED, WINDOW_S, SignInThrottle

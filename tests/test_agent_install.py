@@ -5,7 +5,6 @@ import json
 import os
 import plistlib
 import pwd
-import re
 import shlex
 import stat
 import subprocess
@@ -15,11 +14,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-import requests
 
 import agent
 from agent_fakes import L40S, FakeSmi
-from conftest import ADMIN_PASSWORD, PRIVATE, ROOT, require, wait_for
+from conftest import PRIVATE, ROOT, Admin, require, wait_for
 
 TASK_NS = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
 AGENT = Path("/opt/gpu-stats-agent/agent.py")
@@ -110,12 +108,9 @@ def test_the_linux_command_the_page_shows_installs_the_agent_and_it_goes_live(st
     # The one-minute path, as a new user takes it: add a PC on the server, run the command it shows
     # on the PC (here: a fresh HOME, a fake GPU, a systemctl that records), and see the PC live.
     server = start_server(**PRIVATE)
-    admin = requests.Session()
-    admin.post(server.url + "/login", data={"user": "admin", "password": ADMIN_PASSWORD}, timeout=10).raise_for_status()
-    token = re.search(r'name="csrf-token" content="([^"]+)"', admin.get(server.url + "/", headers={
-        "Accept": "text/html"}, timeout=10).text)[1]
+    admin = Admin(server)
     started = time.monotonic()
-    added = admin.post(server.url + "/api/devices", json={"name": "new-pc"}, headers={"X-CSRF-Token": token}, timeout=10)
+    added = admin.post("/api/devices", json={"name": "new-pc"})
     assert added.status_code == 201
     command = added.json()["install"]["linux"]
     assert added.json()["key"] in command and f"{server.url}/agent.py" in command
@@ -141,7 +136,7 @@ def test_the_linux_command_the_page_shows_installs_the_agent_and_it_goes_live(st
     service = subprocess.Popen(shlex.split(unit_of(unit.read_text())["Service"]["ExecStart"]) + ["--interval", "0.5"],
                                cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        live = wait_for(lambda: next((d for d in admin.get(server.url + "/api/devices", timeout=5).json()
+        live = wait_for(lambda: next((d for d in admin.get("/api/devices").json()
                                       if d["name"] == "new-pc" and d["status"] == "online"), None), timeout=20)
         print(f"new-pc live {time.monotonic() - started:.1f} s after it was added (the venv and its install included)")
         assert live["gpus"] == [{"index": 0, "name": "NVIDIA L40S"}] and live["agent"]["backend"] == "gputil"

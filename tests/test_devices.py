@@ -9,25 +9,11 @@ import pytest
 import requests
 from playwright.sync_api import expect
 
-from conftest import ADMIN_PASSWORD, KEYS, PRIVATE, ROOT, gpu, multi, sign_in_page, wait_for
+from conftest import ADMIN_PASSWORD, KEYS, PRIVATE, ROOT, Admin, gpu, multi, sign_in_page, wait_for
 from gpustats.devices.sqlite import SqliteDevices
 from gpustats.tokens import digest, new_secret
 
 pytestmark = pytest.mark.both_backends
-
-
-class Admin:
-    """An admin (or `user`) signed in on a server through the form, sending the page's CSRF token with each change."""
-
-    def __init__(self, server, user="admin", password=ADMIN_PASSWORD):
-        self.server, self.session = server, requests.Session()
-        self.session.post(server.url + "/login", data={"user": user, "password": password},
-                          timeout=10).raise_for_status()
-        page = self.session.get(server.url + "/", headers={"Accept": "text/html"}, timeout=10).text
-        self.session.headers["X-CSRF-Token"] = re.search(r'name="csrf-token" content="([^"]+)"', page)[1]
-
-    def __getattr__(self, method):  # get, post, delete: on the server's URL
-        return lambda path, **kwargs: getattr(self.session, method)(self.server.url + path, timeout=10, **kwargs)
 
 
 def push(server, key, body=None):
@@ -232,10 +218,8 @@ def test_the_page_adds_a_pc_and_shows_its_key_once(start_server, browser):
 @pytest.mark.no_backend
 def test_with_alert_dashboard_url_set_the_commands_carry_it_and_no_warning_shows(start_server):
     server = start_server(**PRIVATE, ALERT_DASHBOARD_URL="https://gpus.lab.example")
-    admin = requests.Session()
-    admin.post(server.url + "/login", data={"user": "admin", "password": ADMIN_PASSWORD}, timeout=10).raise_for_status()
-    token = re.search(r'name="csrf-token" content="([^"]+)"', admin.get(server.url + "/devices", timeout=10).text)[1]
-    page = admin.post(server.url + "/api/devices", data={"name": "far-pc", "csrf_token": token}, timeout=10).text
+    admin = Admin(server)
+    page = admin.post("/api/devices", data={"name": "far-pc", "csrf_token": admin.csrf}).text
     assert "https://gpus.lab.example/push-sse" in page and "only this machine reaches" not in page
 
 

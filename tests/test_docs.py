@@ -1,6 +1,5 @@
 """The README stays a five-minute read, and every relative link in it and in docs/ leads somewhere."""
 import re
-from pathlib import Path
 
 from conftest import ROOT
 

@@ -1,43 +1,32 @@
 """A restart forgets no PC: each device's last state comes back, on both backends (issue 30)."""
 import pytest
-import requests
 
-from conftest import ADMIN_PASSWORD, PRIVATE, gpu, multi, wait_for
+from conftest import PRIVATE, Admin, gpu, multi, wait_for
 
 pytestmark = pytest.mark.both_backends
 FAST = {"ALERT_FOR_S": "0", "PUSH_RATE_LIMIT": "1000"}
-
-
-def signed_in(server):
-    session = requests.Session()
-    assert session.post(server.url + "/login", data={"user": "admin", "password": ADMIN_PASSWORD},
-                        timeout=10).status_code == 200
-    return session
 
 
 def test_a_pc_down_at_a_deploy_is_shown_as_it_last_was(start_server):
     server = start_server(**PRIVATE, **FAST, STALE_AFTER_S="1", OFFLINE_AFTER_S="2")
     server.push(multi(gpu(0, utilizationGpu=87, temperatureGpu=71), host="rig-1"), device="rig-1")
     server.push(multi(gpu(0, utilizationGpu=3), host="rig-2"), device="rig-2")
-    session = signed_in(server)
+    admin = Admin(server)
 
     def offline():
-        return sorted(a["device"] for a in session.get(server.url + "/api/alerts", timeout=5).json()["active"]
-                      if a["alertname"] == "DeviceOffline")
+        return sorted(a["device"] for a in admin.get("/api/alerts").json()["active"] if a["alertname"] == "DeviceOffline")
     wait_for(lambda: offline() == ["rig-1", "rig-2"], timeout=10)
     server.push(multi(gpu(0, utilizationGpu=88, temperatureGpu=72), host="rig-1"), device="rig-1")
     wait_for(lambda: offline() == ["rig-2"], timeout=5)
     server.restart()  # rig-2 has been offline (alerted), rig-1 pushed just now and never comes back
-    session.cookies.clear()
-    session.post(server.url + "/login", data={"user": "admin", "password": ADMIN_PASSWORD}, timeout=10)
-    health = session.get(server.url + "/healthz", timeout=5).json()
-    assert health["devices"] == 2
-    listed = {d["name"]: d for d in session.get(server.url + "/api/devices", timeout=5).json()}
+    admin = Admin(server)  # signed in afresh after the restart
+    assert admin.get("/healthz").json()["devices"] == 2
+    listed = {d["name"]: d for d in admin.get("/api/devices").json()}
     assert listed["rig-1"]["lastPushAt"] is not None and listed["rig-1"]["status"] != "never pushed"
     assert listed["rig-2"]["status"] == "offline"
     assert listed["rig-3"]["status"] == "never pushed"  # a key that never pushed stays so
     wait_for(lambda: offline() == ["rig-1", "rig-2"], timeout=10)  # rig-1's fires again after the restart
-    shown = {d["name"]: d for d in session.get(server.url + "/api/devices", timeout=5).json()}
+    shown = {d["name"]: d for d in admin.get("/api/devices").json()}
     assert shown["rig-1"]["status"] == "offline"
 
 
