@@ -1,8 +1,8 @@
 """What the server counts for /metrics: pushes by answer, alert notifications by result, viewers.
 
-Counters (this one, or RedisCounters in metrics/redis.py) offer the same few calls: add()
-counts one, read() returns the counts and the open streams of the whole server, start()
-and close() begin and end its background work, flush() writes what is still pending.
+Counters (this one, or RedisCounters in metrics/redis.py) keep one contract, ServerCounts
+(metrics/__init__.py): add() counts one, read() returns the counts and the open streams of
+the whole server, start() and close() begin and end its background work, flush() writes what is still pending.
 """
 import threading
 from collections import Counter
