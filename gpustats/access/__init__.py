@@ -30,8 +30,8 @@ class AccountStore(Protocol):
     def remove_user(self, name):
         """Remove a user; AccountError 404 if there is none."""
 
-    def add_credential(self, kind, name, role, secret_digest, prefix, devices=None, maker=None):
-        """Keep a token or share link (`kind`) by its secret's digest; return its id."""
+    def add_credential(self, kind, name, role, secret_digest, prefix, devices=None, maker=None, maker_since=None):
+        """Keep a token or share link (`kind`) by its secret's digest, with its maker and when that user was made; return its id."""
 
     def credential(self, secret_digest):
         """Return the credential whose secret has this digest, or None."""

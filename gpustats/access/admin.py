@@ -41,7 +41,11 @@ def _admin():
 
 
 def _given():
-    return request.get_json(silent=True) or {} if request.is_json else request.form
+    """Return the request's fields: its JSON object, or its form; JSON that is not an object gives none."""
+    if not request.is_json:
+        return request.form
+    body = request.get_json(silent=True)
+    return body if isinstance(body, dict) else {}
 
 
 def _answer(result, status=200, made=None):
@@ -136,8 +140,13 @@ def add_credential(kinds):
     role = check_role(body.get("role", "viewer")) if kind == "token" else "viewer"
     devices = _share_devices(body) if kind == "share" else None
     secret = new_secret()
+    maker = g.identity.user
+    made_by = admin.accounts.user(maker) if maker else None
+    if maker and made_by is None:  # its maker was removed a moment ago, on another worker: it makes nothing more
+        raise AccountError("this token's user no longer exists", status=401)
     credential_id = admin.accounts.store.add_credential(kind, name, role, digest(secret), secret[:PREFIX_CHARS],
-                                                        devices, maker=g.identity.user)
+                                                        devices, maker=maker,
+                                                        maker_since=made_by["createdAt"] if made_by else None)
     _changed()
     log.info("%s made the %s %s (%s)", g.identity.name, kind, name, role if kind == "token" else
              ", ".join(devices or ["every device"]))
@@ -160,10 +169,10 @@ def remove_credential(kinds, credential_id):
 def _share_devices(body):
     """Return the devices a new share link opens, sorted, from a list or a comma-separated string ([]: every one)."""
     raw = body.get("devices") or []
-    devices = sorted({d.strip() for d in (raw.split(",") if isinstance(raw, str) else raw) if d.strip()})
-    if any(not isinstance(d, str) or len(d) > 64 for d in devices):
+    listed = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(listed, list) or any(not isinstance(d, str) or len(d.strip()) > 64 for d in listed):
         raise AccountError("devices: names of at most 64 characters", field="devices")
-    return devices
+    return sorted({d.strip() for d in listed if d.strip()})
 
 
 def _keep_an_admin(accounts, name):

@@ -172,8 +172,7 @@ class Access:
 
     def _check(self, where, name, password):
         time.sleep(self.throttle.delay_for(name))  # many wrong guesses at this user lately: each try waits, none is locked out
-        if self.legacy_login(name, password):
-            self.throttle.succeeded(where, name)
+        if self.legacy_login(name, password):  # no hash, and no try counted for it: nothing to give back
             return {"name": name, "role": "viewer", "epoch": None, "legacy": True}
         # Counted as wrong before the hash, and given back if right: tries sent at once are all counted
         # before any of them is checked, so the throttle's 5 per address holds.
@@ -214,6 +213,10 @@ class Access:
         if login is None:
             return error(401, "Authorization: Basic needs user:password")
         name, password = login
+        wait = self.throttle.blocked_for(limit_key(self.address()))
+        if wait:  # the viewer login too: it has no hash to slow a guess down
+            return error(429, f"too many wrong passwords from this address; try again in {wait} s",
+                         headers={"Retry-After": str(wait)})
         if self.legacy_login(name, password):
             return Identity("viewer-login", name, "viewer", read_only=True)
         key = digest(f"{name}\0{password}")
@@ -236,7 +239,7 @@ class Access:
         scheme, _, value = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             found = self.accounts.credential(value.strip())
-            if found is None or found["kind"] != "token":
+            if found is None or found["kind"] != "token" or not self.maker_stands(found):
                 return error(401, "unknown API token", headers={"WWW-Authenticate": "Bearer"})
             self.note_used(found)
             return Identity("token", found["name"], found["role"], made_by=found.get("maker"))
@@ -268,7 +271,22 @@ class Access:
     def share(self, secret_digest):
         """Return the share link kept under `secret_digest`, or None."""
         found = self.accounts.kept(secret_digest)
-        return found if found is not None and found["kind"] == "share" else None
+        return found if found is not None and found["kind"] == "share" and self.maker_stands(found) else None
+
+    def maker_stands(self, credential):
+        """Return whether a token's or link's maker is still the user who made it, with the role it grants.
+
+        Checked at each use, not only when a user is removed or demoted: a token made with a
+        token in the second before its maker's removal reached this worker revoked nothing
+        (issue 29's review). One made before makers were kept, or on the console, has none.
+        """
+        maker = credential.get("maker")
+        if not maker:
+            return True
+        user = self.accounts.user(maker)
+        if user is None or (credential.get("makerSince") is not None and user["createdAt"] != credential["makerSince"]):
+            return False
+        return credential["role"] != "admin" or user["role"] == "admin"
 
     def still_valid(self, key):
         """Return whether the session or share link behind an open stream's `key` still stands."""
@@ -399,6 +417,7 @@ def account():
     if identity.kind != "user" or not identity.by_cookie:
         return error(403, "the account page is for a user signed in on this page")
     problem = done = None
+    status = 200
     if request.method == "POST" and request.form.get("everywhere"):
         ended = access.accounts.store.remove_sessions(identity.name)
         access.accounts.forget()
@@ -410,21 +429,23 @@ def account():
             _change_password(access, identity.name)
             done = "Password changed. Your other sessions are signed out."
         except AccountError as problem_:
-            problem = str(problem_)
+            problem, status = str(problem_), 429 if problem_.status == 429 else 400
     this = digest(str(session["i"]))
     sessions = [dict(found, current=found["id"] == this) for found in access.accounts.store.sessions(identity.name)
                 if lasts(found) and access.valid(found)]
     return (render_template("account.html", problem=problem, done=done, sessions=sessions),
-            400 if problem else 200)
+            status if problem else 200)
 
 
 def _change_password(access, name):
     """Set `name`'s password from the account form; sign out their other sessions, keep this browser in."""
     accounts, hasher = access.accounts, access.hasher
-    user = accounts.user(name)
     new = check_password(request.form.get("new", ""))
-    if not hasher.verify(user["hash"], request.form.get("current", "")):
-        raise AccountError("current password: wrong", status=403)
+    # Through the sign-in's throttle and hash slots: a stolen cookie must not guess the password here instead.
+    checked = access.sign_in(name, request.form.get("current", ""))
+    if not isinstance(checked, dict):
+        answer = checked[0].get_json()
+        raise AccountError("current password: wrong" if checked[1] == 401 else answer["error"], status=checked[1])
     this = digest(str(session["i"]))
     accounts.set_password(name, hasher.hash(new), keep=this)
     accounts.store.remove_session(this)

@@ -135,12 +135,13 @@ class RedisAccounts:
         if not self._call(pipe.execute)[0]:
             raise AccountError(f"no user {name!r}", status=404, field="name")
 
-    def add_credential(self, kind, name, role, secret_digest, prefix, devices=None, maker=None):
+    def add_credential(self, kind, name, role, secret_digest, prefix, devices=None, maker=None, maker_since=None):
         credential_id = str(self._call(self._client.incr, NEXT_ID))
         pipe = self._client.pipeline()
         pipe.hset(_credential_key(secret_digest), mapping={
             "id": credential_id, "kind": kind, "name": name, "role": role, "prefix": prefix[:PREFIX_CHARS],
-            "devices": json.dumps(devices) if devices else "", "created": self._clock(), "maker": maker or ""})
+            "devices": json.dumps(devices) if devices else "", "created": self._clock(), "maker": maker or "",
+            "makerSince": "" if maker_since is None else repr(float(maker_since))})
         pipe.hset(CREDENTIALS, credential_id, secret_digest)
         self._call(pipe.execute)
         return credential_id
@@ -155,7 +156,8 @@ class RedisAccounts:
         return {"id": credential_id, "kind": _text(fields, "kind"), "name": _text(fields, "name"),
                 "role": _text(fields, "role"), "prefix": _text(fields, "prefix"),
                 "devices": json.loads(devices) if devices else None, "createdAt": float(_text(fields, "created")),
-                "lastUsedAt": float(used) if used else None, "maker": _text(fields, "maker") or None}
+                "lastUsedAt": float(used) if used else None, "maker": _text(fields, "maker") or None,
+                "makerSince": float(_text(fields, "makerSince")) if _text(fields, "makerSince") else None}
 
     def credentials(self, kind):
         digests = self._call(self._client.hgetall, CREDENTIALS)
@@ -265,11 +267,15 @@ if now - (tonumber(user[1]) or now) > tonumber(ARGV[1]) then fails = 0 end
 return {tostring(math.max(0, untl - now)), fails}
 """
 
-# KEYS: the address's hash, the user's hash. The right password: the address starts afresh, and the
-# user's count gives back the try counted for it before the hash.
+# KEYS: the address's hash, the user's hash. ARGV: free fails. The right password: the address and
+# the user each give back the try counted for it before the hash; the address's wrong ones still count.
 SUCCEEDED = """
-redis.call('DEL', KEYS[1])
-local fails = tonumber(redis.call('HGET', KEYS[2], 'fails'))
+local fails = tonumber(redis.call('HGET', KEYS[1], 'fails'))
+if fails and fails > 0 then
+  redis.call('HSET', KEYS[1], 'fails', fails - 1)
+  if fails - 1 < tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'until', 0) end
+end
+fails = tonumber(redis.call('HGET', KEYS[2], 'fails'))
 if fails and fails > 0 then redis.call('HSET', KEYS[2], 'fails', fails - 1) end
 return 1
 """
@@ -310,4 +316,4 @@ class RedisSignInThrottle:
 
     def succeeded(self, address, user):
         address_key, user_key = self._keys(address, user)
-        self._call(self._succeeded, [address_key, user_key], [])
+        self._call(self._succeeded, [address_key, user_key], [FREE_FAILS])

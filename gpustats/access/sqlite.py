@@ -17,14 +17,15 @@ CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, role TEXT NOT NULL, has
                                   epoch INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS credentials (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, name TEXT NOT NULL,
                                         role TEXT NOT NULL, digest TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL,
-                                        devices TEXT, created REAL NOT NULL, used REAL, maker TEXT);
+                                        devices TEXT, created REAL NOT NULL, used REAL, maker TEXT,
+                                        maker_since REAL);
 CREATE TABLE IF NOT EXISTS sessions (digest TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL,
                                      proof TEXT NOT NULL, created REAL NOT NULL, used REAL NOT NULL,
                                      address TEXT, agent TEXT);
 CREATE INDEX IF NOT EXISTS sessions_by_name ON sessions (name, used);
 """
 # Files made before tokens recorded their maker: the column is added, and their tokens' maker is unknown.
-MIGRATIONS = ("ALTER TABLE credentials ADD COLUMN maker TEXT",)
+MIGRATIONS = ("ALTER TABLE credentials ADD COLUMN maker TEXT", "ALTER TABLE credentials ADD COLUMN maker_since REAL")
 
 
 def _user(row):
@@ -36,7 +37,7 @@ def _credential(row):
     return None if row is None else {
         "id": str(row[0]), "kind": row[1], "name": row[2], "role": row[3], "prefix": row[4],
         "devices": json.loads(row[5]) if row[5] else None, "createdAt": row[6], "lastUsedAt": row[7],
-        "maker": row[8]}
+        "maker": row[8], "makerSince": row[9]}
 
 
 def _session(row):
@@ -44,7 +45,7 @@ def _session(row):
                                      "createdAt": row[4], "lastUsedAt": row[5], "address": row[6], "agent": row[7]}
 
 
-CREDENTIAL = "SELECT id, kind, name, role, prefix, devices, created, used, maker FROM credentials"
+CREDENTIAL = "SELECT id, kind, name, role, prefix, devices, created, used, maker, maker_since FROM credentials"
 SESSION = "SELECT digest, kind, name, proof, created, used, address, agent FROM sessions"
 
 
@@ -96,10 +97,11 @@ class SqliteAccounts:
         if not self._run("DELETE FROM users WHERE name = ?", name)[1]:
             raise AccountError(f"no user {name!r}", status=404, field="name")
 
-    def add_credential(self, kind, name, role, secret_digest, prefix, devices=None, maker=None):
-        return str(self._run("INSERT INTO credentials (kind, name, role, digest, prefix, devices, created, maker) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", kind, name, role, secret_digest, prefix[:PREFIX_CHARS],
-                             json.dumps(devices) if devices else None, self._clock(), maker)[2])
+    def add_credential(self, kind, name, role, secret_digest, prefix, devices=None, maker=None, maker_since=None):
+        return str(self._run("INSERT INTO credentials (kind, name, role, digest, prefix, devices, created, maker, "
+                             "maker_since) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", kind, name, role, secret_digest,
+                             prefix[:PREFIX_CHARS], json.dumps(devices) if devices else None, self._clock(), maker,
+                             maker_since)[2])
 
     def credential(self, secret_digest):
         return _credential(self._run(f"{CREDENTIAL} WHERE digest = ?", secret_digest)[0])

@@ -4,7 +4,8 @@
   computed) until its wait is over; the wait starts at FIRST_WAIT_S and doubles with each
   further wrong password, up to WINDOW_S. Its first lock-out is logged once, with the address.
 - A try is counted as wrong before its password is hashed, and taken back if it was right: tries
-  sent at once cannot all be checked before the first of them is counted (issue 29).
+  sent at once cannot all be checked before the first of them is counted (issue 29). A right
+  password gives back only that try: the address's wrong ones still count.
 - Wrong passwords for one user, from any number of addresses, slow that user's sign-ins by
   USER_DELAY_S each past FREE_FAILS, up to MOST_USER_DELAY_S: never a lock-out, so the right
   password from an address that has not failed still gets in.
@@ -73,9 +74,16 @@ class SignInThrottle:
                         WINDOW_S // 60)
 
     def succeeded(self, address, user):
-        """The right password: that address starts afresh, and the user's count gives back the try counted for it."""
+        """The right password: the address and the user each give back the try counted for it before the hash.
+
+        The address does not start afresh: anyone who knows one password (the shared viewer login's)
+        could otherwise guess 4 at the admin, sign in once, and guess 4 more, for ever (issue 29's review).
+        """
         with self._lock:
-            self._addresses.pop(address, None)
+            if address in self._addresses:
+                start, fails, until = self._addresses[address]
+                fails = max(0, fails - 1)
+                self._addresses[address] = (start, fails, until if fails >= FREE_FAILS else 0.0)
             if user in self._users:
                 start, fails = self._users[user]
                 self._users[user] = (start, max(0, fails - 1))

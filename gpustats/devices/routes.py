@@ -79,7 +79,11 @@ def agent_requirements():
 
 
 def _given():
-    return (request.get_json(silent=True) or {}) if request.is_json else request.form
+    """Return the request's fields: its JSON object, or its form; JSON that is not an object gives none."""
+    if not request.is_json:
+        return request.form
+    body = request.get_json(silent=True)
+    return body if isinstance(body, dict) else {}
 
 
 def _wants_page():
