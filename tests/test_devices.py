@@ -1,5 +1,7 @@
 """Devices added, rotated and removed with no restart (SPEC, Devices), on real servers and both backends."""
+import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -84,6 +86,26 @@ def test_a_key_in_use_never_reads_used_never(pair):
     listed = wait_for(lambda: next((d for d in admin.get("/api/devices").json()
                                     if d["name"] == "busy-pc" and d["status"] == "online"), None))  # Redis: a moment
     assert listed["keys"][0]["lastUsedAt"] is not None
+
+
+@pytest.mark.no_backend
+def test_a_push_whose_device_is_removed_while_its_body_arrives_does_not_bring_it_back(start_server):
+    server = start_server(**PRIVATE, PUSH_RATE_LIMIT="1000")
+    admin = Admin(server)
+    key = admin.post("/api/devices", json={"name": "going-pc"}).json()["key"]
+    body = json.dumps(multi(gpu(0), host="going-pc")).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(f"POST /push-sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+    time.sleep(0.3)  # its key checked, its body on the way
+    assert admin.delete("/api/devices/going-pc").status_code == 200
+    time.sleep(0.3)
+    sock.sendall(body[10:])
+    answer = sock.recv(4096).split(b"\r\n")[0]
+    sock.close()
+    assert answer == b"HTTP/1.1 401 UNAUTHORIZED"
+    assert "going-pc" not in {d["name"] for d in admin.get("/api/devices").json()}
+    assert admin.get("/healthz").json()["devices"] == 0
 
 
 def test_two_admins_adding_one_name_at_once_get_one_201_and_one_409(pair):

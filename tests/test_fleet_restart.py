@@ -38,3 +38,19 @@ def test_the_snapshot_after_a_restart_holds_the_last_values(start_server):
     (event,) = server.snapshot()
     assert event["device"] == "rig-1" and event["gpus"][0]["utilizationGpu"] == 87
     assert event["gpus"][0]["temperatureGpu"] == 71 and event["host"] == "rig-1"
+
+
+def test_kept_states_the_server_did_not_write_are_left_out_and_start_up_goes_on(make_app, tmp_path, caplog):
+    # A review found that a row that is not JSON, or JSON that is not an event, stopped the start.
+    import sqlite3
+    path = tmp_path / "history.sqlite3"
+    make_app(HISTORY_DB=str(path))  # makes the file and its tables
+    with sqlite3.connect(path) as db:
+        db.executemany("INSERT INTO device VALUES (?, ?)", [
+            ("rig-1", "not json"), ("rig-2", "[1, 2]"), ("rig-3", "null"), ("rig-4", '{"device": "rig-4"}'),
+            ("rig-5", '{"device": "rig-5", "receivedAt": 1, "gpus": [1]}'),
+            ("rig-6", '{"device": "rig-6", "receivedAt": 1, "status": "offline", "gpus": [{"index": 0}]}')])
+    client = make_app(HISTORY_DB=str(path)).test_client()
+    assert client.get("/healthz").json["devices"] == 1  # rig-6 alone
+    assert client.get("/metrics").status_code == 200
+    assert sum("is not one the server wrote" in r.getMessage() for r in caplog.records) == 5

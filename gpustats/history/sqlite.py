@@ -155,9 +155,19 @@ class SqliteHistory:
         self._writer.run(lambda: self._db.execute("DELETE FROM device WHERE name = ?", (device,)))
 
     def last_states(self):
-        """Return every device's newest kept event, with the status it last had."""
-        return self._reader.run(lambda: [json.loads(event) for event, in self._read_db.execute(
-            "SELECT event FROM device ORDER BY name")])
+        """Return every device's newest kept event, with the status it last had; a row that is not one is skipped, and said."""
+        kept = []
+        for name, text in self._reader.run(lambda: self._read_db.execute(
+                "SELECT name, event FROM device ORDER BY name").fetchall()):
+            try:
+                event = json.loads(text)
+            except ValueError:
+                event = None
+            if _an_event(event):
+                kept.append(event)
+            else:
+                log.warning("the kept state of the device %r is not one the server wrote; it is left out", name)
+        return kept
 
     def flush(self):
         """Write what gathered since the last flush in one transaction; prune once a minute."""
@@ -264,6 +274,13 @@ class SqliteHistory:
                 del self._sampler.last[key]  # here too, where _write() builds batches with it
             return gone
         return self._writer.run(work)
+
+
+def _an_event(event):
+    """Return whether `event` is what the fleet keeps of a push: a device, a time, a list of GPUs each an object."""
+    return (isinstance(event, dict) and isinstance(event.get("device"), str)
+            and isinstance(event.get("receivedAt"), (int, float)) and isinstance(event.get("gpus"), list)
+            and all(isinstance(gpu, dict) for gpu in event["gpus"]))
 
 
 @contextmanager

@@ -65,6 +65,8 @@ def register_ingest(app, config, registry, fleet, push_limits, bad_key_limits, c
             return error(415, f"Content-Type must be application/json, not {request.mimetype or 'missing'!r}")
         try:
             body = read_body(request, config.max_body_bytes, config.push_body_timeout_s)
+            if registry.device_for(key) != device:  # removed while its body arrived: it must not come back
+                return error(401, "unknown device key", headers={"WWW-Authenticate": "Bearer"})
             # All that can fail happens before anything is stored: a push changes all or nothing.
             event_id = fleet.accept(device, payload.parse(body))
         except BodyError as problem:
