@@ -2097,6 +2097,25 @@ def _write_own(path, text, mode=0o644, encoding="utf-8"):
         raise
 
 
+def _put_back(path, kept):
+    """Make `path` hold again what it held (its bytes and mode, as read), or be gone if it was not there; through no link."""
+    if kept is None:
+        path.unlink(missing_ok=True)
+        return
+    _refuse_link(path)
+    data, mode = kept
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)
+            f.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
 def _write_secret_env(path, url, key):
     """Keep PUSH_URL and DEVICE_KEY in `path` (mode 600: its owner alone reads it); return whether it was new."""
     lines = (_read_own(path) or "").splitlines()
@@ -2145,6 +2164,9 @@ def install(args, argv, run=subprocess.run, agent=None, platform=sys.platform, h
         _refuse_link(path)
     before = _read_own(manifest)
     earlier = _installed(before, env_file)[1] if before else False  # a .env an earlier --install made is still its own
+    # What is there now, byte for byte, so a failed re-install (a rotated key, say) puts a working install back.
+    kept = {path: (path.read_bytes(), stat.S_IMODE(path.stat().st_mode)) if path.is_file() else None
+            for path in (env_file, manifest, *files)}
     made_env = _write_secret_env(env_file, args.url, args.key) or earlier
     written = [str(env_file)] if made_env else []
     for path, text in files.items():
@@ -2155,12 +2177,18 @@ def install(args, argv, run=subprocess.run, agent=None, platform=sys.platform, h
     for command in commands:
         done = run(command, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
+            why = f"{' '.join(command)} failed: {(done.stderr or done.stdout).strip()[:200]}"
+            if before:  # an install that worked was there: it is put back as it was, not taken down
+                for path, data in kept.items():
+                    _put_back(path, data)
+                for step in [c for c in commands if c[-1] == "daemon-reload"]:
+                    run(step, capture_output=True, text=True, timeout=60)
+                raise InstallError(f"{why}; the install from before is kept as it was")
             for step in undo:  # nothing is left half installed: what was written goes, and what started stops
                 run(step, capture_output=True, text=True, timeout=60)
             for path in [*files, manifest, *([env_file] if made_env and not earlier else [])]:
                 path.unlink(missing_ok=True)
-            raise InstallError(f"{' '.join(command)} failed: {(done.stderr or done.stdout).strip()[:200]}; "
-                               "nothing was left installed")
+            raise InstallError(f"{why}; nothing was left installed")
     linger = "" if "--user" not in sum(commands, []) else (
         "; it starts when you log in (to start it at boot: sudo loginctl enable-linger $USER)")
     _say(f"installed: wrote {', '.join(written)}, the key kept in {env_file} (mode 600){linger}; its log: {log_at}")

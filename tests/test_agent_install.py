@@ -310,3 +310,18 @@ def test_uninstall_with_nothing_installed_or_a_manifest_it_did_not_write(tmp_pat
     (at.folder / agent.MANIFEST).write_text('{"root": "yes"}')
     refused_in_one_line(at.run("--uninstall"), "is not what --install writes")
     assert at.systemctl() == [] and (at.folder / agent.MANIFEST).exists()
+
+
+def test_a_failed_reinstall_keeps_the_install_that_worked(tmp_path):
+    # A review found that a re-install (a rotated key) whose systemctl failed took the working one down.
+    at = Installed(tmp_path)
+    assert at.install().returncode == 0
+    unit, env, manifest = at.unit.read_bytes(), (at.folder / ".env").read_bytes(), (at.folder / agent.MANIFEST).read_bytes()
+    calls = len(at.systemctl())
+    fake_systemctl(tmp_path / "bin", failing="--user enable --now gpu-stats-agent")
+    at.env["DEVICE_KEY"] = "a-rotated-key-0123456789"
+    refused_in_one_line(at.install(), "--user enable --now gpu-stats-agent failed", "the install from before is kept")
+    assert at.unit.read_bytes() == unit and (at.folder / ".env").read_bytes() == env
+    assert (at.folder / agent.MANIFEST).read_bytes() == manifest and KEY in env.decode()
+    assert "--user disable --now gpu-stats-agent" not in at.systemctl()[calls:]  # the running agent was not stopped
+    assert stat.S_IMODE((at.folder / ".env").stat().st_mode) == 0o600 and stat.S_IMODE(at.unit.stat().st_mode) == 0o644
