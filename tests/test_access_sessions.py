@@ -275,3 +275,15 @@ def test_json_that_is_not_an_object_is_a_400_not_a_500(make_app):
         assert admin.post(path, json=[1, 2], headers={"X-CSRF-Token": token}).status_code == 400, path
     answer = admin.post("/api/shares", json={"name": "tv", "devices": [1, 2]}, headers={"X-CSRF-Token": token})
     assert answer.status_code == 400 and answer.json["field"] == "devices"
+
+
+def test_the_shared_viewer_password_does_not_change_a_users_password(make_app):
+    # A review found it did: DASHBOARD_USER is "admin" by default, so the viewer login passed as admin's current password.
+    app = make_app(DASHBOARD_PASSWORD="shared-viewer-pass-1")
+    browser = client(app)
+    token = sign_in(browser)
+    answer = browser.post("/account", data={"current": "shared-viewer-pass-1", "new": "attacker-chosen-pw-1",
+                                            "csrf_token": token})
+    assert answer.status_code == 400 and "current password: wrong" in answer.get_data(as_text=True)
+    assert client(app).post("/login", data={"user": "admin", "password": "attacker-chosen-pw-1"}).status_code == 401
+    assert client(app).post("/login", data={"user": "admin", "password": ADMIN_PASSWORD}).status_code == 200

@@ -145,7 +145,7 @@ class Access:
         if self.due(credential["id"]):
             self.accounts.store.used(credential["id"], time.time())
 
-    def sign_in(self, name, password):
+    def sign_in(self, name, password, users_only=False):
         """Return the user that `name` and `password` sign in as, or an answer: 400 no such name, 429 held back, 401 wrong."""
         if not isinstance(name, str) or len(name) > NAME_CHARS:
             return error(400, f"user: at most {NAME_CHARS} characters", field="user")  # nothing kept for it
@@ -162,7 +162,7 @@ class Access:
             return error(429, "passwords from this address are being checked already; try again in a second",
                          headers={"Retry-After": "1"})
         try:
-            return self._check(where, name, password)
+            return self._check(where, name, password, users_only)
         finally:
             with self._lock:
                 if self._hashing[where] > 1:
@@ -170,9 +170,9 @@ class Access:
                 else:
                     del self._hashing[where]
 
-    def _check(self, where, name, password):
+    def _check(self, where, name, password, users_only=False):
         time.sleep(self.throttle.delay_for(name))  # many wrong guesses at this user lately: each try waits, none is locked out
-        if self.legacy_login(name, password):  # no hash, and no try counted for it: nothing to give back
+        if not users_only and self.legacy_login(name, password):  # no hash, no try counted: nothing to give back
             return {"name": name, "role": "viewer", "epoch": None, "legacy": True}
         # Counted as wrong before the hash, and given back if right: tries sent at once are all counted
         # before any of them is checked, so the throttle's 5 per address holds.
@@ -442,7 +442,9 @@ def _change_password(access, name):
     accounts, hasher = access.accounts, access.hasher
     new = check_password(request.form.get("new", ""))
     # Through the sign-in's throttle and hash slots: a stolen cookie must not guess the password here instead.
-    checked = access.sign_in(name, request.form.get("current", ""))
+    # The user's own password alone: DASHBOARD_USER is "admin" by default, and the shared viewer
+    # password must not change the admin's.
+    checked = access.sign_in(name, request.form.get("current", ""), users_only=True)
     if not isinstance(checked, dict):
         answer = checked[0].get_json()
         raise AccountError("current password: wrong" if checked[1] == 401 else answer["error"], status=checked[1])
