@@ -1,4 +1,6 @@
 """What the store commands share (`python config.py --add-device NAME` and the like): a flag's value, and the store."""
+import sqlite3
+
 from gpustats.errors import ConfigError
 
 
@@ -19,4 +21,7 @@ def open_store(config, what, in_redis, in_sqlite):
         return in_redis(SharedRedis(config.redis_url).client)
     if not config.history_db:
         raise ConfigError(f"HISTORY_DB is empty: {what} live in the server's memory alone; set HISTORY_DB or REDIS_URL")
-    return in_sqlite(config.history_db)
+    try:
+        return in_sqlite(config.history_db)
+    except sqlite3.Error as problem:  # one line, as the server says it at start, never a traceback
+        raise ConfigError(f"HISTORY_DB: cannot use {config.history_db} as the history database: {problem}") from None

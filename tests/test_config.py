@@ -151,3 +151,17 @@ def test_an_existing_env_file_gets_the_missing_lines_appended(tmp_path):
     assert env.count("SECRET_KEY=") == 1 and env.count("ADMIN_PASSWORD=") == 1
     assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600  # it holds a password now
     assert "as admin, password" in output
+
+
+@pytest.mark.parametrize("command", [["--add-device", "pc-1"], ["--list-devices"], ["--list-users"]])
+def test_a_store_command_on_a_history_db_it_cannot_open_says_so_in_one_line(tmp_path, command):
+    (tmp_path / "a-file").write_text("")
+    env = {**os.environ, "ENV_FILE": os.devnull, "HISTORY_DB": str(tmp_path / "a-file" / "history.sqlite3"),
+           "ADMIN_PASSWORD": "x" * 16}
+    env.pop("REDIS_URL", None)
+    done = subprocess.run([sys.executable, str(ROOT / "config.py"), *command], capture_output=True, text=True, env=env,
+                          timeout=30)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"config error: HISTORY_DB: cannot use {tmp_path / 'a-file' / 'history.sqlite3'} as the history database: "
+        "unable to open database file"]
