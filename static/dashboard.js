@@ -401,6 +401,7 @@
     }
     setStatus(entry, data.status || "online");
     overview.push(data);
+    for (const [index, tile] of entry.gpus) cellAlerts(data.device, index, tile);
     updateTotals();
     // A snapshot comes on every (re)connect: what we missed while away is in the history. After
     // a reconnect, the load waits a random moment, so a deploy's reconnecting pages spread out.
@@ -525,6 +526,12 @@
   const STAT_ALERTS = {temp: "GpuHot", mem: "GpuMemoryFull"};
   const LEVELS = {critical: "level-hot", warning: "level-warn"};
 
+  // The overview's cell of a GPU shows its worst alert, and is hot while GpuHot fires.
+  function cellAlerts(name, index, tile) {
+    overview.alerts(name, index, SEVERITIES.find(s => tile.alerts.some(a => severity(a) === s)),
+      tile.alerts.some(a => a.alertname === "GpuHot"));
+  }
+
   function alertLevel(tile, kind) {
     const alert = tile.alerts.find(a => a.alertname === STAT_ALERTS[kind]);
     return alert ? LEVELS[severity(alert)] || "" : "";
@@ -631,7 +638,7 @@
       showAlerts(entry.card, entry.alert, deviceAlerts(entry.name));
       for (const [index, tile] of entry.gpus) {
         tile.alerts = gpuAlerts(entry.name, index);
-        overview.hotAlert(entry.name, index, tile.alerts.some(a => a.alertname === "GpuHot"));
+        cellAlerts(entry.name, index, tile);
         if (showAlerts(tile.root, tile.alert, tile.alerts)) renderGpu(tile, tile.gpu);
       }
     }

@@ -300,10 +300,15 @@ window.FleetOverview = (() => {
         order = order.filter(n => n !== name);
         later();
       },
-      hotAlert(name, index, firing) { // the server's GpuHot rule, not only the page's threshold
+      alerts(name, index, worst, hot) { // a GPU's active alerts: its worst severity, and whether GpuHot fires
         const pc = pcs.get(name), cell = pc && pc.cells.get(index);
-        if (!cell || cell.hotAlert === firing) return;
-        cell.hotAlert = firing;
+        if (!cell) return;
+        if ((cell.node.dataset.alert || "") !== (worst || "")) {
+          if (worst) cell.node.dataset.alert = worst;
+          else delete cell.node.dataset.alert;
+        }
+        if (cell.hotAlert === hot) return;
+        cell.hotAlert = hot; // the server's GpuHot rule, not only the page's threshold
         renderPc(pc);
       },
       tick() { // once a second: how long free GPUs have been free

@@ -234,3 +234,14 @@ def test_a_pcs_name_opens_its_charts(server, page):
     open_overview(page, server)
     page.locator('#pcs .pc[data-device="rig-6"] .pc-name').click()
     expect(page.locator('section.device[data-device="rig-6"]')).to_be_in_viewport()
+
+
+def test_a_gpus_alerts_show_on_its_cell_and_a_hot_alert_makes_it_hot(start_server, page):
+    server = start_server(PUSH_RATE_LIMIT="1000", ALERT_FOR_S="0", ALERT_TEMP_C="30")
+    server.push(multi(gpu(0, temperatureGpu=45), gpu(1, temperatureGpu=20)))  # 45 °C: under the page's 80
+    open_overview(page, server)
+    expect(cell(page, "rig-1", 0)).to_have_class("cell hot")
+    expect(cell(page, "rig-1", 0)).to_have_attribute("data-alert", re.compile(r"^(critical|warning)$"))
+    expect(cell(page, "rig-1", 1)).to_have_class("cell busy")
+    expect(cell(page, "rig-1", 1)).not_to_have_attribute("data-alert", re.compile(".*"))
+    expect(page.locator("#alert-count")).to_have_text("1 alert")
