@@ -144,7 +144,7 @@ window.FleetOverview = (() => {
         ...(g.error ? [g.error] : []),
         ...processes.slice(0, 5).map(p => `${p.user || "?"}: ${p.name || "?"} (${p.pid ?? "?"})`)].join("\n");
       if (cell.title !== title) { cell.title = title; cell.node.title = title; }
-      cell.hay = [g.name, ...processes.flatMap(p => [p.user, p.name])]
+      cell.hay = [`${pc.name}:${cell.index}`, g.name, ...processes.flatMap(p => [p.user, p.name])]
         .filter(s => typeof s === "string").join("\n").toLowerCase();
     }
 
@@ -311,7 +311,8 @@ window.FleetOverview = (() => {
         cell.hotAlert = hot; // the server's GpuHot rule, not only the page's threshold
         renderPc(pc);
       },
-      tick() { // once a second: how long free GPUs have been free
+      tick() { // once a second: how long free GPUs have been free; a hidden tab does nothing
+        if (document.hidden) return;
         for (const pc of pcs.values()) {
           for (const cell of pc.cells.values()) if (cell.state === "free") setText(cell.who, whoText(cell));
         }
