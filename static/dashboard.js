@@ -21,6 +21,18 @@
   const devices = new Map(); // name -> {data, status, card parts, history state, gpus: Map(index -> tile)}
   let skewS = 0; // this browser's clock minus the server's, in seconds
   let range = rangeFrom(new URLSearchParams(location.search).get("range")); // {key, s, live, label}
+  // The overview above the cards: a row per PC, a cell per GPU; a PC's name opens its card.
+  const overview = FleetOverview.create({
+    root: document.getElementById("overview"), rows: document.getElementById("pcs"),
+    search: document.getElementById("search"), sortSelect: document.getElementById("sort"),
+    statusButtons: document.querySelectorAll("#overview [data-status]"),
+    stateButtons: document.querySelectorAll("#overview [data-state]"),
+    freeButton: document.getElementById("free-gpus"), shownCount: document.getElementById("shown-count"),
+    onView: {
+      details: name => devices.get(name)?.card.scrollIntoView({block: "start"}),
+      visible: (name, on) => { const card = devices.get(name)?.card; if (card) card.hidden = !on; },
+    },
+  });
 
   // ---- formatting: a value the GPU did not report is a dash, never 0 ----------------------
   const known = v => typeof v === "number" && Number.isFinite(v);
@@ -121,6 +133,7 @@
     document.getElementById("empty")?.remove();
     // Cards keep a stable order: by name, whatever order pushes arrive in.
     insertSorted(document.getElementById("fleet"), card, name, child => child.dataset.device);
+    card.hidden = !overview.shown(name); // the overview's search and filters narrow the cards too
     showAlerts(entry.card, entry.alert, deviceAlerts(name));
     return entry;
   }
@@ -355,6 +368,7 @@
 
   function setStatus(entry, status) {
     entry.status = status;
+    overview.status(entry.name, status);
     const shown = status === "online" && unread(entry) ? "problem" : status;
     if (!entry.card.classList.contains(shown)) {
       entry.card.classList.remove("online", "stale", "offline", "problem");
@@ -386,6 +400,8 @@
       if (!seen.has(index)) { tile.chart.destroy(); tile.root.remove(); entry.gpus.delete(index); }
     }
     setStatus(entry, data.status || "online");
+    overview.push(data);
+    for (const [index, tile] of entry.gpus) cellAlerts(data.device, index, tile);
     updateTotals();
     // A snapshot comes on every (re)connect: what we missed while away is in the history. After
     // a reconnect, the load waits a random moment, so a deploy's reconnecting pages spread out.
@@ -411,6 +427,7 @@
       entry.load?.abort();
       entry.card.remove();
       devices.delete(change.device);
+      overview.remove(change.device);
       updateTotals();
       return;
     }
@@ -467,6 +484,7 @@
       else updateSeen(entry);
     }
     if (changed) updateTotals();
+    overview.tick();
   }, 1000);
 
   // ---- alerts: the server's rules fire and resolve them; this page shows the active ones on their
@@ -507,6 +525,12 @@
   // The stat an active alert is about takes its colour: the server's threshold, not the page's.
   const STAT_ALERTS = {temp: "GpuHot", mem: "GpuMemoryFull"};
   const LEVELS = {critical: "level-hot", warning: "level-warn"};
+
+  // The overview's cell of a GPU shows its worst alert, and is hot while GpuHot fires.
+  function cellAlerts(name, index, tile) {
+    overview.alerts(name, index, SEVERITIES.find(s => tile.alerts.some(a => severity(a) === s)),
+      tile.alerts.some(a => a.alertname === "GpuHot"));
+  }
 
   function alertLevel(tile, kind) {
     const alert = tile.alerts.find(a => a.alertname === STAT_ALERTS[kind]);
@@ -614,6 +638,7 @@
       showAlerts(entry.card, entry.alert, deviceAlerts(entry.name));
       for (const [index, tile] of entry.gpus) {
         tile.alerts = gpuAlerts(entry.name, index);
+        cellAlerts(entry.name, index, tile);
         if (showAlerts(tile.root, tile.alert, tile.alerts)) renderGpu(tile, tile.gpu);
       }
     }

@@ -1,0 +1,326 @@
+// The fleet overview: one compact row per PC, one small cell per GPU, read at a glance for
+// hundreds of GPUs. Cells are updated by setting only what changed; nothing here reads layout.
+// Search, filters and sort narrow and order the rows, and live in the URL (?q=&status=&state=&sort=).
+// Every string from an agent is set with textContent.
+"use strict";
+
+window.FleetOverview = (() => {
+  const BUSY_PERCENT = 20;
+  const HOT_C = 80;
+  const FREE_PERCENT = 5; // free: under 5 % utilization and under 5 % of memory used, on an online PC
+  const STATES = { // the cell's state, worst first: its glyph says it without the colour
+    error: {glyph: "✖", text: "error"}, stale: {glyph: "◌", text: "no recent data"},
+    hot: {glyph: "▲", text: "hot"}, busy: {glyph: "●", text: "busy"},
+    used: {glyph: "◐", text: "in use"}, free: {glyph: "○", text: "free"},
+  };
+  const STATUSES = ["online", "stale", "offline", "problem"];
+  const FILTER_STATES = ["busy", "free", "hot"];
+  const SORTS = {name: "name", util: "utilization", mem: "memory", temp: "temperature", power: "power",
+    seen: "last push"};
+  const known = v => typeof v === "number" && Number.isFinite(v);
+  const memShare = g => known(g.memoryUsed) && known(g.memoryTotal) && g.memoryTotal > 0
+    ? 100 * g.memoryUsed / g.memoryTotal : null;
+  const pct = v => known(v) ? `${Math.round(v)}%` : "–";
+
+  function make(tag, className, parent, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    if (parent) parent.append(node);
+    return node;
+  }
+
+  function setText(node, text) {
+    if (node.textContent !== text) node.textContent = text;
+  }
+
+  function since(s) {
+    if (s < 60) return "under a minute";
+    if (s < 7200) return `${Math.floor(s / 60)} min`;
+    if (s < 172800) return `${Math.floor(s / 3600)} h`;
+    return `${Math.floor(s / 86400)} d`;
+  }
+
+  // The view as the URL says it: a link keeps it.
+  function viewFrom(search) {
+    const params = new URLSearchParams(search);
+    const list = (key, allowed) => (params.get(key) || "").split(",").filter(v => allowed.includes(v));
+    return {q: params.get("q") || "", status: list("status", STATUSES), state: list("state", FILTER_STATES),
+      sort: Object.hasOwn(SORTS, params.get("sort")) ? params.get("sort") : "name"};
+  }
+
+  function create({root, rows, search, statusButtons, stateButtons, freeButton, sortSelect, shownCount, onView}) {
+    const pcs = new Map(); // name -> {row, name, status, data, cells: Map(index -> cell), seenAt}
+    let view = viewFrom(location.search);
+    let order = []; // the rows' names in the order they stand in, kept here so nothing reads the DOM
+    let sortDue = false;
+
+    // ---- one PC, one GPU ------------------------------------------------------------------------
+    function pcEntry(name) {
+      let pc = pcs.get(name);
+      if (pc) return pc;
+      const row = make("div", "pc online");
+      row.dataset.device = name;
+      const head = make("div", "pc-head", row);
+      pc = {name, row, status: "online", data: null, receivedAt: 0, cells: new Map(), visible: true,
+        glyph: make("span", "pc-glyph", head, "●"),
+        button: make("button", "pc-name", head, name),
+        label: make("span", "pc-status", head, "online"),
+        list: make("ol", "cells", row), error: make("p", "pc-error", row, "")};
+      pc.button.type = "button";
+      pc.button.title = `${name}: show its GPUs' charts`;
+      pc.button.addEventListener("click", () => onView.details(name));
+      pcs.set(name, pc);
+      order.push(name);
+      sortDue = true;
+      rows.append(row);
+      return pc;
+    }
+
+    function cellEntry(pc, index) {
+      let cell = pc.cells.get(index);
+      if (cell) return cell;
+      const node = make("li", "cell");
+      node.dataset.index = String(index);
+      cell = {node, index, g: {}, state: "", flags: {}, freeSince: undefined, hotAlert: false, title: "", hay: "",
+        glyph: make("span", "glyph", node), id: make("span", "idx", node, String(index)),
+        util: make("span", "v util", node), mem: make("span", "v mem", node), temp: make("span", "v temp", node),
+        who: make("span", "who", node)};
+      pc.cells.set(index, cell);
+      // Cells stand by index; a new one goes before the first with a larger index.
+      const after = [...pc.cells.values()].filter(c => c.index > index).sort((a, b) => a.index - b.index)[0];
+      pc.list.insertBefore(node, after ? after.node : null);
+      return cell;
+    }
+
+    function flagsOf(pc, cell) {
+      const g = cell.g, online = pc.status === "online";
+      const share = memShare(g);
+      return {
+        error: Boolean(g.error), stale: !online,
+        hot: online && (cell.hotAlert || (known(g.temperatureGpu) && g.temperatureGpu >= HOT_C)),
+        busy: online && known(g.utilizationGpu) && g.utilizationGpu >= BUSY_PERCENT,
+        free: online && !g.error && known(g.utilizationGpu) && g.utilizationGpu < FREE_PERCENT
+          && share !== null && share < FREE_PERCENT,
+      };
+    }
+
+    function whoText(cell) {
+      if (cell.state === "free") {
+        return cell.freeSince === null ? "free since you opened the page"
+          : `free for ${since(Date.now() / 1000 - cell.freeSince)}`;
+      }
+      const processes = Array.isArray(cell.g.processes) ? cell.g.processes : [];
+      const people = processes.map(p => [p.user, p.name].filter(s => typeof s === "string" && s).join(" "));
+      return people.filter(Boolean).join(", ");
+    }
+
+    function renderCell(pc, cell) {
+      const g = cell.g;
+      const flags = flagsOf(pc, cell);
+      cell.flags = flags;
+      const state = Object.keys(STATES).find(s => flags[s]) || "used";
+      if (state === "free" && cell.state !== "free") {
+        // Free from the first event this page saw: it cannot tell since when.
+        cell.freeSince = cell.seen ? Date.now() / 1000 : null;
+      } else if (state !== "free") {
+        cell.freeSince = undefined;
+      }
+      cell.seen = true;
+      if (cell.state !== state) {
+        cell.state = state;
+        cell.node.className = `cell ${state}`;
+        setText(cell.glyph, STATES[state].glyph);
+      }
+      setText(cell.util, pct(g.utilizationGpu));
+      setText(cell.mem, pct(memShare(g)));
+      setText(cell.temp, known(g.temperatureGpu) ? `${Math.round(g.temperatureGpu)}°` : "–");
+      setText(cell.who, whoText(cell));
+      const processes = Array.isArray(g.processes) ? g.processes : [];
+      const title = [`${pc.name}:${cell.index} ${g.name || ""} — ${STATES[state].text}`,
+        `utilization ${pct(g.utilizationGpu)}, memory ${pct(memShare(g))}, `
+          + `${known(g.temperatureGpu) ? `${Math.round(g.temperatureGpu)} °C` : "– °C"}, `
+          + `${known(g.powerDraw) ? `${Math.round(g.powerDraw)} W` : "– W"}`,
+        ...(g.error ? [g.error] : []),
+        ...processes.slice(0, 5).map(p => `${p.user || "?"}: ${p.name || "?"} (${p.pid ?? "?"})`)].join("\n");
+      if (cell.title !== title) { cell.title = title; cell.node.title = title; }
+      cell.hay = [`${pc.name}:${cell.index}`, g.name, ...processes.flatMap(p => [p.user, p.name])]
+        .filter(s => typeof s === "string").join("\n").toLowerCase();
+    }
+
+    // ---- the view: search, filters, sort ----------------------------------------------------------
+    function pcStatus(pc) {
+      const unread = pc.data && pc.data.error && !(Array.isArray(pc.data.gpus) && pc.data.gpus.length);
+      return pc.status === "online" && unread ? "problem" : pc.status;
+    }
+
+    function applyView(pc) {
+      const q = view.q.trim().toLowerCase();
+      const status = pcStatus(pc);
+      const statusOk = !view.status.length || view.status.includes(status)
+        || (view.status.includes("problem") && [...pc.cells.values()].some(c => c.flags.error));
+      const nameOk = !q || pc.name.toLowerCase().includes(q);
+      let shown = 0;
+      for (const cell of pc.cells.values()) {
+        const on = statusOk && (nameOk || cell.hay.includes(q))
+          && (!view.state.length || view.state.some(s => cell.flags[s]));
+        if (cell.node.hidden === on) cell.node.hidden = !on;
+        if (on) shown += 1;
+      }
+      const visible = shown > 0 || (statusOk && nameOk && !view.state.length && pc.cells.size === 0);
+      if (pc.visible !== visible) {
+        pc.visible = visible;
+        pc.row.hidden = !visible;
+        onView.visible(pc.name, visible);
+      }
+    }
+
+    function sortKey(pc) {
+      const gpus = [...pc.cells.values()].map(c => c.g);
+      const most = values => { const v = values.filter(known); return v.length ? Math.max(...v) : -Infinity; };
+      switch (view.sort) {
+        case "util": return most(gpus.map(g => g.utilizationGpu));
+        case "mem": return most(gpus.map(memShare));
+        case "temp": return most(gpus.map(g => g.temperatureGpu));
+        case "power": { const w = gpus.map(g => g.powerDraw).filter(known); return w.length ? w.reduce((a, b) => a + b) : -Infinity; }
+        case "seen": return -(pc.receivedAt || 0); // the longest silent first
+        default: return 0;
+      }
+    }
+
+    function sortRows() {
+      sortDue = false;
+      const keys = new Map([...pcs.values()].map(pc => [pc.name, sortKey(pc)]));
+      // The most first (by name among equals): the busiest, the hottest, the longest silent.
+      const next = [...pcs.keys()].sort((a, b) => keys.get(b) - keys.get(a) || (a < b ? -1 : a > b ? 1 : 0));
+      if (next.length === order.length && next.every((name, i) => order[i] === name)) return;
+      order = next;
+      rows.append(...next.map(name => pcs.get(name).row));
+    }
+
+    function countShown() {
+      let gpus = 0, shown = 0, free = 0;
+      for (const pc of pcs.values()) {
+        for (const cell of pc.cells.values()) {
+          gpus += 1;
+          if (pc.visible && !cell.node.hidden) shown += 1;
+          if (cell.flags.free) free += 1;
+        }
+      }
+      setText(freeButton.querySelector(".n"), String(free));
+      setText(shownCount, shown === gpus ? `${gpus} GPUs` : `${shown} of ${gpus} GPUs`);
+    }
+
+    function showView() {
+      if (search.value !== view.q) search.value = view.q;
+      for (const b of statusButtons) b.setAttribute("aria-pressed", String(view.status.includes(b.dataset.status)));
+      for (const b of stateButtons) b.setAttribute("aria-pressed", String(view.state.includes(b.dataset.state)));
+      freeButton.setAttribute("aria-pressed", String(view.state.length === 1 && view.state[0] === "free"));
+      sortSelect.value = view.sort;
+      root.classList.toggle("free-view", view.state.length === 1 && view.state[0] === "free");
+    }
+
+    function setView(change) {
+      view = {...view, ...change};
+      const params = new URLSearchParams(location.search);
+      for (const [key, value] of [["q", view.q], ["status", view.status.join(",")],
+        ["state", view.state.join(",")], ["sort", view.sort === "name" ? "" : view.sort]]) {
+        if (value) params.set(key, value);
+        else params.delete(key);
+      }
+      const query = params.toString();
+      history.replaceState(null, "", query ? `?${query}` : location.pathname);
+      showView();
+      for (const pc of pcs.values()) applyView(pc);
+      sortRows();
+      countShown();
+    }
+
+    const toggle = (list, value) => list.includes(value) ? list.filter(v => v !== value) : [...list, value];
+    search.addEventListener("input", () => setView({q: search.value}));
+    for (const b of statusButtons) b.addEventListener("click", () => setView({status: toggle(view.status, b.dataset.status)}));
+    for (const b of stateButtons) b.addEventListener("click", () => setView({state: toggle(view.state, b.dataset.state)}));
+    freeButton.addEventListener("click", () => setView({state: freeButton.getAttribute("aria-pressed") === "true" ? [] : ["free"]}));
+    sortSelect.addEventListener("change", () => setView({sort: sortSelect.value}));
+    showView();
+
+    // Counts and order follow events once a frame at most, not once an event.
+    let countQueued = false;
+    function later() {
+      if (countQueued) return;
+      countQueued = true;
+      requestAnimationFrame(() => {
+        countQueued = false;
+        if (sortDue) sortRows();
+        countShown();
+      });
+    }
+
+    function renderPc(pc) {
+      const status = pcStatus(pc);
+      if (!pc.row.classList.contains(status)) {
+        pc.row.classList.remove(...STATUSES);
+        pc.row.classList.add(status);
+        setText(pc.label, status === "problem" ? "⚠ no GPU read" : status);
+        setText(pc.glyph, {online: "●", stale: "◐", offline: "○", problem: "⚠"}[status]);
+      }
+      setText(pc.error, status === "problem" ? `Cannot read GPUs: ${pc.data.error}` : "");
+      for (const cell of pc.cells.values()) renderCell(pc, cell);
+      applyView(pc);
+      if (view.sort !== "name") sortDue = true;
+      later();
+    }
+
+    return {
+      push(data) { // an accepted push or a snapshot's state of one PC
+        const pc = pcEntry(data.device);
+        pc.data = data;
+        pc.status = data.status || "online";
+        if (known(data.receivedAt)) pc.receivedAt = data.receivedAt;
+        const seen = new Set();
+        for (const g of Array.isArray(data.gpus) ? data.gpus : []) {
+          const cell = cellEntry(pc, g.index);
+          cell.g = g;
+          seen.add(g.index);
+        }
+        for (const [index, cell] of pc.cells) if (!seen.has(index)) { cell.node.remove(); pc.cells.delete(index); }
+        renderPc(pc);
+      },
+      status(name, status) {
+        const pc = pcs.get(name);
+        if (!pc || pc.status === status) return;
+        pc.status = status;
+        renderPc(pc);
+      },
+      remove(name) {
+        const pc = pcs.get(name);
+        if (!pc) return;
+        pc.row.remove();
+        pcs.delete(name);
+        order = order.filter(n => n !== name);
+        later();
+      },
+      alerts(name, index, worst, hot) { // a GPU's active alerts: its worst severity, and whether GpuHot fires
+        const pc = pcs.get(name), cell = pc && pc.cells.get(index);
+        if (!cell) return;
+        if ((cell.node.dataset.alert || "") !== (worst || "")) {
+          if (worst) cell.node.dataset.alert = worst;
+          else delete cell.node.dataset.alert;
+        }
+        if (cell.hotAlert === hot) return;
+        cell.hotAlert = hot; // the server's GpuHot rule, not only the page's threshold
+        renderPc(pc);
+      },
+      tick() { // once a second: how long free GPUs have been free; a hidden tab does nothing
+        if (document.hidden) return;
+        for (const pc of pcs.values()) {
+          for (const cell of pc.cells.values()) if (cell.state === "free") setText(cell.who, whoText(cell));
+        }
+        if (sortDue && view.sort === "seen") sortRows();
+      },
+      shown: name => pcs.get(name)?.visible ?? true,
+    };
+  }
+
+  return {create, SORTS};
+})();

@@ -1,0 +1,247 @@
+"""The fleet overview in a real headless Chromium against the real server: a row per PC, a cell per GPU."""
+import re
+import time
+
+import pytest
+from playwright.sync_api import expect
+
+from conftest import gpu, multi
+
+FLEET = {f"pc-{i:02}": f"test-key-pc-{i:02}-0123456789" for i in range(1, 41)}  # 40 PCs of 8 GPUs
+ROWS = "#pcs .pc:not([hidden])"
+FREE = {"utilizationGpu": 0, "memoryUsed": 100, "processes": []}  # under 5 % of both
+
+
+def fleet_gpu(pc, index):
+    """A GPU of PC number `pc`: busy, free, hot or in use, as its place in the fleet says."""
+    kind = (pc + index) % 4
+    fields = [{"utilizationGpu": 90}, FREE, {"utilizationGpu": 60, "temperatureGpu": 86},
+              {"utilizationGpu": 10}][kind]
+    users = [{"pid": 100 + index, "name": f"train-{pc}.py", "user": f"user{pc % 7}", "memoryUsed": 2048}]
+    return gpu(index, **{"processes": users, **fields})
+
+
+def rows(page):
+    return page.locator(f"{ROWS} .pc-name")
+
+
+def cells(page):
+    return page.locator(f"{ROWS} .cell:not([hidden])")
+
+
+def cell(page, device, index):
+    return page.locator(f'#pcs .pc[data-device="{device}"] .cell[data-index="{index}"]')
+
+
+def open_overview(page, server, path="/"):
+    page.goto(server.url + path)
+    expect(page.locator("#connection")).to_have_text("live")
+
+
+@pytest.fixture
+def fleet_page(browser):
+    """A 1920x1080 page, the screen the overview is sized for."""
+    context = browser.new_context(viewport={"width": 1920, "height": 1080})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert errors == []
+
+
+def test_a_fleet_of_40_pcs_of_8_gpus_reads_in_two_screens_and_updates_in_place(start_server, fleet_page):
+    page = fleet_page
+    server = start_server(PUSH_RATE_LIMIT="1000", DEVICE_KEYS=",".join(f"{d}:{k}" for d, k in FLEET.items()))
+    for n, (device, key) in enumerate(FLEET.items(), 1):
+        assert server.push(multi(*(fleet_gpu(n, i) for i in range(8)), host=device), device=device, key=key).ok
+    open_overview(page, server)
+    expect(rows(page)).to_have_count(40)
+    expect(cells(page)).to_have_count(320)
+    expect(page.locator("#shown-count")).to_have_text("320 GPUs")
+    # pc-01's GPU 0 is kind 1 (free), GPU 1 kind 2 (hot), GPU 2 kind 3 (in use), GPU 3 kind 0 (busy).
+    expect(cell(page, "pc-01", 0)).to_have_class("cell free")
+    expect(cell(page, "pc-01", 0).locator(".glyph")).to_have_text("○")
+    expect(cell(page, "pc-01", 1)).to_have_class("cell hot")
+    expect(cell(page, "pc-01", 1).locator(".glyph")).to_have_text("▲")
+    expect(cell(page, "pc-01", 2)).to_have_class("cell used")
+    expect(cell(page, "pc-01", 3)).to_have_class("cell busy")
+    expect(cell(page, "pc-01", 3).locator(".glyph")).to_have_text("●")
+    expect(cell(page, "pc-01", 3).locator(".v")).to_have_text(["90%", "60%", "65°"])
+    expect(cell(page, "pc-01", 3).locator(".who")).to_have_text("user1 train-1.py")
+    expect(cell(page, "pc-01", 3)).to_have_attribute("title", re.compile(r"^pc-01:3 NVIDIA GeForce RTX 3080 — busy\n"))
+    expect(page.locator(".fleet-key li")).to_have_count(7)  # every state's glyph, with words
+    overview = page.locator("#overview").bounding_box()
+    bottom = overview["y"] + overview["height"] + page.evaluate("scrollY")
+    print(f"the overview of 40 x 8 GPUs ends {bottom:.0f} px down at 1920x1080")
+    assert bottom <= 2 * 1080, bottom
+    # A push changes its cells' text in place: no node is added or replaced.
+    nodes = page.evaluate("document.querySelectorAll('#overview *').length")
+    node = cell(page, "pc-07", 5).element_handle()
+    server.push(multi(*(fleet_gpu(7, i) for i in range(5)), gpu(5, utilizationGpu=42, temperatureGpu=50),
+                      *(fleet_gpu(7, i) for i in range(6, 8)), host="pc-07"), device="pc-07", key=FLEET["pc-07"])
+    expect(cell(page, "pc-07", 5).locator(".util")).to_have_text("42%")
+    expect(cell(page, "pc-07", 5)).to_have_class("cell busy")
+    assert node.evaluate("n => n.isConnected") and page.evaluate("document.querySelectorAll('#overview *').length") == nodes
+
+
+def test_search_narrows_as_you_type_by_pc_gpu_user_or_process(server, page):
+    server.push(multi(gpu(0, name="NVIDIA RTX 4090", processes=[{"pid": 1, "name": "train.py", "user": "ana"}]),
+                      gpu(1, name="NVIDIA RTX 4090", processes=[])), device="rig-1")
+    server.push(multi(gpu(0, name="NVIDIA A100", processes=[{"pid": 2, "name": "blender", "user": "bo"}])),
+                device="rig-2")
+    server.push(multi(gpu(0, name="NVIDIA A100", processes=[])), device="rig-3")
+    open_overview(page, server)
+    expect(rows(page)).to_have_text(["rig-1", "rig-2", "rig-3"])
+    search = page.locator("#search")
+    assert search.get_attribute("type") == "search"
+    for query, shown, count in [("rig-3", ["rig-3"], 1), ("a100", ["rig-2", "rig-3"], 2), ("ana", ["rig-1"], 1),
+                                ("BLENDER", ["rig-2"], 1), ("4090", ["rig-1"], 2), ("rig-1:1", ["rig-1"], 1),
+                                ("nobody", [], 0)]:
+        search.fill(query)
+        expect(rows(page)).to_have_text(shown)
+        expect(cells(page)).to_have_count(count)
+    expect(page.locator("#shown-count")).to_have_text("0 of 4 GPUs")
+    expect(page.locator("section.device:not([hidden]) h2")).to_have_count(0)  # the cards narrow too
+    search.fill("rig-")
+    expect(rows(page)).to_have_text(["rig-1", "rig-2", "rig-3"])
+    assert page.url.endswith("/?q=rig-")
+    search.fill("")
+    assert page.url.endswith("/")
+    expect(page.locator("section.device:not([hidden]) h2")).to_have_text(["rig-1", "rig-2", "rig-3"])
+
+
+def test_status_and_state_filters(start_server, page):
+    server = start_server(PUSH_RATE_LIMIT="1000", STALE_AFTER_S="2", OFFLINE_AFTER_S="60")
+    server.push(multi(gpu(0)), device="rig-5")  # goes stale while the others push
+
+    def fresh():
+        server.push(multi(gpu(0, utilizationGpu=90), gpu(1, **FREE)), device="rig-1")
+        server.push(multi(gpu(0, temperatureGpu=88)), device="rig-2")
+        server.push(dict(multi(), gpus=[], error="nvidia-smi failed"), device="rig-3")
+        server.push(multi(gpu(0, error="GPU is lost", utilizationGpu=None)), device="rig-4")
+    open_overview(page, server)
+    expect(page.locator('#pcs .pc[data-device="rig-5"]')).to_have_class(re.compile(r"\bstale\b"), timeout=4000)
+    fresh()
+    expect(rows(page)).to_have_text(["rig-1", "rig-2", "rig-3", "rig-4", "rig-5"])
+    expect(page.locator('#pcs .pc[data-device="rig-3"] .pc-status')).to_have_text("⚠ no GPU read")
+    expect(cell(page, "rig-4", 0)).to_have_class("cell error")
+    expect(cell(page, "rig-5", 0)).to_have_class("cell stale")
+    for buttons, shown in [(["stale"], ["rig-5"]), (["problem"], ["rig-3", "rig-4"]),
+                           (["online"], ["rig-1", "rig-2", "rig-4"]), (["online", "stale"], ["rig-1", "rig-2", "rig-4", "rig-5"]),
+                           (["offline"], [])]:
+        for name in buttons:
+            page.locator(f'#overview [data-status="{name}"]').click()
+        expect(rows(page)).to_have_text(shown)
+        assert f"status={'%2C'.join(buttons)}" in page.url
+        for name in buttons:
+            page.locator(f'#overview [data-status="{name}"]').click()
+    fresh()
+    for name, shown, count in [("busy", ["rig-1", "rig-2"], 2), ("free", ["rig-1"], 1), ("hot", ["rig-2"], 1)]:
+        page.locator(f'#overview [data-state="{name}"]').click()
+        expect(rows(page)).to_have_text(shown)
+        expect(cells(page)).to_have_count(count)
+        assert f"state={name}" in page.url
+        page.locator(f'#overview [data-state="{name}"]').click()
+    expect(rows(page)).to_have_count(5)
+    assert page.url.endswith("/")
+
+
+def test_sorting_by_each_column(server, page):
+    server.push(multi(gpu(0, utilizationGpu=10, memoryUsed=9000, temperatureGpu=70, powerDraw=100)), device="rig-1")
+    server.push(multi(gpu(0, utilizationGpu=99, memoryUsed=1000, temperatureGpu=40, powerDraw=300)), device="rig-2")
+    server.push(multi(gpu(0, utilizationGpu=50, memoryUsed=5000, temperatureGpu=90, powerDraw=50),
+                      gpu(1, powerDraw=60)), device="rig-3")
+    time.sleep(1.1)
+    server.push(multi(gpu(0, utilizationGpu=10, memoryUsed=9000, temperatureGpu=70, powerDraw=100)), device="rig-1")
+    open_overview(page, server)
+    expect(rows(page)).to_have_text(["rig-1", "rig-2", "rig-3"])
+    for key, order in [("util", ["rig-2", "rig-3", "rig-1"]), ("mem", ["rig-1", "rig-3", "rig-2"]),
+                       ("temp", ["rig-3", "rig-1", "rig-2"]), ("power", ["rig-2", "rig-3", "rig-1"]),
+                       ("seen", ["rig-2", "rig-3", "rig-1"]), ("name", ["rig-1", "rig-2", "rig-3"])]:
+        page.select_option("#sort", key)
+        expect(rows(page)).to_have_text(order)
+        assert page.url.endswith("/" if key == "name" else f"/?sort={key}")
+    page.select_option("#sort", "util")
+    server.push(multi(gpu(0, utilizationGpu=100)), device="rig-1")  # a push moves its row
+    expect(rows(page)).to_have_text(["rig-1", "rig-2", "rig-3"])
+
+
+def test_the_view_is_kept_in_the_url_across_a_reload_with_device_and_range(server, page):
+    for device in ("rig-1", "rig-2", "rig-3"):
+        server.push(multi(gpu(0, utilizationGpu=90 if device != "rig-2" else 0, memoryUsed=100)), device=device)
+    open_overview(page, server, "/?device=rig-1,rig-2,rig-3&range=24h")
+    page.locator("#search").fill("rig")
+    page.locator('#overview [data-state="busy"]').click()
+    page.locator('#overview [data-status="online"]').click()
+    page.select_option("#sort", "temp")
+    expect(rows(page)).to_have_text(["rig-1", "rig-3"])
+    query = page.url.split("?", 1)[1]
+    assert set(query.split("&")) == {"device=rig-1%2Crig-2%2Crig-3", "range=24h", "q=rig", "state=busy",
+                                     "status=online", "sort=temp"}, query
+    page.reload()
+    expect(page.locator("#connection")).to_have_text("live")
+    expect(rows(page)).to_have_text(["rig-1", "rig-3"])
+    expect(page.locator("#search")).to_have_value("rig")
+    expect(page.locator('#overview [data-state="busy"]')).to_have_attribute("aria-pressed", "true")
+    expect(page.locator('#overview [data-status="online"]')).to_have_attribute("aria-pressed", "true")
+    expect(page.locator("#sort")).to_have_value("temp")
+    expect(page.get_by_role("button", name="24 h")).to_have_attribute("aria-pressed", "true")
+    page.goto(server.url + "/?device=rig-2&state=free")  # a shared link, with the stream's own filter
+    expect(rows(page)).to_have_text(["rig-2"])
+    expect(page.locator("#free-gpus")).to_have_attribute("aria-pressed", "true")
+
+
+def test_free_gpus_shows_only_free_gpus_and_how_long_they_have_been_free(start_server, page):
+    server = start_server(PUSH_RATE_LIMIT="1000", STALE_AFTER_S="30", OFFLINE_AFTER_S="60")
+    server.push(multi(gpu(0, **FREE), gpu(1, utilizationGpu=90), gpu(2, utilizationGpu=2, memoryUsed=4096)),
+                device="rig-1")
+    server.push(multi(gpu(0, utilizationGpu=3, memoryUsed=200, processes=[])), device="rig-2")  # 2 % of memory
+    open_overview(page, server)
+    expect(page.locator("#free-gpus .n")).to_have_text("2")
+    page.locator("#free-gpus").click()
+    assert page.url.endswith("/?state=free")
+    expect(page.locator("#free-gpus")).to_have_attribute("aria-pressed", "true")
+    expect(cells(page)).to_have_count(2)  # rig-1's GPU 2 holds 40 % of its memory: not free
+    expect(cell(page, "rig-1", 0).locator(".who")).to_have_text("free since you opened the page")
+    expect(cell(page, "rig-2", 0).locator(".who")).to_have_text("free since you opened the page")
+    server.push(multi(gpu(0, **FREE), gpu(1, **FREE), gpu(2, utilizationGpu=2, memoryUsed=4096)), device="rig-1")
+    expect(cells(page)).to_have_count(3)
+    expect(cell(page, "rig-1", 1).locator(".who")).to_have_text("free for under a minute")
+    expect(cell(page, "rig-1", 0).locator(".who")).to_have_text("free since you opened the page")
+    server.push(multi(gpu(0, utilizationGpu=70), gpu(1, **FREE), gpu(2, utilizationGpu=2, memoryUsed=4096)),
+                device="rig-1")  # taken
+    expect(cells(page)).to_have_count(2)
+    expect(page.locator("#free-gpus .n")).to_have_text("2")
+    page.locator("#free-gpus").click()  # and back to every GPU
+    expect(cells(page)).to_have_count(4)
+    assert page.url.endswith("/")
+
+
+def test_pushed_strings_in_the_overview_stay_text(server, page):
+    evil = '<img src=x onerror="window.pwned=1">'
+    server.push(multi(gpu(0, name=evil, processes=[{"pid": 1, "name": "<b>x</b>", "user": evil}])))
+    open_overview(page, server)
+    expect(cell(page, "rig-1", 0).locator(".who")).to_have_text(f"{evil} <b>x</b>")
+    page.locator("#search").fill("<b>")
+    expect(cells(page)).to_have_count(1)
+    assert page.locator("#overview img, #overview b").count() == 0 and page.evaluate("window.pwned") is None
+
+
+def test_a_pcs_name_opens_its_charts(server, page):
+    for device in ("rig-1", "rig-2", "rig-3", "rig-4", "rig-5", "rig-6"):
+        server.push(multi(gpu(0), gpu(1)), device=device)
+    open_overview(page, server)
+    page.locator('#pcs .pc[data-device="rig-6"] .pc-name').click()
+    expect(page.locator('section.device[data-device="rig-6"]')).to_be_in_viewport()
+
+
+def test_a_gpus_alerts_show_on_its_cell_and_a_hot_alert_makes_it_hot(start_server, page):
+    server = start_server(PUSH_RATE_LIMIT="1000", ALERT_FOR_S="0", ALERT_TEMP_C="30")
+    server.push(multi(gpu(0, temperatureGpu=45), gpu(1, temperatureGpu=20)))  # 45 °C: under the page's 80
+    open_overview(page, server)
+    expect(cell(page, "rig-1", 0)).to_have_class("cell hot")
+    expect(cell(page, "rig-1", 0)).to_have_attribute("data-alert", re.compile(r"^(critical|warning)$"))
+    expect(cell(page, "rig-1", 1)).to_have_class("cell busy")
+    expect(cell(page, "rig-1", 1)).not_to_have_attribute("data-alert", re.compile(".*"))
+    expect(page.locator("#alert-count")).to_have_text("1 alert")
