@@ -153,7 +153,7 @@
     tile.error = make("p", "gpu-error", root, "");
     const stats = make("dl", "stats", root);
     for (const kind of Object.keys(LABELS)) {
-      const row = make("div", "stat", stats);
+      const row = make("div", `stat ${kind}`, stats);
       make("dt", "", row, LABELS[kind]);
       tile.rows[kind] = {row, value: make("dd", "", row, dash)};
     }

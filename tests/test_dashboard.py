@@ -157,6 +157,10 @@ def test_fleet_appears_with_readable_values_and_totals(server, page):
     expect(stat(page, "rig-1", 0, "Power")).to_have_text("221 / 320 W")
     expect(stat(page, "rig-1", 0, "Fan")).to_have_text("55 %")
     expect(stat(page, "rig-1", 0, "Clocks")).to_have_text("core 1,905 · memory 9,501 MHz")
+    inside = page.evaluate("""[...document.querySelectorAll('article.gpu')].every(tile => {
+        const edge = tile.getBoundingClientRect().right;
+        return [...tile.querySelectorAll('.stat dd')].every(dd => dd.getBoundingClientRect().right <= edge); })""")
+    assert inside, "a value runs out of its tile"
     expect(tile(page, "rig-1", 0).locator(".processes li")).to_have_text(["4242 python2.0 GiB"])
     expect(stat(page, "rig-1", 1, "Power")).to_have_text("–")  # not reported: a dash, not 0
     expect(stat(page, "rig-1", 1, "Temp")).to_have_class("level-hot")
