@@ -43,6 +43,7 @@ class Connections:
         self._held = {}  # key -> connections open
         self._idle = OrderedDict()  # sockets waiting for a first or next request, idle longest first
         self._busy = set()  # sockets answering a request other than a stream
+        self._stopping = False  # SIGTERM came: a connection that goes idle from now on is ended at once
         self._last_refused = None
         self._refused = Tally(lambda counts: log.warning(
             "refused connections from addresses that held %d already (the last from %s): %s",
@@ -107,11 +108,16 @@ class Connections:
     def idle(self, sock):
         """The answer on `sock` is done: it waits for a next request, the newest idle connection."""
         self._busy.discard(sock)
-        if sock in self._open:
+        if self._stopping:
+            # Answered just as SIGTERM came (its client already had the answer): it ends now, or the
+            # worker waits for its next request until --graceful-timeout.
+            shut(sock, socket.SHUT_RD)
+        elif sock in self._open:
             self._idle[sock] = None
 
     def close_idle(self):
         """On SIGTERM: shut the reading side of every connection not answering a request (idle ones, streams)."""
+        self._stopping = True
         for sock in list(self._open):
             if sock not in self._busy:
                 shut(sock, socket.SHUT_RD)
