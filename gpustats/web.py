@@ -47,6 +47,11 @@ def client_key(remote_addr, forwarded_for, trusted_proxies):
     return limit_key(client_address(remote_addr, forwarded_for, trusted_proxies))
 
 
+def requester_key(trusted_proxies):
+    """Return the key of this request's client for per-address limits (client_key of Flask's request)."""
+    return client_key(request.remote_addr, request.headers.get("X-Forwarded-For"), trusted_proxies)
+
+
 def error(status, message, field=None, headers=None):
     """Return a JSON error answer: {"ok": false, "error": message, "field": field}."""
     body = {"ok": False, "error": message}

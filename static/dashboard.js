@@ -35,7 +35,7 @@
   });
 
   // ---- formatting: a value the GPU did not report is a dash, never 0 ----------------------
-  const known = v => typeof v === "number" && Number.isFinite(v);
+  const {known, make, setText} = FleetOverview; // overview.js loads first: one copy of the DOM helpers
   const dash = "–";
   const round = v => Math.round(v).toLocaleString("en-US");
   // Thousands separated as power's are: "3,432.9 / 7,676.3 GiB", not "3432.9 / 7676.3 GiB".
@@ -92,18 +92,6 @@
   }
 
   // ---- DOM helpers ------------------------------------------------------------------------
-  function make(tag, className, parent, text) {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined) node.textContent = text;
-    if (parent) parent.append(node);
-    return node;
-  }
-
-  function setText(node, text) {
-    if (node.textContent !== text) node.textContent = text;
-  }
-
   function insertSorted(parent, node, key, keyOf) {
     const next = [...parent.children].find(child => keyOf(child) > key);
     parent.insertBefore(node, next || null);

@@ -322,5 +322,5 @@ window.FleetOverview = (() => {
     };
   }
 
-  return {create, SORTS};
+  return {create, SORTS, known, make, setText}; // the DOM helpers dashboard.js uses too
 })();

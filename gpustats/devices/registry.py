@@ -143,10 +143,11 @@ class DeviceRegistry:
 
     def devices(self):
         """Return every device with its keys and where it is set: {"name", "keys", "source", "createdAt"}."""
-        pending = dict(self._used)  # uses not written yet (once a minute): a key in use never reads "used never"
-        found = [dict(d, source="store", keys=[dict(k, lastUsedAt=max(filter(None, (k.get("lastUsedAt"),
-                                                                                      pending.get(k["id"]))), default=None))
-                                               for k in d["keys"]]) for d in self.store.devices()]
+        pending = dict(self._used)  # uses not written yet (once a minute), always the newer: "used never" never lies
+
+        def key(k):
+            return dict(k, lastUsedAt=pending.get(k["id"]) or k.get("lastUsedAt"))
+        found = [dict(d, source="store", keys=[key(k) for k in d["keys"]]) for d in self.store.devices()]
         names = {d["name"] for d in found}
         found += [{"name": name, "keys": [], "source": "env", "createdAt": None}
                   for name in self.env_devices if name not in names]

@@ -76,8 +76,9 @@ class Fleet:
         """
         if self._history is None:
             return 0
+        # last_states() returns only what the fleet itself wrote (a device, a time, its GPUs).
         kept = [dict(event, status=event.get("status") or "online") for event in self._history.last_states()
-                if event.get("device") in known and isinstance(event.get("receivedAt"), (int, float))]
+                if event["device"] in known]
         with self._lock:
             for event in kept:
                 self._devices.setdefault(event["device"], event)

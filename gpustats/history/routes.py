@@ -19,7 +19,7 @@ from flask import Response, request
 from gpustats.history.tiers import FIELDS, QueryError, RawJSON, head, plan, rfc3339
 from gpustats.offload import cooperate
 from gpustats.scaleout import Unavailable
-from gpustats.web import allowed_devices, client_key, error
+from gpustats.web import allowed_devices, error, requester_key
 
 log = logging.getLogger("gpustats")
 # Unix seconds as digits: float() would also take ' 1e3', '1_000', 'nan' and 'inf'.
@@ -45,7 +45,7 @@ def register_history(app, config, history, clock=time.time, known_devices=None):
             return error(400, str(problem), field=problem.field)
         if allowed_devices() is not None and device not in allowed_devices():  # a share link of other devices
             return error(404, f"unknown device {device[:64]!r}")
-        address = client_key(request.remote_addr, request.headers.get("X-Forwarded-For"), config.trusted_proxies)
+        address = requester_key(config.trusted_proxies)
         if not slots.take(address, SLOT_WAIT_S):
             return error(503, f"{HISTORY_AT_ONCE} history answers are in progress; try again shortly",
                          headers={"Retry-After": "2"})

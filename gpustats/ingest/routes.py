@@ -9,7 +9,7 @@ from gunicorn.http.errors import ParseException
 from gpustats.access.keys import presented_key
 from gpustats.ingest import payload
 from gpustats.tokens import digest
-from gpustats.web import client_key, error
+from gpustats.web import error, requester_key
 
 log = logging.getLogger("gpustats")
 # Bad keys from one address: 10 at once, then one every 6 s; past that, 429 before any check.
@@ -39,8 +39,7 @@ def register_ingest(app, config, registry, fleet, push_limits, bad_key_limits, c
         key = presented_key(request.headers)
         device = registry.device_for(key) if key else None
         if device is None:
-            address = client_key(request.remote_addr, request.headers.get("X-Forwarded-For"),
-                                     config.trusted_proxies)
+            address = requester_key(config.trusted_proxies)
             # Only bad keys are slowed: a valid agent behind the same address (a NAT, a proxy
             # missing from TRUSTED_PROXIES) is never held up by another's guesses.
             wait = bad_key_limits.blocked_for(address)

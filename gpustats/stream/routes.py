@@ -5,7 +5,7 @@ from flask import Response, request
 
 from gpustats.stream.broadcaster import ViewerLimit
 from gpustats.stream.viewer_socket import viewer_socket
-from gpustats.web import allowed_devices, client_key, error
+from gpustats.web import allowed_devices, error, requester_key
 
 CORS_PATHS = ("/gpu/stream", "/healthz")
 # Set in the environ of a request answered with a real stream: access/client_limits.py lifts the answer
@@ -33,8 +33,7 @@ def register_stream(app, config, broadcaster):
 
     @app.get("/gpu/stream")
     def stream():
-        address = client_key(request.remote_addr, request.headers.get("X-Forwarded-For"),
-                                 config.trusted_proxies)
+        address = requester_key(config.trusted_proxies)
         devices = request.args.get("device")
         devices = {d.strip() for d in devices.split(",") if d.strip()} if devices else None
         if allowed_devices() is not None:  # a share link: its devices, and within them what was asked
