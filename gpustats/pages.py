@@ -3,7 +3,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from flask import jsonify, render_template, request, url_for
+from flask import g, jsonify, render_template, request, url_for
 
 # No inline script or style, nothing from other origins: the page works with no CDN access.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -27,8 +27,16 @@ def register_pages(app, config, fleet, broadcaster, history=None):
 
     @app.get("/")
     def dashboard():
+        # ?pc=NAME: that PC's detail (charts, processes, energy); without it, the overview of every PC.
+        # A share link's page is the wall's: kiosk mode, no controls but search (?kiosk=1 asks for it too).
+        # ?theme=dark or light: that scheme whatever the system's, for a screen on a wall.
+        identity = g.get("identity")
+        kiosk = request.args.get("kiosk") == "1" or (identity is not None and identity.kind == "share")
+        theme = request.args.get("theme")
         return render_template("index.html", asset=asset, history_s=config.history_s,
-                               stale_after_s=config.stale_after_s, offline_after_s=config.offline_after_s)
+                               stale_after_s=config.stale_after_s, offline_after_s=config.offline_after_s,
+                               detail=request.args.get("pc", "").strip()[:200], kiosk=kiosk,
+                               theme=theme if theme in ("dark", "light") else None)
 
     @app.get("/healthz")
     def healthz():

@@ -23,11 +23,16 @@ const GpuCharts = (() => {
   ];
 
   // ---- colours come from the CSS variables, so dark mode and the legend swatches agree --------
+  // A variable holds light-dark(light, dark), which only a property resolves: a hidden probe's
+  // colour, read back as rgb(), is what the canvas gets.
   const colours = {};
+  const probe = document.createElement("span");
+  probe.hidden = true;
+  document.body.append(probe);
   function readColours() {
-    const style = getComputedStyle(document.documentElement);
     for (const name of ["muted", "line", "util", "mem", "temp", "power"]) {
-      colours[name] = style.getPropertyValue(`--${name}`).trim();
+      probe.style.color = `var(--${name})`;
+      colours[name] = getComputedStyle(probe).color;
     }
   }
   readColours();

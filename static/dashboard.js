@@ -1,7 +1,9 @@
-// The dashboard: one EventSource, one card per device, one tile per GPU, all updated in place
-// (the DOM does not grow with time). Every string from an agent is set with textContent.
-// History comes from api/history for the chosen range; the live range also grows with pushes.
-// Alerts come from api/alerts and `event: alert`, and are shown on their tiles, cards and the header.
+// The dashboard: one EventSource, updated in place (the DOM does not grow with time). Two views:
+// the overview (overview.js: a row per PC, a cell per GPU, no charts) and, at ?pc=NAME, one PC's
+// detail: its card, a tile per GPU with its history chart, processes and energy. Every string from
+// an agent is set with textContent. History comes from api/history for the chosen range; the live
+// range also grows with pushes. Alerts come from api/alerts and `event: alert`, and are shown on
+// their cells, tiles, cards and the header.
 "use strict";
 
 (() => {
@@ -18,21 +20,22 @@
   const RECONNECT_SPREAD_MS = 5000; // after a reconnect (a deploy: every page at once), load within this
   const RETRY_MS = 5000;
   const FIELDS = ["utilizationGpu", "memoryUsed", "temperatureGpu", "powerDraw"]; // the API's series
-  const devices = new Map(); // name -> {data, status, card parts, history state, gpus: Map(index -> tile)}
+  const DETAIL = settings.detail || null; // the PC this page details (?pc=NAME), or null: the overview
+  const FOCUS_GPU = DETAIL ? Number(new URLSearchParams(location.search).get("gpu") ?? NaN) : NaN;
+  // name -> {name, data, status}; the detailed PC's entry also holds its card, history state and
+  // gpus: Map(index -> tile). Other PCs have no card: the overview draws no charts.
+  const devices = new Map();
   let skewS = 0; // this browser's clock minus the server's, in seconds
   let range = rangeFrom(new URLSearchParams(location.search).get("range")); // {key, s, live, label}
-  // The overview above the cards: a row per PC, a cell per GPU; a PC's name opens its card.
-  const overview = FleetOverview.create({
+  // The overview: a row per PC, a cell per GPU; a PC's name or a cell opens its detail.
+  const overview = DETAIL ? null : FleetOverview.create({
     root: document.getElementById("overview"), rows: document.getElementById("pcs"),
     search: document.getElementById("search"), sortSelect: document.getElementById("sort"),
     statusButtons: document.querySelectorAll("#overview [data-status]"),
     stateButtons: document.querySelectorAll("#overview [data-state]"),
     freeButton: document.getElementById("free-gpus"), shownCount: document.getElementById("shown-count"),
-    onView: {
-      details: name => devices.get(name)?.card.scrollIntoView({block: "start"}),
-      visible: (name, on) => { const card = devices.get(name)?.card; if (card) card.hidden = !on; },
-    },
   });
+  if (DETAIL) FleetOverview.backLink(document.getElementById("back"));
 
   // ---- formatting: a value the GPU did not report is a dash, never 0 ----------------------
   const {known, make, setText} = FleetOverview; // overview.js loads first: one copy of the DOM helpers
@@ -101,11 +104,20 @@
   function deviceEntry(name) {
     let entry = devices.get(name);
     if (entry) return entry;
+    entry = {name, data: null, status: "online", card: null};
+    devices.set(name, entry);
+    document.getElementById("empty")?.remove();
+    if (name === DETAIL) addCard(entry);
+    return entry;
+  }
+
+  function addCard(entry) {
+    const name = entry.name;
     const card = make("section", "device");
     card.dataset.device = name;
     const head = make("div", "device-head", card);
-    entry = {
-      name, card, gpus: new Map(), data: null, status: "online",
+    Object.assign(entry, {
+      card, gpus: new Map(),
       load: null, loadedAt: 0, step: 0, window: null, // the history request and its answer's step and span
       jitter: Math.random(), // spreads this device's reloads from other pages
       title: make("h2", "", head, name),
@@ -116,14 +128,9 @@
       error: make("p", "device-error", card, ""),
       note: make("p", "history-note", card, ""),
       grid: make("div", "gpus", card),
-    };
-    devices.set(name, entry);
-    document.getElementById("empty")?.remove();
-    // Cards keep a stable order: by name, whatever order pushes arrive in.
-    insertSorted(document.getElementById("fleet"), card, name, child => child.dataset.device);
-    card.hidden = !overview.shown(name); // the overview's search and filters narrow the cards too
+    });
+    document.getElementById("fleet").append(card);
     showAlerts(entry.card, entry.alert, deviceAlerts(name));
-    return entry;
   }
 
   function gpuTile(entry, device, index) {
@@ -154,6 +161,10 @@
     insertSorted(entry.grid, root, index, child => Number(child.dataset.index));
     tile.alerts = gpuAlerts(device, index);
     showAlerts(root, tile.alert, tile.alerts);
+    if (index === FOCUS_GPU) { // ?gpu=N: the GPU a click on the overview's cell asked for
+      root.classList.add("focus");
+      requestAnimationFrame(() => root.scrollIntoView({block: "start"}));
+    }
     return tile;
   }
 
@@ -292,13 +303,14 @@
   setInterval(() => {
     if (document.hidden) return;
     for (const entry of devices.values()) {
+      if (!entry.card) continue;
       if (!entry.load && Date.now() - entry.loadedAt >= refreshMs(entry)) loadHistory(entry);
       for (const tile of entry.gpus.values()) if (range.live || tile.dirty) drawTile(entry, tile);
     }
   }, 1000);
 
   // ---- the range picker: the live range (HISTORY_S) and longer ones; kept in the URL (?range=) ----
-  const picker = document.getElementById("ranges");
+  const picker = document.getElementById("ranges") || document.createElement("div"); // the overview has none
 
   function rangeFrom(key) {
     return Object.hasOwn(RANGES, key) && RANGES[key] > HISTORY_S
@@ -323,6 +335,7 @@
     history.replaceState(null, "", query ? `?${query}` : location.pathname);
     showRange();
     for (const entry of devices.values()) {
+      if (!entry.card) continue;
       entry.window = null;
       entry.step = 0;
       for (const tile of entry.gpus.values()) {
@@ -356,7 +369,8 @@
 
   function setStatus(entry, status) {
     entry.status = status;
-    overview.status(entry.name, status);
+    overview?.status(entry.name, status);
+    if (!entry.card) return;
     const shown = status === "online" && unread(entry) ? "problem" : status;
     if (!entry.card.classList.contains(shown)) {
       entry.card.classList.remove("online", "stale", "offline", "problem");
@@ -373,6 +387,14 @@
     const firstSight = !devices.has(data.device);
     const entry = deviceEntry(data.device);
     entry.data = data;
+    setStatus(entry, data.status || "online");
+    overview?.push(data);
+    cellAlerts(entry);
+    updateTotals();
+    if (entry.card) showCard(entry, data, firstSight);
+  }
+
+  function showCard(entry, data, firstSight) {
     setText(entry.host, data.host && data.host !== data.device ? `host ${data.host}` : "");
     setText(entry.error, data.error ? `Cannot read GPUs: ${data.error}` : "");
     entry.error.title = data.error || ""; // the whole of it, should the card's width wrap it
@@ -387,10 +409,6 @@
     for (const [index, tile] of entry.gpus) {
       if (!seen.has(index)) { tile.chart.destroy(); tile.root.remove(); entry.gpus.delete(index); }
     }
-    setStatus(entry, data.status || "online");
-    overview.push(data);
-    for (const [index, tile] of entry.gpus) cellAlerts(data.device, index, tile);
-    updateTotals();
     // A snapshot comes on every (re)connect: what we missed while away is in the history. After
     // a reconnect, the load waits a random moment, so a deploy's reconnecting pages spread out.
     if (firstSight) loadHistory(entry);
@@ -413,9 +431,9 @@
     if (!entry) return;
     if (change.status === "removed") { // an admin removed the device: its card goes
       entry.load?.abort();
-      entry.card.remove();
+      entry.card?.remove();
       devices.delete(change.device);
-      overview.remove(change.device);
+      overview?.remove(change.device);
       updateTotals();
       return;
     }
@@ -430,10 +448,11 @@
   }
 
   function updateSeen(entry) {
-    setText(entry.seen, entry.status === "online" || !entry.data ? "" : `last seen ${age(lastSeenS(entry))} ago`);
+    if (entry.card) setText(entry.seen, entry.status === "online" || !entry.data ? "" : `last seen ${age(lastSeenS(entry))} ago`);
   }
 
   function updateTotals() {
+    if (!overview) return; // the detail view shows one PC: no fleet totals
     const count = {online: 0, stale: 0, offline: 0};
     let gpus = 0, busy = 0, used = 0, total = 0, watts = 0, anyMem = false, anyWatts = false;
     for (const entry of devices.values()) {
@@ -472,7 +491,7 @@
       else updateSeen(entry);
     }
     if (changed) updateTotals();
-    overview.tick();
+    overview?.tick();
   }, 1000);
 
   // ---- alerts: the server's rules fire and resolve them; this page shows the active ones on their
@@ -497,7 +516,8 @@
   const recentSection = document.getElementById("alerts");
   const recentList = document.getElementById("alert-list");
   let recentKey = "";
-  const onlyDevices = (() => { // the page's ?device= filter, as the stream applies it
+  const onlyDevices = (() => { // the page's ?device= filter, as the stream applies it; the detail's PC
+    if (DETAIL) return new Set([DETAIL]);
     const only = new URLSearchParams(location.search).get("device");
     const names = only ? only.split(",").map(d => d.trim()).filter(Boolean) : [];
     return names.length ? new Set(names) : null;
@@ -514,10 +534,14 @@
   const STAT_ALERTS = {temp: "GpuHot", mem: "GpuMemoryFull"};
   const LEVELS = {critical: "level-hot", warning: "level-warn"};
 
-  // The overview's cell of a GPU shows its worst alert, and is hot while GpuHot fires.
-  function cellAlerts(name, index, tile) {
-    overview.alerts(name, index, SEVERITIES.find(s => tile.alerts.some(a => severity(a) === s)),
-      tile.alerts.some(a => a.alertname === "GpuHot"));
+  // The overview's cells of a PC's GPUs show their worst alert, and are hot while GpuHot fires.
+  function cellAlerts(entry) {
+    if (!overview || !entry.data || !Array.isArray(entry.data.gpus)) return;
+    for (const g of entry.data.gpus) {
+      const list = gpuAlerts(entry.name, g.index);
+      overview.alerts(entry.name, g.index, SEVERITIES.find(s => list.some(a => severity(a) === s)),
+        list.some(a => a.alertname === "GpuHot"));
+    }
   }
 
   function alertLevel(tile, kind) {
@@ -623,10 +647,11 @@
       active.set(at, [...(active.get(at) || []), a]);
     }
     for (const entry of devices.values()) {
+      cellAlerts(entry);
+      if (!entry.card) continue;
       showAlerts(entry.card, entry.alert, deviceAlerts(entry.name));
       for (const [index, tile] of entry.gpus) {
         tile.alerts = gpuAlerts(entry.name, index);
-        cellAlerts(entry.name, index, tile);
         if (showAlerts(tile.root, tile.alert, tile.alerts)) renderGpu(tile, tile.gpu);
       }
     }
@@ -680,7 +705,7 @@
   }
 
   function streamUrl() {
-    const only = new URLSearchParams(location.search).get("device");
+    const only = DETAIL || new URLSearchParams(location.search).get("device");
     return only ? `gpu/stream?device=${encodeURIComponent(only)}` : "gpu/stream";
   }
 

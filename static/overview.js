@@ -1,6 +1,8 @@
 // The fleet overview: one compact row per PC, one small cell per GPU, read at a glance for
 // hundreds of GPUs. Cells are updated by setting only what changed; nothing here reads layout.
 // Search, filters and sort narrow and order the rows, and live in the URL (?q=&status=&state=&sort=).
+// A PC's name opens its detail (?pc=NAME), a cell its GPU's (?pc=NAME&gpu=N): links, so a middle
+// click opens a tab and Back comes back to this view.
 // Every string from an agent is set with textContent.
 "use strict";
 
@@ -49,7 +51,33 @@ window.FleetOverview = (() => {
       sort: Object.hasOwn(SORTS, params.get("sort")) ? params.get("sort") : "name"};
   }
 
-  function create({root, rows, search, statusButtons, stateButtons, freeButton, sortSelect, shownCount, onView}) {
+  const KEPT = "gpustats-overview"; // sessionStorage: the overview's URL, for the detail's way back
+  const CARRIED = ["range", "theme", "kiosk"]; // what a detail link keeps of this page's URL
+
+  function detailHref(name, index) {
+    const here = new URLSearchParams(location.search), params = new URLSearchParams({pc: name});
+    if (index !== undefined) params.set("gpu", String(index));
+    for (const key of CARRIED) if (here.has(key)) params.set(key, here.get(key));
+    return `?${params}`;
+  }
+
+  function keep() {
+    try { sessionStorage.setItem(KEPT, location.search); } catch { /* storage off: Back still works */ }
+  }
+
+  // The detail's "GPU Stats" link: back to the overview as it was left (search, filters, sort).
+  function backLink(link) {
+    let kept = null;
+    try { kept = sessionStorage.getItem(KEPT); } catch { /* storage off */ }
+    if (kept !== null) link.href = kept || "./";
+    else {
+      const here = new URLSearchParams(location.search), params = new URLSearchParams();
+      for (const key of CARRIED) if (here.has(key)) params.set(key, here.get(key));
+      link.href = params.size ? `?${params}` : "./";
+    }
+  }
+
+  function create({root, rows, search, statusButtons, stateButtons, freeButton, sortSelect, shownCount}) {
     const pcs = new Map(); // name -> {row, name, status, data, cells: Map(index -> cell), seenAt}
     let view = viewFrom(location.search);
     let order = []; // the rows' names in the order they stand in, kept here so nothing reads the DOM
@@ -64,12 +92,11 @@ window.FleetOverview = (() => {
       const head = make("div", "pc-head", row);
       pc = {name, row, status: "online", data: null, receivedAt: 0, cells: new Map(), visible: true,
         glyph: make("span", "pc-glyph", head, "●"),
-        button: make("button", "pc-name", head, name),
+        link: make("a", "pc-name", head, name),
         label: make("span", "pc-status", head, "online"),
         list: make("ol", "cells", row), error: make("p", "pc-error", row, "")};
-      pc.button.type = "button";
-      pc.button.title = `${name}: show its GPUs' charts`;
-      pc.button.addEventListener("click", () => onView.details(name));
+      pc.link.href = detailHref(name);
+      pc.link.title = `${name}: its GPUs' charts, processes and energy`;
       pcs.set(name, pc);
       order.push(name);
       sortDue = true;
@@ -83,9 +110,10 @@ window.FleetOverview = (() => {
       const node = make("li", "cell");
       node.dataset.index = String(index);
       cell = {node, index, g: {}, state: "", flags: {}, freeSince: undefined, hotAlert: false, title: "", hay: "",
-        glyph: make("span", "glyph", node), id: make("span", "idx", node, String(index)),
+        glyph: make("span", "glyph", node), id: make("a", "idx", node, String(index)),
         util: make("span", "v util", node), mem: make("span", "v mem", node), temp: make("span", "v temp", node),
         who: make("span", "who", node)};
+      cell.id.href = detailHref(pc.name, index); // the whole cell is its link's target (CSS ::after)
       pc.cells.set(index, cell);
       // Cells stand by index; a new one goes before the first with a larger index.
       const after = [...pc.cells.values()].filter(c => c.index > index).sort((a, b) => a.index - b.index)[0];
@@ -171,7 +199,6 @@ window.FleetOverview = (() => {
       if (pc.visible !== visible) {
         pc.visible = visible;
         pc.row.hidden = !visible;
-        onView.visible(pc.name, visible);
       }
     }
 
@@ -230,6 +257,7 @@ window.FleetOverview = (() => {
       }
       const query = params.toString();
       history.replaceState(null, "", query ? `?${query}` : location.pathname);
+      keep();
       showView();
       for (const pc of pcs.values()) applyView(pc);
       sortRows();
@@ -243,6 +271,7 @@ window.FleetOverview = (() => {
     freeButton.addEventListener("click", () => setView({state: freeButton.getAttribute("aria-pressed") === "true" ? [] : ["free"]}));
     sortSelect.addEventListener("change", () => setView({sort: sortSelect.value}));
     showView();
+    keep();
 
     // Counts and order follow events once a frame at most, not once an event.
     let countQueued = false;
@@ -318,9 +347,8 @@ window.FleetOverview = (() => {
         }
         if (sortDue && view.sort === "seen") sortRows();
       },
-      shown: name => pcs.get(name)?.visible ?? true,
     };
   }
 
-  return {create, SORTS, known, make, setText}; // the DOM helpers dashboard.js uses too
+  return {create, backLink, SORTS, known, make, setText}; // the DOM helpers dashboard.js uses too
 })();

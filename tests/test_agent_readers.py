@@ -175,7 +175,7 @@ def test_a_sys_root_without_sys_is_one_line_naming_the_flag(tmp_path):
 def test_the_real_agent_reads_an_amd_and_an_intel_tree_and_the_page_shows_both(server, page, host, tmp_path):
     host.process(2201, "blender", 1000, [(GPUS / "amd" / "fdinfo" / "amdgpu_top-issue87-dgpu-0000-08-00.0.txt")
                                          .read_text().replace("0000:08:00.0", "0000:09:00.0")], user="ana")
-    page.goto(server.url + "/")
+    page.goto(server.url + "/?pc=rig-5")  # rig-5's detail: its GPUs' tiles
     expect(page.locator("#connection")).to_have_text("live")
     started = time.monotonic()
     result = run_agent("--once", "--sys-root", str(host.path), no_nvidia=tmp_path / "shim",

@@ -45,7 +45,8 @@ def page(page):
     return page
 
 
-def open_dashboard(page, server, path="/"):
+def open_dashboard(page, server, path="/?pc=rig-1"):
+    """Open a page of the dashboard: by default rig-1's detail, where its charts are."""
     page.goto(server.url + path)
     expect(page.locator("#connection")).to_have_text("live")
 
@@ -147,8 +148,13 @@ def test_fleet_appears_with_readable_values_and_totals(server, page):
     server.push(multi(gpu(0), gpu(1, powerDraw=None, utilizationGpu=5, temperatureGpu=91)), device="rig-1")
     server.push({"name": "NVIDIA RTX 3080", "vendor": "NVIDIA", "temperatureGpu": 65, "utilizationGpu": 80},
                 device="rig-2")
+    open_dashboard(page, server, "/")
+    expect(page.locator("#pcs .pc-name")).to_have_text(["rig-1", "rig-2"])
+    for name, value in [("online", "2"), ("gpus", "3"), ("busy", "2"), ("vram", "12.0 / 20.0 GiB"),
+                        ("power", "221 W"), ("offline", "0")]:
+        expect(page.locator(f"#total-{name}")).to_have_text(value)
     open_dashboard(page, server)
-    expect(page.locator("section.device h2")).to_have_text(["rig-1", "rig-2"])
+    expect(page.locator("section.device h2")).to_have_text(["rig-1"])  # the detail: that PC alone
     expect(tile(page, "rig-1", 0).locator(".gpu-id")).to_have_text("rig-1:0")
     expect(tile(page, "rig-1", 0).locator(".gpu-name")).to_have_text("NVIDIA GeForce RTX 3080")
     expect(stat(page, "rig-1", 0, "Util")).to_have_text("80 %")
@@ -164,11 +170,9 @@ def test_fleet_appears_with_readable_values_and_totals(server, page):
     expect(tile(page, "rig-1", 0).locator(".processes li")).to_have_text(["4242 python2.0 GiB"])
     expect(stat(page, "rig-1", 1, "Power")).to_have_text("–")  # not reported: a dash, not 0
     expect(stat(page, "rig-1", 1, "Temp")).to_have_class("level-hot")
+    open_dashboard(page, server, "/?pc=rig-2")
     expect(stat(page, "rig-2", 0, "Memory")).to_have_text("–")
     expect(stat(page, "rig-2", 0, "Fan")).to_be_hidden()  # not sent at all: no row
-    for name, value in [("online", "2"), ("gpus", "3"), ("busy", "2"), ("vram", "12.0 / 20.0 GiB"),
-                        ("power", "221 W"), ("offline", "0")]:
-        expect(page.locator(f"#total-{name}")).to_have_text(value)
     assert page.console_errors == []
 
 
@@ -184,17 +188,19 @@ def test_other_vendors_gpus_show_their_vendor_shared_memory_and_who_holds_them(s
     server.push(multi({"index": 0, "name": "Apple M1 Pro", "vendor": "Apple", "utilizationGpu": 12,
                        "memoryTotal": 32768, "memoryUsed": 1200, "memoryShared": True, "temperatureGpu": None,
                        "powerDraw": None, "clockCore": None, "processes": []}), device="rig-4")
-    open_dashboard(page, server)
+    open_dashboard(page, server, "/?pc=rig-3")
     expect(tile(page, "rig-3", 0).locator(".gpu-vendor")).to_have_text("")  # "AMD Radeon" says it already
     expect(tile(page, "rig-3", 1).locator(".gpu-vendor")).to_have_text("AMD")
     expect(stat(page, "rig-3", 0, "Memory")).to_have_text("0.9 / 16.0 GiB shared")
     expect(tile(page, "rig-3", 0).locator(".processes li")).to_have_text(["2201 blenderana0.5 GiB"])
     expect(tile(page, "rig-3", 0).locator(".processes .puser")).to_have_text("ana")
     expect(stat(page, "rig-3", 1, "Clocks")).to_have_text("core 1,366 · memory – MHz")
+    open_dashboard(page, server, "/?pc=rig-4")
     expect(stat(page, "rig-4", 0, "Temp")).to_have_text("–")
     expect(stat(page, "rig-4", 0, "Power")).to_have_text("–")
     expect(stat(page, "rig-4", 0, "Memory")).to_have_text("1.2 / 32.0 GiB shared")
     # The system memory of an APU or a Mac is not the fleet's VRAM: only the Radeon's counts.
+    open_dashboard(page, server, "/")
     expect(page.locator("#total-vram")).to_have_text("2.0 / 8.0 GiB")
     expect(page.locator("#total-gpus")).to_have_text("3")
     assert page.console_errors == []
@@ -300,7 +306,7 @@ def test_switching_ranges_loads_them_from_the_api_with_matching_axes(server, pag
     assert asked[1]["device"] == "rig-1" and int(asked[1]["to"]) - int(asked[1]["from"]) == 24 * 3600
     assert abs(int(asked[1]["to"]) - time.time()) < 5
     expect(page.get_by_role("button", name="24 h")).to_have_attribute("aria-pressed", "true")
-    assert page.url.endswith("/?range=24h")
+    assert page.url.endswith("/?pc=rig-1&range=24h")
     labels = axis_labels(page, "rig-1", 0, lambda got: sum(bool(CLOCK.match(t)) for t in got) >= 2)
     assert all(t.isdigit() or CLOCK.match(t) or DATE.match(t) for t in labels), labels  # a date at midnight
     expect(stat(page, "rig-1", 0, "Energy")).to_have_text(re.compile(r" in 24 h$"))
@@ -324,7 +330,7 @@ def test_switching_ranges_loads_them_from_the_api_with_matching_axes(server, pag
     assert int(asked[3]["to"]) - int(asked[3]["from"]) == 7 * 86400
     page.get_by_role("button", name="10 min").click()
     wait_for(lambda: len(asked) == 5)
-    assert asked[4] == {"device": "rig-1"} and page.url.endswith("/")
+    assert asked[4] == {"device": "rig-1"} and page.url.endswith("/?pc=rig-1")
     axis_labels(page, "rig-1", 0, lambda got: sum(bool(CLOCK.match(t)) for t in got) >= 2)
 
 
@@ -351,7 +357,7 @@ def test_history_loads_behind_the_viewer_login(start_server, browser):
     written(server, 2, auth=("admin", "s3cret-viewer"))  # HTTP Basic, for reading
     context = browser.new_context()
     page = context.new_page()
-    page.goto(server.url + "/")  # sent to the sign-in page, where the extra viewer login works too
+    page.goto(server.url + "/?pc=rig-1")  # sent to the sign-in page, where the extra viewer login works too
     page.fill("input[name=user]", "admin")
     page.fill("input[name=password]", "s3cret-viewer")
     page.click("button[type=submit]")
@@ -388,10 +394,12 @@ def test_a_device_that_stops_pushing_turns_stale_then_offline(start_server, page
     expect(card.locator(".seen")).to_have_text("last seen 1 s ago", timeout=2000)
     expect(card.locator(".seen")).to_have_text("last seen 2 s ago", timeout=2000)  # counts up
     expect(card).to_have_class("device offline", timeout=4000)
-    expect(page.locator("#total-offline")).to_have_text("1")
     server.push(multi())
     expect(card).to_have_class("device online")
     expect(card.locator(".seen")).to_have_text("")
+    open_dashboard(page, server, "/")  # the overview counts it offline once it is
+    expect(page.locator("#total-offline")).to_have_text("1", timeout=6000)
+    expect(page.locator('#pcs .pc[data-device="rig-1"]')).to_have_class(re.compile(r"\boffline\b"))
 
 
 def test_large_memory_has_thousands_separators_as_power_does(server, page):
@@ -399,6 +407,7 @@ def test_large_memory_has_thousands_separators_as_power_does(server, page):
     server.push(multi(gpu(0, memoryUsed=3_515_290, memoryTotal=7_860_531, memoryFree=4_345_241)))
     open_dashboard(page, server)
     expect(stat(page, "rig-1", 0, "Memory")).to_have_text("3,432.9 / 7,676.3 GiB")
+    open_dashboard(page, server, "/")
     expect(page.locator("#total-vram")).to_have_text("3,432.9 / 7,676.3 GiB")
 
 
@@ -447,7 +456,7 @@ def test_a_stream_refused_for_good_is_recreated_with_backoff(start_server, page)
     server = start_server(MAX_SUBSCRIBERS="1")
     holder = Stream(server.port)
     holder.next(with_comments=True)
-    page.goto(server.url + "/")
+    page.goto(server.url + "/?pc=rig-1")
     expect(page.locator("#connection")).to_have_text("reconnecting…")
     holder.close()
     expect(page.locator("#connection")).to_have_text("live", timeout=10000)
@@ -470,15 +479,17 @@ def test_device_filter_shows_only_those_devices(server, page):
     for device in ("rig-1", "rig-2", "rig-3"):
         server.push(multi(), device=device)
     open_dashboard(page, server, "/?device=rig-3,rig-1")
-    expect(page.locator("section.device h2")).to_have_text(["rig-1", "rig-3"])
+    expect(page.locator("#pcs .pc-name")).to_have_text(["rig-1", "rig-3"])
     server.push(multi(), device="rig-2")
     server.push(multi(gpu(0, utilizationGpu=3)), device="rig-3")
-    expect(stat(page, "rig-3", 0, "Util")).to_have_text("3 %")
-    expect(page.locator("section.device h2")).to_have_text(["rig-1", "rig-3"])
+    expect(page.locator('#pcs .pc[data-device="rig-3"] .cell .util')).to_have_text("3%")
+    expect(page.locator("#pcs .pc-name")).to_have_text(["rig-1", "rig-3"])
 
 
 def test_page_headers_allow_no_inline_script_and_assets_are_cached(server):
-    page = requests.get(server.url + "/", timeout=5)
+    overview = requests.get(server.url + "/", timeout=5).text
+    assert "uPlot" not in overview and "charts.js" not in overview  # the overview draws no charts
+    page = requests.get(server.url + "/?pc=rig-1", timeout=5)
     csp = page.headers["Content-Security-Policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert "<script>" not in page.text and "<style>" not in page.text and "http" not in page.text.split("<body")[0]
@@ -493,7 +504,7 @@ def test_page_headers_allow_no_inline_script_and_assets_are_cached(server):
 
 def test_the_page_survives_a_killed_worker_and_the_next_push_rebuilds_it(server, page):
     server.push(multi(gpu(0, utilizationGpu=11)), device="rig-4")
-    open_dashboard(page, server)
+    open_dashboard(page, server, "/?pc=rig-4")
     old = server.worker_pid
     os.kill(old, signal.SIGKILL)
     expect(page.locator("#connection")).to_have_text("reconnecting…")

@@ -34,7 +34,7 @@ def start_agent(tmp_path):
 
 
 def open_dashboard(page, server):
-    page.goto(server.url + "/")
+    page.goto(server.url + "/?pc=rig-1")  # its detail: the tiles, the card, its alerts
     expect(page.locator("#connection")).to_have_text("live")
 
 

@@ -5,7 +5,7 @@ import time
 import pytest
 from playwright.sync_api import expect
 
-from conftest import gpu, multi
+from conftest import PRIVATE, Admin, gpu, multi
 
 FLEET = {f"pc-{i:02}": f"test-key-pc-{i:02}-0123456789" for i in range(1, 41)}  # 40 PCs of 8 GPUs
 ROWS = "#pcs .pc:not([hidden])"
@@ -102,13 +102,11 @@ def test_search_narrows_as_you_type_by_pc_gpu_user_or_process(server, page):
         expect(rows(page)).to_have_text(shown)
         expect(cells(page)).to_have_count(count)
     expect(page.locator("#shown-count")).to_have_text("0 of 4 GPUs")
-    expect(page.locator("section.device:not([hidden]) h2")).to_have_count(0)  # the cards narrow too
     search.fill("rig-")
     expect(rows(page)).to_have_text(["rig-1", "rig-2", "rig-3"])
     assert page.url.endswith("/?q=rig-")
     search.fill("")
     assert page.url.endswith("/")
-    expect(page.locator("section.device:not([hidden]) h2")).to_have_text(["rig-1", "rig-2", "rig-3"])
 
 
 def test_status_and_state_filters(start_server, page):
@@ -186,7 +184,8 @@ def test_the_view_is_kept_in_the_url_across_a_reload_with_device_and_range(serve
     expect(page.locator('#overview [data-state="busy"]')).to_have_attribute("aria-pressed", "true")
     expect(page.locator('#overview [data-status="online"]')).to_have_attribute("aria-pressed", "true")
     expect(page.locator("#sort")).to_have_value("temp")
-    expect(page.get_by_role("button", name="24 h")).to_have_attribute("aria-pressed", "true")
+    # The range is the detail's: a PC's link takes it there.
+    expect(page.locator('#pcs .pc[data-device="rig-1"] .pc-name')).to_have_attribute("href", "?pc=rig-1&range=24h")
     page.goto(server.url + "/?device=rig-2&state=free")  # a shared link, with the stream's own filter
     expect(rows(page)).to_have_text(["rig-2"])
     expect(page.locator("#free-gpus")).to_have_attribute("aria-pressed", "true")
@@ -228,12 +227,85 @@ def test_pushed_strings_in_the_overview_stay_text(server, page):
     assert page.locator("#overview img, #overview b").count() == 0 and page.evaluate("window.pwned") is None
 
 
-def test_a_pcs_name_opens_its_charts(server, page):
+def test_a_click_opens_a_pcs_or_a_gpus_detail_at_its_own_url_and_back_keeps_the_view(server, page):
+    history = []
+    page.on("request", lambda r: history.append(r.url) if "/api/history" in r.url else None)
     for device in ("rig-1", "rig-2", "rig-3", "rig-4", "rig-5", "rig-6"):
-        server.push(multi(gpu(0), gpu(1)), device=device)
-    open_overview(page, server)
+        server.push(multi(*(gpu(i, processes=[{"pid": 7 + i, "name": "train.py", "user": "ana"}]) for i in range(6))),
+                    device=device)
+    open_overview(page, server, "/?sort=temp")
+    page.locator("#search").fill("rig-")
+    expect(rows(page)).to_have_count(6)
+    # The overview draws no charts and asks for no history: 36 GPUs, not one canvas.
+    assert page.locator("canvas, .chart").count() == 0 and history == []
     page.locator('#pcs .pc[data-device="rig-6"] .pc-name').click()
-    expect(page.locator('section.device[data-device="rig-6"]')).to_be_in_viewport()
+    expect(page).to_have_url(re.compile(r"/\?pc=rig-6$"))
+    expect(page.locator("#connection")).to_have_text("live")
+    expect(page.locator("section.device h2")).to_have_text(["rig-6"])  # that PC alone, with its charts
+    expect(page.locator("section.device article.gpu canvas")).to_have_count(6)
+    expect(page.locator('article.gpu[data-index="0"] .processes .puser')).to_have_text("ana")
+    expect(page.locator('article.gpu[data-index="0"] .stat.energy dd')).to_have_text(re.compile(r" in 10 min$"))
+    assert page.locator("#overview").count() == 0 and "rig-6" in page.title()
+    page.go_back()  # Back: the overview as it was left
+    expect(page).to_have_url(re.compile(r"/\?sort=temp&q=rig-$"))
+    expect(page.locator("#search")).to_have_value("rig-")
+    cell(page, "rig-2", 5).click(position={"x": 150, "y": 20})  # anywhere on a cell: here, on who runs on it
+    expect(page).to_have_url(re.compile(r"/\?pc=rig-2&gpu=5$"))
+    focused = page.locator('article.gpu[data-index="5"]')
+    expect(focused).to_have_class(re.compile(r"\bfocus\b"))
+    expect(focused).to_be_in_viewport()
+    page.locator("#back").click()  # the detail's own way back, to the view it came from
+    expect(page).to_have_url(re.compile(r"/\?sort=temp&q=rig-$"))
+    expect(page.locator("#sort")).to_have_value("temp")
+    page.goto(server.url + "/?pc=nobody")  # a name no device has: said, not an empty page
+    expect(page.locator("#empty")).to_contain_text("nobody has not pushed")
+
+
+def test_a_phone_shows_40_pcs_of_8_gpus_in_under_10_screens_without_sideways_scroll(start_server, browser):
+    server = start_server(PUSH_RATE_LIMIT="1000", DEVICE_KEYS=",".join(f"{d}:{k}" for d, k in FLEET.items()))
+    for n, (device, key) in enumerate(FLEET.items(), 1):
+        assert server.push(multi(*(fleet_gpu(n, i) for i in range(8)), host=device), device=device, key=key).ok
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
+    page = context.new_page()
+    open_overview(page, server)
+    expect(cells(page)).to_have_count(320)
+    tall, wide = page.evaluate("[document.documentElement.scrollHeight, document.documentElement.scrollWidth]")
+    print(f"40 x 8 GPUs on a 390x844 phone: {tall} px, {tall / 844:.1f} screens")
+    assert tall <= 10 * 844 and wide <= 390, (tall, wide)
+    box = cell(page, "pc-01", 1).bounding_box()  # two cells a row, each with its values whole
+    assert box["width"] < 195 and box["x"] + box["width"] <= 390
+    cell(page, "pc-01", 1).click()
+    expect(page.locator("section.device article.gpu canvas")).to_have_count(8)
+    expect(page.locator('article.gpu[data-index="1"]')).to_be_in_viewport()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # the detail fits the width too
+    context.close()
+
+
+def test_a_share_link_opens_a_kiosk_overview_of_its_devices_dark_on_request(start_server, browser):
+    server = start_server(**PRIVATE)
+    for device in ("rig-1", "rig-2", "rig-3"):
+        server.push(multi(gpu(0, utilizationGpu=90), gpu(1)), device=device)
+    made = Admin(server).post("/api/shares", json={"name": "lab-tv", "devices": ["rig-1", "rig-3"]})
+    context = browser.new_context(viewport={"width": 1920, "height": 1080}, color_scheme="light")
+    page = context.new_page()
+    page.goto(made.json()["url"] + "?theme=dark")  # the wall's scheme, whatever the system's
+    expect(page).to_have_url(server.url + "/?device=rig-1,rig-3&theme=dark")
+    expect(page.locator("#connection")).to_have_text("live")
+    expect(page.locator("body")).to_have_class(re.compile(r"\bkiosk\b"))
+    expect(rows(page)).to_have_text(["rig-1", "rig-3"])  # the link's devices, and no others
+    expect(page.locator("#search")).to_be_visible()  # no controls but search
+    for control in ("#free-gpus", '[data-status="online"]', '[data-state="busy"]', "#sort", ".account-menu"):
+        expect(page.locator(control)).to_be_hidden()
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(15, 18, 22)"  # dark, asked for
+    big = page.evaluate("parseFloat(getComputedStyle(document.querySelector('.cell')).fontSize)")
+    assert big >= 14, big  # larger type than the desk's 12 px, read across a room
+    page.locator("#search").fill("rig-3")
+    expect(rows(page)).to_have_text(["rig-3"])
+    page.goto(server.url + "/?pc=rig-2")  # a detail outside the link shows nothing of it
+    expect(page.locator("#connection")).to_have_text("live")
+    expect(page.locator("#empty")).to_be_visible()
+    assert page.locator("section.device").count() == 0
+    context.close()
 
 
 def test_a_gpus_alerts_show_on_its_cell_and_a_hot_alert_makes_it_hot(start_server, page):

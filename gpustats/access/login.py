@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from flask import Blueprint, current_app, g, redirect, render_template, request, session, url_for
 from flask.sessions import SecureCookieSessionInterface
@@ -407,8 +407,10 @@ def share(secret):
     session.clear()
     session.permanent = True
     session.update(s=digest(secret), c=secrets.token_urlsafe(24))
-    devices = found["devices"]
-    return redirect("/" + (f"?device={','.join(devices)}" if devices else ""), 303)
+    # The link's devices, and the wall's scheme where the link asks for one (/s/<token>?theme=dark).
+    query = {"device": ",".join(found["devices"] or ()), "theme": request.args.get("theme", "")}
+    query = {key: value for key, value in query.items() if value and (key != "theme" or value in ("dark", "light"))}
+    return redirect("/" + (f"?{urlencode(query, safe=',')}" if query else ""), 303)
 
 
 @bp.route("/account", methods=["GET", "POST"])
