@@ -11,15 +11,16 @@ setuptools on Python 3.12+) for NVIDIA; python-dotenv (optional). See requiremen
 
 Its sections, in order (each starts at a "# ---- name" line):
   readers              Reader, the base class of every reader; GpuReadError; the units they convert to
+  processes            what each GPU process is: command_line (program and script), process_entry, for every reader
   NVIDIA               nvidia-smi's output parsed; GputilReader and NvmlReader
   simulated GPUs       SimulatedReader: made-up GPUs, for --simulate
-  Linux                SysRoot (--sys-root), sysfs and hwmon reads, the DRM cards bound to a driver
+  Linux                SysRoot (--sys-root; a process's cmdline and start), sysfs and hwmon reads, DRM cards
   DRM                  who uses which GPU, from /proc/<pid>/fdinfo; DrmReader, AMD's and Intel's base
   AMD                  AmdReader: the amdgpu driver's files, amd-smi or rocm-smi for what they lack
   Intel                IntelReader: i915 and xe sysfs, the energy counter, busy time from fdinfo
   Jetson               JetsonReader: devfreq, the GPU's thermal zone and power rail, else tegrastats
   Apple                AppleReader: ioreg, and powermetrics as root
-  Windows              WindowsReader, any vendor: the GPU counters Task Manager reads (PDH), DXGI
+  Windows              WindowsReader, any vendor: the GPU counters Task Manager reads (PDH), DXGI; WindowsProcesses
   choosing readers     open_reader (--backend), MultiReader for several in one push, PendingReader
   pushing              PushError and its kinds, Pusher, build_payload, run_loop
   starting at boot     --install and --uninstall: a systemd unit, a Task Scheduler task, a launchd agent
@@ -33,6 +34,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import socket
 import stat
@@ -83,6 +85,110 @@ def _scaled(value, divisor, digits=None):
 
 def _percent(value):
     return None if value is None or not 0 <= value <= 100 else value
+
+
+# ---- processes: what each process on a GPU is, for every reader that lists them ------------------
+# Two jobs of one user both read "python3" (issue 33, on an H200): the command and the start tell
+# them apart. The command is the program and its script or first argument, never the rest of the
+# line: arguments hold tokens, keys and paths (`--wandb-key 4f2a...`, `--data /home/alice/...`),
+# and every viewer of the dashboard would read them. --full-commands sends the whole line.
+
+# An interpreter's first argument is an option or its script: `python3 -u train.py --lr 0.1` is
+# `python3 train.py`. Per interpreter: the options that take the next argument as their value (skipped
+# with it), those whose value is code (the command ends at the option: `python3 -c`, never the code),
+# and those that name what runs (kept with it: `python3 -m torch.distributed.run`, `java -jar app.jar`).
+_PYTHON = ({"-W", "-X", "--check-hash-based-pycs"}, {"-c"}, {"-m"})
+_NODE = ({"-r", "--require", "--import", "--loader", "-C", "--conditions"}, {"-e", "--eval", "-p", "--print"}, set())
+_SHELL = ({"-o", "+o", "-O", "+O"}, {"-c"}, set())
+INTERPRETERS = {
+    "python": _PYTHON, "pypy": _PYTHON, "node": _NODE, "nodejs": _NODE,
+    "bash": _SHELL, "sh": _SHELL, "dash": _SHELL, "zsh": _SHELL, "ksh": _SHELL,
+    "perl": ({"-I"}, {"-e", "-E"}, set()), "ruby": ({"-I", "-r"}, {"-e"}, set()), "rscript": (set(), {"-e"}, set()),
+    "julia": ({"-t", "--threads", "-p", "--procs", "-J", "--sysimage"}, {"-e", "-E", "--eval", "--print"}, set()),
+    "java": ({"-cp", "-classpath", "--class-path", "-p", "--module-path", "--add-modules"}, set(),
+             {"-jar", "-m", "--module"}),
+}
+INTERPRETER = re.compile(r"([a-z]+?)[\d.]*w?(?:\.exe)?")  # python3.12, pythonw.exe, pypy3, perl5.36: the family's name
+# An argument shown beside the program: a word or a file's name. A value with a colon, an @, a space
+# or an = (a URL, user@host, code, KEY=value) is left out, whatever it is.
+PLAIN_ARGUMENT = re.compile(r"[\w.+-]+")
+PROCESS_ABOUT = ("user", "command", "startedAt")  # what a process lookup adds to a reader's pid, name and memory
+
+
+def _basename(path):
+    """Return the last part of a POSIX or Windows path: where a script lives can name a person or a project."""
+    return path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _plain(argument):
+    """Return an argument as a command shows it, its file name alone; None for one not shown (an option, a URL, code)."""
+    name = _basename(argument)
+    return name if PLAIN_ARGUMENT.fullmatch(name) and not name.startswith("-") else None
+
+
+def _option(argument, known):
+    """Split an option into its name and the value given with it: --eval=code, -Wignore, -m."""
+    if argument.startswith("--"):
+        name, _, value = argument.partition("=")
+        return name, value or None
+    if argument in known or argument[:2] not in known:
+        return argument, None
+    return argument[:2], argument[2:]
+
+
+def _script(arguments, takes, code, runs):
+    """Return the words that say what an interpreter runs: ["train.py"], ["-m", "module"], ["-c"] (not the code), []."""
+    known = takes | code | runs
+    rest = iter(arguments)
+    for argument in rest:
+        if argument == "--":  # the end of the options: the script follows
+            argument = next(rest, "")
+        elif len(argument) > 1 and argument[0] in "-+":
+            name, value = _option(argument, known)
+            if name in code:
+                return [name]
+            if name in takes or name in runs:
+                value = next(rest, "") if value is None else value
+                if name in runs:
+                    return [name] + ([_plain(value)] if _plain(value) else [])
+            continue
+        return [_plain(argument)] if _plain(argument) else []
+    return []
+
+
+def command_line(argv, full=False):
+    """Return what a process runs, from its arguments: `python3 train.py`, `ollama serve`; with `full`, every argument.
+
+    None when there are none (a kernel thread, a zombie): the reader says the process's name instead.
+    """
+    program = _basename(argv[0]) if argv else ""
+    if not program:
+        return None
+    if full:
+        return _fit(shlex.join([program, *argv[1:]]))
+    family = INTERPRETER.fullmatch(program.lower())
+    options = INTERPRETERS.get(family.group(1)) if family else None
+    if options:
+        words = _script(argv[1:], *options)
+    else:  # a program's first argument is its subcommand or its file (`ollama serve`, `blender scene.blend`)
+        words = [_plain(argv[1])] if len(argv) > 1 and _plain(argv[1]) else []
+    return _fit(" ".join([program, *words]))
+
+
+def process_entry(pid, name, memory_mib, lookup):
+    """Return one process as a push carries it: pid, name, memory, and the user, command and start `lookup(pid)` gives.
+
+    `lookup` asks the OS (SysRoot.process, WindowsProcesses). A process gone between being
+    listed and being read, or one the OS will not describe, is still sent with what the reader
+    has: its memory was in use when the driver listed it.
+    """
+    try:
+        about = lookup(pid) if lookup else {}
+    except (OSError, ValueError):
+        about = {}
+    entry = {"pid": pid, "name": name or about.get("name") or "", "memoryUsed": memory_mib}
+    entry.update((key, about[key]) for key in PROCESS_ABOUT if about.get(key) is not None)
+    return entry
 
 
 # ---- NVIDIA: nvidia-smi's output, GPUtil and NVML ------------------------------------------------
@@ -230,10 +336,10 @@ class NvmlReader(Reader):
     name = "nvml"
     vendor = "NVIDIA"
 
-    def __init__(self, nvml=None, users=None):
+    def __init__(self, nvml=None, process=None):
         if nvml is None:
             import pynvml as nvml
-        self.nvml, self.users = nvml, users  # users(pid) -> (name, user): who runs a process
+        self.nvml, self.process = nvml, process  # process(pid) -> what the OS says of it (SysRoot.process)
         try:
             nvml.nvmlInit()
         except nvml.NVMLError as error:
@@ -315,18 +421,9 @@ class NvmlReader(Reader):
             for proc in self._read(getter, handle) or ():
                 name = self._read(self.nvml.nvmlSystemGetProcessName, proc.pid) or ""
                 used = proc.usedGpuMemory  # None where the OS hides it (Windows WDDM)
-                found[proc.pid] = {"pid": proc.pid, "name": name.replace("\\", "/").rsplit("/", 1)[-1],
-                                   "memoryUsed": _mib(used) if isinstance(used, int) else None}
-                user = self._user(proc.pid)
-                if user:
-                    found[proc.pid]["user"] = user
+                found[proc.pid] = process_entry(proc.pid, _basename(name), _mib(used) if isinstance(used, int) else None,
+                                                self.process)
         return sorted(found.values(), key=lambda p: -(p["memoryUsed"] or 0))[:64]
-
-    def _user(self, pid):
-        try:
-            return self.users(pid)[1] if self.users else None
-        except (OSError, ValueError):
-            return None
 
 
 # ---- simulated GPUs: made-up ones, for demos and machines with no GPU ----------------------------
@@ -339,14 +436,15 @@ class SimulatedReader(Reader):
     MODELS = (("NVIDIA GeForce RTX 4090", 24564, 450.0, 10501), ("NVIDIA RTX A6000", 49140, 300.0, 8001),
               ("NVIDIA A100-SXM4-80GB", 81920, 400.0, 1593), ("NVIDIA GeForce RTX 3090", 24576, 350.0, 9751),
               ("NVIDIA L40S", 46068, 350.0, 9001), ("NVIDIA H100 80GB HBM3", 81559, 700.0, 2619))
-    PROGRAMS = ("python3", "blender", "ollama", "comfyui", "llama-server", "ffmpeg")
+    COMMANDS = ("python3 train.py", "blender scene.blend", "ollama serve", "python3 main.py", "llama-server", "ffmpeg")
 
     def __init__(self, count, seed=None, clock=time.time):
         self.rng, self.clock = random.Random(seed), clock
         self.load = [self.rng.uniform(0, 95) for _ in range(count)]
         # Each GPU its own card, job and trend, so no two read alike (issue 30: two showed the same).
         self.models = [self.rng.choice(self.MODELS) for _ in range(count)]
-        self.jobs = [(self.rng.randrange(1000, 60000), self.rng.choice(self.PROGRAMS)) for _ in range(count)]
+        self.jobs = [(self.rng.randrange(1000, 60000), self.rng.choice(self.COMMANDS),
+                      round(clock() - self.rng.uniform(60, 6 * 3600), 2)) for _ in range(count)]
         self.drift = [self.rng.uniform(-1.5, 1.5) for _ in range(count)]
         self.tag = f"{socket.gethostname()}-{os.getpid()}-{self.rng.randrange(1 << 16):04x}"
 
@@ -358,7 +456,7 @@ class SimulatedReader(Reader):
                 self.drift[index] = -self.drift[index]  # a job ends, another starts
             self.load[index] = load
             name, total, limit, memory_clock = self.models[index]
-            pid, program = self.jobs[index]
+            pid, command, started = self.jobs[index]
             used = round(min(total, 600 + load / 100 * total * 0.8))
             temp = 33 + load * 0.45 + index % 8
             gpus.append({"index": index, "uuid": f"GPU-SIMULATED-{self.tag}-{index}"[:128],
@@ -369,7 +467,8 @@ class SimulatedReader(Reader):
                          "powerDraw": round(limit * (0.07 + load / 100 * 0.85), 1), "powerLimit": limit,
                          "fanSpeed": round(min(100.0, max(0.0, (temp - 40) * 2))),
                          "clockCore": round(210 + load * 23), "clockMemory": memory_clock, "pstate": "P2" if load > 5 else "P8",
-                         "processes": [{"pid": pid, "name": program, "memoryUsed": used - 600}] if load > 5 else []})
+                         "processes": [{"pid": pid, "name": command.split()[0], "command": command, "startedAt": started,
+                                        "memoryUsed": used - 600}] if load > 5 else []})
         return gpus
 
 
@@ -379,15 +478,21 @@ RESCAN_S = 10.0  # how often /proc is searched for new GPU clients; known ones a
 
 
 class SysRoot:
-    """Where /sys, /proc and /usr/share are: this machine's, or a host's mounted in a container (--sys-root)."""
+    """Where /sys, /proc and /usr/share are: this machine's, or a host's mounted in a container (--sys-root).
 
-    def __init__(self, root="/", reuse_s=0.5, rescan_s=RESCAN_S):
+    `full_commands` (--full-commands): a process's command is its whole command line, not its
+    program and script alone; it holds for every reader, the Windows one included (open_reader).
+    """
+
+    def __init__(self, root="/", reuse_s=0.5, rescan_s=RESCAN_S, full_commands=False):
         self.root = Path(root)
         self.sys, self.proc = self.root / "sys", self.root / "proc"
         self.reuse_s, self.rescan_s = reuse_s, rescan_s  # one read serves every reader of one sample
+        self.full_commands = full_commands
         self._clients = (None, [])
         self._descriptors = (None, [])
         self._users = {}
+        self._starts = {}
 
     def path(self, absolute):
         return self.root / absolute.lstrip("/")
@@ -399,11 +504,42 @@ class SysRoot:
         return self._users[uid]
 
     def process(self, pid):
-        """Return (name, user) of a process from /proc/<pid>: comm and the real uid of status; None where gone."""
+        """Return what /proc/<pid> says of a process: name (comm), user (status's real uid), command and startedAt.
+
+        What cannot be read is left out: all of it for a process gone since it was listed.
+        """
         base = self.proc / str(pid)
         name, status = read_text(base / "comm"), read_text(base / "status")
         uid = next((line.split()[1] for line in (status or "").splitlines() if line.startswith("Uid:")), None)
-        return name, self.user(int(uid)) if uid and uid.isdigit() else None
+        found = {"name": name, "user": self.user(int(uid)) if uid and uid.isdigit() else None,
+                 "startedAt": self.started(pid, read_text(base / "stat"))}
+        argv = read_cmdline(base / "cmdline")
+        if argv is not None:
+            if len(argv) == 1 and " " in argv[0] and not os.path.isfile(self.path(argv[0])):
+                # A title set in place of the arguments (setproctitle, Perl's $0, Chrome's renderers): one
+                # string, spaces between its words, which may be arguments. Not a program's path with a space.
+                argv = argv[0].split()
+            found["command"] = command_line(argv, self.full_commands) or name  # none: a kernel thread, a zombie
+        return found
+
+    def started(self, pid, stat):
+        """Return when a process started, in seconds since the epoch: its stat's starttime after the boot's btime.
+
+        Remembered for the process's life (its pid and starttime): btime is whole seconds, worked
+        out again on every read from a clock NTP slews, so it may move by a second, and a start
+        that moved would read as a new job on the server.
+        """
+        ticks = parse_start_ticks(stat)
+        if ticks is None:
+            return None
+        if (pid, ticks) not in self._starts:
+            boot = parse_btime(read_text(self.proc / "stat"))
+            if boot is None:
+                return None
+            if len(self._starts) > 4096:
+                self._starts.clear()
+            self._starts[pid, ticks] = round(boot + ticks / _clock_ticks(), 2)
+        return self._starts[pid, ticks]
 
     def drm_clients(self):
         """Return the open DRM clients of every process this user may see, as parsed fdinfo (see read_drm_clients)."""
@@ -417,6 +553,45 @@ class SysRoot:
             clients = read_drm_clients(self.proc, descriptors)
             self._clients = (now, clients)
         return clients
+
+
+def read_cmdline(path):
+    """Return /proc/<pid>/cmdline's arguments, each ended by a NUL; [] for none (a kernel thread), None if unreadable."""
+    try:
+        data = Path(path).read_bytes()
+    except (OSError, ValueError):
+        return None
+    data = data[:-1] if data.endswith(b"\0") else data
+    return [word.decode("utf-8", "replace") for word in data.split(b"\0")] if data else []
+
+
+def parse_start_ticks(stat):
+    """Return the starttime of a /proc/<pid>/stat line: clock ticks after boot, its 22nd field; None if not one.
+
+    The second field is the name in parentheses, and a name may hold spaces and parentheses
+    itself ("job) R 1 2 3 4" is a name one process gave itself): the fields are counted from
+    the last ")".
+    """
+    _, paren, rest = (stat or "").rpartition(")")
+    fields = rest.split()
+    if not paren or len(fields) < 20 or not fields[19].isdigit():
+        return None
+    return int(fields[19])  # field 22; `rest` starts at field 3
+
+
+def parse_btime(text):
+    """Return the boot time of /proc/stat, seconds since the epoch; None if it has no btime line."""
+    line = next((line for line in (text or "").splitlines() if line.startswith("btime ")), "")
+    value = line[6:].strip()
+    return int(value) if value.isdigit() else None
+
+
+def _clock_ticks():
+    """Return the kernel's clock ticks a second (USER_HZ), which /proc/<pid>/stat counts in: 100 where unknown."""
+    try:
+        return os.sysconf("SC_CLK_TCK")
+    except (AttributeError, ValueError, OSError):
+        return 100
 
 
 def _passwd_name(uid, passwd):
@@ -604,7 +779,7 @@ def read_drm_clients(proc, descriptors):
 
 
 def client_processes(root, clients, memory):
-    """Return the processes list of one GPU's clients: pid, name, user, and memory in use.
+    """Return the processes list of one GPU's clients: pid, name, memory in use, and user, command and start.
 
     `memory` is one group of fdinfo keys per kind of memory counted, the first present of each
     group read: ("drm-memory-vram", "drm-total-vram", "vram mem") is VRAM as kernels from 5.19,
@@ -616,16 +791,12 @@ def client_processes(root, clients, memory):
         used = [n for n in used if n is not None]
         entry = processes.get(client["pid"])
         if entry is None:
-            name, user = root.process(client["pid"])
-            entry = processes[client["pid"]] = {"pid": client["pid"], "name": name or "", "user": user,
-                                                "memoryUsed": None}
+            entry = processes[client["pid"]] = process_entry(client["pid"], None, None, root.process)
         if used:
             entry["memoryUsed"] = (entry["memoryUsed"] or 0) + sum(used)
     for entry in processes.values():
         if entry["memoryUsed"] is not None:
             entry["memoryUsed"] = _mib(entry["memoryUsed"])
-        if entry["user"] is None:
-            del entry["user"]
     return sorted(processes.values(), key=lambda p: (-(p["memoryUsed"] or 0), p["pid"]))[:64]
 
 
@@ -1420,11 +1591,7 @@ def _windows_processes(pids, memory, process):
     for pid in sorted(pids, key=lambda p: -memory.get(p, 0))[:64]:
         if pid == 0:
             continue
-        name, user = process(pid) if process else (None, None)
-        entry = {"pid": pid, "name": name or "", "memoryUsed": _mib(memory[pid]) if pid in memory else None}
-        if user:
-            entry["user"] = user
-        processes.append(entry)
+        processes.append(process_entry(pid, None, _mib(memory[pid]) if pid in memory else None, process))
     return processes
 
 
@@ -1539,55 +1706,129 @@ def dxgi_adapters():
     return adapters
 
 
-def _remembered(lookup, keep_s=60.0, clock=time.monotonic):
-    """`lookup(pid)` remembered `keep_s` per pid: a process's token and account lookups, at most once a minute."""
-    if lookup is None:
-        return None
-    kept = {}
+class WindowsProcesses:
+    """What Windows says of a process through a handle any user may open: image name, account, command line, start.
 
-    def remembered(pid):
-        now = clock()
-        found = kept.get(pid)
-        if found is None or now - found[0] > keep_s:
-            if len(kept) > 4096:
-                kept.clear()
-            found = kept[pid] = (now, lookup(pid))
-        return found[1]
-    return remembered
+    Each process is looked up once, known by its pid and creation time: Windows hands a pid out
+    again soon after its process ends, and the process that gets it is a new job. Accounts are
+    remembered by SID: LookupAccountSidW may ask a domain controller.
+    """
 
+    COMMAND_LINE = 60  # ProcessCommandLineInformation (Windows 8.1 and later): no PROCESS_VM_READ needed
+    EPOCH = 11_644_473_600  # seconds from 1601, where FILETIME starts, to 1970
 
-def windows_process(pid):
-    """Return (image name, DOMAIN\\user) of a process through its token; (None, None) where Windows refuses."""
-    import ctypes
-    from ctypes import wintypes
-    kernel32, advapi32 = ctypes.WinDLL("kernel32", use_last_error=True), ctypes.WinDLL("advapi32")
-    kernel32.OpenProcess.restype = wintypes.HANDLE
-    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-    if not handle:
-        return None, None
-    name = user = None
-    try:
+    def __init__(self, full_commands=False):
+        self.full_commands = full_commands
+        self.known, self.accounts = {}, {}
+        self.api = None
+
+    def _load(self):
+        import ctypes
+        from ctypes import wintypes
+        kernel32, advapi32 = ctypes.WinDLL("kernel32", use_last_error=True), ctypes.WinDLL("advapi32")
+        ntdll, shell32 = ctypes.WinDLL("ntdll"), ctypes.WinDLL("shell32")
+        kernel32.OpenProcess.restype = wintypes.HANDLE
+        kernel32.OpenProcess.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
+        kernel32.CloseHandle.argtypes = [wintypes.HANDLE]
+        kernel32.QueryFullProcessImageNameW.argtypes = [wintypes.HANDLE, wintypes.DWORD, wintypes.LPWSTR,
+                                                        ctypes.POINTER(wintypes.DWORD)]
+        kernel32.GetProcessTimes.argtypes = [wintypes.HANDLE] + [ctypes.POINTER(wintypes.FILETIME)] * 4
+        kernel32.LocalFree.argtypes = [ctypes.c_void_p]
+        ntdll.NtQueryInformationProcess.restype = ctypes.c_long  # an NTSTATUS: 0 is success
+        ntdll.NtQueryInformationProcess.argtypes = [wintypes.HANDLE, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
+                                                    ctypes.POINTER(ctypes.c_ulong)]
+        shell32.CommandLineToArgvW.restype = ctypes.POINTER(wintypes.LPWSTR)
+        shell32.CommandLineToArgvW.argtypes = [wintypes.LPCWSTR, ctypes.POINTER(ctypes.c_int)]
+        advapi32.OpenProcessToken.argtypes = [wintypes.HANDLE, wintypes.DWORD, ctypes.POINTER(wintypes.HANDLE)]
+        advapi32.GetLengthSid.argtypes = [ctypes.c_void_p]
+        return ctypes, wintypes, kernel32, advapi32, ntdll, shell32
+
+    def __call__(self, pid):
+        """Return {"name", "user", "command", "startedAt"} of a process, each where Windows tells it; {} if it refuses."""
+        self.api = self.api or self._load()
+        kernel32 = self.api[2]
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return {}
+        try:
+            started = self._started(handle)
+            if (pid, started) in self.known:
+                return self.known[pid, started]
+            name, argv = self._image_name(handle), self._argv(handle)
+            found = {"name": name, "user": self._user(handle), "startedAt": started,
+                     "command": (command_line(argv, self.full_commands) or name) if argv is not None else None}
+            if started is not None:  # without its start a pid cannot be told from the next process to get it
+                if len(self.known) > 4096:
+                    self.known.clear()
+                self.known[pid, started] = found
+            return found
+        finally:
+            kernel32.CloseHandle(handle)
+
+    def _image_name(self, handle):
+        ctypes, wintypes, kernel32 = self.api[:3]
         path, size = ctypes.create_unicode_buffer(1024), wintypes.DWORD(1024)
-        if kernel32.QueryFullProcessImageNameW(handle, 0, path, ctypes.byref(size)):
-            name = path.value.replace("\\", "/").rsplit("/", 1)[-1]
+        found = kernel32.QueryFullProcessImageNameW(handle, 0, path, ctypes.byref(size))
+        return _basename(path.value) if found else None
+
+    def _started(self, handle):
+        ctypes, wintypes, kernel32 = self.api[:3]
+        times = [wintypes.FILETIME() for _ in range(4)]  # creation, exit, kernel, user
+        if not kernel32.GetProcessTimes(handle, *map(ctypes.byref, times)):
+            return None
+        ticks = times[0].dwHighDateTime << 32 | times[0].dwLowDateTime  # 100 ns since 1601
+        return round(ticks / 10_000_000 - self.EPOCH, 2) if ticks else None
+
+    def _argv(self, handle):
+        """Return the process's arguments as Windows splits them (CommandLineToArgvW); None where it will not say."""
+        ctypes, wintypes, kernel32, _, ntdll, shell32 = self.api
+
+        class UnicodeString(ctypes.Structure):
+            _fields_ = [("Length", wintypes.USHORT), ("MaximumLength", wintypes.USHORT), ("Buffer", ctypes.c_void_p)]
+        size = ctypes.c_ulong(0)
+        ntdll.NtQueryInformationProcess(handle, self.COMMAND_LINE, None, 0, ctypes.byref(size))  # asks the size
+        if size.value < ctypes.sizeof(UnicodeString):
+            return None
+        buffer = ctypes.create_string_buffer(size.value)
+        if ntdll.NtQueryInformationProcess(handle, self.COMMAND_LINE, buffer, size.value, ctypes.byref(size)) != 0:
+            return None
+        text = UnicodeString.from_buffer(buffer)
+        line = ctypes.wstring_at(text.Buffer, text.Length // 2) if text.Buffer else ""
+        if not line.strip():
+            return []  # CommandLineToArgvW("") would answer with this agent's own path
+        count = ctypes.c_int(0)
+        words = shell32.CommandLineToArgvW(line, ctypes.byref(count))
+        if not words:
+            return None
+        try:
+            return [words[i] for i in range(count.value)]
+        finally:
+            kernel32.LocalFree(ctypes.cast(words, ctypes.c_void_p))
+
+    def _user(self, handle):
+        """Return DOMAIN\\user of the process's token; None where Windows refuses."""
+        ctypes, wintypes, kernel32, advapi32 = self.api[:4]
         token = wintypes.HANDLE()
-        if advapi32.OpenProcessToken(handle, 0x0008, ctypes.byref(token)):  # TOKEN_QUERY
-            try:
-                needed = wintypes.DWORD(0)
-                advapi32.GetTokenInformation(token, 1, None, 0, ctypes.byref(needed))  # TokenUser
-                info = (ctypes.c_byte * needed.value)()
-                if advapi32.GetTokenInformation(token, 1, info, needed, ctypes.byref(needed)):
-                    sid = ctypes.cast(info, ctypes.POINTER(ctypes.c_void_p))[0]  # TOKEN_USER.User.Sid
-                    account, domain = ctypes.create_unicode_buffer(256), ctypes.create_unicode_buffer(256)
-                    sizes, use = (wintypes.DWORD(256), wintypes.DWORD(256)), wintypes.DWORD()
-                    if advapi32.LookupAccountSidW(None, ctypes.c_void_p(sid), account, ctypes.byref(sizes[0]),
-                                                  domain, ctypes.byref(sizes[1]), ctypes.byref(use)):
-                        user = f"{domain.value}\\{account.value}" if domain.value else account.value
-            finally:
-                kernel32.CloseHandle(token)
-    finally:
-        kernel32.CloseHandle(handle)
-    return name, user
+        if not advapi32.OpenProcessToken(handle, 0x0008, ctypes.byref(token)):  # TOKEN_QUERY
+            return None
+        try:
+            needed = wintypes.DWORD(0)
+            advapi32.GetTokenInformation(token, 1, None, 0, ctypes.byref(needed))  # TokenUser
+            info = (ctypes.c_byte * needed.value)()
+            if not advapi32.GetTokenInformation(token, 1, info, needed, ctypes.byref(needed)):
+                return None
+            sid = ctypes.cast(info, ctypes.POINTER(ctypes.c_void_p))[0]  # TOKEN_USER.User.Sid
+            key = ctypes.string_at(sid, advapi32.GetLengthSid(sid))
+            if key not in self.accounts:
+                account, domain = ctypes.create_unicode_buffer(256), ctypes.create_unicode_buffer(256)
+                sizes, use = (wintypes.DWORD(256), wintypes.DWORD(256)), wintypes.DWORD()
+                self.accounts[key] = None
+                if advapi32.LookupAccountSidW(None, ctypes.c_void_p(sid), account, ctypes.byref(sizes[0]),
+                                              domain, ctypes.byref(sizes[1]), ctypes.byref(use)):
+                    self.accounts[key] = f"{domain.value}\\{account.value}" if domain.value else account.value
+            return self.accounts[key]
+        finally:
+            kernel32.CloseHandle(token)
 
 
 class WindowsReader(Reader):
@@ -1597,9 +1838,8 @@ class WindowsReader(Reader):
     vendor = None
 
     def __init__(self, edge=None, skip_nvidia=False):
-        """`edge` is (counters with .read(), adapters(), process(pid)); by default PDH, DXGI and the process token."""
-        counters, self.adapters_of, process = edge or (None, dxgi_adapters, windows_process)
-        self.process = _remembered(process)
+        """`edge` is (counters with .read(), adapters(), process(pid)); by default PDH, DXGI and WindowsProcesses."""
+        counters, self.adapters_of, self.process = edge or (None, dxgi_adapters, WindowsProcesses())
         self.skip_nvidia = skip_nvidia
         try:
             self.adapters = self.adapters_of()  # first: a PC with no GPU to read opens no query at all
@@ -1687,11 +1927,11 @@ class PendingReader(Reader):
         return self.reader.describe(index) if self.reader else self.name
 
 
-def _nvidia(choice, nvml, gputil, run, users):
+def _nvidia(choice, nvml, gputil, run, process):
     """Return the NVIDIA reader `choice` names: NVML, or GPUtil (which runs nvidia-smi)."""
     if choice == "nvml":
         try:
-            return NvmlReader(nvml, users=users)
+            return NvmlReader(nvml, process=process)
         except (ImportError, OSError, GpuReadError) as error:
             raise GpuReadError(f"NVML backend unavailable: {error}") from None
     try:
@@ -1702,26 +1942,31 @@ def _nvidia(choice, nvml, gputil, run, users):
 
 def open_reader(choice, simulate=0, nvml=None, gputil=None, run=subprocess.run, root=None, platform=sys.platform,
                  windows=None, which=shutil.which):
-    """Return what reads this machine's GPUs: the one `choice` names, or for `auto` every vendor's present."""
+    """Return what reads this machine's GPUs: the one `choice` names, or for `auto` every vendor's present.
+
+    Every reader that lists processes asks one lookup what each is: `root.process` on Linux, the
+    process handle on Windows (`windows`: its edges, for tests), with `root.full_commands` on both.
+    """
     if simulate:
         return SimulatedReader(simulate)
     root = root or SysRoot()
-    users = root.process if platform.startswith("linux") else (
-        (windows[2] if windows else windows_process) if platform == "win32" else None)
+    if platform == "win32":
+        windows = windows or (None, dxgi_adapters, WindowsProcesses(root.full_commands))
+    process = root.process if platform.startswith("linux") else windows[2] if platform == "win32" else None
     one = {"amd": lambda: AmdReader(root), "intel": lambda: IntelReader(root),
            "jetson": lambda: JetsonReader(root, run=run), "apple": lambda: AppleReader(run=run),
            "windows": lambda: WindowsReader(windows)}
     if choice in one:
         return one[choice]()
     if choice != "auto":
-        return _nvidia(choice, nvml, gputil, run, users)
+        return _nvidia(choice, nvml, gputil, run, process)
     readers, missing = [], []
     if platform == "darwin":
         return AppleReader(run=run)
     jetson = platform.startswith("linux") and JetsonReader.present(root)
     if not jetson:  # NVML on a Jetson knows only the GPU's name: its sysfs says the rest
         try:
-            readers.append(NvmlReader(nvml, users=users))
+            readers.append(NvmlReader(nvml, process=process))
         except (ImportError, OSError, GpuReadError) as error:
             if gputil is not None or which("nvidia-smi"):
                 log.info("NVML unavailable (%s); using GPUtil and nvidia-smi", error)
@@ -1887,11 +2132,23 @@ def distinct_indices(gpus):
     return sorted(kept + moved, key=lambda g: g["index"])
 
 
+START_SLACK_S = 60.0  # the server refuses a process's startedAt later than this after the push's sampledAt
+
+
+def _drop_later_starts(gpus, sampled_at):
+    """Leave out a startedAt later than the sample, which the server refuses: a clock set back since it was read."""
+    for gpu in gpus:
+        for process in gpu.get("processes") or ():
+            if (process.get("startedAt") or 0) > sampled_at + START_SLACK_S:
+                del process["startedAt"]
+
+
 def build_payload(reader, clock=time.time):
     """Sample the GPUs once; a sample that fails whole carries `error` and no GPUs."""
     sampled_at = clock()
     try:
         gpus, error = distinct_indices(reader.sample()), None
+        _drop_later_starts(gpus, sampled_at)
     except GpuReadError as failure:
         gpus, error = [], str(failure)
     except Exception as failure:  # a reader's own bug: this sample says so, and the agent goes on (SPEC)
@@ -2260,6 +2517,9 @@ def settings_from(argv, environ):
                         help="what reads the GPUs (default auto: every vendor's this machine has)")
     parser.add_argument("--sys-root", default="/", metavar="DIR",
                         help="read DIR/sys and DIR/proc: an agent in a container with the host's / mounted at DIR")
+    parser.add_argument("--full-commands", action="store_true",
+                        help="send each GPU process's whole command line, not its program and script alone "
+                             "(arguments can hold tokens and paths, and every viewer of the dashboard reads them)")
     parser.add_argument("--once", action="store_true", help="send one sample, then exit")
     parser.add_argument("--dry-run", action="store_true", help="print the JSON payload instead of posting")
     parser.add_argument("--simulate", type=int, default=0, metavar="N", help="send N made-up GPUs")
@@ -2345,7 +2605,8 @@ def main(argv=None, environ=None):
                     ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
     try:
         def opener():
-            return open_reader(args.backend, args.simulate, root=SysRoot(args.sys_root))
+            root = SysRoot(args.sys_root, full_commands=args.full_commands)
+            return open_reader(args.backend, args.simulate, root=root)
         try:
             reader = opener()
         except GpuReadError:

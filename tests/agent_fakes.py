@@ -1,6 +1,7 @@
 """Fakes for the agent's GPU edges: a fake nvidia-smi on PATH, and a fake NVML module."""
 import json
 import os
+import shutil
 import types
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def nvml_gpu(**overrides):
 # ---- a machine's /sys and /proc, built from captured sysfs trees (tests/fixtures/gpus) ----------
 
 GPUS = FIXTURES / "gpus"
+PROC = FIXTURES / "proc"  # captured /proc/<pid> entries and /proc/stat (tests/fixtures/proc/SOURCE.md)
 
 
 class FakeRoot:
@@ -148,18 +150,42 @@ class FakeRoot:
     def process(self, pid, comm, uid, fdinfo=(), user=None):
         """Add /proc/<pid> with comm, status, and one DRM file descriptor per fdinfo text."""
         base = self.path / "proc" / str(pid)
-        (base / "fd").mkdir(parents=True)
-        (base / "fdinfo").mkdir()
+        base.mkdir(parents=True)
         (base / "comm").write_text(comm + "\n")
         (base / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+        self._descriptors(base, fdinfo)
+        if user:
+            self.account(user, uid)
+
+    def captured(self, pid, fdinfo=(), user=None):
+        """Add /proc/<pid> as it was captured (tests/fixtures/proc/<pid>), /proc/stat with its btime, and DRM descriptors.
+
+        `user` names the captured uid in /etc/passwd. Returns /proc/<pid>, whose files are copies a test may change.
+        """
+        base = self.path / "proc" / str(pid)
+        shutil.copytree(PROC / str(pid), base)
+        if not (self.path / "proc" / "stat").exists():
+            shutil.copy(PROC / "stat", self.path / "proc" / "stat")
+        self._descriptors(base, fdinfo)
+        if user:
+            uid = next(line.split()[1] for line in (base / "status").read_text().splitlines() if line.startswith("Uid:"))
+            self.account(user, uid)
+        return base
+
+    def account(self, user, uid):
+        with open(self.path / "etc" / "passwd", "a") as passwd:
+            passwd.write(f"{user}:x:{uid}:{uid}::/home/{user}:/bin/bash\n")
+
+    @staticmethod
+    def _descriptors(base, fdinfo):
+        """Give a process stdin on /dev/null and one DRM file descriptor per fdinfo text, from fd 3 on."""
+        (base / "fd").mkdir()
+        (base / "fdinfo").mkdir()
         (base / "fd" / "0").symlink_to("/dev/null")
         (base / "fdinfo" / "0").write_text("pos:\t0\nflags:\t02\n")
         for fd, text in enumerate(fdinfo, start=3):
             (base / "fd" / str(fd)).symlink_to("/dev/dri/renderD128")
             (base / "fdinfo" / str(fd)).write_text(text)
-        if user:
-            with open(self.path / "etc" / "passwd", "a") as passwd:
-                passwd.write(f"{user}:x:{uid}:{uid}::/home/{user}:/bin/bash\n")
 
     def amdgpu_ids(self):
         """Install libdrm's amdgpu.ids (the captured excerpt) where the agent looks for it."""

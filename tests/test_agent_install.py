@@ -46,6 +46,12 @@ def test_linux_as_a_user_is_a_user_unit_that_restarts_on_failure_but_not_on_a_re
     assert log == "journalctl --user -u gpu-stats-agent -f"
 
 
+def test_the_installed_agent_keeps_full_commands_but_never_the_key(tmp_path):
+    flags = agent._start_flags(["--install", "--full-commands", "--key", "k", "--url", "http://rig:3000/push-sse"])
+    files, *_ = agent.install_plan(flags, AGENT, PYTHON, platform="linux", home=tmp_path, root=False)
+    assert unit_of(next(iter(files.values())))["Service"]["ExecStart"] == f"{PYTHON} {AGENT} --full-commands"
+
+
 def test_linux_as_root_is_a_system_unit(tmp_path):
     files, start, _, log = agent.install_plan([], AGENT, PYTHON, platform="linux", home=tmp_path, root=True)
     [(path, text)] = files.items()

@@ -111,7 +111,7 @@ def test_on_a_jetson_nvml_which_knows_only_a_name_is_left_out(tmp_path):
 def test_nvml_processes_carry_their_user_from_proc(host):
     host.process(4242, "python3", 1000, user="ana")
     root = agent.SysRoot(host.path)
-    [gpu] = agent.NvmlReader(nvml_module([nvml_gpu()]), users=root.process).sample()
+    [gpu] = agent.NvmlReader(nvml_module([nvml_gpu()]), process=root.process).sample()
     assert gpu["processes"][0] == {"pid": 4242, "name": "python3", "memoryUsed": 2048, "user": "ana"}
     assert "user" not in gpu["processes"][1]  # pid 77 is not in this /proc: no user, not a guess
 

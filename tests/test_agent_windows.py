@@ -44,16 +44,26 @@ def laptop_counters():
     return engines, dedicated, shared, process_memory
 
 
+# What WindowsProcesses gives for the laptop's processes: the account from the token, the arguments as
+# CommandLineToArgvW splits them, the creation time from GetProcessTimes; OBS's token is not ours to open.
+ARGV = {1200: [r"C:\Program Files (x86)\Steam\steamapps\common\Game\game.exe", "-dx12", "+connect", "10.0.0.5"],
+        9524: [r"C:\Program Files\obs-studio\bin\64bit\obs64.exe", "--startreplaybuffer"]}
+
+
 def names(pid):
-    return {1200: ("game.exe", "LAPTOP\\ana"), 9524: ("obs64.exe", None)}.get(pid, (None, None))
+    found = {1200: {"name": "game.exe", "user": "LAPTOP\\ana", "startedAt": 1796400612.25},
+             9524: {"name": "obs64.exe", "startedAt": 1796396000.5}}.get(pid, {})
+    return {**found, "command": agent.command_line(ARGV[pid])} if found else {}
 
 
 def test_each_adapter_is_as_busy_as_its_busiest_engine_summed_over_processes():
     nvidia, intel = agent.windows_gpus(*laptop_counters(), LAPTOP, process=names)
     assert (nvidia["name"], nvidia["vendor"], nvidia["utilizationGpu"]) == ("NVIDIA GeForce GTX 1050", "NVIDIA", 100)
     assert (nvidia["memoryTotal"], nvidia["memoryUsed"], nvidia["memoryFree"]) == (4096, 1536, 2560)
-    assert nvidia["processes"] == [{"pid": 1200, "name": "game.exe", "memoryUsed": 1024, "user": "LAPTOP\\ana"},
-                                   {"pid": 9524, "name": "obs64.exe", "memoryUsed": 256}]
+    assert nvidia["processes"] == [{"pid": 1200, "name": "game.exe", "memoryUsed": 1024, "user": "LAPTOP\\ana",
+                                    "command": "game.exe", "startedAt": 1796400612.25},
+                                   {"pid": 9524, "name": "obs64.exe", "memoryUsed": 256, "command": "obs64.exe",
+                                    "startedAt": 1796396000.5}]
     # The iGPU's 128 MiB is a carve-out: it works in shared memory, as Task Manager shows it.
     assert (intel["utilizationGpu"], intel["memoryShared"], intel["memoryTotal"], intel["memoryUsed"]) == (
         12, True, 8192 + 128, 576)
@@ -96,3 +106,45 @@ def test_a_windows_with_only_nvidia_and_the_basic_render_driver_leaves_it_to_nvm
     only = {k: v for k, v in LAPTOP.items() if v["vendorId"] != 0x8086}
     with pytest.raises(agent.GpuReadError, match="no GPU besides NVIDIA's and the Microsoft Basic Render Driver"):
         agent.WindowsReader((Counters([]), lambda: only, names), skip_nvidia=True)
+
+
+class Handles(agent.WindowsProcesses):
+    """WindowsProcesses with its Windows calls answered from `table`: {pid: (created, image name, argv, account)}."""
+
+    def __init__(self, table, **kwargs):
+        super().__init__(**kwargs)
+        self.table, self.asked = table, []
+
+    def _load(self):
+        kernel32 = type("Kernel32", (), {"OpenProcess": lambda _, access, inherit, pid: pid if pid in self.table else 0,
+                                         "CloseHandle": lambda _, handle: True})()
+        return None, None, kernel32, None, None, None
+
+    def _started(self, handle):
+        return self.table[handle][0]
+
+    def _image_name(self, handle):
+        self.asked.append(handle)
+        return self.table[handle][1]
+
+    def _argv(self, handle):
+        return self.table[handle][2]
+
+    def _user(self, handle):
+        return self.table[handle][3]
+
+
+def test_a_windows_process_is_asked_once_and_a_pid_handed_out_again_is_a_new_process():
+    table = {1200: (1796400612.25, "python.exe", [r"C:\Python312\python.exe", "-u", r"C:\Users\ana\train.py", "--lr", "1"],
+                    "LAPTOP\\ana"),
+             4: (1796392351.5, "System", None, None)}  # its command line is not ours to read
+    lookup = Handles(table)
+    assert lookup(1200) == {"name": "python.exe", "user": "LAPTOP\\ana", "command": "python.exe train.py",
+                            "startedAt": 1796400612.25}
+    assert lookup(1200)["command"] == "python.exe train.py" and lookup.asked == [1200]
+    table[1200] = (1796400900.0, "blender.exe", [r"C:\Program Files\Blender Foundation\Blender 4.2\blender.exe"], None)
+    assert lookup(1200)["command"] == "blender.exe" and lookup.asked == [1200, 1200]  # the pid, handed on
+    assert lookup(4) == {"name": "System", "user": None, "command": None, "startedAt": 1796392351.5}
+    assert lookup(9999) == {}  # gone, or a process Windows will not open
+    full = Handles({1200: (1796400612.25, "python.exe", ["python.exe", "train.py", "--lr", "1"], None)}, full_commands=True)
+    assert full(1200)["command"] == "python.exe train.py --lr 1"

@@ -48,6 +48,24 @@ def test_shared_memory_and_process_users_are_kept():
     assert refused(multi(gpu(0, processes=[{"pid": 7, "user": 1000}]))).field == "gpus[0].processes[0].user"
 
 
+def test_a_processs_command_and_start_are_kept_and_a_start_must_be_one():
+    # Issue 33: two python3 jobs on one H200 are told apart by their command and their start.
+    job = {"pid": 7, "name": "python3", "user": "ana", "memoryUsed": 512, "command": "python3 train.py",
+           "startedAt": 1796400612.0}
+    body = {**multi(gpu(0, processes=[job])), "sampledAt": 1796400700.25}
+    assert check(body)["gpus"][0]["processes"] == [job]
+    started = "gpus[0].processes[0].startedAt"
+    for bad in (0, 946_684_799, "1796400612", 1e12):  # before 2000 (a clock never set), text, past any date
+        assert refused({**body, "gpus": [gpu(0, processes=[{**job, "startedAt": bad}])]}).field == started
+    late = refused({**body, "gpus": [gpu(0, processes=[{**job, "startedAt": 1796400700.25 + 61}])]})
+    assert late.field == started and "after sampledAt" in str(late)
+    with pytest.raises(payload.PushError):  # the route's one-walk parse refuses it too
+        payload.parse(json.dumps({**body, "gpus": [gpu(0, processes=[{**job, "startedAt": 1796400800.0}])]}).encode())
+    assert check({**body, "gpus": [gpu(0, processes=[{**job, "startedAt": 1796400700.25 + 59}])]})  # clocks a tick apart
+    assert refused({**body, "gpus": [gpu(0, processes=[{**job, "command": "x" * 129}])]}).field == (
+        "gpus[0].processes[0].command")
+
+
 def test_null_means_not_reported_and_stays_null():
     assert check(multi(gpu(0, powerDraw=None)))["gpus"][0]["powerDraw"] is None
 

@@ -81,7 +81,12 @@ def _boolean(value, where):
 PERCENT, MIB, CELSIUS = _number(0, 100), _number(0, MAX_MIB), _number(-100, 250)
 WATTS, MHZ = _number(0, 100_000), _number(0, 100_000)
 
-PROCESS_FIELDS = {"pid": _integer(0, 2**32), "name": _string, "user": _string, "memoryUsed": MIB}
+YEAR_2000 = 946_684_800  # a process's start before this is a clock that was never set, not a start
+START_SLACK_S = 60  # how far past its push's sampledAt a process may say it started: clocks tick apart by a second
+
+# `command` is the program and its script (`python3 train.py`); `startedAt` tells two runs of it apart.
+PROCESS_FIELDS = {"pid": _integer(0, 2**32), "name": _string, "user": _string, "command": _string,
+                  "startedAt": _number(YEAR_2000, 1e11), "memoryUsed": MIB}
 GPU_FIELDS = {
     "index": _integer(0, 1023), "uuid": _string, "name": _string, "vendor": _string,
     "driverVersion": _string, "pstate": _string, "error": _string,
@@ -284,10 +289,21 @@ def _checked(data):
             raise PushError(f"gpus[{i}].index", f"{gpu['index']} is used twice")
         seen.add(gpu["index"])
     top = _object(data, TOP_PLAN, "")
+    if top.get("sampledAt") is not None:
+        _started_by(checked, top["sampledAt"] + START_SLACK_S)
     agent = data.get("agent")
     return {"host": top.get("host"), "sampledAt": top.get("sampledAt"), "error": top.get("error"),
             "agent": None if agent is None else _object(agent, AGENT_PLAN, "agent"),
             "gpus": checked}
+
+
+def _started_by(gpus, latest):
+    """Refuse a process that says it started after the push was sampled: a start in the future is no start."""
+    for i, gpu in enumerate(gpus):
+        for j, process in enumerate(gpu.get("processes") or ()):
+            if (process.get("startedAt") or 0) > latest:
+                raise PushError(f"gpus[{i}].processes[{j}].startedAt",
+                                f"{_short(process['startedAt'])} is more than {START_SLACK_S} s after sampledAt")
 
 
 BOM = b"\xef\xbb\xbf"
