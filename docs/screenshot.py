@@ -46,7 +46,6 @@ class LabPC(agent.SimulatedReader):
                 gpu.update(utilizationGpu=0, memoryUsed=420, processes=[])
             for process in gpu["processes"]:
                 process["user"] = USERS[(process["pid"] + gpu["index"]) % len(USERS)]
-                process["name"] = f"{process['name']} train.py" if process["name"] == "python3" else process["name"]
         if self.name == HOT[0]:
             gpus[HOT[1]].update(temperatureGpu=86 + self.rng.randint(0, 3), utilizationGpu=97, fanSpeed=100)
         return gpus

@@ -187,7 +187,7 @@
       tile.processesKey = key;
       tile.processes.replaceChildren(...processes.slice(0, 5).map(p => {
         const item = make("li");
-        make("span", "pname", item, `${p.pid ?? ""} ${p.name ?? ""}`.trim());
+        make("span", "pname", item, `${p.pid ?? ""} ${p.command || p.name || ""}`.trim());
         if (typeof p.user === "string" && p.user) make("span", "puser", item, p.user); // who holds the GPU
         make("span", "", item, known(p.memoryUsed) ? `${gib(p.memoryUsed)} GiB` : dash);
         return item;

@@ -139,7 +139,8 @@ window.FleetOverview = (() => {
           : `free for ${since(Date.now() / 1000 - cell.freeSince)}`;
       }
       const processes = Array.isArray(cell.g.processes) ? cell.g.processes : [];
-      const people = processes.map(p => [p.user, p.name].filter(s => typeof s === "string" && s).join(" "));
+      // "ana python3 train.py": who, and what (its command, where the agent sends one), not "python3" twice.
+      const people = processes.map(p => [p.user, p.command || p.name].filter(s => typeof s === "string" && s).join(" "));
       return people.filter(Boolean).join(", ");
     }
 
@@ -170,9 +171,9 @@ window.FleetOverview = (() => {
           + `${known(g.temperatureGpu) ? `${Math.round(g.temperatureGpu)} °C` : "– °C"}, `
           + `${known(g.powerDraw) ? `${Math.round(g.powerDraw)} W` : "– W"}`,
         ...(g.error ? [g.error] : []),
-        ...processes.slice(0, 5).map(p => `${p.user || "?"}: ${p.name || "?"} (${p.pid ?? "?"})`)].join("\n");
+        ...processes.slice(0, 5).map(p => `${p.user || "?"}: ${p.command || p.name || "?"} (${p.pid ?? "?"})`)].join("\n");
       if (cell.title !== title) { cell.title = title; cell.node.title = title; }
-      cell.hay = [`${pc.name}:${cell.index}`, g.name, ...processes.flatMap(p => [p.user, p.name])]
+      cell.hay = [`${pc.name}:${cell.index}`, g.name, ...processes.flatMap(p => [p.user, p.name, p.command])]
         .filter(s => typeof s === "string").join("\n").toLowerCase();
     }
 

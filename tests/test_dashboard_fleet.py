@@ -86,17 +86,19 @@ def test_a_fleet_of_40_pcs_of_8_gpus_reads_in_two_screens_and_updates_in_place(s
 
 
 def test_search_narrows_as_you_type_by_pc_gpu_user_or_process(server, page):
-    server.push(multi(gpu(0, name="NVIDIA RTX 4090", processes=[{"pid": 1, "name": "train.py", "user": "ana"}]),
+    server.push(multi(gpu(0, name="NVIDIA RTX 4090", processes=[{"pid": 1, "name": "python3", "user": "ana",
+                                                                 "command": "python3 train.py", "startedAt": 1.7e9}]),
                       gpu(1, name="NVIDIA RTX 4090", processes=[])), device="rig-1")
     server.push(multi(gpu(0, name="NVIDIA A100", processes=[{"pid": 2, "name": "blender", "user": "bo"}])),
                 device="rig-2")
     server.push(multi(gpu(0, name="NVIDIA A100", processes=[])), device="rig-3")
     open_overview(page, server)
     expect(rows(page)).to_have_text(["rig-1", "rig-2", "rig-3"])
+    expect(cell(page, "rig-1", 0).locator(".who")).to_have_text("ana python3 train.py")  # who, and what: its command
     search = page.locator("#search")
     assert search.get_attribute("type") == "search"
     for query, shown, count in [("rig-3", ["rig-3"], 1), ("a100", ["rig-2", "rig-3"], 2), ("ana", ["rig-1"], 1),
-                                ("BLENDER", ["rig-2"], 1), ("4090", ["rig-1"], 2), ("rig-1:1", ["rig-1"], 1),
+                                ("BLENDER", ["rig-2"], 1), ("train.py", ["rig-1"], 1), ("4090", ["rig-1"], 2), ("rig-1:1", ["rig-1"], 1),
                                 ("nobody", [], 0)]:
         search.fill(query)
         expect(rows(page)).to_have_text(shown)
