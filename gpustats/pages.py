@@ -14,7 +14,7 @@ YEAR_S = 365 * 24 * 3600
 
 
 def register_pages(app, config, fleet, broadcaster, history=None):
-    """Add `GET /`, versioned asset URLs, the headers every response gets, and `GET /healthz`."""
+    """Add `GET /`, `GET /jobs`, versioned asset URLs, the headers every response gets, and `GET /healthz`."""
     started = time.monotonic()
     versions = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:12]
                 for path in Path(app.static_folder).iterdir() if path.is_file()}
@@ -37,6 +37,11 @@ def register_pages(app, config, fleet, broadcaster, history=None):
                                stale_after_s=config.stale_after_s, offline_after_s=config.offline_after_s,
                                detail=request.args.get("pc", "").strip()[:200], kiosk=kiosk,
                                theme=theme if theme in ("dark", "light") else None)
+
+    @app.get("/jobs")
+    def jobs_page():
+        # Who runs what, for how long, at what cost: drawn by static/jobs.js from /api/jobs and /api/usage.
+        return render_template("jobs.html")
 
     @app.get("/healthz")
     def healthz():

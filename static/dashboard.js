@@ -381,9 +381,25 @@
     updateSeen(entry);
   }
 
+  // A hidden overview keeps only each PC's latest push and shows them when it is seen again: a tab
+  // in the background costs a JSON parse a push, no DOM work. (The detail goes on: its live charts
+  // keep every point, and draw nothing while hidden.)
+  const held = new Map(); // name -> its latest push while hidden
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) return;
+    const pushes = [...held.values()];
+    held.clear();
+    for (const data of pushes) showPush(data);
+  });
+
   function onPush(data) {
     if (!data || typeof data.device !== "string") return;
     if (!data.snapshot) skewS = Date.now() / 1000 - data.receivedAt;
+    if (overview && document.hidden) held.set(data.device, data);
+    else showPush(data);
+  }
+
+  function showPush(data) {
     const firstSight = !devices.has(data.device);
     const entry = deviceEntry(data.device);
     entry.data = data;
@@ -427,6 +443,11 @@
 
   function onStatus(change) {
     if (known(change.at)) skewS = Date.now() / 1000 - change.at;
+    const pending = held.get(change.device);
+    if (pending) { // a status for a push not shown yet: it goes with that push
+      if (change.status === "removed") held.delete(change.device);
+      else held.set(change.device, {...pending, status: change.status, receivedAt: change.receivedAt ?? pending.receivedAt});
+    }
     const entry = devices.get(change.device);
     if (!entry) return;
     if (change.status === "removed") { // an admin removed the device: its card goes
@@ -481,6 +502,7 @@
   // Counts "last seen" up, and dims devices the server cannot tell us about (after a server
   // restart it knows only the devices that pushed since; while we are cut off, nobody pushes).
   setInterval(() => {
+    if (document.hidden) return; // nothing to see: the held pushes are shown, and this runs, when it is
     let changed = false;
     for (const entry of devices.values()) {
       if (!entry.data) continue;
@@ -502,7 +524,7 @@
   const RECENT_SHOWN = 10;
   const RECENT_KEPT = 100; // as many as the server keeps
   const KINDS = {GpuHot: "Hot", GpuMemoryFull: "Memory full", DeviceOffline: "Offline", GpuError: "GPU error",
-    GpuJobDone: "Job done"};
+    GpuJobDone: "Job done", GpuIdleHeld: "Held idle"};
   const SEVERITIES = ["critical", "warning", "info"]; // worst first
   const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
   // One entry per alert instance (`fingerprint startsAt`: its firing, then its resolution), with
@@ -540,7 +562,7 @@
     for (const g of entry.data.gpus) {
       const list = gpuAlerts(entry.name, g.index);
       overview.alerts(entry.name, g.index, SEVERITIES.find(s => list.some(a => severity(a) === s)),
-        list.some(a => a.alertname === "GpuHot"));
+        list.some(a => a.alertname === "GpuHot"), list.some(a => a.alertname === "GpuIdleHeld"));
     }
   }
 

@@ -109,7 +109,7 @@ window.FleetOverview = (() => {
       if (cell) return cell;
       const node = make("li", "cell");
       node.dataset.index = String(index);
-      cell = {node, index, g: {}, state: "", flags: {}, freeSince: undefined, hotAlert: false, title: "", hay: "",
+      cell = {node, index, g: {}, state: "", flags: {}, freeSince: undefined, hotAlert: false, held: false, title: "", hay: "",
         glyph: make("span", "glyph", node), id: make("a", "idx", node, String(index)),
         util: make("span", "v util", node), mem: make("span", "v mem", node), temp: make("span", "v temp", node),
         who: make("span", "who", node)};
@@ -141,7 +141,8 @@ window.FleetOverview = (() => {
       const processes = Array.isArray(cell.g.processes) ? cell.g.processes : [];
       // "ana python3 train.py": who, and what (its command, where the agent sends one), not "python3" twice.
       const people = processes.map(p => [p.user, p.command || p.name].filter(s => typeof s === "string" && s).join(" "));
-      return people.filter(Boolean).join(", ");
+      // GpuIdleHeld fires: memory held on a GPU doing nothing, the GPU a lab is waiting for.
+      return `${cell.held ? "⏸ held idle: " : ""}${people.filter(Boolean).join(", ")}`;
     }
 
     function renderCell(pc, cell) {
@@ -158,7 +159,7 @@ window.FleetOverview = (() => {
       cell.seen = true;
       if (cell.state !== state) {
         cell.state = state;
-        cell.node.className = `cell ${state}`;
+        cell.node.className = `cell ${state}${cell.held ? " held" : ""}`;
         setText(cell.glyph, STATES[state].glyph);
       }
       setText(cell.util, pct(g.utilizationGpu));
@@ -330,15 +331,18 @@ window.FleetOverview = (() => {
         order = order.filter(n => n !== name);
         later();
       },
-      alerts(name, index, worst, hot) { // a GPU's active alerts: its worst severity, and whether GpuHot fires
+      // A GPU's active alerts: its worst severity, whether GpuHot fires, whether GpuIdleHeld does.
+      alerts(name, index, worst, hot, held) {
         const pc = pcs.get(name), cell = pc && pc.cells.get(index);
         if (!cell) return;
         if ((cell.node.dataset.alert || "") !== (worst || "")) {
           if (worst) cell.node.dataset.alert = worst;
           else delete cell.node.dataset.alert;
         }
-        if (cell.hotAlert === hot) return;
+        if (cell.hotAlert === hot && cell.held === held) return;
         cell.hotAlert = hot; // the server's GpuHot rule, not only the page's threshold
+        cell.held = held;
+        cell.state = ""; // its class says whether it is held
         renderPc(pc);
       },
       tick() { // once a second: how long free GPUs have been free; a hidden tab does nothing

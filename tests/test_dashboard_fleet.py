@@ -5,7 +5,7 @@ import time
 import pytest
 from playwright.sync_api import expect
 
-from conftest import PRIVATE, Admin, gpu, multi
+from conftest import PRIVATE, Admin, gpu, multi, wait_for
 
 FLEET = {f"pc-{i:02}": f"test-key-pc-{i:02}-0123456789" for i in range(1, 41)}  # 40 PCs of 8 GPUs
 ROWS = "#pcs .pc:not([hidden])"
@@ -70,7 +70,7 @@ def test_a_fleet_of_40_pcs_of_8_gpus_reads_in_two_screens_and_updates_in_place(s
     expect(cell(page, "pc-01", 3).locator(".v")).to_have_text(["90%", "60%", "65°"])
     expect(cell(page, "pc-01", 3).locator(".who")).to_have_text("user1 train-1.py")
     expect(cell(page, "pc-01", 3)).to_have_attribute("title", re.compile(r"^pc-01:3 NVIDIA GeForce RTX 3080 — busy\n"))
-    expect(page.locator(".fleet-key li")).to_have_count(7)  # every state's glyph, with words
+    expect(page.locator(".fleet-key li")).to_have_count(8)  # every state's glyph, with words
     overview = page.locator("#overview").bounding_box()
     bottom = overview["y"] + overview["height"] + page.evaluate("scrollY")
     print(f"the overview of 40 x 8 GPUs ends {bottom:.0f} px down at 1920x1080")
@@ -319,3 +319,25 @@ def test_a_gpus_alerts_show_on_its_cell_and_a_hot_alert_makes_it_hot(start_serve
     expect(cell(page, "rig-1", 1)).to_have_class("cell busy")
     expect(cell(page, "rig-1", 1)).not_to_have_attribute("data-alert", re.compile(".*"))
     expect(page.locator("#alert-count")).to_have_text("1 alert")
+
+
+def test_a_hidden_tab_holds_pushes_and_shows_the_latest_when_seen_again(server, page):
+    server.push(multi(gpu(0, utilizationGpu=10)))
+    open_overview(page, server)
+    expect(cell(page, "rig-1", 0).locator(".util")).to_have_text("10%")
+    # Another tab in front hides this one, once Playwright's focus emulation (which keeps every
+    # page "visible") is off for it.
+    page.context.new_cdp_session(page).send("Emulation.setFocusEmulationEnabled", {"enabled": False})
+    other = page.context.new_page()
+    other.bring_to_front()
+    wait_for(lambda: page.evaluate("document.visibilityState") == "hidden", timeout=5)
+    for util in (20, 30, 40):
+        server.push(multi(gpu(0, utilizationGpu=util)))
+    server.push(multi(gpu(0, utilizationGpu=50)), device="rig-2")  # a PC it had not seen
+    page.wait_for_timeout(500)
+    assert page.locator(".cell .util").all_text_contents() == ["10%"]  # no DOM work while unseen
+    page.bring_to_front()
+    expect(cell(page, "rig-1", 0).locator(".util")).to_have_text("40%")  # the latest, at once
+    expect(cell(page, "rig-2", 0).locator(".util")).to_have_text("50%")
+    expect(page.locator("#total-gpus")).to_have_text("2")
+    other.close()
