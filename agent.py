@@ -1920,7 +1920,8 @@ def windows_name(release, version):
 
 def parse_mounts(text):
     """Return (device, mount point, type, options) for each line of a /proc/<pid>/mounts, its \\040 escapes undone."""
-    return [tuple(map(_unescape, fields[:4])) for fields in map(str.split, (text or "").splitlines()) if len(fields) >= 4]
+    lines = map(str.split, (text or "").splitlines())
+    return [tuple(map(_unescape, fields[:4])) for fields in lines if len(fields) >= 4]
 
 
 def _unescape(field):
@@ -1928,7 +1929,7 @@ def _unescape(field):
 
 
 def block_filesystems(text):
-    """Return the file system types of /proc/filesystems that live on a device (no "nodev"), as df -l counts disks; zfs too."""
+    """Return the types of /proc/filesystems that live on a device (no "nodev"), as df -l counts disks; zfs too."""
     return {"zfs"} | {fields[0] for fields in map(str.split, (text or "").splitlines()) if len(fields) == 1}
 
 
@@ -2149,11 +2150,12 @@ class HostReader:
         raise OSError(f"cannot read {self.root / 'proc' / '1' / 'net' / 'dev'} or {self.root / 'proc' / 'net' / 'dev'}")
 
     def is_virtual(self, name):
-        """Say whether an interface's bytes are counted on another too: on Linux, whether sysfs puts it under devices/virtual."""
+        """Say whether an interface's bytes cross another too: on Linux, whether sysfs has it under devices/virtual."""
         if name not in self.virtual:
             if len(self.virtual) > 4096:  # container veths come and go, each with a new name
                 self.virtual.clear()
-            try:  # eth0 -> ../../devices/pci0000:00/.../net/eth0; docker0, veth*, bond0, eth0.100 -> ../../devices/virtual/net/...
+            # eth0 -> ../../devices/pci0000:00/.../net/eth0; docker0, veth*, bond0, eth0.100 -> ../../devices/virtual/net/..
+            try:
                 link = os.readlink(self.root / "sys" / "class" / "net" / name) if self.linux else None
             except (OSError, ValueError):
                 link = None

@@ -494,7 +494,8 @@ def duplicate_key(draw):
 
 # ---- the host: anything in any place of `system` (issue 34) ---------------------------------------
 
-SYSTEM_PLACE = st.sampled_from(["system", "system.disks", "system.disks[0]", *(f"system.{name}" for name in payload.SYSTEM_FIELDS),
+SYSTEM_PLACE = st.sampled_from(["system", "system.disks", "system.disks[0]",
+                                *(f"system.{name}" for name in payload.SYSTEM_FIELDS),
                                 *(f"system.disks[0].{name}" for name in payload.DISK_FIELDS)])
 DISK = st.fixed_dictionaries({"mount": st.text(max_size=12)}, optional={"total": st.integers(-2, 2**34),
                                                                          "used": st.integers(-2, 2**34)})
