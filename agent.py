@@ -7,7 +7,8 @@ ioreg; any GPU on Windows through the performance counters Task Manager reads. N
 the standard library for the others: file reads, subprocesses with a timeout, ctypes.
 
 Copy this one file to each GPU PC. Needs: requests; nvidia-ml-py and/or GPUtil (with
-setuptools on Python 3.12+) for NVIDIA; python-dotenv (optional). See requirements-agent.txt.
+setuptools on Python 3.12+) for NVIDIA; psutil for the PC around the GPUs and python-dotenv
+(both optional). See requirements-agent.txt.
 
 Its sections, in order (each starts at a "# ---- name" line):
   readers              Reader, the base class of every reader; GpuReadError; the units they convert to
@@ -21,12 +22,14 @@ Its sections, in order (each starts at a "# ---- name" line):
   Jetson               JetsonReader: devfreq, the GPU's thermal zone and power rail, else tegrastats
   Apple                AppleReader: ioreg, and powermetrics as root
   Windows              WindowsReader, any vendor: the GPU counters Task Manager reads (PDH), DXGI; WindowsProcesses
+  the host             HostReader: the PC's OS, CPU, memory, disks, network, CPU temperature, uptime, through psutil
   choosing readers     open_reader (--backend), MultiReader for several in one push, PendingReader
   pushing              PushError and its kinds, Pusher, build_payload, run_loop
   starting at boot     --install and --uninstall: a systemd unit, a Task Scheduler task, a launchd agent
   settings and main    flags over the environment over .env; main, the one place failures become exit codes
 """
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -42,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -1863,6 +1867,324 @@ class WindowsReader(Reader):
                             read.get("process_memory", []), self.adapters, self.skip_nvidia, self.process)
 
 
+# ---- the host: the PC around the GPUs, through psutil (issue 34) ------------------------------
+# psutil reads Linux, Windows and macOS alike, so the agent keeps no parser per OS for them. On
+# Linux psutil reads its PROCFS_PATH, DIR/proc under --sys-root; what it would read from the agent's
+# own namespaces is read here from the host's instead: in a container the mounts and the network
+# are the container's own, and the host's are those its PID 1 sees (DIR/proc/1). psutil reads
+# /sys at its fixed place, so hwmon is read here too, under DIR/sys.
+
+SYSTEM_FIELDS = ("os", "cpuModel", "cpuCount", "cpuPercent", "load1", "memoryTotal", "memoryUsed", "swapUsed",
+                 "disks", "netRx", "netTx", "temperatureCpu", "uptimeS")
+MAX_DISKS = 16  # the most the server keeps
+READ_ONLY_IMAGES = frozenset({"squashfs", "iso9660", "udf", "erofs", "cramfs"})  # a snap, a CD: always 100 % full
+OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # /proc/<pid>/mounts writes a space in a path as \040
+# Interfaces whose bytes a real one carries too (loopback, bridges, veths, tunnels, VPNs), known by
+# name where there is no /sys/class/net to ask: macOS (lo0, utun3, awdl0, bridge0), Windows
+# ("Loopback Pseudo-Interface 1", "vEthernet (WSL)"), or a name sysfs does not list.
+VIRTUAL_NIC = re.compile(r"lo\d*$|loopback|veth|docker|br|virbr|cni|flannel|cali|cilium|lxc|vxlan|genev|tun|tap|"
+                         r"ifb|wg|tailscale|zt|utun|awdl|llw|gif|stf|anpi|ap\d|vethernet|isatap|teredo", re.I)
+CPU_THERMAL = re.compile(r"cpu\d*_thermal|soc_thermal")  # an ARM board's CPU thermal zone, as its hwmon chip is named
+SYSCTL_TIMEOUT_S = 5.0
+
+
+def parse_os_release(text):
+    """Return os-release's PRETTY_NAME, else its NAME and VERSION, unquoted; None without them."""
+    fields = {}
+    for line in (text or "").splitlines():
+        name, equals, value = line.partition("=")
+        try:
+            fields[name.strip()] = " ".join(shlex.split(value)) if equals else None
+        except ValueError:  # an unclosed quote: that line says nothing
+            continue
+    return fields.get("PRETTY_NAME") or " ".join(filter(None, (fields.get("NAME"), fields.get("VERSION")))) or None
+
+
+def parse_cpu_model(cpuinfo):
+    """Return the CPU's name in /proc/cpuinfo: its model name (x86), else an ARM board's Hardware or Model line."""
+    fields = {}
+    for line in (cpuinfo or "").splitlines():
+        name, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(name.strip(), " ".join(value.split()))  # "Intel(R) Xeon(R) CPU    E5-2670": one space
+    return next((fields[name] for name in ("model name", "Hardware", "Model") if fields.get(name)), None)
+
+
+def windows_name(release, version):
+    """Return 'Windows 11 (10.0.22631)' from platform.win32_ver(): Windows 11 calls itself 10, from build 22000 on."""
+    build = version.rsplit(".", 1)[-1]
+    if release == "10" and build.isdigit() and int(build) >= 22000:
+        release = "11"
+    return f"Windows {release} ({version})" if version else f"Windows {release}"
+
+
+def parse_mounts(text):
+    """Return (device, mount point, type, options) for each line of a /proc/<pid>/mounts, its \\040 escapes undone."""
+    lines = map(str.split, (text or "").splitlines())
+    return [tuple(map(_unescape, fields[:4])) for fields in lines if len(fields) >= 4]
+
+
+def _unescape(field):
+    return OCTAL_ESCAPE.sub(lambda octal: chr(int(octal.group(1), 8)), field)
+
+
+def block_filesystems(text):
+    """Return the types of /proc/filesystems that live on a device (no "nodev"), as df -l counts disks; zfs too."""
+    return {"zfs"} | {fields[0] for fields in map(str.split, (text or "").splitlines()) if len(fields) == 1}
+
+
+def real_disks(partitions, kinds=None):
+    """Return the mount points of real disks in the table's order, one per device (a bind mount, a btrfs subvolume).
+
+    Left out: a type not in `kinds` (tmpfs, proc, overlay, NFS: no disk of this PC), a read-only
+    image (a snap's squashfs, a CD), a loop device (snaps, an image file on another disk), a CD
+    drive (Windows), macOS's system volumes beside / and its Data volume, and a path longer
+    than the server keeps (128 characters: a container's volume, not a disk a person names).
+    """
+    mounts, devices = [], set()
+    for device, mount, kind, options in partitions:
+        if (not kind or kind in READ_ONLY_IMAGES or (kinds is not None and kind not in kinds)
+                or device.startswith("/dev/loop") or "cdrom" in options.split(",")
+                or (mount.startswith("/System/Volumes/") and mount != "/System/Volumes/Data")
+                or device in devices or len(mount) > 128):
+            continue
+        devices.add(device)
+        mounts.append(mount)
+    return mounts
+
+
+def cpu_busy(times):
+    """Return (busy, all) seconds of a psutil.cpu_times(); guest time is inside user time on Linux, so not counted twice."""
+    fields = times._asdict()
+    total = sum(fields.values()) - fields.get("guest", 0.0) - fields.get("guest_nice", 0.0)
+    return total - fields["idle"] - fields.get("iowait", 0.0), total
+
+
+def cpu_sensors(hwmon_class):
+    """Return the hwmon temp*_input files that say how hot the CPU is, one or more per package.
+
+    coretemp (Intel): each "Package id N", else its cores; k10temp and zenpower (AMD): Tdie,
+    else Tctl (Tctl runs 20-27 °C above the die on some Ryzen and Threadripper parts, which
+    then give Tdie too); an ARM board: its CPU thermal zone. Other chips (a GPU's, a disk's,
+    ACPI's) are not the CPU.
+    """
+    found = []
+    for chip in sorted(hwmon_class.glob("hwmon*")):
+        name = read_text(chip / "name")
+        inputs = {(read_text(chip / f"{path.name[:-6]}_label") or path.name[:-6]).lower(): path
+                  for path in sorted(chip.glob("temp*_input"))}
+        if name == "coretemp":
+            found += [path for label, path in inputs.items() if label.startswith("package id")] or list(inputs.values())
+        elif name in ("k10temp", "zenpower"):
+            found += [inputs[label] for label in ("tdie", "tctl") if label in inputs][:1]
+        elif name and CPU_THERMAL.fullmatch(name):
+            found += list(inputs.values())[:1]
+    return found
+
+
+class HostReader:
+    """The PC around the GPUs, as a push's `system` (SPEC, "The host"), read through psutil.
+
+    The OS, the CPU's model and count are read once; each sample reads the rest. A reading that
+    fails is null, logged once, and the others still go out. CPU busy and network bytes are the
+    difference from the last sample, so no sample waits to measure them: the first has none.
+    Edges: the psutil module, the root (--sys-root), the platform, the clocks, `usage` (a file
+    system's total and used bytes), `run` (sysctl, on macOS).
+    """
+
+    def __init__(self, psutil, root="/", platform=sys.platform, clock=time.monotonic, wall=time.time, usage=None,
+                 run=subprocess.run):
+        self.psutil, self.root, self.platform = psutil, Path(root), platform
+        self.linux = platform.startswith("linux")
+        self.clock, self.wall, self.run = clock, wall, run
+        self.usage = usage or self.disk_usage
+        self.states = StateLog()
+        self.cpu_last = self.net_last = None
+        self.virtual = {}  # interface name -> whether its bytes are counted on another too
+        self.readings = (("CPU use", self.cpu_percent), ("load", self.load), ("memory", self.memory),
+                         ("disks", self.disks), ("network", self.network), ("CPU temperature", self.temperature),
+                         ("uptime", self.uptime))
+        with self.procfs(self.root / "proc"):
+            self.facts = {**self.read("OS name", self.os_name), **self.read("CPU model", self.cpu_model),
+                          **self.read("CPU count", self.cpu_count)}
+        self.sensors = cpu_sensors(self.root / "sys" / "class" / "hwmon") if self.linux else []
+
+    def sample(self):
+        """Return the `system` object of this moment: every field, null where it could not be read."""
+        found = dict(self.facts)
+        with self.procfs(self.root / "proc"):
+            for what, read in self.readings:
+                found.update(self.read(what, read))
+        return {name: found.get(name) for name in SYSTEM_FIELDS}
+
+    def read(self, what, read):
+        """Return read()'s fields, or {} when it fails: logged when it starts failing and when it recovers."""
+        topic = f"reading the host's {what}"
+        try:
+            fields = read()
+        except Exception as error:  # psutil's own errors, OSError, a parse of something unexpected
+            log.debug("%s failed", topic, exc_info=True)
+            self.states.set(topic, f"cannot read the host's {what} (sent as null): {type(error).__name__}: {error}",
+                            key=type(error).__name__)
+            return {}
+        self.states.set(topic, None)
+        return fields
+
+    @contextlib.contextmanager
+    def procfs(self, path):
+        """Point psutil's /proc at `path` for one read, then back: PROCFS_PATH is psutil's module-global (Linux)."""
+        if not self.linux:
+            yield
+            return
+        kept, self.psutil.PROCFS_PATH = self.psutil.PROCFS_PATH, str(path)
+        try:
+            yield
+        finally:
+            self.psutil.PROCFS_PATH = kept
+
+    def text(self, *paths):
+        """Return the first of `paths` (under the root) that can be read; OSError when none can."""
+        for path in paths:
+            text = read_text(self.root / path)
+            if text is not None:
+                return text
+        raise OSError(f"cannot read {' or '.join(str(self.root / path) for path in paths)}")
+
+    def os_name(self):
+        import platform as python
+        if self.linux:
+            return {"os": parse_os_release(self.text("etc/os-release", "usr/lib/os-release"))}
+        if self.platform == "darwin":
+            return {"os": f"macOS {python.mac_ver()[0]}".strip()}
+        if self.platform == "win32":
+            return {"os": windows_name(*python.win32_ver()[:2])}
+        return {"os": f"{python.system()} {python.release()}".strip() or None}
+
+    def cpu_model(self):
+        if self.linux:
+            return {"cpuModel": parse_cpu_model(self.text("proc/cpuinfo"))}
+        if self.platform == "darwin":
+            found = self.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                             timeout=SYSCTL_TIMEOUT_S)
+            return {"cpuModel": found.stdout.strip() or None}
+        if self.platform == "win32":
+            import winreg
+            with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"HARDWARE\DESCRIPTION\System\CentralProcessor\0") as key:
+                return {"cpuModel": " ".join(str(winreg.QueryValueEx(key, "ProcessorNameString")[0]).split()) or None}
+        import platform as python
+        return {"cpuModel": python.processor() or None}
+
+    def cpu_count(self):
+        # On Linux the cpuN lines of the tree's /proc/stat: psutil.cpu_count() asks the running kernel (sysconf).
+        return {"cpuCount": len(self.psutil.cpu_times(percpu=True)) if self.linux else self.psutil.cpu_count()}
+
+    def cpu_percent(self):
+        now = cpu_busy(self.psutil.cpu_times())
+        last, self.cpu_last = self.cpu_last, now
+        if last is None or now[1] <= last[1]:
+            return {}
+        return {"cpuPercent": round(min(100.0, max(0.0, 100 * (now[0] - last[0]) / (now[1] - last[1]))), 1)}
+
+    def load(self):
+        if self.linux:
+            return {"load1": float(self.text("proc/loadavg").split()[0])}
+        return {"load1": round(os.getloadavg()[0], 2)} if hasattr(os, "getloadavg") else {}  # Windows has none
+
+    def memory(self):
+        with warnings.catch_warnings():  # psutil warns when /proc/vmstat lacks swap-in counts, which are not sent
+            warnings.simplefilter("ignore", RuntimeWarning)
+            memory, swap = self.psutil.virtual_memory(), self.psutil.swap_memory()
+        return {"memoryTotal": _mib(memory.total), "memoryUsed": _mib(memory.total - memory.available),
+                "swapUsed": _mib(swap.used)}
+
+    def disks(self):
+        if self.linux:
+            partitions = parse_mounts(self.text("proc/1/mounts", "proc/self/mounts"))
+            kinds = block_filesystems(self.text("proc/filesystems"))
+        else:
+            partitions = [(p.device, p.mountpoint, p.fstype, p.opts) for p in self.psutil.disk_partitions(all=False)]
+            kinds = None
+        disks = []
+        for mount in real_disks(partitions, kinds):
+            try:
+                found = self.usage(self.root / mount.lstrip("/") if self.linux else mount)
+            except OSError:  # a mount point this user may not enter: the other disks still go out
+                found = None
+            if found is not None:
+                disks.append({"mount": mount, "total": _mib(found[0]), "used": _mib(found[1])})
+            if len(disks) == MAX_DISKS:
+                break
+        return {"disks": disks}
+
+    def disk_usage(self, path):
+        """Return (total, used) bytes of the file system mounted at `path`, as df says them; None if none is."""
+        if self.root != Path("/") and not os.path.ismount(path):
+            return None  # a host mount made after the container started, not seen in it: statvfs would say its parent's
+        found = self.psutil.disk_usage(str(path))
+        return found.total, found.used
+
+    def network(self):
+        now = self.clock()
+        counters = self.nic_counters()
+        totals = {name: (nic.bytes_recv, nic.bytes_sent) for name, nic in counters.items() if not self.is_virtual(name)}
+        last, self.net_last = self.net_last, (now, totals)
+        if last is None or now <= last[0]:
+            return {}
+        moved = [(rx - last[1][name][0], tx - last[1][name][1]) for name, (rx, tx) in totals.items() if name in last[1]]
+        moved = [(rx, tx) for rx, tx in moved if rx >= 0 and tx >= 0]  # a counter reset (a driver reloaded) says nothing
+        if not moved:
+            return {}
+        span = now - last[0]
+        return {"netRx": round(sum(rx for rx, _ in moved) / span, 1), "netTx": round(sum(tx for _, tx in moved) / span, 1)}
+
+    def nic_counters(self):
+        """Return psutil's per-interface byte counts: on Linux the host's (PID 1's network), else this process's."""
+        if not self.linux:
+            return self.psutil.net_io_counters(pernic=True, nowrap=False)
+        for proc in (self.root / "proc" / "1", self.root / "proc"):  # PID 1 hidden (hidepid=2): our own
+            try:
+                with self.procfs(proc):
+                    return self.psutil.net_io_counters(pernic=True, nowrap=False)
+            except OSError:
+                continue
+        raise OSError(f"cannot read {self.root / 'proc' / '1' / 'net' / 'dev'} or {self.root / 'proc' / 'net' / 'dev'}")
+
+    def is_virtual(self, name):
+        """Say whether an interface's bytes cross another too: on Linux, whether sysfs has it under devices/virtual."""
+        if name not in self.virtual:
+            if len(self.virtual) > 4096:  # container veths come and go, each with a new name
+                self.virtual.clear()
+            # eth0 -> ../../devices/pci0000:00/.../net/eth0; docker0, veth*, bond0, eth0.100 -> ../../devices/virtual/net/..
+            try:
+                link = os.readlink(self.root / "sys" / "class" / "net" / name) if self.linux else None
+            except (OSError, ValueError):
+                link = None
+            self.virtual[name] = "/devices/virtual/" in link if link else bool(VIRTUAL_NIC.match(name))
+        return self.virtual[name]
+
+    def temperature(self):
+        readings = [value for value in map(read_int, self.sensors) if value is not None and -100_000 < value < 250_000]
+        return {"temperatureCpu": _scaled(max(readings), 1000, 1)} if readings else {}
+
+    def uptime(self):
+        return {"uptimeS": max(0, round(self.wall() - self.psutil.boot_time()))}
+
+
+def open_host(root="/", platform=sys.platform):
+    """Return the HostReader of this PC (or of the host at `root`); None, said once, where it cannot read one."""
+    try:
+        import psutil
+    except ImportError:
+        log.warning("psutil is not installed, so pushes carry no system (the PC's CPU, memory, disks and network): "
+                    "pip install psutil")
+        return None
+    if platform.startswith("linux") and not Path(root, "proc", "stat").is_file():
+        log.warning("%s has no proc/stat, so pushes carry no system: mount the host's / there whole (-v /:/host:ro)",
+                    Path(root))
+        return None
+    return HostReader(psutil, root, platform)
+
+
 # ---- choosing readers: every vendor present, in one push -------------------------------------
 
 BACKENDS = ("auto", "nvml", "gputil", "amd", "intel", "apple", "windows", "jetson")
@@ -2143,8 +2465,8 @@ def _drop_later_starts(gpus, sampled_at):
                 del process["startedAt"]
 
 
-def build_payload(reader, clock=time.time):
-    """Sample the GPUs once; a sample that fails whole carries `error` and no GPUs."""
+def build_payload(reader, clock=time.time, host=None):
+    """Sample the GPUs once, and the PC around them where `host` reads it; a sample that fails whole carries `error`."""
     sampled_at = clock()
     try:
         gpus, error = distinct_indices(reader.sample()), None
@@ -2158,6 +2480,11 @@ def build_payload(reader, clock=time.time):
                "agent": {"version": VERSION, "backend": reader.name,
                          "simulated": reader.name == "simulated"},
                "gpus": gpus}
+    if host is not None:
+        try:
+            payload["system"] = host.sample()
+        except Exception:  # each reading fails alone inside; this is a bug of the reader's own: the GPUs still go out
+            log.debug("reading the host failed", exc_info=True)
     if error:
         payload["error"] = error  # whole here, for the agent's own log; the push clips it (_fit)
     return payload
@@ -2181,12 +2508,12 @@ class StateLog:
         self.states[topic] = state
 
 
-def run_loop(reader, pusher, interval, clock=time.monotonic, sleep=time.sleep, stop=lambda: False):
+def run_loop(reader, pusher, interval, clock=time.monotonic, sleep=time.sleep, stop=lambda: False, host=None):
     """Sample and push forever; back off only while the server is down or busy; send the newest sample."""
     states, failures = StateLog(), 0
     while not stop():
         started = clock()
-        payload = build_payload(reader)
+        payload = build_payload(reader, host=host)
         states.set("GPU reading", payload.get("error") and f"cannot read GPUs: {payload['error']}")
         try:
             pusher.push(payload)
@@ -2613,8 +2940,9 @@ def main(argv=None, environ=None):
             if args.once or args.dry_run:
                 raise
             reader = PendingReader(opener)  # a service at boot may start before the GPU driver
+        host = open_host(args.sys_root)
         if args.once or args.dry_run:
-            payload = build_payload(reader)
+            payload = build_payload(reader, host=host)
             if args.dry_run:
                 print(json.dumps(_fit(payload), indent=2, allow_nan=False))
                 for gpu in payload["gpus"]:  # which reader found each GPU, where: on stderr, beside the JSON
@@ -2629,7 +2957,7 @@ def main(argv=None, environ=None):
             log.info("pushing GPU stats to %s every %g s, once a GPU can be read", args.url, args.interval)
         else:
             log.info("pushing %s GPU stats to %s every %g s", reader.name, args.url, args.interval)
-        run_loop(reader, Pusher(args.url, args.key), args.interval)
+        run_loop(reader, Pusher(args.url, args.key), args.interval, host=host)
     except GpuReadError as error:
         _say(f"cannot read GPUs: {error}")
         return 1

@@ -255,6 +255,27 @@ def bench_agent(samples):
           f"{child / samples * 1000:.1f} ms in the 2 nvidia-smi runs (the fake, a Python script), "
           f"{wall / samples * 1000:.1f} ms wall per sample")
     bench_agent_amd(samples)
+    bench_agent_host(samples)
+
+
+def bench_agent_host(samples):
+    """The host reader's CPU per sample (a push's `system`), on this machine's own /proc, /sys and file systems."""
+    import agent
+    import psutil
+    started = time.process_time()
+    reader = agent.HostReader(psutil)
+    opening = (time.process_time() - started) * 1000
+    for _ in range(3):
+        json.dumps(reader.sample())
+    before = os.times()
+    for _ in range(samples):
+        json.dumps(reader.sample())
+    after = os.times()
+    cost = (after.user - before.user + after.system - before.system) / samples * 1000
+    system = reader.sample()
+    print(f"agent, host (system, psutil {psutil.__version__}), this machine's {system['cpuCount']} CPUs, "
+          f"{len(system['disks'])} disk(s), {len(reader.virtual)} interfaces, {samples} samples: "
+          f"{cost:.2f} ms CPU per sample ({opening:.1f} ms once, at start)")
 
 
 def bench_agent_amd(samples, processes=300, fds=40, clients=4):
@@ -505,7 +526,7 @@ def main():
     parser.add_argument("--send-floor", action="store_true",
                         help="time a bare loop of non-blocking sends to -n loopback sockets: the floor of a fan-out")
     parser.add_argument("--agent", type=int, metavar="SAMPLES", default=0,
-                        help="instead: measure the agent's CPU per sample on the nvidia-smi path")
+                        help="instead: measure the agent's CPU per sample: its GPU readers (nvidia-smi, amd) and the host")
     parser.add_argument("--server-dir", type=Path, default=harness.ROOT, metavar="DIR",
                         help="the tree whose server runs (default: this one), e.g. an older commit's export")
     live = parser.add_argument_group("--reconnect-storm and --history-load (bench/storm.py, bench/history_load.py)")

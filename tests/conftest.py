@@ -457,6 +457,14 @@ def gpu(index=0, **fields):
             "processes": [{"pid": 4242, "name": "python", "memoryUsed": 2048}], **fields}
 
 
+def host_system(**fields):
+    """Return the `system` of a push as SPEC's example has it (a 192-core EPYC server), with `fields` replaced."""
+    return {"os": "Ubuntu 24.04.1 LTS", "cpuModel": "AMD EPYC 9654 96-Core Processor", "cpuCount": 192,
+            "cpuPercent": 37.5, "load1": 41.2, "memoryTotal": 1547521, "memoryUsed": 402113, "swapUsed": 0,
+            "disks": [{"mount": "/", "total": 1831420, "used": 620013}], "netRx": 1250000.0, "netTx": 83000.5,
+            "temperatureCpu": 61, "uptimeS": 1209600, **fields}
+
+
 def multi(*gpus, host="rig-1"):
     """Return a multi-GPU push body like the one agent.py sends."""
     return {"host": host, "sampledAt": time.time(),

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from gpustats.ingest import payload
 from gpustats.alerts.rules import SEVERITY
-from conftest import KEYS, Server, Stream, gpu, multi, raw_exchange
+from conftest import KEYS, Server, Stream, gpu, host_system, multi, raw_exchange
 
 FUZZ = dict(deadline=None, database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -29,7 +29,7 @@ STALL_S = 0.1  # PUSH_BODY_TIMEOUT_S (its least) on the server the framing is fu
 # Cases each property sends; together over 10,000 a run.
 BUDGET = {"wrong_types_for_numbers": 800, "wrong_types_for_strings": 600, "huge_and_negative_numbers": 800,
           "nan_and_infinity": 800, "deep_nesting": 500, "oversized": 400, "content_type": 500,
-          "text": 2000, "bytes": 1700, "numbers": 1200, "duplicate_keys": 600, "wire": 300}
+          "text": 2000, "bytes": 1700, "numbers": 1200, "duplicate_keys": 600, "wire": 300, "system": 800}
 
 
 class Target:
@@ -107,6 +107,11 @@ class Target:
             assert health["devices"] == health["online"] == 1
         assert health["subscribers"] == len(self.viewers)
         assert "Traceback" not in self.server.output() and "[ERROR]" not in self.server.output()
+
+
+def pushed():
+    """Return a push as agent.py sends it since issue 34: GPUs and the PC around them."""
+    return {**multi(gpu(0)), "system": host_system()}
 
 
 def pushes(seen):
@@ -316,7 +321,8 @@ HOSTILE = [r"\ud800", r"\udbff", r"\udc00", r"\udfff", r"\udc00\ud800", r"\ud83d
            "\u2029", r"\u202e", "\u2066", r"\uffff", r"\ufffe", r"\"", r"\\", r"\/", "é", "°C", "名前", " "]
 # Where it goes: a known string value, an unknown field's value, or a key (known or not).
 PLACES = ["gpus[0].name", "gpus[0].uuid", "gpus[0].pstate", "gpus[0].error", "host", "error", "agent.version",
-          "gpus[0].processes[0].name", "gpus[0].extra", "key:gpus[0].name", "key:gpus[0].extra", "key:top"]
+          "gpus[0].processes[0].name", "gpus[0].extra", "key:gpus[0].name", "key:gpus[0].extra", "key:top",
+          "system.os", "system.cpuModel", "system.disks[0].mount", "system.extra"]
 
 
 def _json_string_text(source):
@@ -335,7 +341,7 @@ def hostile_text(draw):
     source, place = "".join(pieces), draw(PLACE)
 
     def case(target):
-        body = multi(gpu(0))
+        body = pushed()
         marker = '"__X__"'
         if place.startswith("key:"):
             where = place[4:]
@@ -424,7 +430,8 @@ NUMBERS = ["-0", "-0.0", "0e0", "0E-0", "1e400", "-1e400", "1e-400", "1E+2", "2.
            "9" * 4300, "9" * 4301, "-" + "9" * 5000, "0." + "1" * 1000, "00", "01", "1.", ".5", "+1", "1e", "0x1F",
            "1_000", "١٢", "12\u00a0", "5" + "0" * 20, "100.0000000000000001", "-1e-400", "3.4028235e38"]
 NUMBER_PLACES = ["gpus[0].utilizationGpu", "gpus[0].temperatureGpu", "gpus[0].memoryUsed", "gpus[0].index",
-                 "gpus[0].processes[0].pid", "sampledAt", "gpus[0].extra", "agent.version"]
+                 "gpus[0].processes[0].pid", "sampledAt", "gpus[0].extra", "agent.version",
+                 "system.cpuPercent", "system.cpuCount", "system.uptimeS", "system.disks[0].total", "system.extra"]
 
 
 NUMBER_LITERAL = st.one_of(
@@ -442,7 +449,7 @@ def odd_number(draw):
     place = draw(NUMBER_PLACE)
 
     def case(target):
-        body = multi(gpu(0))
+        body = pushed()
         obj, field = _locate(body, place)
         obj[field] = "__X__"
         text = json.dumps(body).replace('"__X__"', literal)
@@ -461,7 +468,7 @@ def odd_number(draw):
     return case
 
 
-LEVEL = st.sampled_from(["top", "agent", "gpu", "process"])
+LEVEL = st.sampled_from(["top", "agent", "gpu", "process", "system", "disk"])
 KEY = (st.sampled_from(["name", "index", "gpus", "host", "pid", "version", "unknown", "\u0000", ""])
        | st.text(max_size=8))
 
@@ -473,15 +480,45 @@ def duplicate_key(draw):
     same = draw(st.booleans())
 
     def case(target):
-        body = multi(gpu(0))
-        obj = {"top": body, "agent": body["agent"], "gpu": body["gpus"][0],
-               "process": body["gpus"][0]["processes"][0]}[level]
+        body = pushed()
+        obj = {"top": body, "agent": body["agent"], "gpu": body["gpus"][0], "process": body["gpus"][0]["processes"][0],
+               "system": body["system"], "disk": body["system"]["disks"][0]}[level]
         obj["__D1__"], obj["__D2__"] = 1, 1
         twin = '"x"' if same else '"y"'
         text = json.dumps(body).replace('"__D1__": 1', f'{json.dumps(key)}: "x"').replace(
             '"__D2__": 1', f'{json.dumps(key)}: {twin}')
         answer = refused(target, text.encode())
         assert answer["field"] == "body" and "appears twice" in answer["error"]
+    return case
+
+
+# ---- the host: anything in any place of `system` (issue 34) ---------------------------------------
+
+SYSTEM_PLACE = st.sampled_from(["system", "system.disks", "system.disks[0]",
+                                *(f"system.{name}" for name in payload.SYSTEM_FIELDS),
+                                *(f"system.disks[0].{name}" for name in payload.DISK_FIELDS)])
+DISK = st.fixed_dictionaries({"mount": st.text(max_size=12)}, optional={"total": st.integers(-2, 2**34),
+                                                                         "used": st.integers(-2, 2**34)})
+SYSTEM_VALUE = st.one_of(json_values, st.integers(-10**20, 10**20), st.floats(allow_nan=False),
+                         st.text(max_size=140), st.lists(DISK, max_size=18))
+
+
+@st.composite
+def anything_in_system(draw):
+    place, value = draw(SYSTEM_PLACE), draw(SYSTEM_VALUE)
+
+    def case(target):
+        body = pushed()
+        if place == "system":
+            body["system"] = value
+        else:
+            obj, field = _locate(body, place)
+            obj[int(field[1:-1]) if field.startswith("[") else field] = value  # system.disks[0]: the first disk
+        text = json.dumps(body).encode()  # Infinity too: json writes it, and the server must refuse it
+        status, answer = target.post(text)
+        assert status == checked_status(text), (place, value, answer)
+        if status == 400:  # named where it is wrong, or the body when it nests past a push
+            assert answer["field"] == "body" or answer["field"].startswith(place), (place, value, answer)
     return case
 
 
@@ -549,6 +586,7 @@ test_surrogates_bom_controls_and_bidi_in_keys_and_values = fuzz("text", hostile_
 test_invalid_utf8_bom_other_encodings_flipped_and_cut_bytes = fuzz("bytes", mangled_bytes())
 test_odd_numbers_huge_integers_and_negative_zero = fuzz("numbers", odd_number())
 test_duplicate_keys_at_every_level = fuzz("duplicate_keys", duplicate_key())
+test_anything_in_any_place_of_the_hosts_system = fuzz("system", anything_in_system())
 
 
 def test_wrong_content_length_cut_stalled_and_chunked_bodies(stalling_target):

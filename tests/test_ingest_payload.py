@@ -4,7 +4,7 @@ import json
 import pytest
 
 from gpustats.ingest import payload
-from conftest import gpu, multi
+from conftest import gpu, host_system, multi
 
 
 def check(body):
@@ -136,6 +136,63 @@ def test_a_sample_that_failed_whole_carries_its_error():
     assert refused({"gpus": [], "error": 9}).field == "error"
 
 
+# ---- the host: `system` (issue 34) ----------------------------------------------------------------
+
+def test_the_hosts_system_is_kept_and_older_pushes_have_none():
+    body = {**multi(gpu(0)), "system": host_system(fanRpm=1200, disks=[{"mount": "/", "total": 9, "used": 1,
+                                                                         "inodes": 5}])}
+    kept = check(body)["system"]
+    assert kept == host_system(disks=[{"mount": "/", "total": 9, "used": 1}])  # unknown fields dropped
+    assert check(multi(gpu(0)))["system"] is None  # an agent before issue 34
+    assert check({"name": "NVIDIA RTX 3080", "temperatureGpu": 65, "system": host_system()})["system"] is None  # the seed's
+    assert check({**multi(gpu(0)), "system": None})["system"] is None
+    nulls = dict.fromkeys(host_system(), None)  # what a PC cannot give is null, every field
+    assert check({**multi(gpu(0)), "system": nulls})["system"] == nulls
+    assert check({**multi(gpu(0)), "gpus": [], "error": "no GPU found", "system": host_system()})["system"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("cpuPercent", 100.1), ("cpuPercent", -0.1), ("cpuPercent", "37.5"), ("cpuPercent", True),
+    ("cpuCount", 0), ("cpuCount", 1.5), ("cpuCount", 100_001), ("load1", -1), ("load1", 1e7),
+    ("memoryTotal", -1), ("memoryUsed", 2**33 + 1), ("swapUsed", [0]), ("netRx", -0.5), ("netTx", 1.1e12),
+    ("temperatureCpu", 251), ("temperatureCpu", -101), ("uptimeS", -1), ("uptimeS", 4e9),
+    ("os", "x" * 129), ("os", 24.04), ("cpuModel", "AMD\x1b[31m EPYC"), ("cpuModel", "\u202eCPU"),
+    ("disks", {"mount": "/"}), ("disks", "/"),
+])
+def test_a_bad_system_value_is_refused_naming_it(field, value):
+    value = value.encode().decode("unicode_escape") if isinstance(value, str) else value
+    assert refused({**multi(gpu(0)), "system": host_system(**{field: value})}).field == f"system.{field}"
+
+
+@pytest.mark.parametrize("disks,field", [
+    ([{"mount": "/", "total": 1, "used": 1}] * 3, "system.disks[1].mount"),  # a mount twice: a chart twice
+    ([{"total": 1, "used": 1}], "system.disks[0].mount"), ([{"mount": None, "used": 1}], "system.disks[0].mount"),
+    ([{"mount": "/", "total": "1"}], "system.disks[0].total"), ([{"mount": "/", "used": -1}], "system.disks[0].used"),
+    ([{"mount": "/", "used": 2**34}], "system.disks[0].used"), (["/"], "system.disks[0]"),
+    ([{"mount": "m" * 129}], "system.disks[0].mount"), ([{"mount": f"/d{i}"} for i in range(17)], "system.disks"),
+])
+def test_bad_disks_are_refused_naming_the_disk(disks, field):
+    assert refused({**multi(gpu(0)), "system": host_system(disks=disks)}).field == field
+
+
+def test_sixteen_disks_with_nulls_pass():
+    disks = [{"mount": f"/data{i}", "total": None, "used": None} for i in range(16)]
+    assert check({**multi(gpu(0)), "system": host_system(disks=disks)})["system"]["disks"] == disks
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e400"])
+def test_nan_and_infinity_in_system_are_refused(literal):
+    for place in (b'"cpuPercent": ', b'"disks": [{"mount": "/", "used": '):
+        close = b"}" if place.startswith(b'"cpu') else b"}]}"
+        error = refused(b'{"gpus": [], "system": {' + place + literal + close + b"}")
+        assert error.field in ("system.cpuPercent", "system.disks[0].used", "body")
+
+
+def test_a_system_that_is_no_object_is_refused():
+    assert refused({**multi(gpu(0)), "system": [host_system()]}).field == "system"
+    assert refused({**multi(gpu(0)), "system": "Ubuntu"}).field == "system"
+
+
 @pytest.mark.parametrize("body", [
     json.dumps(multi(gpu(0), gpu(1))).encode(),
     json.dumps(multi(gpu(0, name="Radeon: RX 580"))).encode(),  # a colon in a string: proven the slow way
@@ -152,9 +209,20 @@ def test_a_sample_that_failed_whole_carries_its_error():
     b'{"gpus": [{"index": 0, "utilizationGpu": NaN}]}',
     b'{"name": "NVIDIA RTX 3080", "temperatureGpu": 65}',  # the seed's one GPU object
     b'{"gpus": [{"index": 0}], "agent": {"version": "1", "x": {"y": {"z": {"w": 1}}}}}',
+    json.dumps({**multi(gpu(0)), "system": host_system()}).encode(),
+    json.dumps({**multi(gpu(0)), "system": host_system(disks=[{"mount": "C:\\", "total": 1, "used": 1}])}).encode(),
+    b'{"gpus": [], "system": {"cpuCount": 2, "cpuCount": 3}}',
+    b'{"gpus": [], "system": {"disks": [{"mount": "/", "used": 1, "used": 2}]}}',
+    b'{"gpus": [], "system": {"x": {"y": {"z": {"w": {"v": 1}}}}}}',  # an unknown field nested too deeply
+    b'{"gpus": [], "system": {"disks": [{"mount": "/", "x": [[1]]}]}}',  # one level past a disk
+    b'{"gpus": [], "system": {"disks": [{"mount": "/", "x": [1]}]}}',
+    b'{"gpus": [], "system": {"disks": {"mount": "/"}}}',
+    b'{"gpus": [], "system": {"disks": [{"mount": "/", "used": -1}]}}',
 ], ids=["two-gpus", "colon-in-a-string", "key-twice", "gpus-twice", "deep-unknown-field", "deep-top-level-field",
         "deep-process-field", "empty-process-list", "byte-order-mark", "index-5.0-and-5", "number-past-float",
-        "lone-surrogate", "nan", "the-seeds-one-gpu", "deep-agent-field"])  # the same in every xdist process
+        "lone-surrogate", "nan", "the-seeds-one-gpu", "deep-agent-field", "system", "system-colon-in-a-mount",
+        "system-key-twice", "disk-key-twice", "deep-system-field", "deep-disk-field", "disk-at-the-depth-limit",
+        "disks-not-a-list", "disk-out-of-range"])  # the same in every xdist process
 def test_the_routes_one_pass_parse_answers_as_decode_then_validate(body):
     def answer(check):
         try:

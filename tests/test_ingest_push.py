@@ -5,7 +5,7 @@ import time
 import pytest
 import requests
 
-from conftest import KEYS, gpu, multi, raw_exchange, seq
+from conftest import KEYS, gpu, host_system, multi, raw_exchange, seq
 
 pytestmark = pytest.mark.both_backends
 
@@ -150,6 +150,18 @@ def test_a_bad_field_is_400_naming_it_and_changes_nothing(server):
     assert server.state() == before
     [event] = before[0]
     assert [g["utilizationGpu"] for g in event["gpus"]] == [10]
+
+
+def test_a_bad_system_is_400_naming_the_field_and_changes_nothing(server):
+    # Issue 34: the PC around the GPUs is checked like a GPU; pushes without it (older agents) still pass.
+    assert server.push(multi(gpu(0, utilizationGpu=10))).status_code == 200
+    assert server.push({**multi(gpu(0, utilizationGpu=10)), "system": host_system()}).status_code == 200
+    before = server.state()
+    disks = [{"mount": "/", "total": 100, "used": 1}, {"mount": "/data", "total": 100, "used": 2},
+             {"mount": "/scratch", "total": 100, "used": -3}]
+    answer = server.push({**multi(gpu(0, utilizationGpu=99)), "system": host_system(disks=disks)})
+    assert answer.status_code == 400 and answer.json()["field"] == "system.disks[2].used"
+    assert server.state() == before
 
 
 @pytest.mark.no_backend  # HTTP parsing only: the backend plays no part

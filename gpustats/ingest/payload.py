@@ -9,6 +9,7 @@ import orjson
 MAX_STRING = 128
 MAX_GPUS = 64
 MAX_PROCESSES = 64
+MAX_DISKS = 16
 MAX_DEPTH = 6  # body -> gpus -> gpu -> processes -> process -> value: deeper is not a push
 MAX_MIB = 1 << 24  # 16 TiB in MiB: far above any GPU, far below nonsense.
 # C0 and C1 controls, DEL, and the invisible characters that reorder or break lines in a
@@ -97,6 +98,18 @@ GPU_FIELDS = {
     "clockCore": MHZ, "clockMemory": MHZ, "memoryShared": _boolean,
 }
 AGENT_FIELDS = {"version": _string, "backend": _string, "simulated": _boolean}
+# The PC around the GPUs (SPEC, "The host"). Each value is checked on its own, as a GPU's are: no
+# reading is refused for disagreeing with another (a disk's used beside its total), since a refused
+# push takes the PC's GPUs off the dashboard too. Bounds refuse nonsense only: 8 PiB of memory or
+# disk, 8 Tbit/s, a load of a million, a century of uptime.
+HOST_MIB = _number(0, 1 << 33)
+SYSTEM_FIELDS = {
+    "os": _string, "cpuModel": _string, "cpuCount": _integer(1, 100_000), "cpuPercent": PERCENT,
+    "load1": _number(0, 1_000_000), "memoryTotal": HOST_MIB, "memoryUsed": HOST_MIB, "swapUsed": HOST_MIB,
+    "netRx": _number(0, 1e12), "netTx": _number(0, 1e12), "temperatureCpu": CELSIUS,
+    "uptimeS": _number(0, 100 * 365.25 * 86400),
+}
+DISK_FIELDS = {"mount": _string, "total": HOST_MIB, "used": HOST_MIB}
 TOP_FIELDS = {"host": _string, "sampledAt": _number(0, 1e11), "error": _string}
 
 
@@ -140,7 +153,8 @@ def _object(value, plan, where):
     return checked
 
 
-GPU_PLAN, PROCESS_PLAN, AGENT_PLAN, TOP_PLAN = map(_plan, (GPU_FIELDS, PROCESS_FIELDS, AGENT_FIELDS, TOP_FIELDS))
+GPU_PLAN, PROCESS_PLAN, AGENT_PLAN, TOP_PLAN, SYSTEM_PLAN, DISK_PLAN = map(
+    _plan, (GPU_FIELDS, PROCESS_FIELDS, AGENT_FIELDS, TOP_FIELDS, SYSTEM_FIELDS, DISK_FIELDS))
 
 
 def _gpu(value, position):
@@ -163,6 +177,33 @@ def _process(value, where):
     if process.get("pid") is None:
         raise PushError(f"{where}.pid", "is missing")
     return process
+
+
+def _system(value):
+    """Return the host's known fields, checked like a GPU's; disks null stays null (the PC could not say)."""
+    system = _object(value, SYSTEM_PLAN, "system")
+    if "disks" in value:
+        system["disks"] = None if value["disks"] is None else _disks(value["disks"])
+    return system
+
+
+def _disks(disks):
+    """Return the host's disks, checked, each named by a mount given once: a chart and a metric are named by it."""
+    if not isinstance(disks, list):
+        raise PushError("system.disks", "must be a list")
+    if len(disks) > MAX_DISKS:
+        raise PushError("system.disks", f"has {len(disks)} entries, at most {MAX_DISKS} are accepted")
+    checked, mounts = [], set()
+    for i, disk in enumerate(disks):
+        where = f"system.disks[{i}]"
+        disk = _object(disk, DISK_PLAN, where)
+        if disk.get("mount") is None:
+            raise PushError(f"{where}.mount", "is missing")
+        if disk["mount"] in mounts:
+            raise PushError(f"{where}.mount", f"{disk['mount']} is listed twice")
+        mounts.add(disk["mount"])
+        checked.append(disk)
+    return checked
 
 
 CONTAINERS = (dict, list)
@@ -259,7 +300,7 @@ def _decode_strictly(body):
 
 
 def validate(data):
-    """Return the push as {host, sampledAt, error, agent, gpus}, or raise PushError naming the field.
+    """Return the push as {host, sampledAt, error, agent, gpus, system}, or raise PushError naming the field.
 
     `error` says why a sample has no GPUs (nvidia-smi missing, driver not loaded...).
     """
@@ -276,7 +317,7 @@ def _checked(data):
         # The original agent's shape: one GPU object at the top level.
         if not any(name in data for name in GPU_FIELDS):
             raise PushError("gpus", "is missing: send {\"gpus\": [...]} or one GPU object")
-        return {"host": None, "sampledAt": None, "error": None, "agent": None, "gpus": [_gpu(data, 0)]}
+        return {"host": None, "sampledAt": None, "error": None, "agent": None, "gpus": [_gpu(data, 0)], "system": None}
     gpus = data["gpus"]
     if not isinstance(gpus, list):
         raise PushError("gpus", "must be a list")
@@ -291,10 +332,10 @@ def _checked(data):
     top = _object(data, TOP_PLAN, "")
     if top.get("sampledAt") is not None:
         _started_by(checked, top["sampledAt"] + START_SLACK_S)
-    agent = data.get("agent")
+    agent, system = data.get("agent"), data.get("system")
     return {"host": top.get("host"), "sampledAt": top.get("sampledAt"), "error": top.get("error"),
             "agent": None if agent is None else _object(agent, AGENT_PLAN, "agent"),
-            "gpus": checked}
+            "gpus": checked, "system": None if system is None else _system(system)}
 
 
 def _started_by(gpus, latest):
@@ -307,8 +348,11 @@ def _started_by(gpus, latest):
 
 
 BOM = b"\xef\xbb\xbf"
-TOP_KNOWN, AGENT_KNOWN = frozenset(TOP_FIELDS) | {"gpus", "agent"}, frozenset(AGENT_FIELDS)
+TOP_KNOWN, AGENT_KNOWN = frozenset(TOP_FIELDS) | {"gpus", "agent", "system"}, frozenset(AGENT_FIELDS)
 GPU_KNOWN, PROCESS_KNOWN = frozenset(GPU_FIELDS) | {"processes"}, frozenset(PROCESS_FIELDS)
+SYSTEM_KNOWN, DISK_KNOWN = frozenset(SYSTEM_FIELDS) | {"disks"}, frozenset(DISK_FIELDS)
+# The list of child objects an object holds: the list's field, the children's known fields, their depth in a push.
+CHILDREN = {GPU_KNOWN: ("processes", PROCESS_KNOWN, 5), SYSTEM_KNOWN: ("disks", DISK_KNOWN, 4)}
 
 
 def parse(body):
@@ -353,16 +397,17 @@ def _shape(data):
         return None
     pairs = len(data) + extra
     objects = [(gpu, GPU_KNOWN, 3) for gpu in data["gpus"]]
-    agent = data.get("agent")
-    if agent is not None:
-        objects.append((agent, AGENT_KNOWN, 2))
+    for name, known in (("agent", AGENT_KNOWN), ("system", SYSTEM_KNOWN)):
+        if data.get(name) is not None:
+            objects.append((data[name], known, 2))
     for value, known, depth in objects:
         if type(value) is not dict or (extra := _unknown(value, known, depth)) is None:
             return None
         pairs += len(value) + extra
-        processes = value.get("processes") if known is GPU_KNOWN else None
-        if processes is not None:
-            if type(processes) is not list:
+        name, child, child_depth = CHILDREN.get(known, (None, None, None))
+        children = value.get(name) if name else None
+        if children is not None:
+            if type(children) is not list:
                 return None
-            objects.extend((process, PROCESS_KNOWN, 5) for process in processes)
+            objects.extend((item, child, child_depth) for item in children)
     return pairs
