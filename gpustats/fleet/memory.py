@@ -18,7 +18,7 @@ def new_event(device, push, now):
     """Return the event every viewer gets for an accepted push."""
     return {"device": device, "status": "online", "receivedAt": round(now, 3),
             "sampledAt": push["sampledAt"], "host": push["host"],
-            "agent": push["agent"], "error": push["error"], "gpus": push["gpus"]}
+            "agent": push["agent"], "error": push["error"], "gpus": push["gpus"], "system": push.get("system")}
 
 
 def status_at(received_at, now, stale_after_s, offline_after_s):
