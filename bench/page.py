@@ -6,11 +6,14 @@ end, utilization, memory, temperature and power wander. Opens the page in headle
 at 1920x1080 and reads Chromium's own counters through CDP (Performance.getMetrics):
 - the main thread's time a second (TaskDuration), and its script, layout and style shares,
   in --page-window windows after --page-warmup, for --page-minutes;
-- the JS heap after a forced garbage collection at the start and the end of each window;
+- the JS heap after a forced garbage collection at the start and the end of each window, on a
+  server whose history already holds the charts' live range (--page-history-s), so the page's
+  buffers are full from the start and the heap has no reason to grow;
 - the same counters for --page-hidden-s while the tab is hidden behind another tab.
 """
 import atexit
 import importlib.util
+import json
 import math
 import os
 import random
@@ -223,6 +226,33 @@ def measure(url, args):
             "viewport": viewport, "errors": errors}
 
 
+# ---- history: the page opens on a full live range, as on a server that has run for a while -------
+
+# Run in the server's own tree, with its own history store: an older tree writes its own format.
+FILL_HISTORY = """
+import json, sys
+from gpustats.history.sqlite import SqliteHistory
+store = SqliteHistory(sys.argv[1], max_gap_s=15)
+for line in sys.stdin:
+    store.add(json.loads(line))
+store.flush()
+store.close()
+"""
+
+
+def fill_history(server_dir, path, fleet, seconds):
+    """Write the fleet's pushes of the last `seconds` into the history database at `path`."""
+    # Without it the charts' live range (HISTORY_S, 10 minutes) fills while the heap is measured,
+    # and the heap grows by design for as long as the run.
+    now, events = time.time(), []
+    for k in range(round(seconds / PUSH_INTERVAL_S), 0, -1):
+        for device, name in enumerate(fleet.names):
+            at = now - k * PUSH_INTERVAL_S + device * PUSH_INTERVAL_S / PCS
+            events.append(json.dumps({"device": name, "receivedAt": at, "gpus": fleet.body(device, 0, at)["gpus"]}))
+    subprocess.run([sys.executable, "-c", FILL_HISTORY, path], cwd=server_dir, input="\n".join(events), text=True,
+                   check=True, timeout=600)
+
+
 # ---- one tree, and the tables ---------------------------------------------------------------------
 
 def older_tree(spec):
@@ -244,7 +274,11 @@ def run(name, server_dir, args):
     keys = [f"bench-page-key-{pc}-{os.urandom(8).hex()}" for pc in fleet.names]
     port = harness.free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="bench-page-", suffix=".log", delete=False)
+    history = Path(tempfile.mkdtemp(prefix="bench-page-history-"))
+    atexit.register(shutil.rmtree, history, True)
+    fill_history(server_dir, history / "history.sqlite3", fleet, args.page_history_s)
     server = harness.start_ours(port, keys, log, server_dir, PUSH_RATE_LIMIT="100",
+                                HISTORY_DB=str(history / "history.sqlite3"),
                                 DEVICE_KEYS=",".join(f"{d}:{k}" for d, k in zip(fleet.names, keys)))
     devices = harness.Devices(port, keys, GPUS, PUSH_INTERVAL_S, body=fleet.body)
     try:
