@@ -3,7 +3,7 @@
 Prints delivered/expected, fan-out latency p50/p99 (push sent -> event read), server CPU
 per delivered event and the server's peak memory, one Markdown row per server. Other
 scenarios: --reconnect-storm (bench/storm.py), --history-load (bench/history_load.py), --idle-flood
-(bench/idle_flood.py), --cap, --greedy, --agent;
+(bench/idle_flood.py), --page (bench/page.py), --cap, --greedy, --agent;
 --server-dir runs another tree's server, such as an older commit's, with this same bench.
 """
 import argparse
@@ -570,8 +570,24 @@ def main():
     ingest.add_argument("--connections", type=int, default=8, help="keep-alive connections at saturation")
     ingest.add_argument("--seconds", type=float, default=10.0, help="seconds measured (after --warmup)")
     ingest.add_argument("--before", type=Path, metavar="DIR", help="also run an older tree of this server "
-                        "(git worktree add DIR COMMIT), in turn; with --ingest-fleet, run it instead")
+                        "(git worktree add DIR COMMIT), in turn; with --ingest-fleet, run it instead; "
+                        "with --page, a git revision will do too")
+    browser = parser.add_argument_group("--page (bench/page.py)")
+    browser.add_argument("--page", action="store_true",
+                      help="instead: the page's cost in headless Chromium while 40 PCs x 8 GPUs push every 2 s; "
+                           "with --before, the older page's first")
+    browser.add_argument("--page-path", default="/", metavar="PATH", help="what the browser opens, e.g. '/?pc=pc-01'")
+    browser.add_argument("--page-minutes", type=float, default=10.0, help="minutes the page is measured visible")
+    browser.add_argument("--page-window", type=float, default=60.0,
+                      help="seconds between two readings of the JS heap (each after a forced GC)")
+    browser.add_argument("--page-warmup", type=float, default=20.0, help="seconds open before anything is measured")
+    browser.add_argument("--page-hidden-s", type=float, default=60.0, help="seconds measured with the tab hidden")
+    browser.add_argument("--page-history-s", type=float, default=660.0,
+                         help="seconds of the fleet's history written before the server starts (the live range: 600)")
     args = parser.parse_args()
+    if args.page:
+        from bench import page
+        return page.page_cost(args)
     if args.ingest or args.ingest_fleet or args.ingest_floor:
         from bench import ingest
         return ingest.saturation(args) if args.ingest else ingest.fleet(args) if args.ingest_fleet else ingest.floor(args)

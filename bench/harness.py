@@ -65,11 +65,18 @@ class Meter:
 class Devices:
     """Push from every device like agent.py's run_loop: every `interval` s, never a backlog."""
 
-    def __init__(self, port, keys, gpus, interval):
+    def __init__(self, port, keys, gpus, interval, body=None):
         self.port, self.keys, self.gpus, self.interval = port, keys, gpus, interval
+        self.body = body or self.bench_body  # body(device, n, sent) -> the n-th push of device number `device`
         self.pushes = []  # (sent, answered, HTTP status or the exception's name) of every push, wall clock
         self._stop = threading.Event()
         self._threads = []
+
+    def bench_body(self, device, n, sent):
+        """Return the n-th push of device number `device`: `gpus` of gpu_payload's GPUs."""
+        return {"host": f"bench-{device}", "sampledAt": sent,
+                "agent": {"version": "bench", "backend": "simulated", "simulated": True},
+                "gpus": [gpu_payload(i, n) for i in range(self.gpus)]}
 
     def start(self):
         for device, key in enumerate(self.keys):
@@ -88,11 +95,9 @@ class Devices:
         self._stop.wait(device * self.interval / len(self.keys))  # spread the devices over the interval
         while not self._stop.is_set():
             started, sent = time.monotonic(), time.time()
-            body = {"host": f"bench-{device}", "sampledAt": sent,
-                    "agent": {"version": "bench", "backend": "simulated", "simulated": True},
-                    "gpus": [gpu_payload(i, n) for i in range(self.gpus)]}
             try:
-                status = session.post(f"http://127.0.0.1:{self.port}/push-sse", data=json.dumps(body),
+                status = session.post(f"http://127.0.0.1:{self.port}/push-sse",
+                                      data=json.dumps(self.body(device, n, sent)),
                                       headers=headers, timeout=60).status_code
             except requests.RequestException as problem:
                 status = type(problem).__name__
