@@ -51,6 +51,22 @@ class LabPC(agent.SimulatedReader):
         return gpus
 
 
+class LabHost:
+    """The PC around a LabPC's GPUs: a 64-thread workstation whose CPU, memory and network move with its jobs."""
+
+    def __init__(self, number):
+        self.number, self.started = number, time.time()
+
+    def sample(self):
+        busy = 20 + (self.number * 37 + int(time.time() - self.started)) % 60
+        return {"os": "Ubuntu 24.04.1 LTS", "cpuModel": "AMD Ryzen Threadripper PRO 5975WX 32-Cores", "cpuCount": 64,
+                "cpuPercent": busy, "load1": round(busy * 0.64, 1), "memoryTotal": 257_000,
+                "memoryUsed": 40_000 + (self.number * 5_300) % 190_000, "swapUsed": 0,
+                "disks": [{"mount": "/", "total": 1_905_000, "used": 600_000 + (self.number * 31_000) % 1_200_000},
+                          {"mount": "/data", "total": 7_630_000, "used": 3_000_000 + (self.number * 97_000) % 4_500_000}],
+                "netRx": busy * 1.3e6, "netTx": busy * 0.2e6, "temperatureCpu": 45 + busy // 3, "uptimeS": 86_400 * self.number}
+
+
 def main(seconds=30):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,7 +90,8 @@ def main(seconds=30):
         for number, device in enumerate(PCS, 1):
             stop = quiet.is_set if device == QUIET else done.is_set
             threading.Thread(target=agent.run_loop, args=(LabPC(number, device), agent.Pusher(url, keys[device]), 2),
-                             kwargs={"stop": lambda stop=stop: stop() or done.is_set()}, daemon=True).start()
+                             kwargs={"stop": lambda stop=stop: stop() or done.is_set(), "host": LabHost(number)},
+                             daemon=True).start()
         time.sleep(seconds - 10)
         quiet.set()
         time.sleep(10)

@@ -91,7 +91,8 @@
     const s = Math.max(0, Math.round(seconds));
     if (s < 120) return `${s} s`;
     if (s < 7200) return `${Math.floor(s / 60)} min`;
-    return `${Math.floor(s / 3600)} h`;
+    if (s < 172800) return `${Math.floor(s / 3600)} h`;
+    return `${Math.floor(s / 86400)} d`;
   }
 
   // ---- DOM helpers ------------------------------------------------------------------------
@@ -127,6 +128,8 @@
       alert: make("p", "device-alert", card),
       error: make("p", "device-error", card, ""),
       note: make("p", "history-note", card, ""),
+      system: make("dl", "stats system", card), // the PC around its GPUs, when its agent sends it
+      systemKey: "",
       grid: make("div", "gpus", card),
     });
     document.getElementById("fleet").append(card);
@@ -412,6 +415,7 @@
 
   function showCard(entry, data, firstSight) {
     setText(entry.host, data.host && data.host !== data.device ? `host ${data.host}` : "");
+    showSystem(entry, data.system);
     setText(entry.error, data.error ? `Cannot read GPUs: ${data.error}` : "");
     entry.error.title = data.error || ""; // the whole of it, should the card's width wrap it
     const seen = new Set();
@@ -429,6 +433,36 @@
     // a reconnect, the load waits a random moment, so a deploy's reconnecting pages spread out.
     if (firstSight) loadHistory(entry);
     else if (data.snapshot) entry.loadedAt = Date.now() - refreshMs(entry) + Math.random() * RECONNECT_SPREAD_MS;
+  }
+
+  // The PC: CPU, memory, each disk, network, what it runs; rows rebuilt only when a value changed.
+  function showSystem(entry, system) {
+    const rows = [];
+    if (system && typeof system === "object") {
+      const s = system, text = v => typeof v === "string" ? v : "";
+      const rate = v => known(v) ? `${(v / 1e6).toLocaleString("en-US", {maximumFractionDigits: 2})} MB/s` : dash;
+      rows.push(["CPU", `${known(s.cpuPercent) ? `${round(s.cpuPercent)} %` : dash}${known(s.cpuCount) ? ` of ${s.cpuCount} threads` : ""}`
+        + `${known(s.temperatureCpu) ? ` · ${round(s.temperatureCpu)} °C` : ""}${known(s.load1) ? ` · load ${s.load1}` : ""}`]);
+      rows.push(["Memory", known(s.memoryUsed) && known(s.memoryTotal) ? `${gib(s.memoryUsed)} / ${gib(s.memoryTotal)} GiB`
+        + (known(s.swapUsed) && s.swapUsed > 0 ? ` · swap ${gib(s.swapUsed)} GiB` : "") : dash]);
+      for (const d of Array.isArray(s.disks) ? s.disks.slice(0, 16) : []) {
+        if (d && known(d.used) && known(d.total)) {
+          rows.push([`Disk ${text(d.mount)}`, `${gib(d.used)} / ${gib(d.total)} GiB (${d.total > 0 ? round(100 * d.used / d.total) : 0} %)`]);
+        }
+      }
+      rows.push(["Network", `in ${rate(s.netRx)} · out ${rate(s.netTx)}`]);
+      if (text(s.os) || text(s.cpuModel)) rows.push(["System", [text(s.os), text(s.cpuModel)].filter(Boolean).join(" · ")]);
+      if (known(s.uptimeS)) rows.push(["Up", age(s.uptimeS)]);
+    }
+    const key = JSON.stringify(rows);
+    if (key === entry.systemKey) return;
+    entry.systemKey = key;
+    entry.system.replaceChildren(...rows.map(([label, value]) => {
+      const row = make("div", "stat");
+      make("dt", "", row, label);
+      make("dd", "", row, value);
+      return row;
+    }));
   }
 
   function remember(entry, tile, g, t) {

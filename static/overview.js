@@ -23,6 +23,28 @@ window.FleetOverview = (() => {
   const memShare = g => known(g.memoryUsed) && known(g.memoryTotal) && g.memoryTotal > 0
     ? 100 * g.memoryUsed / g.memoryTotal : null;
   const pct = v => known(v) ? `${Math.round(v)}%` : "–";
+  // Bytes a second, short: "1.2M", "83k", "0".
+  const rate = v => !known(v) ? "–" : v >= 1e9 ? `${(v / 1e9).toFixed(1)}G` : v >= 1e6 ? `${(v / 1e6).toFixed(1)}M`
+    : v >= 1e3 ? `${Math.round(v / 1e3)}k` : String(Math.round(v));
+
+  // The PC around its GPUs (the agent's `system`): CPU, memory, its fullest disk, network in and out.
+  function hostLine(system) {
+    if (!system || typeof system !== "object") return {text: "", title: ""};
+    const memory = known(system.memoryUsed) && known(system.memoryTotal) && system.memoryTotal > 0
+      ? 100 * system.memoryUsed / system.memoryTotal : null;
+    const disks = (Array.isArray(system.disks) ? system.disks : [])
+      .filter(d => d && known(d.used) && known(d.total) && d.total > 0);
+    const fullest = disks.reduce((most, d) => !most || d.used / d.total > most.used / most.total ? d : most, null);
+    const text = `cpu ${pct(system.cpuPercent)} · mem ${pct(memory)} · disk ${fullest ? pct(100 * fullest.used / fullest.total) : "–"}`
+      + ` · ↓${rate(system.netRx)} ↑${rate(system.netTx)}`;
+    const title = [typeof system.os === "string" ? system.os : "", typeof system.cpuModel === "string" ? system.cpuModel : "",
+      `CPU ${pct(system.cpuPercent)}${known(system.temperatureCpu) ? ` at ${Math.round(system.temperatureCpu)} °C` : ""}`
+        + `${known(system.load1) ? `, load ${system.load1}` : ""}`,
+      `memory ${pct(memory)}${known(system.memoryUsed) && known(system.memoryTotal) ? ` (${(system.memoryUsed / 1024).toFixed(1)} of ${(system.memoryTotal / 1024).toFixed(1)} GiB)` : ""}`,
+      ...disks.map(d => `${typeof d.mount === "string" ? d.mount : "?"} ${pct(100 * d.used / d.total)} full`),
+      `network in ${rate(system.netRx)}B/s, out ${rate(system.netTx)}B/s`].filter(Boolean).join("\n");
+    return {text, title};
+  }
 
   function make(tag, className, parent, text) {
     const node = document.createElement(tag);
@@ -93,7 +115,8 @@ window.FleetOverview = (() => {
       pc = {name, row, status: "online", data: null, receivedAt: 0, cells: new Map(), visible: true,
         glyph: make("span", "pc-glyph", head, "●"),
         link: make("a", "pc-name", head, name),
-        label: make("span", "pc-status", head, "online"),
+        label: make("span", "pc-status", head, ""),
+        host: make("span", "pc-host", head, ""), hostTitle: "",
         list: make("ol", "cells", row), error: make("p", "pc-error", row, "")};
       pc.link.href = detailHref(name);
       pc.link.title = `${name}: its GPUs' charts, processes and energy`;
@@ -292,10 +315,13 @@ window.FleetOverview = (() => {
       if (!pc.row.classList.contains(status)) {
         pc.row.classList.remove(...STATUSES);
         pc.row.classList.add(status);
-        setText(pc.label, status === "problem" ? "⚠ no GPU read" : status);
+        setText(pc.label, status === "problem" ? "⚠ no GPU read" : status === "online" ? "" : status); // the glyph says online
         setText(pc.glyph, {online: "●", stale: "◐", offline: "○", problem: "⚠"}[status]);
       }
       setText(pc.error, status === "problem" ? `Cannot read GPUs: ${pc.data.error}` : "");
+      const host = hostLine(pc.data && pc.data.system);
+      setText(pc.host, host.text);
+      if (pc.hostTitle !== host.title) { pc.hostTitle = host.title; pc.host.title = host.title; }
       for (const cell of pc.cells.values()) renderCell(pc, cell);
       applyView(pc);
       if (view.sort !== "name") sortDue = true;
@@ -355,5 +381,5 @@ window.FleetOverview = (() => {
     };
   }
 
-  return {create, backLink, SORTS, known, make, setText}; // the DOM helpers dashboard.js uses too
+  return {create, backLink, hostLine, SORTS, known, make, setText}; // what dashboard.js and jobs.js use too
 })();
