@@ -1,0 +1,177 @@
+"""Jobs kept in SQLite (no REDIS_URL): in HISTORY_DB beside the history, or in memory when it is empty.
+
+A push only appends its event to a queue, as history's does. Once a second the writer's OS
+thread runs the tracker over what gathered and writes the jobs that changed, with each
+device's tracking state, in one transaction: the running jobs and those states are what a
+restart goes on from. Once every few minutes it deletes jobs that ended over 400 days ago.
+Queries run in a reader thread on a connection of their own (WAL lets them read beside the
+writer), a page of jobs at a time.
+"""
+import collections
+import logging
+import sqlite3
+import time
+
+import orjson
+
+from gpustats import offload
+from gpustats.background import Tally, watch
+from gpustats.database import sqlite_file, transaction
+from gpustats.history.tiers import TrustedClock
+from gpustats.jobs import KEEP_S
+from gpustats.jobs.tracker import Tracker
+
+log = logging.getLogger("gpustats")
+# `until` is a job's end, or infinity while it runs: one index finds every job that ran after a time.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS job (id TEXT NOT NULL UNIQUE, device TEXT NOT NULL, user TEXT, started_at REAL NOT NULL,
+                                until REAL NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS job_until ON job (until);
+CREATE TABLE IF NOT EXISTS job_device (device TEXT PRIMARY KEY, state TEXT NOT NULL);
+"""
+PUT_JOB = ("INSERT INTO job VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET user = excluded.user, "
+           "started_at = excluded.started_at, until = excluded.until, data = excluded.data")
+PUT_DEVICE = "INSERT INTO job_device VALUES (?, ?) ON CONFLICT (device) DO UPDATE SET state = excluded.state"
+RUNNING = float("inf")
+MAX_PENDING = 100_000  # pushes and status changes waiting for the writer; past it the oldest go, counted
+PAGE = 500  # jobs read at a time
+
+
+def row(job):
+    """Return the job's row: its id, device, user, start, end (infinity while it runs) and the whole of it as JSON."""
+    until = RUNNING if job["endedAt"] is None else job["endedAt"]
+    return job["id"], job["device"], job["user"], job["startedAt"], until, orjson.dumps(job).decode()
+
+
+def where(start, end, devices, user, running):
+    """Return the WHERE clause and its parameters that pick the jobs that ran from `start` to `end`."""
+    sql, args = ["until >= ? AND started_at < ?"], [start, end]
+    if running:
+        sql.append("until = ?")
+        args.append(RUNNING)
+    if devices is not None:
+        sql.append(f"device IN ({', '.join('?' * len(devices))})")
+        args += sorted(devices)
+    if user is not None:
+        sql.append("user = ?")
+        args.append(user)
+    return " AND ".join(sql), args
+
+
+class SqliteJobs:
+    """Every device's jobs in the SQLite file HISTORY_DB, tracked and written once a second off the event loop."""
+
+    def __init__(self, path, max_gap_s, offline_after_s, clock=time.time, flush_s=1.0, prune_s=600.0,
+                 steady=time.monotonic):
+        self.path = path or None
+        self._flush_s, self._prune_s, self._steady = flush_s, prune_s, steady
+        self._trusted = TrustedClock(clock, steady)  # pruning never follows one reading of a stepped clock
+        self._pending = collections.deque(maxlen=MAX_PENDING)
+        self._dropped = 0
+        self._closed = False
+        self._writer = offload.Worker("job-writer")
+        self._db = self._writer.run(sqlite_file, path, SCHEMA)
+        if self.path is None:  # one in-memory database, one connection: one thread for all of it
+            self._reader, self._read_db = self._writer, self._db
+        else:
+            self._reader = offload.Worker("job-reader")
+            self._read_db = self._reader.run(sqlite_file, path, "")
+        self._tracker = self._writer.run(self._load, max_gap_s, offline_after_s)
+        self._pruned = float("-inf")
+        self._failing = None
+        self._lost = Tally(lambda counts: log.error("jobs cannot be written to %s (%s); they are written once it "
+                                                    "works again (failed writes: %d)", self.path or "memory",
+                                                    self._failing, counts["writes"]), clock=steady)
+
+    def _load(self, max_gap_s, offline_after_s):
+        """Return a tracker that goes on from the running jobs and device states kept."""
+        running = [orjson.loads(data) for (data,) in self._db.execute("SELECT data FROM job WHERE until = ?",
+                                                                      (RUNNING,))]
+        devices = {device: orjson.loads(state) for device, state in self._db.execute("SELECT * FROM job_device")}
+        return Tracker(max_gap_s, offline_after_s, running, devices)
+
+    def start(self):
+        """Track and write what pushes bring once a second, until close()."""
+        watch("job-writer", self._flush_s, self.flush, lambda: self._closed)
+
+    def close(self):
+        self._closed = True
+
+    def add(self, event):
+        """Queue an accepted push (its event) for the tracker; never blocks."""
+        if len(self._pending) == MAX_PENDING:
+            self._dropped += 1
+        self._pending.append(("", event))
+
+    def status(self, change):
+        """Queue a device's status change (`event: status` data, or a removal) for the tracker, in order with pushes."""
+        self._pending.append(("status", change))
+
+    def flush(self):
+        """Run the tracker over what gathered and write what changed, in one transaction; prune now and then."""
+        taken = [self._pending.popleft() for _ in range(len(self._pending))]
+        if self._dropped:
+            log.error("jobs fell behind: %d pushes were dropped untracked", self._dropped)
+            self._dropped = 0
+        steady = self._steady()
+        prune = steady - self._pruned >= self._prune_s
+        try:
+            self._writer.run(self._write, taken, self._trusted.now() - KEEP_S if prune else None)
+        except sqlite3.OperationalError as problem:  # a full disk, a file gone read-only: kept, tried again
+            self._failing = str(problem)
+            self._lost.add("writes")
+            return
+        if self._failing:
+            log.info("jobs are written again (%s is over)", self._failing)
+            self._failing = None
+            self._lost.clear()
+        if prune:
+            self._pruned = steady
+
+    def _write(self, taken, prune_before):
+        # In the writer's thread, as history's batch is: the loop takes the GIL back every switch interval.
+        tracker = self._tracker
+        for name, data in taken:
+            if name == "":
+                tracker.push(data)
+            else:
+                tracker.status(data)
+        jobs, devices = tracker.changed()
+        if not jobs and not devices and prune_before is None:
+            return
+        try:
+            with transaction(self._db):
+                self._db.executemany(PUT_JOB, [row(job) for job in jobs])
+                self._db.executemany(PUT_DEVICE, [(device, orjson.dumps(state).decode())
+                                                  for device, state in devices.items() if state is not None])
+                self._db.executemany("DELETE FROM job_device WHERE device = ?",
+                                     [(device,) for device, state in devices.items() if state is None])
+                if prune_before is not None:
+                    self._db.execute("DELETE FROM job WHERE until < ?", (prune_before,))
+        except sqlite3.Error:
+            tracker.again(jobs, devices)  # written with the next round's
+            raise
+
+    def find(self, start, end, devices=None, user=None, running=False):
+        """Yield the jobs that ran between `start` and `end`, newest first, a page at a time."""
+        clause, args = where(start, end, devices, user, running)
+        order = self._reader.run(lambda: [rowid for (rowid,) in self._read_db.execute(
+            f"SELECT rowid FROM job WHERE {clause} ORDER BY started_at DESC, id DESC", args)])
+        for at in range(0, len(order), PAGE):
+            page = order[at:at + PAGE]
+            rows = dict(self._reader.run(lambda: self._read_db.execute(
+                f"SELECT rowid, data FROM job WHERE rowid IN ({', '.join('?' * len(page))})", page).fetchall()))
+            yield from (orjson.loads(rows[rowid]) for rowid in page if rowid in rows)  # pruned meanwhile: gone
+
+    def delete(self, device):
+        """Delete every job of `device` and forget its running ones; return how many went."""
+        self.flush()  # first what is queued: its removal ends the running jobs, and nothing of it comes back
+
+        def work():  # in the writer's thread, as _write is: it alone moves the tracker
+            with transaction(self._db):
+                gone = self._db.execute("DELETE FROM job WHERE device = ?", (device,)).rowcount
+                self._db.execute("DELETE FROM job_device WHERE device = ?", (device,))
+            self._tracker.forget(device)
+            return gone
+        return self._writer.run(work)
+
