@@ -83,6 +83,7 @@ class Rules:
         self._jobs = state.get("jobs", {})  # device|gpu -> {"start": t, "busy": t last at 50 %+, "idle": t or None}
         self._gpus = state.get("gpus", {})  # device -> {GPU count: when last reported}
         self._held = state.get("held", {})  # device|gpu -> {pid|start: {"since": idle from, "mib", "at", "who"}}
+        self._idle_firing = sum(key.startswith("GpuIdleHeld|") for key in self._firing)  # lets most pushes skip it
 
     def state(self):
         """Return everything the rules remember, as JSON-able data."""
@@ -222,42 +223,52 @@ class Rules:
         """GpuIdleHeld: a process holds ALERT_IDLE_HELD_MIB or more on a GPU it leaves under 5 % for ALERT_IDLE_HELD_S.
 
         Its own utilization counts where the agent sends it, else the GPU's. It resolves at once
-        when that process lets go of its memory (or is gone) or gets busy.
+        when that process lets go of its memory (or is gone) or gets busy. Written for the common
+        case, nobody holding memory idle, which costs a push a look at each process' memory.
         """
         processes = reading.get("processes")
         if processes is None:
             return []  # no list of processes: nothing is known, nothing changes
-        s, key, where = self.settings, f"{device}|{gpu}", f"{device}:{gpu}"
-        kept, held, levels = self._held.get(key, {}), {}, {}
+        most, utilization, holders = self.settings.idle_held_mib, reading.get("utilizationGpu"), []
         for process in processes:
-            name, memory = _process_key(process), process.get("memoryUsed")
+            memory = process.get("memoryUsed")
+            if memory is not None and memory >= most:
+                own = process.get("utilization")
+                level = utilization if own is None else own
+                if level is None or level < IDLE:
+                    holders.append(process)
+        if not holders and not self._held and not self._idle_firing:
+            return []
+        key = f"{device}|{gpu}"
+        kept, alert = self._held.get(key, {}), f"GpuIdleHeld|{key}"
+        held, where = {}, f"{device}:{gpu}"
+        for process in holders:
+            name = _process_key(process)
             own = process.get("utilization")
-            level = levels[name] = own if own is not None else reading.get("utilizationGpu")
-            if memory is None or memory < s.idle_held_mib or (level is not None and level >= IDLE):
-                continue
+            level = utilization if own is None else own
             if level is None:  # not reported in this push: as it was
                 if name in kept:
                     held[name] = kept[name]
                 continue
             entry = held[name] = kept.get(name) or {"since": now}
-            entry.update(mib=memory, at=level, who=_who(process))
+            entry.update(mib=process["memoryUsed"], at=level, who=_who(process))
         if held:
             self._held[key] = held
         else:
             self._held.pop(key, None)
-        alert = _key("GpuIdleHeld", device, gpu)
         firing = self._firing.get(alert)
         if firing is not None:
             name = firing.get("process")
             if name in held:
                 return []
             who = firing.get("who", "the process")
-            level = levels.get(name)
-            done = (f"{who} is busy on {where} again, at {_number(level)} %" if name in levels and level is not None
-                    and level >= IDLE else f"{who} let go of its memory on {where}")
+            listed = next((p for p in processes if _process_key(p) == name), None)
+            level = None if listed is None else utilization if listed.get("utilization") is None else listed["utilization"]
+            done = (f"{who} is busy on {where} again, at {_number(level)} %" if level is not None and level >= IDLE
+                    and (listed.get("memoryUsed") or 0) >= most else f"{who} let go of its memory on {where}")
             return self._resolve(alert, now, done)
         name, entry = min(held.items(), key=lambda item: item[1]["since"], default=(None, None))
-        if entry is None or now - entry["since"] < s.idle_held_s:
+        if entry is None or now - entry["since"] < self.settings.idle_held_s:
             return []
         summary = (f"{entry['who']} holds {entry['mib'] / 1024:.1f} GiB on {where} at {_number(entry['at'])} % "
                    f"for {duration(now - entry['since'])}")
@@ -296,6 +307,7 @@ class Rules:
         alert.update(severity=SEVERITY[name], summary=summary, value=value, startsAt=_time(now), endsAt=None,
                      fingerprint=fingerprint(labels))
         self._firing[_key(name, device, gpu)] = {"alert": alert, "t": now}
+        self._idle_firing += name == "GpuIdleHeld"
         return alert
 
     def _resolve(self, key, now, summary, value=None):
@@ -303,6 +315,7 @@ class Rules:
         self._clearing.pop(key, None)
         if entry is None:
             return []
+        self._idle_firing -= entry["alert"]["alertname"] == "GpuIdleHeld"
         resolved = dict(entry["alert"], status="resolved", summary=summary, endsAt=_time(now))
         if value is not None:
             resolved["value"] = value

@@ -7,6 +7,7 @@ reads them from the shared event stream, as history and alerts do.
 from typing import Protocol, runtime_checkable
 
 KEEP_S = 400 * 86400  # an ended job is kept this long (SPEC: with the history, 400 days)
+PROGRESS_S = 10.0  # a running job's figures are written this often; at once when a job begins or ends
 
 
 @runtime_checkable

@@ -2,8 +2,9 @@
 
 One worker at a time (whichever holds the `gpustats:tracker` lease) reads the shared event
 stream in order from its cursor, as history and alerts do, runs the tracker over the pushes
-and status changes there, and in one transaction writes the jobs that changed, each device's
-tracking state and the cursor. A worker that lost its lease meanwhile writes nothing (the
+and status changes there, and in one transaction writes the jobs that began or ended, the
+running jobs' figures every PROGRESS_S (each device's with its tracking state) and the
+cursor. A worker that lost its lease meanwhile writes nothing (the
 cursor it watched has moved); a new one loads the running jobs and device states and picks
 up where the last stopped. Every worker answers queries from what Redis holds.
 
@@ -22,7 +23,8 @@ import orjson
 import redis
 
 from gpustats.history.tiers import TrustedClock
-from gpustats.jobs import KEEP_S
+from gpustats.background import watch
+from gpustats.jobs import KEEP_S, PROGRESS_S
 from gpustats.jobs.tracker import Tracker
 from gpustats.offload import in_slices
 from gpustats.scaleout import PREFIX, LeasedWork, Unavailable
@@ -53,6 +55,7 @@ class RedisJobs(LeasedWork):
         self._tracker = None  # the running jobs and device states, as this worker loaded and moved them
         self._pruned = float("-inf")
         self._moving = threading.Lock()  # one round at a time: the loop's, and a worker's last one as it exits
+        self._every_s = 0.0  # how fresh running jobs' figures are written this round
 
     def start(self):
         """Track from the stream while holding the lease, once a second, until close()."""
@@ -60,11 +63,15 @@ class RedisJobs(LeasedWork):
             self.begin_at_end(CURSOR)
         except redis.RedisError:
             pass  # Redis is down: the reader says so; _load() does it then
-        super().start()
+        watch(self._name, self._period_s, lambda: self._track(PROGRESS_S), lambda: self._closed)
 
     def flush(self):
-        """Track and write what the stream brought since the cursor now, if this worker holds the lease."""
+        """Track what the stream brought since the cursor and write all that changed now, if this worker holds the lease."""
+        self._track(0.0)
+
+    def _track(self, every_s):
         with self._moving:
+            self._every_s = every_s
             super().flush()
 
     def _load(self):
@@ -93,7 +100,7 @@ class RedisJobs(LeasedWork):
                     tracker.status(data)
             for device, at in deleted.items():
                 tracker.forget(device, at)
-            jobs, devices = tracker.changed()
+            jobs, devices = tracker.changed(self._every_s)
             now = self._trusted.now()
             old = pipe.zrangebyscore(ENDS, "-inf", f"({now - KEEP_S}") if prune else []
             pipe.multi()

@@ -53,69 +53,120 @@ class Tracker:
             self._run(job)
         # device -> {"t": its last push, "on": {gpu: [ids listed]}, "power": {gpu: watts}, "lost": [jobs]}
         self.devices = dict(devices or {})
-        self._changed, self._changed_devices = {}, set()
+        self._dirty = {}  # device -> {id: job} changed since the device was last written
+        self._urgent = set()  # devices with a job begun, ended or taken up again: written at the next call
+        self._written = {}  # device -> the time of its state when it was last written
 
     def _run(self, job):
         self.running[job["id"]] = job
         self._pids.setdefault(job["device"], {})[job["pid"]] = job["id"]
 
-    def changed(self):
-        """Return ([jobs changed since the last call], {device: its state, or None if it is gone}), and forget them."""
-        jobs, self._changed = list(self._changed.values()), {}
-        devices = {device: self.devices.get(device) for device in self._changed_devices}
-        self._changed_devices = set()
+    def changed(self, every_s=0.0):
+        """Return ([jobs to write], {device: its state, or None if it is gone}), and forget them.
+
+        A device is written with all its changed jobs at once, so what is kept of it always
+        matches: when a job of it began or ended, else once its state is `every_s` newer than
+        what was last written (0: whatever changed). A restart or a new Redis leader goes on
+        from that; the pushes after it are one interval, counted if it is under `max_gap_s`.
+        """
+        jobs, devices = [], {}
+        for device in list(self._dirty.keys() | self._urgent):
+            state = self.devices.get(device)
+            if (device not in self._urgent and state is not None
+                    and state["t"] - self._written.get(device, float("-inf")) < every_s):
+                continue
+            jobs += self._dirty.pop(device, {}).values()
+            devices[device] = state
+            self._urgent.discard(device)
+            if state is None:
+                self._written.pop(device, None)
+            else:
+                self._written[device] = state["t"]
         return jobs, devices
 
     def again(self, jobs, devices):
         """Take back what changed() returned and could not be written: it is returned again next time."""
         for job in jobs:
-            self._changed.setdefault(job["id"], job)
-        self._changed_devices.update(devices)
+            self._dirty.setdefault(job["device"], {}).setdefault(job["id"], job)
+        self._urgent.update(devices)
 
     def push(self, event):
-        """Move the device's jobs on by an accepted push (its event, with `receivedAt`)."""
+        """Move the device's jobs on by an accepted push (its event, with `receivedAt`).
+
+        Written out for the common case, a process seen at the last push again: a fleet of
+        2,000 PCs brings 16,000 of these a second.
+        """
         device, t = event["device"], event["receivedAt"]
         state = self.devices.get(device)
         if state is not None and t - state["t"] >= self.offline_after_s:
             self._lose(device, state)  # silent long enough to be offline (the server was down): its jobs were lost
         dt = t - state["t"] if state is not None else 0.0
         counted = 0 < dt <= self.max_gap_s
+        running, pids = self.running, self._pids.setdefault(device, {})
         covered, seen, on, power = set(), {}, {}, {}
         for gpu in event["gpus"]:
             processes, index = gpu.get("processes"), gpu.get("index")
             if processes is None or index is None:
                 continue  # no list of processes: nothing is known of this GPU's jobs
             key = str(index)
-            covered.add(key)
-            power[key] = gpu.get("powerDraw")
+            covered.add(index)
+            watts = power[key] = gpu.get("powerDraw")
+            utilization = gpu.get("utilizationGpu")
             ids = on[key] = []
             for process in processes:
-                job = self._job_for(device, state, process, t)
-                if job["id"] in ids:
+                job_id, started = pids.get(process["pid"]), process.get("startedAt")
+                job = running[job_id] if job_id is not None else None
+                if job is None or (started is not None and not (
+                        job["startKnown"] and abs(job["startedAt"] - started) <= START_SLACK_S)):
+                    job = self._job_for(device, state, process, t)  # new, reused, taken up, or its start learnt
+                    job_id = job["id"]
+                if job_id in ids:
                     continue
-                ids.append(job["id"])
-                self._sighted(job, seen, index, process, gpu.get("utilizationGpu"))
-            if counted and ids:
-                self._share(state, key, ids, dt, power[key])
-        for job, memory in seen.values():
+                ids.append(job_id)
+                if index not in job["gpus"]:
+                    job["gpus"] = sorted(job["gpus"] + [index])
+                used = process.get("memoryUsed")
+                total = seen[job_id][1] if job_id in seen else None
+                seen[job_id] = (job, total if used is None else (total or 0) + used)
+                own = process.get("utilization")
+                if own is not None:
+                    job["own"][0] += own
+                    job["own"][1] += 1
+                if utilization is not None:
+                    job["gpuUtil"][0] += utilization
+                    job["gpuUtil"][1] += 1
+                for field in ("user", "name", "command"):
+                    if process.get(field):
+                        job[field] = process[field]
+            if counted and ids:  # the interval's time, and its energy shared, to the jobs listed at both ends
+                both = [job_id for job_id in state["on"].get(key, ()) if job_id in ids]
+                before = state["power"].get(key)
+                joules = (before + watts) / 2 * dt / len(both) if both and before is not None and watts is not None else 0.0
+                for job_id in both:
+                    job = running[job_id]
+                    job["gpuSeconds"] += dt
+                    job["joules"] += joules
+        dirty = self._dirty.setdefault(device, {})
+        for job_id, (job, memory) in seen.items():
             job["lastSeen"] = t
             if memory is not None and (job["peakMemory"] is None or memory > job["peakMemory"]):
                 job["peakMemory"] = memory
-            self._changed[job["id"]] = job
-        for job_id in list(self._pids.get(device, {}).values()):
-            job = self.running[job_id]
-            if job_id not in seen and all(str(gpu) in covered for gpu in job["gpus"]):
-                self._end(job, "exited")
-        lost = [job for job in (state or {}).get("lost", ())
-                if job["id"] not in self.running and not all(str(gpu) in covered for gpu in job["gpus"])]
-        self.devices[device] = {"t": max(t, state["t"]) if state else t, "on": on, "power": power,
-                                "lost": lost[-MOST_LOST:]}
-        self._changed_devices.add(device)
+            dirty[job_id] = job
+        for job_id in [job_id for job_id in pids.values() if job_id not in seen]:
+            if all(gpu in covered for gpu in running[job_id]["gpus"]):
+                self._end(running[job_id], "exited")
+        if not pids:
+            self._pids.pop(device, None)
+        lost = state.get("lost") if state is not None else None
+        if lost:
+            lost = [job for job in lost if job["id"] not in running and not all(gpu in covered for gpu in job["gpus"])]
+        self.devices[device] = {"t": max(t, state["t"]) if state else t, "on": on, "power": power, "lost": lost or []}
 
     def _job_for(self, device, state, process, t):
-        """Return the running job `process` belongs to, taking up a lost one or starting one as need be."""
+        """Return the job `process` belongs to when it is not simply the running one: the pid reused, a lost one taken up, a new one."""
         pid, started = process["pid"], process.get("startedAt")
         job_id = self._pids.get(device, {}).get(pid)
+        self._urgent.add(device)
         if job_id is not None:
             job = self.running[job_id]
             if same_process(job, started):
@@ -133,39 +184,6 @@ class Tracker:
         self._run(job)
         return job
 
-    @staticmethod
-    def _sighted(job, seen, index, process, utilization):
-        """Note one GPU's listing of the job in this push: its GPU, memory, utilization, names."""
-        if index not in job["gpus"]:
-            job["gpus"] = sorted(job["gpus"] + [index])
-        memory = process.get("memoryUsed")
-        _, total = seen.get(job["id"], (job, None))
-        seen[job["id"]] = (job, total if memory is None else (total or 0) + memory)
-        own = process.get("utilization")
-        if own is not None:
-            job["own"][0] += own
-            job["own"][1] += 1
-        if utilization is not None:
-            job["gpuUtil"][0] += utilization
-            job["gpuUtil"][1] += 1
-        for field in ("user", "name"):
-            if process.get(field) is not None:
-                job[field] = process[field]
-        if process.get("command"):
-            job["command"] = process["command"]
-
-    def _share(self, state, key, ids, dt, power):
-        """Give each job listed on GPU `key` at both ends of the interval its time, and its share of the energy."""
-        both = [job_id for job_id in state["on"].get(key, ()) if job_id in ids and job_id in self.running]
-        if not both:
-            return
-        before = state["power"].get(key)
-        joules = (before + power) / 2 * dt / len(both) if before is not None and power is not None else 0.0
-        for job_id in both:
-            job = self.running[job_id]
-            job["gpuSeconds"] += dt
-            job["joules"] += joules
-
     def status(self, change):
         """Take a device's status change (`event: status` data): offline or removed, its running jobs are lost."""
         device, status = change["device"], change["status"]
@@ -177,30 +195,30 @@ class Tracker:
                 self._end(self.running[job_id], "lost")
             if state is not None:
                 del self.devices[device]
-                self._changed_devices.add(device)
+                self._urgent.add(device)
         elif state is not None:
             self._lose(device, state)
+        if not self._pids.get(device, True):
+            del self._pids[device]
 
     def _lose(self, device, state):
         lost = [self._end(self.running[job_id], "lost") for job_id in list(self._pids.get(device, {}).values())]
         if lost:
             state["lost"] = (state.get("lost", []) + [job for job in lost if job["startKnown"]])[-MOST_LOST:]
-            self._changed_devices.add(device)
 
     def _end(self, job, why):
         job["ended"], job["endedAt"] = why, job["lastSeen"]
+        device = job["device"]
         del self.running[job["id"]]
-        pids = self._pids[job["device"]]
-        del pids[job["pid"]]
-        if not pids:
-            del self._pids[job["device"]]
-        self._changed[job["id"]] = job
+        del self._pids[device][job["pid"]]  # an empty one stays until the push or change is done: it may be in use
+        self._dirty.setdefault(device, {})[job["id"]] = job
+        self._urgent.add(device)
         return job
 
     def forget(self, device, before=float("inf")):
         """Drop what is known of `device` up to `before` (its jobs were deleted then): none of it is written again."""
         def old(job):
-            return job["device"] == device and job["lastSeen"] <= before
+            return job["lastSeen"] <= before
         pids = self._pids.get(device, {})
         for pid, job_id in list(pids.items()):
             if old(self.running[job_id]):
@@ -210,5 +228,8 @@ class Tracker:
         state = self.devices.get(device)
         if state is not None and state["t"] <= before:
             del self.devices[device]
-            self._changed_devices.discard(device)
-        self._changed = {job_id: job for job_id, job in self._changed.items() if not old(job)}
+            self._urgent.discard(device)
+            self._written.pop(device, None)
+        dirty = {job_id: job for job_id, job in self._dirty.pop(device, {}).items() if not old(job)}
+        if dirty:
+            self._dirty[device] = dirty
