@@ -1,18 +1,20 @@
 """Jobs kept in SQLite (no REDIS_URL): in HISTORY_DB beside the history, or in memory when it is empty.
 
-A push only appends its event to a queue, as history's does. Once a second the writer's OS
-thread runs the tracker over what gathered and writes, in one transaction, the jobs that
-began or ended. Running jobs are answered from the tracker itself, as they are now; what is
-written of them (every CHECKPOINT_S, each device's jobs with its tracking state) is what a
-restart goes on from after a crash: a worker that stops writes all it has. Once every few
-minutes it deletes jobs that ended over 400 days ago. Queries read the kept jobs in a reader
-thread on a connection of its own (WAL lets it read beside the writer), a page at a time.
+A push only appends its event to a queue, as history's does. Once a second the tracker runs
+over what gathered (on the event loop, in slices) and the writer's OS thread writes, in one
+transaction, the jobs that began or ended. Running jobs are answered from the tracker itself,
+as they are now; what is written of them (every CHECKPOINT_S, each device's jobs with its
+tracking state) is what a restart goes on from after a crash: a worker that stops writes all
+it has. Once every few minutes it deletes jobs that ended over 400 days ago. Queries read the
+kept jobs in a reader thread on a connection of its own (WAL lets it read beside the writer),
+a page at a time.
 """
 import collections
 import heapq
 import itertools
 import logging
 import sqlite3
+import threading
 import time
 
 import orjson
@@ -23,6 +25,7 @@ from gpustats.database import sqlite_file, transaction
 from gpustats.history.tiers import TrustedClock
 from gpustats.jobs import KEEP_S
 from gpustats.jobs.tracker import Tracker
+from gpustats.offload import in_slices
 
 log = logging.getLogger("gpustats")
 # `until` is a job's end, or infinity while it runs: one index finds every job that ran after a time.
@@ -65,7 +68,7 @@ def where(start, end, devices, user, running):
 
 
 class SqliteJobs:
-    """Every device's jobs in the SQLite file HISTORY_DB, tracked and written once a second off the event loop."""
+    """Every device's jobs in the SQLite file HISTORY_DB, tracked and written once a second off the push's path."""
 
     def __init__(self, path, max_gap_s, offline_after_s, clock=time.time, flush_s=1.0, prune_s=600.0,
                  steady=time.monotonic):
@@ -83,6 +86,7 @@ class SqliteJobs:
             self._reader = offload.Worker("job-reader")
             self._read_db = self._reader.run(sqlite_file, path, "")
         self._tracker = self._writer.run(self._load, max_gap_s, offline_after_s)
+        self._moving = threading.Lock()  # one user of the tracker at a time: the loop's round, a query, a deletion
         self._pruned = float("-inf")
         self._failing = None
         self._lost = Tally(lambda counts: log.error("jobs cannot be written to %s (%s); they are written once it "
@@ -118,52 +122,56 @@ class SqliteJobs:
         self._track(0.0)
 
     def _track(self, every_s):
-        taken = [self._pending.popleft() for _ in range(len(self._pending))]
-        if self._dropped:
-            log.error("jobs fell behind: %d pushes were dropped untracked", self._dropped)
-            self._dropped = 0
-        steady = self._steady()
-        prune = steady - self._pruned >= self._prune_s
-        try:
-            self._writer.run(self._write, taken, self._trusted.now() - KEEP_S if prune else None, every_s)
-        except sqlite3.OperationalError as problem:  # a full disk, a file gone read-only: kept, tried again
-            self._failing = str(problem)
-            self._lost.add("writes")
-            return
-        if self._failing:
-            log.info("jobs are written again (%s is over)", self._failing)
-            self._failing = None
-            self._lost.clear()
-        if prune:
-            self._pruned = steady
+        # The tracker runs here, on the event loop, in slices: in an OS thread its Python would hold the
+        # GIL against the loop (offload.py). Only SQLite's work goes to the writer's thread, as bytes.
+        with self._moving:
+            taken = [self._pending.popleft() for _ in range(len(self._pending))]
+            if self._dropped:
+                log.error("jobs fell behind: %d pushes were dropped untracked", self._dropped)
+                self._dropped = 0
+            tracker = self._tracker
+            for name, data in in_slices(taken, 50):  # about a millisecond a slice
+                if name == "":
+                    tracker.push(data)
+                else:
+                    tracker.status(data)
+            jobs, devices = tracker.changed(every_s)
+            steady = self._steady()
+            prune_before = self._trusted.now() - KEEP_S if steady - self._pruned >= self._prune_s else None
+            if not jobs and not devices and prune_before is None:
+                return
+            # Encoded now: the tracker goes on changing these jobs while the writer writes them.
+            rows = [row(job) for job in jobs]
+            states = [(device, None if state is None else orjson.dumps(state).decode()) for device, state in devices.items()]
+            try:
+                self._writer.run(self._write, rows, states, prune_before)
+            except sqlite3.Error as problem:
+                tracker.again(jobs, devices)  # written with the next round's
+                if not isinstance(problem, sqlite3.OperationalError):
+                    raise
+                self._failing = str(problem)  # a full disk, a file gone read-only: kept, tried again
+                self._lost.add("writes")
+                return
+            if self._failing:
+                log.info("jobs are written again (%s is over)", self._failing)
+                self._failing = None
+                self._lost.clear()
+            if prune_before is not None:
+                self._pruned = steady
 
-    def _write(self, taken, prune_before, every_s):
-        # In the writer's thread, as history's batch is: the loop takes the GIL back every switch interval.
-        tracker = self._tracker
-        for name, data in taken:
-            if name == "":
-                tracker.push(data)
-            else:
-                tracker.status(data)
-        jobs, devices = tracker.changed(every_s)
-        if not jobs and not devices and prune_before is None:
-            return
-        try:
-            with transaction(self._db):
-                self._db.executemany(PUT_JOB, [row(job) for job in jobs])
-                self._db.executemany(PUT_DEVICE, [(device, orjson.dumps(state).decode())
-                                                  for device, state in devices.items() if state is not None])
-                self._db.executemany("DELETE FROM job_device WHERE device = ?",
-                                     [(device,) for device, state in devices.items() if state is None])
-                if prune_before is not None:
-                    self._db.execute("DELETE FROM job WHERE until < ?", (prune_before,))
-        except sqlite3.Error:
-            tracker.again(jobs, devices)  # written with the next round's
-            raise
+    def _write(self, rows, states, prune_before):
+        with transaction(self._db):
+            self._db.executemany(PUT_JOB, rows)
+            self._db.executemany(PUT_DEVICE, [(device, state) for device, state in states if state is not None])
+            self._db.executemany("DELETE FROM job_device WHERE device = ?",
+                                 [(device,) for device, state in states if state is None])
+            if prune_before is not None:
+                self._db.execute("DELETE FROM job WHERE until < ?", (prune_before,))
 
     def find(self, start, end, devices=None, user=None, running=False):
         """Yield the jobs that ran between `start` and `end`, newest first, a page at a time: running ones as they are now."""
-        live = self._writer.run(self._running, end, devices, user)
+        with self._moving:
+            live = self._running(end, devices, user)
         clause, args = where(start, end, devices, user, running)
         kept = self._reader.run(lambda: self._read_db.execute(
             f"SELECT started_at, id, rowid FROM job WHERE {clause} ORDER BY started_at DESC, id DESC", args).fetchall())
@@ -180,7 +188,7 @@ class SqliteJobs:
                     yield orjson.loads(rows[rowid])
 
     def _running(self, end, devices, user):
-        """Return {id: a copy of each running job that began before `end`}, newest first (in the writer's thread)."""
+        """Return {id: a copy of each running job that began before `end`}, newest first."""
         found = sorted((job for job in self._tracker.running.values() if job["startedAt"] < end
                         and (devices is None or job["device"] in devices) and (user is None or job["user"] == user)),
                        key=lambda job: (job["startedAt"], job["id"]), reverse=True)
@@ -190,11 +198,12 @@ class SqliteJobs:
         """Delete every job of `device` and forget its running ones; return how many went."""
         self.flush()  # first what is queued: its removal ends the running jobs, and nothing of it comes back
 
-        def work():  # in the writer's thread, as _write is: it alone moves the tracker
+        def work():  # in the writer's thread, after any write under way
             with transaction(self._db):
                 gone = self._db.execute("DELETE FROM job WHERE device = ?", (device,)).rowcount
                 self._db.execute("DELETE FROM job_device WHERE device = ?", (device,))
-            self._tracker.forget(device)
             return gone
-        return self._writer.run(work)
+        with self._moving:
+            self._tracker.forget(device)
+            return self._writer.run(work)
 
