@@ -31,7 +31,7 @@ def last(job):
 def view(job):
     """Return a job as /api/jobs shows it."""
     return {"id": job["id"], "device": job["device"], "gpus": job["gpus"], "pid": job["pid"], "name": job["name"],
-            "command": job["command"], "user": job["user"], "startedAt": tidy(job["startedAt"], 3),
+            "command": job["command"] or job["name"], "user": job["user"], "startedAt": tidy(job["startedAt"], 3),
             "endedAt": tidy(job["endedAt"], 3), "ended": job["ended"],
             "durationS": round(max(0.0, last(job) - job["startedAt"])), "gpuHours": tidy(job["gpuSeconds"] / 3600, 4),
             "peakMemory": tidy(job["peakMemory"]), "meanUtilization": tidy(mean_utilization(job), 1),

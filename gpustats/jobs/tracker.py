@@ -4,7 +4,8 @@ A job is one process (device, pid, start) on one or more of the device's GPUs. I
 the process' `startedAt` where the agent sends it, else when the server first saw it: then a
 pid still listed after a restart (or a gap under OFFLINE_AFTER_S) is the same job, and a pid
 that leaves and comes back within one push interval is taken for the same job too (nothing
-tells them apart). A job ends when a push that lists its GPUs' processes no longer lists it
+tells them apart). It is named (user, command) as the process was when first seen. A job
+ends when a push that lists its GPUs' processes no longer lists it
 (`exited`), or when its device turns offline or is removed (`lost`); either way its end is
 its last sighting. A process whose device comes back with the same `startedAt` is the same
 job again: a lost job is taken up where it stopped.
@@ -16,6 +17,7 @@ power draws); a gap longer than `max_gap_s` counts as neither, as in history.
 The tracker's whole state is its running jobs and a small state per device, plain JSON, kept
 by the store beside the jobs: a restart or a new Redis leader goes on from it.
 """
+import collections
 import math
 
 START_SLACK_S = 2.0  # two readings of one process' start may differ by this much (clock ticks, rounding)
@@ -27,7 +29,7 @@ def new_job(device, process, t):
     started = process.get("startedAt")
     start = min(started, t) if started is not None else t
     return {"id": f"{device}:{process['pid']}:{math.floor(start)}", "device": device, "pid": process["pid"],
-            "gpus": [], "name": process.get("name"), "command": process.get("command") or process.get("name"),
+            "gpus": [], "name": process.get("name"), "command": process.get("command") or None,
             "user": process.get("user"), "startedAt": start, "startKnown": started is not None,
             "firstSeen": t, "lastSeen": t, "endedAt": None, "ended": None,
             "gpuSeconds": 0.0, "joules": 0.0, "peakMemory": None, "own": [0.0, 0], "gpuUtil": [0.0, 0]}
@@ -55,7 +57,8 @@ class Tracker:
         self.devices = dict(devices or {})
         self._dirty = {}  # device -> {id: job} changed since the device was last written
         self._urgent = set()  # devices with a job begun, ended or taken up again: written at the next call
-        self._written = {}  # device -> the time of its state when it was last written
+        self._due = collections.deque()  # (since when, device) of each device as it turned dirty, oldest first
+        self._latest = max((state["t"] for state in self.devices.values()), default=float("-inf"))  # newest push
 
     def _run(self, job):
         self.running[job["id"]] = job
@@ -69,19 +72,17 @@ class Tracker:
         what was last written (0: whatever changed). A restart or a new Redis leader goes on
         from that; the pushes after it are one interval, counted if it is under `max_gap_s`.
         """
+        due = set(self._urgent)
+        if not every_s:
+            due.update(self._dirty)
+        while self._due and self._due[0][0] <= self._latest - every_s:
+            due.add(self._due.popleft()[1])  # written meanwhile, and clean: nothing to write
         jobs, devices = [], {}
-        for device in list(self._dirty.keys() | self._urgent):
-            state = self.devices.get(device)
-            if (device not in self._urgent and state is not None
-                    and state["t"] - self._written.get(device, float("-inf")) < every_s):
-                continue
-            jobs += self._dirty.pop(device, {}).values()
-            devices[device] = state
-            self._urgent.discard(device)
-            if state is None:
-                self._written.pop(device, None)
-            else:
-                self._written[device] = state["t"]
+        for device in due:
+            if device in self._dirty or device in self._urgent:
+                jobs += self._dirty.pop(device, {}).values()
+                devices[device] = self.devices.get(device)
+        self._urgent = set()
         return jobs, devices
 
     def again(self, jobs, devices):
@@ -89,6 +90,7 @@ class Tracker:
         for job in jobs:
             self._dirty.setdefault(job["device"], {}).setdefault(job["id"], job)
         self._urgent.update(devices)
+        self._urgent.update(job["device"] for job in jobs)
 
     def push(self, event):
         """Move the device's jobs on by an accepted push (its event, with `receivedAt`).
@@ -103,7 +105,7 @@ class Tracker:
         dt = t - state["t"] if state is not None else 0.0
         counted = 0 < dt <= self.max_gap_s
         running, pids = self.running, self._pids.setdefault(device, {})
-        covered, seen, on, power = set(), {}, {}, {}
+        covered, seen, on, power = set(), {}, {}, {}  # seen: id -> its memory in this push, all its GPUs'
         for gpu in event["gpus"]:
             processes, index = gpu.get("processes"), gpu.get("index")
             if processes is None or index is None:
@@ -126,8 +128,10 @@ class Tracker:
                 if index not in job["gpus"]:
                     job["gpus"] = sorted(job["gpus"] + [index])
                 used = process.get("memoryUsed")
-                total = seen[job_id][1] if job_id in seen else None
-                seen[job_id] = (job, total if used is None else (total or 0) + used)
+                if used is not None:
+                    seen[job_id] = (seen.get(job_id) or 0) + used
+                elif job_id not in seen:
+                    seen[job_id] = None
                 own = process.get("utilization")
                 if own is not None:
                     job["own"][0] += own
@@ -135,23 +139,25 @@ class Tracker:
                 if utilization is not None:
                     job["gpuUtil"][0] += utilization
                     job["gpuUtil"][1] += 1
-                for field in ("user", "name", "command"):
-                    if process.get(field):
-                        job[field] = process[field]
             if counted and ids:  # the interval's time, and its energy shared, to the jobs listed at both ends
-                both = [job_id for job_id in state["on"].get(key, ()) if job_id in ids]
-                before = state["power"].get(key)
-                joules = (before + watts) / 2 * dt / len(both) if both and before is not None and watts is not None else 0.0
+                before = state["on"].get(key)
+                both = ids if before == ids else [job_id for job_id in before or () if job_id in ids]
+                watts_before = state["power"].get(key)
+                joules = ((watts_before + watts) / 2 * dt / len(both)
+                          if both and watts_before is not None and watts is not None else 0.0)
                 for job_id in both:
                     job = running[job_id]
                     job["gpuSeconds"] += dt
                     job["joules"] += joules
-        dirty = self._dirty.setdefault(device, {})
-        for job_id, (job, memory) in seen.items():
+        dirty = self._dirty.get(device)
+        if dirty is None:
+            dirty = self._dirty[device] = {}
+            self._due.append((t, device))
+        for job_id, memory in seen.items():
+            job = dirty[job_id] = running[job_id]
             job["lastSeen"] = t
             if memory is not None and (job["peakMemory"] is None or memory > job["peakMemory"]):
                 job["peakMemory"] = memory
-            dirty[job_id] = job
         for job_id in [job_id for job_id in pids.values() if job_id not in seen]:
             if all(gpu in covered for gpu in running[job_id]["gpus"]):
                 self._end(running[job_id], "exited")
@@ -161,6 +167,8 @@ class Tracker:
         if lost:
             lost = [job for job in lost if job["id"] not in running and not all(gpu in covered for gpu in job["gpus"])]
         self.devices[device] = {"t": max(t, state["t"]) if state else t, "on": on, "power": power, "lost": lost or []}
+        if t > self._latest:
+            self._latest = t
 
     def _job_for(self, device, state, process, t):
         """Return the job `process` belongs to when it is not simply the running one: the pid reused, a lost one taken up, a new one."""
@@ -172,6 +180,8 @@ class Tracker:
             if same_process(job, started):
                 if started is not None and not job["startKnown"]:
                     job["startedAt"], job["startKnown"] = min(started, job["firstSeen"]), True
+                    for field in ("user", "command"):  # an agent that learnt to say more
+                        job[field] = job[field] or process.get(field) or None
                 return job
             self._end(job, "exited")  # the pid was reused: that process is gone
         if started is not None:
@@ -229,7 +239,6 @@ class Tracker:
         if state is not None and state["t"] <= before:
             del self.devices[device]
             self._urgent.discard(device)
-            self._written.pop(device, None)
         dirty = {job_id: job for job_id, job in self._dirty.pop(device, {}).items() if not old(job)}
         if dirty:
             self._dirty[device] = dirty
