@@ -25,7 +25,7 @@ import redis
 from gpustats.history.tiers import TrustedClock
 from gpustats.background import watch
 from gpustats.jobs import KEEP_S, PROGRESS_S
-from gpustats.jobs.tracker import Tracker
+from gpustats.jobs.tracker import Tracker, kept
 from gpustats.offload import in_slices
 from gpustats.scaleout import PREFIX, LeasedWork, Unavailable
 
@@ -105,12 +105,12 @@ class RedisJobs(LeasedWork):
             old = pipe.zrangebyscore(ENDS, "-inf", f"({now - KEEP_S}") if prune else []
             pipe.multi()
             if jobs:
-                pipe.hset(DATA, mapping={job["id"]: orjson.dumps(job) for job in jobs})
+                pipe.hset(DATA, mapping={job["id"]: orjson.dumps(kept(job)) for job in jobs})
                 pipe.zadd(STARTS, {job["id"]: job["startedAt"] for job in jobs})
                 pipe.zadd(ENDS, {job["id"]: float("inf") if job["endedAt"] is None else job["endedAt"] for job in jobs})
-            kept = {device: orjson.dumps(state) for device, state in devices.items() if state is not None}
-            if kept:
-                pipe.hset(STATES, mapping=kept)
+            states = {device: orjson.dumps(state) for device, state in devices.items() if state is not None}
+            if states:
+                pipe.hset(STATES, mapping=states)
             gone = [device for device, state in devices.items() if state is None]
             if gone:
                 pipe.hdel(STATES, *gone)

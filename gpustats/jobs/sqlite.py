@@ -24,7 +24,7 @@ from gpustats.background import Tally, watch
 from gpustats.database import sqlite_file, transaction
 from gpustats.history.tiers import TrustedClock
 from gpustats.jobs import KEEP_S
-from gpustats.jobs.tracker import Tracker
+from gpustats.jobs.tracker import Tracker, kept
 from gpustats.offload import in_slices
 
 log = logging.getLogger("gpustats")
@@ -49,7 +49,7 @@ CHECKPOINT_S = 60.0
 def row(job):
     """Return the job's row: its id, device, user, start, end (infinity while it runs) and the whole of it as JSON."""
     until = RUNNING if job["endedAt"] is None else job["endedAt"]
-    return job["id"], job["device"], job["user"], job["startedAt"], until, orjson.dumps(job).decode()
+    return job["id"], job["device"], job["user"], job["startedAt"], until, orjson.dumps(kept(job)).decode()
 
 
 def where(start, end, devices, user, running):
@@ -192,6 +192,8 @@ class SqliteJobs:
         found = sorted((job for job in self._tracker.running.values() if job["startedAt"] < end
                         and (devices is None or job["device"] in devices) and (user is None or job["user"] == user)),
                        key=lambda job: (job["startedAt"], job["id"]), reverse=True)
+        for device in in_slices({job["device"] for job in found}, 100):
+            self._tracker.settle(device)  # each as of its device's last push
         return {job["id"]: orjson.loads(orjson.dumps(job)) for job in found}
 
     def delete(self, device):
