@@ -177,7 +177,7 @@ class Tracker:
         dt = t - state["t"] if state is not None else 0.0
         counted = 0 < dt <= self.max_gap_s
         kept = state["gpus"] if state is not None else {}
-        listings, changed, seen = {}, [], set()
+        same, changed = [], []  # GPUs that list what they listed at the last push, and those that do not
         for gpu in event["gpus"]:
             processes, index = gpu.get("processes"), gpu.get("index")
             if processes is None or index is None:
@@ -188,6 +188,7 @@ class Tracker:
                 changed.append((key, index, gpu, listing))
                 continue
             # The same processes as at the last push: only the GPU's running sums move.
+            same.append(key)
             sums, watts, utilization = listing["sums"], gpu.get("powerDraw"), gpu.get("utilizationGpu")
             if counted and listing["ids"]:
                 sums["s"] += dt
@@ -205,15 +206,20 @@ class Tracker:
                     owns[i][0] += own
                     owns[i][1] += 1
             sums["last"], listing["w"] = t, watts
-            listings[key] = listing
-            seen.update(listing["ids"])
+        if t > self._latest:
+            self._latest = t
+        self._dirty_of(device)
+        if state is not None and not changed and len(same) == len(kept) and not state.get("lost"):
+            state["t"] = max(t, state["t"])  # every GPU as it was: no job began or ended
+            return
+        listings = {key: kept[key] for key in same}
         for key, index, gpu, listing in changed:
             listings[key] = self._relist(device, state, key, index, gpu, listing, dt if counted else 0.0, t)
-            seen.update(listings[key]["ids"])
         for key, listing in kept.items():
             if key not in listings:
                 self._fold(device, key, listing)  # not listed in this push: what it had goes to its jobs
         covered = {int(key) for key in listings}
+        seen = {job_id for listing in listings.values() for job_id in listing["ids"]}
         for job_id in [job_id for job_id in self._pids.get(device, {}).values() if job_id not in seen]:
             if all(gpu in covered for gpu in self.running[job_id]["gpus"]):
                 self._end(self.running[job_id], "exited")
@@ -223,9 +229,6 @@ class Tracker:
         if lost:
             lost = [job for job in lost if job["id"] not in self.running and not all(gpu in covered for gpu in job["gpus"])]
         self.devices[device] = {"t": max(t, state["t"]) if state else t, "gpus": listings, "lost": lost or []}
-        if t > self._latest:
-            self._latest = t
-        self._dirty_of(device)
 
     def _relist(self, device, state, key, index, gpu, listing, dt, t):
         """Return a GPU's listing when its processes changed: its sums folded, its jobs found or begun, the interval shared."""
