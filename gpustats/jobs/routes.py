@@ -44,7 +44,7 @@ def register_jobs(app, config, jobs, clock=time.time):
 
 def read_query(args, now, usage_too=False):
     """Return {start, end, devices, user, running, by} from the query string; raise QueryError naming a bad one."""
-    end = unix_seconds(args, "to", int(now))
+    end = unix_seconds(args, "to", round(now, 3))  # a job begun this second is in it
     start = unix_seconds(args, "from", end - DEFAULT_RANGE_S)
     if start >= end:
         raise QueryError("from", f"{start:g} is not before to ({end:g})")
