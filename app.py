@@ -32,6 +32,8 @@ from gpustats.history.routes import register_history
 from gpustats.history.sqlite import SqliteHistory
 from gpustats.ingest.ratelimit import RateLimiter
 from gpustats.ingest.routes import BAD_KEYS_BURST, BAD_KEYS_PER_S, register_ingest
+from gpustats.jobs.routes import register_jobs
+from gpustats.jobs.sqlite import SqliteJobs
 from gpustats.metrics.counters import Counters
 from gpustats.metrics.routes import register_metrics
 from gpustats.pages import register_pages
@@ -73,6 +75,7 @@ def create_app(overrides=None):
     register_alerts(app, fleet)
     register_ingest(app, config, registry, fleet, parts.push_limits, parts.bad_key_limits, parts.counters)
     register_history(app, config, history, known_devices=known_devices)
+    register_jobs(app, config, parts.jobs)
     register_metrics(app, fleet, parts.counters)
     register_pages(app, config, fleet, broadcaster, history)
     # Outside Flask, around everything: a refusal costs no routing, and the deadline covers the write.
@@ -84,13 +87,13 @@ def create_app(overrides=None):
     fleet.restore_kept(set(known_devices()))  # every PC as it last was, until it pushes again
     fleet.start(broadcaster, config.sweep_s)
     parts.counters.start(lambda: broadcaster.subscribers)
-    for part in (history, parts.alerter, parts.sender, registry):
+    for part in (history, parts.jobs, parts.alerter, parts.sender, registry):
         part.start()
     return app
 
 
 def _parts(config):
-    """Choose the fleet, history, alerts, counters and rate limits: in this process, or shared through Redis."""
+    """Choose the fleet, history, jobs, alerts, counters and rate limits: in this process, or shared through Redis."""
     destinations = config.alert_webhook_urls
     if config.redis_url:
         from gpustats.access.redis import RedisAccounts, RedisSignInThrottle
@@ -99,6 +102,7 @@ def _parts(config):
         from gpustats.fleet.redis import RedisFleet
         from gpustats.history.redis import RedisHistory
         from gpustats.ingest.redis import RedisRateLimiter
+        from gpustats.jobs.redis import RedisJobs
         from gpustats.metrics.redis import RedisCounters
         from gpustats.scaleout import SharedRedis
         shared = SharedRedis(config.redis_url)  # one client for every part; each says what Redis refused it
@@ -107,6 +111,7 @@ def _parts(config):
         return SimpleNamespace(
             fleet=RedisFleet(shared, config.stale_after_s, config.offline_after_s, config.ring_size),
             history=RedisHistory(client, config.stale_after_s, status=status),
+            jobs=RedisJobs(client, config.stale_after_s, config.offline_after_s, status=status),
             alerter=RedisAlerter(client, config.alert_settings, outbox, config.ring_size, status=status),
             sender=Sender(destinations, outbox, config.alert_dashboard_url, lease=NotifierLease(client),
                           counters=counters),
@@ -116,11 +121,13 @@ def _parts(config):
                                             counted_as="bad-key checks"),
             accounts=RedisAccounts(client), sign_ins=RedisSignInThrottle(client), devices=RedisDevices(client))
     history = SqliteHistory(config.history_db, config.stale_after_s)
+    jobs = SqliteJobs(config.history_db, config.stale_after_s, config.offline_after_s)
     state, board, counters = SavedState(config.history_db), AlertBoard(), Counters()
     outbox = SqliteOutbox(destinations, state) if state else MemoryOutbox(destinations)
     alerter = Alerter(config.alert_settings, board, outbox, state)
     return SimpleNamespace(
-        fleet=Fleet(config.stale_after_s, config.offline_after_s, history, alerter, board), history=history,
+        fleet=Fleet(config.stale_after_s, config.offline_after_s, history, alerter, board, jobs=jobs), history=history,
+        jobs=jobs,
         alerter=alerter, sender=Sender(destinations, outbox, config.alert_dashboard_url, counters=counters),
         counters=counters,
         push_limits=RateLimiter(config.push_rate_limit),
@@ -154,7 +161,8 @@ def wsgi_app():
     sys.setswitchinterval(0.001)
     _collect_garbage_on_a_schedule(GC_EVERY_S)
     parts = app.extensions["gpustats"]
-    _end_streams_on_stop(*(parts[name] for name in ("broadcaster", "fleet", "history", "alerter", "sender", "counters")),
+    _end_streams_on_stop(*(parts[name] for name in ("broadcaster", "fleet", "history", "jobs", "alerter", "sender",
+                                                    "counters")),
                             connections=app.wsgi_app)
     return app
 

@@ -211,6 +211,11 @@ SETTINGS = (
             "`GpuError`: a GPU reports an error, or a device reports fewer GPUs than within 6 h; 0: off"),
     Setting("ALERT_JOB_MIN_S", "alert_job_min_s", "900", _number(float, 0),
             "`GpuJobDone`: a GPU busy (50 % or more) at least this long drops under 5 % for `ALERT_FOR_S`; 0: off"),
+    Setting("ALERT_IDLE_HELD_MIB", "alert_idle_held_mib", "1024", _number(float, 0, 1 << 24),
+            "`GpuIdleHeld`: a process holds at least this much GPU memory (MiB) on a GPU under 5 % (its own "
+            "utilization where the agent sends it) for `ALERT_IDLE_HELD_S`; 0: off"),
+    Setting("ALERT_IDLE_HELD_S", "alert_idle_held_s", "1800", _number(float, 1, 30 * 86400),
+            "how long a process must hold memory idle before `GpuIdleHeld` fires"),
     Setting("ALERT_FOR_S", "alert_for_s", "120", _number(float, 0, 86400),
             "how long a condition must hold before its alert fires, and be false before it resolves"),
     Setting("ALERT_WEBHOOK_URLS", "alert_webhook_urls", "", _destinations,
@@ -266,6 +271,8 @@ class Config:
     alert_offline: bool
     alert_gpu_error: bool
     alert_job_min_s: float
+    alert_idle_held_mib: float
+    alert_idle_held_s: float
     alert_for_s: float
     alert_webhook_urls: tuple  # of gpustats.alerts.formats.Destination
     alert_dashboard_url: str
@@ -293,7 +300,8 @@ class Config:
         """Return the alert rules' thresholds."""
         from gpustats.alerts.rules import AlertSettings
         return AlertSettings(temp_c=self.alert_temp_c, vram_pct=self.alert_vram_pct, offline=self.alert_offline,
-                             gpu_error=self.alert_gpu_error, job_min_s=self.alert_job_min_s, for_s=self.alert_for_s)
+                             gpu_error=self.alert_gpu_error, job_min_s=self.alert_job_min_s, for_s=self.alert_for_s,
+                             idle_held_mib=self.alert_idle_held_mib, idle_held_s=self.alert_idle_held_s)
 
 
 def load_config(overrides=None, environ=None):

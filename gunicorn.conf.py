@@ -41,9 +41,9 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
-    """Write what is still queued when a worker stops (a deploy, a restart): a second of history, the alerts' state, counts."""
+    """Write what is still queued when a worker stops (a deploy, a restart): a second of history and jobs, the alerts' state, counts."""
     parts = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("gpustats", {})
-    for name in ("history", "alerter", "counters"):
+    for name in ("history", "jobs", "alerter", "counters"):
         if name in parts:
             try:
                 parts[name].flush()

@@ -1,5 +1,6 @@
 """The SQLite file HISTORY_DB, which alerts, accounts and devices keep their tables in beside history: how each opens it."""
 import sqlite3
+from contextlib import contextmanager
 
 
 def sqlite_file(path, schema):
@@ -14,3 +15,16 @@ def sqlite_file(path, schema):
         db.execute("PRAGMA journal_mode = WAL")
     db.executescript(schema)
     return db
+
+
+@contextmanager
+def transaction(db):
+    """Run the block in one write transaction of `db`, rolled back if it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:  # SQLite may have rolled back already (a full disk): keep the real error
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

@@ -1,6 +1,9 @@
 """What every route shares: the JSON error answer, the client's address through trusted proxies, the app-wide error handlers."""
 import ipaddress
 import logging
+import re
+import unicodedata
+from datetime import datetime, timezone
 
 from flask import g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -97,3 +100,45 @@ def register_errors(app):
     def server_error(problem):
         log.exception("internal error on %s %s", request.method, request.path)
         return error(500, "internal server error; the server's log has the details")
+
+
+class QueryError(ValueError):
+    """A query parameter a route cannot answer; `field` names it (answered 400 with it)."""
+
+    def __init__(self, field, message):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+# Unix seconds as digits: float() would also take ' 1e3', '1_000', 'nan' and 'inf'.
+UNIX_S = re.compile(r"[0-9]{1,11}(\.[0-9]{1,9})?", re.ASCII)
+
+
+def unix_seconds(args, name, default):
+    """Return the query parameter `name` as unix seconds (`default` if absent); raise QueryError naming it if it is not one."""
+    raw = args.get(name)
+    if raw is None:
+        return default
+    if not UNIX_S.fullmatch(raw):
+        raise QueryError(name, f"{raw[:32]!r} is not a time in unix seconds, like {1763900000}")
+    return float(raw) if "." in raw else int(raw)
+
+
+def rfc3339(t):
+    """Return unix seconds `t` as an RFC 3339 UTC time."""
+    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+FORMULA = ("=", "+", "-", "@")
+
+
+def safe_cell(text):
+    """Return agent-sent text safe to open in a spreadsheet: nothing it could run as a formula.
+
+    Spreadsheets skip leading spaces (U+3000 too) and read full-width signs (＝ ＋ － ＠) as
+    their ASCII forms, and a tab or carriage return first starts a formula in some (OWASP's
+    CSV injection list): each of those gets the `'` guard as well.
+    """
+    text = text or ""
+    first = unicodedata.normalize("NFKC", text.lstrip()[:1])
+    return "'" + text if first in FORMULA or text[:1] in ("\t", "\r") else text

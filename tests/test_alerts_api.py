@@ -152,3 +152,21 @@ def test_two_servers_on_one_redis_send_each_alert_once(redis_server, tmp_path, r
             stream.close()
         for server in servers:
             server.kill()
+
+
+def test_memory_held_on_an_idle_gpu_fires_naming_its_user_and_resolves_when_let_go(start_server, open_stream, receiver):
+    server = start_server(**FAST, ALERT_IDLE_HELD_S="1", ALERT_IDLE_HELD_MIB="1024",
+                          ALERT_WEBHOOK_URLS=receiver.url + "/hook")
+    stream = open_stream(server)
+    notebook = {"pid": 77, "name": "python3", "user": "bob", "memoryUsed": 41_062}
+    idle = multi(gpu(0, utilizationGpu=0, processes=[notebook]))
+    server.push(idle)
+    time.sleep(1.1)
+    server.push(idle)
+    fired = stream.until(is_alert("firing", "GpuIdleHeld"))["data"]
+    assert fired["summary"] == "bob's python3 holds 40.1 GiB on rig-1:0 at 0 % for 1 s"
+    server.push(multi(gpu(0, utilizationGpu=0, processes=[])))
+    resolved = stream.until(is_alert("resolved", "GpuIdleHeld"))["data"]
+    assert resolved["summary"] == "bob's python3 let go of its memory on rig-1:0"
+    sent = wait_for(lambda: len(receiver.bodies("/hook")) == 2 and receiver.bodies("/hook"))
+    assert [b["alerts"][0]["annotations"]["summary"] for b in sent] == [fired["summary"], resolved["summary"]]

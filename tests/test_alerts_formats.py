@@ -225,3 +225,28 @@ def test_a_bad_entry_is_named_without_its_secrets(raw, where, problem):
         parse_destinations(raw)
     assert str(error.value).startswith(where + ": ") and problem in str(error.value)
     assert "SECRET" not in str(error.value)
+
+
+NAMED_JOB = dict(JOB_DONE, gpu=0, value=11520, summary=(
+    "alice's python3 train.py on render-box:0 finished after 3 h 12 min, peak 61.2 GiB, mean 87 %"))
+IDLE_HELD = dict(HOT, alertname="GpuIdleHeld", gpu=3, value=41062, fingerprint="0a1b2c3d4e5f6071",
+                 summary="bob's python3 notebook.py holds 40.1 GiB on render-box:3 at 0 % for 30 min")
+IDLE_HELD_RESOLVED = dict(IDLE_HELD, status="resolved", endsAt="2026-11-24T04:40:00Z",
+                          summary="bob's python3 notebook.py let go of its memory on render-box:3")
+
+
+@pytest.mark.parametrize("alert", [NAMED_JOB, IDLE_HELD, IDLE_HELD_RESOLVED], ids=["job", "held", "let-go"])
+def test_the_job_alerts_carry_who_ran_what_in_every_format(alert):
+    sent = {d.kind: json.dumps(body(d, alert), ensure_ascii=False) for d in (WEBHOOK, *CHAT)}
+    assert body(WEBHOOK, alert)["alerts"][0]["labels"]["alertname"] == alert["alertname"]
+    assert body(WEBHOOK, alert)["commonAnnotations"]["summary"] == alert["summary"]
+    assert alert["summary"] in body(NTFY, alert)["message"]
+    assert body(DISCORD, alert)["embeds"][0]["description"].startswith(alert["summary"].replace("-", "\\-"))
+    assert body(SLACK, alert)["blocks"][1]["text"]["text"] == alert["summary"]
+    assert all("bob's" in text or "alice's" in text for text in sent.values())
+
+
+def test_memory_held_idle_is_a_quiet_warning_in_chat():
+    assert body(NTFY, IDLE_HELD)["priority"] == 3 and body(NTFY, IDLE_HELD)["tags"] == ["zzz", "GpuIdleHeld"]
+    assert body(SLACK, IDLE_HELD)["blocks"][0]["text"]["text"] == "💤 FIRING: GpuIdleHeld on render-box:3"
+    assert body(NTFY, IDLE_HELD_RESOLVED)["tags"][0] == "white_check_mark"  # its resolution is news: it goes out

@@ -1,4 +1,6 @@
 """The alert rules, played with an injected clock: each push and status change carries its time."""
+import json
+
 import pytest
 
 from gpustats.alerts.rules import AlertBoard, AlertSettings, Rules, duration, fingerprint
@@ -220,3 +222,84 @@ def test_an_alert_of_a_gpu_no_longer_reported_resolves_after_the_hold_down():
         (120, "GpuHot", "firing")]
     assert play(r, *(push(t, gpu(0)) for t in range(130, 260, 10))) == [(250, "GpuHot", "resolved")]
     assert r.state()["firing"] == {} and r.state()["pending"] == {}
+
+
+def test_a_finished_job_is_named_after_the_process_that_ran_it():
+    r = rules(job_min_s=900)
+    train = {"pid": 42, "name": "python3", "user": "alice", "command": "python3 train.py", "startedAt": T0 - 30,
+             "memoryUsed": 62_669}
+    busy = [push(t, gpu(utilizationGpu=87, processes=[train, {"pid": 9, "name": "Xorg", "memoryUsed": 40}]))
+            for t in range(0, 3 * 3600 + 11 * 60 + 31, 30)]
+    idle = [push(t, gpu(utilizationGpu=0, processes=[{"pid": 9, "name": "Xorg", "memoryUsed": 40}]))
+            for t in range(3 * 3600 + 12 * 60, 3 * 3600 + 15 * 60, 30)]
+    alerts = [a for e in busy + idle for a in r.push(e)]
+    assert [(a["alertname"], a["status"]) for a in alerts] == [("GpuJobDone", "firing"), ("GpuJobDone", "resolved")]
+    # Named after the process that held the most memory, from its start to its last sighting.
+    assert alerts[0]["summary"] == "alice's python3 train.py on rig-1:0 finished after 3 h 12 min, peak 61.2 GiB, mean 87 %"
+    assert alerts[0]["value"] == 3 * 3600 + 12 * 60 and alerts[1]["summary"] == alerts[0]["summary"]
+
+
+def test_a_finished_job_of_a_process_that_sends_its_own_utilization_has_that_mean_and_no_user_is_no_name():
+    r = rules(job_min_s=60)
+    run = {"pid": 42, "name": "python3", "memoryUsed": 2048}
+    events = [push(t, gpu(utilizationGpu=90, processes=[dict(run, utilization=u)])) for t, u in ((0, 60), (60, 70))]
+    events += [push(t, gpu(utilizationGpu=0, processes=[])) for t in range(90, 300, 30)]
+    alerts = [a for e in events for a in r.push(e)]
+    assert alerts[0]["summary"] == "python3 on rig-1:0 finished after 1 min, peak 2.0 GiB, mean 65 %"
+
+
+def test_a_gpu_that_lists_no_process_gets_the_summary_of_before():
+    r = rules(job_min_s=900)
+    events = [push(t, gpu(utilizationGpu=97, processes=[])) for t in range(0, 2000, 30)]
+    events += [push(t, gpu(utilizationGpu=1, processes=[])) for t in range(2000, 2200, 30)]
+    alerts = [a for e in events for a in r.push(e)]
+    assert alerts[0]["summary"].startswith("rig-1:0 finished a 33 min job at ")
+
+
+NOTEBOOK = {"pid": 77, "name": "python3", "user": "bob", "command": "python3 notebook.py", "memoryUsed": 41_062}
+
+
+def test_a_process_holding_memory_on_an_idle_gpu_for_half_an_hour_fires_naming_it():
+    r = rules()
+    held = [push(t, gpu(3, utilizationGpu=0, processes=[NOTEBOOK])) for t in range(0, 1800, 60)]
+    assert play(r, *held) == []
+    fired = r.push(push(1800, gpu(3, utilizationGpu=0, processes=[NOTEBOOK])))
+    assert [(a["alertname"], a["status"], a["gpu"], a["severity"], a["value"]) for a in fired] == [
+        ("GpuIdleHeld", "firing", 3, "warning", 41_062)]
+    assert fired[0]["summary"] == "bob's python3 notebook.py holds 40.1 GiB on rig-1:3 at 0 % for 30 min"
+    assert play(r, push(1860, gpu(3, utilizationGpu=2, processes=[NOTEBOOK]))) == []  # still idle: still firing
+    gone = r.push(push(1920, gpu(3, utilizationGpu=0, processes=[])))
+    assert [(a["status"], a["summary"]) for a in gone] == [
+        ("resolved", "bob's python3 notebook.py let go of its memory on rig-1:3")]  # at once, no hold-down
+
+
+def test_an_idle_holder_that_gets_busy_resolves_at_once_and_a_busy_spell_starts_the_wait_again():
+    r = rules()
+    events = [push(t, gpu(0, utilizationGpu=0, processes=[NOTEBOOK])) for t in range(0, 1801, 60)]
+    assert play(r, *events) == [(1800, "GpuIdleHeld", "firing")]
+    busy = r.push(push(1860, gpu(0, utilizationGpu=80, processes=[NOTEBOOK])))
+    assert [(a["status"], a["summary"]) for a in busy] == [
+        ("resolved", "bob's python3 notebook.py is busy on rig-1:0 again, at 80 %")]
+    assert play(r, *(push(t, gpu(0, utilizationGpu=0, processes=[NOTEBOOK])) for t in range(1920, 3720, 60))) == []
+    assert play(r, push(3720, gpu(0, utilizationGpu=0, processes=[NOTEBOOK]))) == [(3720, "GpuIdleHeld", "firing")]
+
+
+def test_idle_held_goes_by_a_processs_own_utilization_where_sent_and_not_under_the_threshold():
+    r = rules(idle_held_s=600)
+    other = {"pid": 5, "name": "train", "memoryUsed": 9000, "utilization": 95}
+    idle = dict(NOTEBOOK, utilization=0)
+    small = dict(NOTEBOOK, pid=78, memoryUsed=1023, user="carol")
+    events = [push(t, gpu(0, utilizationGpu=95, processes=[other, idle, small])) for t in range(0, 601, 60)]
+    assert play(r, *events) == [(600, "GpuIdleHeld", "firing")]  # the GPU is busy, but not with bob's notebook
+    assert "bob's" in r.active()[0]["summary"] and "at 0 % for 10 min" in r.active()[0]["summary"]
+
+
+def test_idle_held_is_off_with_zero_and_its_state_survives_a_restart():
+    events = [push(t, gpu(0, utilizationGpu=0, processes=[NOTEBOOK])) for t in range(0, 1801, 60)]
+    assert play(rules(idle_held_mib=0), *events) == []
+    r = rules()
+    assert play(r, *events[:-1]) == []
+    again = Rules(r.settings, json.loads(json.dumps(r.state())))
+    assert play(again, events[-1]) == [(1800, "GpuIdleHeld", "firing")]
+    assert play(Rules(again.settings, json.loads(json.dumps(again.state()))),
+                push(1860, gpu(0, utilizationGpu=0, processes=[]))) == [(1860, "GpuIdleHeld", "resolved")]

@@ -2,7 +2,7 @@
 
 Every fixture gives one capability's backend in this process (or in SQLite) and in a real
 redis-server; the tests call the Protocol's methods only. What other files already run on both
-sides is not repeated: history's tiers and energy (test_history.py), the sender's retries and a
+sides is not repeated: history's tiers and energy (test_history.py), jobs (test_jobs.py), the sender's retries and a
 stale finish (test_alerts_sender.py), and the whole server over each backend (test_access*.py,
 test_devices.py, test_metrics*.py, test_scale_out.py).
 """
@@ -41,6 +41,9 @@ from gpustats.history.tiers import SECOND
 from gpustats.ingest import RateLimit
 from gpustats.ingest.ratelimit import RateLimiter
 from gpustats.ingest.redis import RedisRateLimiter
+from gpustats.jobs import JobStore
+from gpustats.jobs.redis import RedisJobs
+from gpustats.jobs.sqlite import SqliteJobs
 from gpustats.metrics import ServerCounts
 from gpustats.metrics.counters import Counters
 from gpustats.metrics.redis import RedisCounters
@@ -51,6 +54,7 @@ from gpustats.tokens import PREFIX_CHARS
 CONTRACTS = {
     LiveFleet: (Fleet, RedisFleet),
     HistoryStore: (SqliteHistory, RedisHistory),
+    JobStore: (SqliteJobs, RedisJobs),
     AlertEvaluator: (Alerter, RedisAlerter),
     Outbox: (MemoryOutbox, SqliteOutbox, RedisOutbox),
     AccountStore: (SqliteAccounts, RedisAccounts),

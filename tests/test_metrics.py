@@ -193,3 +193,23 @@ def test_the_process_collector_describes_the_answering_worker_by_its_pid(make_ap
     assert metrics.value("process_resident_memory_bytes", pid=pid) > 10 * MIB
     assert metrics.value("process_start_time_seconds", pid=pid) <= time.time()
     assert metrics.value("process_cpu_seconds_total", pid=pid) > 0
+
+
+def test_processes_are_memory_per_user_and_jobs_running_per_device(make_app):
+    client = make_app().test_client()
+    alice = [{"pid": pid, "name": "python3", "user": "alice", "memoryUsed": 1000} for pid in (1, 2)]
+    bob, nobody = {"pid": 3, "name": "python3", "user": "bob", "memoryUsed": 500}, {"pid": 4, "name": "Xorg",
+                                                                                    "memoryUsed": 40}
+    push(client, multi(gpu(0, processes=[*alice, bob, nobody]), gpu(1, processes=[dict(bob, memoryUsed=300)])))
+    push(client, {"name": "NVIDIA RTX 3080", "temperatureGpu": 65}, device="rig-2")  # lists no processes
+    seen(client)
+    metrics = seen(client, device="rig-2")
+    used = {labels: value for (name, labels), value in metrics.samples.items()
+            if name == "gpustats_gpu_process_memory_used_bytes"}
+    # One series per user, never per pid: pids come and go every job, users stay.
+    assert used == {frozenset({("device", "rig-1"), ("gpu", "0"), ("user", "alice")}): 2000 * MIB,
+                    frozenset({("device", "rig-1"), ("gpu", "0"), ("user", "bob")}): 500 * MIB,
+                    frozenset({("device", "rig-1"), ("gpu", "0"), ("user", "")}): 40 * MIB,
+                    frozenset({("device", "rig-1"), ("gpu", "1"), ("user", "bob")}): 300 * MIB}
+    assert metrics.value("gpustats_jobs_running", device="rig-1") == 4  # bob's pid 3 on two GPUs is one job
+    assert metrics.value("gpustats_jobs_running", device="rig-2") is None  # nothing known of its processes

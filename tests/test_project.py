@@ -93,7 +93,8 @@ LAYERS = (
     ("web", "command_line"),  # JSON errors, client addresses, the app's error handlers; what store commands share
     ("stream",),  # framing and fan-out: it knows nothing of devices
     ("access", "alerts", "devices", "history", "metrics"),
-    ("fleet",),  # the fleet feeds history and alerts and publishes to the stream
+    ("jobs",),  # jobs are made from pushes and kept beside the history, with its clock
+    ("fleet",),  # the fleet feeds history, alerts and jobs and publishes to the stream
     ("ingest", "pages"),  # routes over the fleet
 )
 LAYER = {capability: n for n, capabilities in enumerate(LAYERS) for capability in capabilities}
@@ -155,7 +156,7 @@ def test_a_sideways_or_upward_import_is_caught(tmp_path):
     (tmp_path / "gpustats" / "alerts" / "rules.py").write_text("def f():\n    from gpustats.history import tiers\n")
     assert layering_problems(tmp_path) == [
         "gpustats/alerts/rules (alerts, layer 4) imports gpustats.history.tiers (history, layer 4): imports go down",
-        "gpustats/history/tiers (history, layer 4) imports gpustats.fleet.memory (fleet, layer 5): imports go down"]
+        "gpustats/history/tiers (history, layer 4) imports gpustats.fleet.memory (fleet, layer 6): imports go down"]
 
 
 def test_an_import_of_config_or_app_from_the_package_is_caught(tmp_path):

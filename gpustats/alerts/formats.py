@@ -209,6 +209,8 @@ def _ntfy(destination, alert, external_url):
         priority, tag = 2, "white_check_mark"
     elif done:  # good news, not an emergency
         priority, tag = 3, "tada"
+    elif alert["alertname"] == "GpuIdleHeld":  # memory someone else could use, not a fire
+        priority, tag = 3, "zzz"
     else:
         priority, tag = 4, "rotating_light" if alert["severity"] == "critical" else "warning"
     body = {"topic": destination.topic, "title": clean(_title(alert)), "message": f"{summary}\n{detail}",
@@ -250,7 +252,7 @@ def _discord(destination, alert, external_url):
 
 def _slack(destination, alert, external_url):
     firing, status = alert["status"] == "firing", alert["status"].upper()
-    mark = ("🎉" if alert["alertname"] == "GpuJobDone" else "🔥") if firing else "✅"
+    mark = {"GpuJobDone": "🎉", "GpuIdleHeld": "💤"}.get(alert["alertname"], "🔥") if firing else "✅"
     summary = clean(alert.get("summary") or "") or "—"
     value = _value(alert.get("value"))
     context = " · ".join(([f"value {value}"] if value and firing else []) + [_when(alert), alert["fingerprint"]])

@@ -17,9 +17,10 @@ from datetime import datetime, timezone
 
 log = logging.getLogger("gpustats")
 GPUS_WINDOW_S = 6 * 3600  # GpuError: fewer GPUs than the device had in this long
-BUSY, IDLE = 50, 5  # GpuJobDone: utilization that starts a job, and under which it has ended
+BUSY, IDLE = 50, 5  # GpuJobDone: utilization that starts a job, and under which it has ended (GpuIdleHeld: idle)
+FOLLOWED = 8  # GpuJobDone: processes a busy GPU's job follows, at most (the first seen), to name the one that ran
 SEVERITY = {"GpuHot": "critical", "GpuMemoryFull": "warning", "DeviceOffline": "critical",
-            "GpuError": "critical", "GpuJobDone": "info"}
+            "GpuError": "critical", "GpuJobDone": "info", "GpuIdleHeld": "warning"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class AlertSettings:
     gpu_error: bool = True
     job_min_s: float = 900
     for_s: float = 120
+    idle_held_mib: float = 1024
+    idle_held_s: float = 1800
 
 
 def fingerprint(labels):
@@ -79,11 +82,13 @@ class Rules:
         self._clearing = state.get("clearing", {})  # key -> since when a firing alert's condition is false
         self._jobs = state.get("jobs", {})  # device|gpu -> {"start": t, "busy": t last at 50 %+, "idle": t or None}
         self._gpus = state.get("gpus", {})  # device -> {GPU count: when last reported}
+        self._held = state.get("held", {})  # device|gpu -> {pid|start: {"since": idle from, "mib", "at", "who"}}
+        self._idle_firing = sum(key.startswith("GpuIdleHeld|") for key in self._firing)  # lets most pushes skip it
 
     def state(self):
         """Return everything the rules remember, as JSON-able data."""
         return {"firing": self._firing, "pending": self._pending, "clearing": self._clearing,
-                "jobs": self._jobs, "gpus": self._gpus}
+                "jobs": self._jobs, "gpus": self._gpus, "held": self._held}
 
     def active(self):
         """Return the firing alerts, oldest first."""
@@ -119,7 +124,9 @@ class Rules:
                                   lambda v: f"{where} reports an error: {str(error)[:300]}",
                                   lambda v: f"{where} reports no error{self._for()}", fire_after=0)
             if s.job_min_s:
-                out += self._job(device, index, now, gpu.get("utilizationGpu"))
+                out += self._job(device, index, now, gpu.get("utilizationGpu"), gpu.get("processes"))
+            if s.idle_held_mib:
+                out += self._idle_held(device, index, now, gpu)
         out += self._gone(device, now, {str(gpu.get("index")) for gpu in gpus})
         if s.gpu_error:
             out += self._count(device, now, len(gpus), event.get("error"))
@@ -141,8 +148,9 @@ class Rules:
         device, now = change["device"], change["at"]
         if change["status"] != "offline":
             return []
-        for key in [k for k in self._jobs if k.rpartition("|")[0] == device]:
-            del self._jobs[key]  # a PC that went quiet did not finish its jobs: it may have crashed
+        for found in (self._jobs, self._held):
+            for key in [k for k in found if k.rpartition("|")[0] == device]:
+                del found[key]  # a PC that went quiet did not finish its jobs, nor idled: it may have crashed
         for timers in (self._pending, self._clearing):  # nor does a hold-down run on across the silence
             for key in [k for k in timers if k.split("|")[1] == device]:
                 del timers[key]
@@ -176,29 +184,97 @@ class Rules:
         del self._pending[key]
         return [self._fire(name, device, gpu, now, fired(value), value)]
 
-    def _job(self, device, gpu, now, utilization):
-        """GpuJobDone: busy (50 % or more) for ALERT_JOB_MIN_S, then under 5 % for ALERT_FOR_S."""
+    def _job(self, device, gpu, now, utilization, processes=None):
+        """GpuJobDone: busy (50 % or more) for ALERT_JOB_MIN_S, then under 5 % for ALERT_FOR_S; named after its process."""
         key = f"{device}|{gpu}"
         job = self._jobs.get(key)
         if utilization is None:
             return []
-        if utilization >= BUSY and job is None:
-            self._jobs[key] = {"start": now, "busy": now, "idle": None}
-        elif utilization >= IDLE and job is not None:
+        if job is None:
+            if utilization < BUSY:
+                return []
+            job = self._jobs[key] = {"start": now, "busy": now, "idle": None}
+        if processes:
+            _follow(job, now, utilization, processes)
+        if utilization >= IDLE:
             job["idle"] = None  # a dip that came back up: the job goes on
             if utilization >= BUSY:
                 job["busy"] = now
-        elif utilization < IDLE and job is not None:
-            idle = job["idle"] = now if job["idle"] is None else job["idle"]
-            if now - idle >= self.settings.for_s:
-                del self._jobs[key]
-                length = idle - job["start"]
-                # Busy long enough: from its first sample at 50 % to its last, not one spike and a long tail.
-                if job.get("busy", job["start"]) - job["start"] >= self.settings.job_min_s:
-                    summary = f"{device}:{gpu} finished a {duration(length)} job at {clock_time(idle)}"
-                    fired = self._fire("GpuJobDone", device, gpu, now, summary, round(length))
-                    return [fired] + self._resolve(_key("GpuJobDone", device, gpu), now, summary, round(length))
-        return []
+            return []
+        idle = job["idle"] = now if job["idle"] is None else job["idle"]
+        if now - idle < self.settings.for_s:
+            return []
+        del self._jobs[key]
+        # Busy long enough: from its first sample at 50 % to its last, not one spike and a long tail.
+        if job.get("busy", job["start"]) - job["start"] < self.settings.job_min_s:
+            return []
+        length = idle - job["start"]
+        value, summary = round(length), f"{device}:{gpu} finished a {duration(length)} job at {clock_time(idle)}"
+        ran = max(job.get("procs", {}).values(), key=lambda p: (p["peak"], p["last"] - p["start"]), default=None)
+        if ran is not None:  # where a process ran, the job is named after it: the one that held the most memory
+            took, mean = ran["last"] - ran["start"], _mean(ran["own"]) if ran["own"][1] else _mean(ran["util"])
+            value = round(took)
+            summary = (f"{_who(ran)} on {device}:{gpu} finished after {duration(took)}, peak {ran['peak'] / 1024:.1f} GiB"
+                       + (f", mean {mean:.0f} %" if mean is not None else ""))
+        fired = self._fire("GpuJobDone", device, gpu, now, summary, value)
+        return [fired] + self._resolve(_key("GpuJobDone", device, gpu), now, summary, value)
+
+    def _idle_held(self, device, gpu, now, reading):
+        """GpuIdleHeld: a process holds ALERT_IDLE_HELD_MIB or more on a GPU it leaves under 5 % for ALERT_IDLE_HELD_S.
+
+        Its own utilization counts where the agent sends it, else the GPU's. It resolves at once
+        when that process lets go of its memory (or is gone) or gets busy. Written for the common
+        case, nobody holding memory idle, which costs a push a look at each process' memory.
+        """
+        processes = reading.get("processes")
+        if processes is None:
+            return []  # no list of processes: nothing is known, nothing changes
+        most, utilization, holders = self.settings.idle_held_mib, reading.get("utilizationGpu"), []
+        for process in processes:
+            memory = process.get("memoryUsed")
+            if memory is not None and memory >= most:
+                own = process.get("utilization")
+                level = utilization if own is None else own
+                if level is None or level < IDLE:
+                    holders.append(process)
+        if not holders and not self._held and not self._idle_firing:
+            return []
+        key = f"{device}|{gpu}"
+        kept, alert = self._held.get(key, {}), f"GpuIdleHeld|{key}"
+        held, where = {}, f"{device}:{gpu}"
+        for process in holders:
+            name = _process_key(process)
+            own = process.get("utilization")
+            level = utilization if own is None else own
+            if level is None:  # not reported in this push: as it was
+                if name in kept:
+                    held[name] = kept[name]
+                continue
+            entry = held[name] = kept.get(name) or {"since": now}
+            entry.update(mib=process["memoryUsed"], at=level, who=_who(process))
+        if held:
+            self._held[key] = held
+        else:
+            self._held.pop(key, None)
+        firing = self._firing.get(alert)
+        if firing is not None:
+            name = firing.get("process")
+            if name in held:
+                return []
+            who = firing.get("who", "the process")
+            listed = next((p for p in processes if _process_key(p) == name), None)
+            level = None if listed is None else utilization if listed.get("utilization") is None else listed["utilization"]
+            done = (f"{who} is busy on {where} again, at {_number(level)} %" if level is not None and level >= IDLE
+                    and (listed.get("memoryUsed") or 0) >= most else f"{who} let go of its memory on {where}")
+            return self._resolve(alert, now, done)
+        name, entry = min(held.items(), key=lambda item: item[1]["since"], default=(None, None))
+        if entry is None or now - entry["since"] < self.settings.idle_held_s:
+            return []
+        summary = (f"{entry['who']} holds {entry['mib'] / 1024:.1f} GiB on {where} at {_number(entry['at'])} % "
+                   f"for {duration(now - entry['since'])}")
+        fired = self._fire("GpuIdleHeld", device, gpu, now, summary, entry["mib"])
+        self._firing[alert].update(process=name, who=entry["who"])
+        return [fired]
 
     def _count(self, device, now, count, error):
         """GpuError for the device: it reads no GPU and says why, or reports fewer GPUs than within the last 6 hours."""
@@ -231,6 +307,7 @@ class Rules:
         alert.update(severity=SEVERITY[name], summary=summary, value=value, startsAt=_time(now), endsAt=None,
                      fingerprint=fingerprint(labels))
         self._firing[_key(name, device, gpu)] = {"alert": alert, "t": now}
+        self._idle_firing += name == "GpuIdleHeld"
         return alert
 
     def _resolve(self, key, now, summary, value=None):
@@ -238,6 +315,7 @@ class Rules:
         self._clearing.pop(key, None)
         if entry is None:
             return []
+        self._idle_firing -= entry["alert"]["alertname"] == "GpuIdleHeld"
         resolved = dict(entry["alert"], status="resolved", summary=summary, endsAt=_time(now))
         if value is not None:
             resolved["value"] = value
@@ -262,6 +340,50 @@ def save_state(rules, board):
 
 def _key(name, device, gpu=None):
     return f"{name}|{device}|{'' if gpu is None else gpu}"
+
+
+def _process_key(process):
+    """Return what tells a process apart: its pid and, where sent, its start (a reused pid is another process)."""
+    started = process.get("startedAt")
+    return f"{process.get('pid')}|{'' if started is None else started}"
+
+
+def _who(process):
+    """Return a process as people name it: "alice's python3 train.py", or its command alone without a user."""
+    command = process.get("command") or process.get("name") or f"pid {process.get('pid')}"
+    return f"{process['user']}'s {command}" if process.get("user") else command
+
+
+def _mean(pair):
+    return pair[0] / pair[1] if pair[1] else None
+
+
+def _follow(job, now, utilization, processes):
+    """Note each process a busy GPU's job sees: who, since when, its peak memory and utilization (FOLLOWED at most)."""
+    followed = job.setdefault("procs", {})
+    for process in processes:
+        name = _process_key(process)
+        entry = followed.get(name)
+        if entry is None:
+            if len(followed) >= FOLLOWED:
+                continue
+            started = process.get("startedAt")
+            entry = followed[name] = {"user": process.get("user"), "command": process.get("command"),
+                                      "name": process.get("name"), "pid": process.get("pid"),
+                                      "start": now if started is None else min(started, now), "last": now, "peak": 0,
+                                      "own": [0, 0], "util": [0, 0]}
+        entry["last"] = now
+        memory, own = process.get("memoryUsed"), process.get("utilization")
+        if memory is not None and memory > entry["peak"]:
+            entry["peak"] = memory
+        if own is not None:
+            entry["own"][0] += own
+            entry["own"][1] += 1
+        entry["util"][0] += utilization
+        entry["util"][1] += 1
+        for field in ("user", "command"):
+            if process.get(field):
+                entry[field] = process[field]
 
 
 def _share(used, total):

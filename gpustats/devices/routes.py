@@ -171,6 +171,9 @@ def remove_device(name):
     admin.registry.remove(name)
     admin.fleet.forget(name)
     points = admin.history.delete(name) if keep == "delete" else 0
+    jobs = current_app.extensions["gpustats"].get("jobs")
+    if keep == "delete" and jobs is not None:
+        jobs.delete(name)  # its jobs are kept with its history, and go with it
     log.info("%s removed the device %s (%s its history%s)", g.identity.name, name,
              "with" if keep == "delete" else "keeping", f": {points} points" if points else "")
     if _wants_page():

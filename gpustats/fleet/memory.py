@@ -1,4 +1,4 @@
-"""The fleet in this process: each device's latest push and its status.
+"""The fleet in this process: each device's latest push and its status, handed on to history, alerts and jobs.
 
 It keeps the contract both fleets share (LiveFleet, in fleet/__init__.py); RedisFleet (fleet/redis.py)
 keeps a Fleet of its own as a mirror of Redis' state, which it feeds through record(), set_status() and alert().
@@ -47,10 +47,12 @@ class Fleet:
 
     shared_ids = False  # event ids are this process's own
 
-    def __init__(self, stale_after_s, offline_after_s, history=None, alerter=None, board=None, clock=time.time):
+    def __init__(self, stale_after_s, offline_after_s, history=None, alerter=None, board=None, clock=time.time,
+                 jobs=None):
         self.stale_after_s = stale_after_s
         self.offline_after_s = offline_after_s
         self._history = history  # fed every accepted push
+        self._jobs = jobs  # fed every accepted push, status change and removal, in order
         self._alerter = alerter  # fed every accepted push and status change; what it returns is published
         self._board = board or AlertBoard()  # the active and recent alerts viewers are shown
         self._clock = clock
@@ -104,6 +106,8 @@ class Fleet:
             event_id = self._broadcaster.publish_encoded((device, b"", block))
         if self._history is not None:
             self._history.add(event)
+        if self._jobs is not None:
+            self._jobs.add(event)
         if self._alerter is not None:
             self._alert_on(self._alerter.push, event)
         return event_id
@@ -162,10 +166,13 @@ class Fleet:
     def forget(self, device):
         """Take a removed device out of the fleet, and tell viewers (`event: status`, status "removed")."""
         with self._lock:
-            if self._devices.pop(device, None) is not None and self._broadcaster is not None:
+            gone = self._devices.pop(device, None) is not None
+            if gone and self._broadcaster is not None:
                 self._broadcaster.publish(device, removal(device, self._clock()), event="status")
         if self._history is not None:
             self._history.forget_state(device)
+        if gone and self._jobs is not None:
+            self._jobs.status(removal(device, self._clock()))  # its running jobs are lost
 
     def snapshot(self):
         """Return the broadcaster's (sequence, event id) and [(device, latest event data)] that match it."""
@@ -191,6 +198,8 @@ class Fleet:
                     changes.append((name, change))
                     if self._history is not None:
                         self._history.keep_status(name, status)
+                    if self._jobs is not None:
+                        self._jobs.status(change)
                     if self._broadcaster is not None:
                         self._broadcaster.publish(name, change, event="status")
         for _, change in changes if self._alerter is not None else ():

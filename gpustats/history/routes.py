@@ -12,18 +12,15 @@ import logging
 import re
 import threading
 import time
-import unicodedata
 
 from flask import Response, request
 
-from gpustats.history.tiers import FIELDS, QueryError, RawJSON, head, plan, rfc3339
+from gpustats.history.tiers import FIELDS, RawJSON, head, plan
 from gpustats.offload import cooperate
 from gpustats.scaleout import Unavailable
-from gpustats.web import allowed_devices, error, requester_key
+from gpustats.web import QueryError, allowed_devices, error, requester_key, rfc3339, safe_cell, unix_seconds
 
 log = logging.getLogger("gpustats")
-# Unix seconds as digits: float() would also take ' 1e3', '1_000', 'nan' and 'inf'.
-UNIX_S = re.compile(r"[0-9]{1,11}(\.[0-9]{1,9})?", re.ASCII)
 STEP_S = re.compile(r"[0-9]{1,9}", re.ASCII)
 CSV_HEADER = ("device", "gpu", "uuid", "name", "t", "time", *FIELDS, "energyWh")
 HISTORY_AT_ONCE, HISTORY_PER_CLIENT, SLOT_WAIT_S = 8, 4, 10.0
@@ -186,8 +183,8 @@ def read_query(args, now, history_s):
     device = args.get("device", "")
     if not device:
         raise QueryError("device", "missing; name the device: ?device=NAME")
-    end = _unix_s(args, "to", int(now))  # whole seconds: the same query in one second is the same
-    start = _unix_s(args, "from", end - history_s)
+    end = unix_seconds(args, "to", int(now))  # whole seconds: the same query in one second is the same
+    start = unix_seconds(args, "from", end - history_s)
     if start >= end:
         raise QueryError("from", f"{start:g} is not before to ({end:g})")
     step = args.get("step")
@@ -196,15 +193,6 @@ def read_query(args, now, history_s):
             raise QueryError("step", f"{step[:32]!r} is not a whole number of seconds, 1 or more")
         step = int(step)
     return device, start, end, step
-
-
-def _unix_s(args, name, default):
-    raw = args.get(name)
-    if raw is None:
-        return default
-    if not UNIX_S.fullmatch(raw):
-        raise QueryError(name, f"{raw[:32]!r} is not a time in unix seconds, like {1763900000}")
-    return float(raw) if "." in raw else int(raw)
 
 
 def json_pieces(head, series):
@@ -258,18 +246,3 @@ def _taken(out):
 def to_csv(result):
     """Return a whole answer as CSV bytes."""
     return b"".join(csv_pieces({key: value for key, value in result.items() if key != "gpus"}, result["gpus"]))
-
-
-FORMULA = ("=", "+", "-", "@")
-
-
-def safe_cell(text):
-    """Return agent-sent text safe to open in a spreadsheet: nothing it could run as a formula.
-
-    Spreadsheets skip leading spaces (U+3000 too) and read full-width signs (＝ ＋ － ＠) as
-    their ASCII forms, and a tab or carriage return first starts a formula in some (OWASP's
-    CSV injection list): each of those gets the `'` guard as well.
-    """
-    text = text or ""
-    first = unicodedata.normalize("NFKC", text.lstrip()[:1])
-    return "'" + text if first in FORMULA or text[:1] in ("\t", "\r") else text

@@ -13,12 +13,12 @@ import json
 import logging
 import sqlite3
 import time
-from contextlib import contextmanager
 
 import orjson
 
 from gpustats import offload
 from gpustats.background import Tally, watch
+from gpustats.database import transaction
 from gpustats.errors import ConfigError
 from gpustats.history.tiers import FIELDS, SECOND, TIERS, Batch, RawJSON, Sampler, TrustedClock, sample, whole
 
@@ -110,7 +110,7 @@ class SqliteHistory:
                 if problems != ["ok"]:
                     raise sqlite3.DatabaseError(f"damaged ({problems[0]})")
             db.executescript(SCHEMA)
-            with _transaction(db):  # proves it writable: BEGIN IMMEDIATE takes the write lock
+            with transaction(db):  # proves it writable: BEGIN IMMEDIATE takes the write lock
                 db.execute("DELETE FROM gpu WHERE 0")
             return db
         except sqlite3.Error as problem:
@@ -202,7 +202,7 @@ class SqliteHistory:
         for sampled in samples:
             self._sampler.add(batch, sampled, now)
         added = {}  # new GPUs' ids: kept only once the transaction commits
-        with _transaction(self._db):
+        with transaction(self._db):
             ids = self._gpu_ids(batch.gpus, added)
             self._db.executemany(PUT_SECOND, [(ids[device, gpu], second, util, mem, temp, power, round(joules, 1))
                                               for (device, gpu, second), (util, mem, temp, power, joules)
@@ -263,7 +263,7 @@ class SqliteHistory:
     def delete(self, device):
         """Delete every point kept of `device`; return how many went."""
         def work():  # in the writer's thread, as _write is: it alone changes _ids, so no write sees them half-done
-            with _transaction(self._db):
+            with transaction(self._db):
                 gone = sum(self._db.execute(f"DELETE FROM {tier.name} WHERE id IN (SELECT id FROM gpu WHERE device = ?)",
                                             (device,)).rowcount for tier in TIERS)
                 self._db.execute("DELETE FROM gpu WHERE device = ?", (device,))
@@ -281,16 +281,3 @@ def _an_event(event):
     return (isinstance(event, dict) and isinstance(event.get("device"), str)
             and isinstance(event.get("receivedAt"), (int, float)) and isinstance(event.get("gpus"), list)
             and all(isinstance(gpu, dict) for gpu in event["gpus"]))
-
-
-@contextmanager
-def _transaction(db):
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        if db.in_transaction:  # SQLite may have rolled back already (a full disk): keep the real error
-            db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-

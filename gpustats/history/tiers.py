@@ -10,7 +10,8 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+
+from gpustats.web import QueryError, rfc3339
 
 log = logging.getLogger("gpustats")
 
@@ -38,14 +39,6 @@ TIERS = (SECOND, MINUTE, HOUR)
 
 class RawJSON(str):
     """A value already encoded as JSON (a series SQLite built), to be sent as it is."""
-
-
-class QueryError(ValueError):
-    """A query parameter the history cannot answer; `field` names it."""
-
-    def __init__(self, field, message):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 class Batch:
@@ -236,8 +229,3 @@ def tidy(value):
     """Return a number rounded to 2 places, and whole numbers as integers: 80, not 80.0."""
     value = round(value, 2)
     return int(value) if value == int(value) else value
-
-
-def rfc3339(t):
-    """Return unix seconds `t` as an RFC 3339 UTC time."""
-    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")

@@ -34,20 +34,44 @@ def fleet_families(devices):
                            labels=("device",))
     last = GaugeMetricFamily("gpustats_device_last_push_timestamp_seconds",
                              "When the server took the device's last push (Unix time).", labels=("device",))
+    held = GaugeMetricFamily("gpustats_gpu_process_memory_used_bytes",
+                             "GPU memory the processes of one user hold on the GPU, summed (user empty: not sent).",
+                             labels=("device", "gpu", "user"))
+    jobs = GaugeMetricFamily("gpustats_jobs_running", "Jobs (processes on its GPUs) the device's last push lists.",
+                             labels=("device",))
     for event in in_slices(devices, 10):  # about a millisecond of work a slice
         device = event["device"]
         up.add_metric((device,), 1 if event["status"] == "online" else 0)
         if event["status"] == "offline":
             continue  # what it last said is no longer true of it
         last.add_metric((device,), event["receivedAt"])
+        running = None  # no GPU lists its processes: nothing is known of its jobs
         for gpu in event["gpus"]:
             labels = (device, str(gpu["index"]), gpu.get("uuid") or "", gpu.get("name") or "")
             info.add_metric((*labels, gpu.get("driverVersion") or "", gpu.get("vendor") or ""), 1)
             for family, field, convert in gauges:
                 if gpu.get(field) is not None:
                     family.add_metric(labels, convert(gpu[field]))
+            processes = gpu.get("processes")
+            if processes is not None:
+                running = running or set()
+                running.update((p["pid"], p.get("startedAt")) for p in processes)
+                for user, used in _by_user(processes).items():
+                    held.add_metric((device, labels[1], user), used * MIB)
+        if running is not None:
+            jobs.add_metric((device,), len(running))
     yield from (family for family, _, _ in gauges)
-    yield from (info, up, last)
+    yield from (info, up, last, held, jobs)
+
+
+def _by_user(processes):
+    """Return {user: MiB} of the processes' memory, summed per user: one series per user, not per pid (series churn)."""
+    used = {}
+    for process in processes:
+        if process.get("memoryUsed") is not None:
+            user = process.get("user") or ""
+            used[user] = used.get(user, 0) + process["memoryUsed"]
+    return used
 
 
 def server_families(counts, subscribers):
