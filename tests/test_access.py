@@ -169,6 +169,7 @@ def test_a_share_link_shows_its_devices_read_only_until_revoked(make_app):
     opened = tv.get(f"/s/{secret}")
     assert opened.status_code == 303 and opened.headers["Location"] == "/?device=rig-1"
     assert tv.get("/", headers={"Accept": "text/html"}).status_code == 200
+    assert tv.get("/jobs", headers={"Accept": "text/html"}).status_code == 200  # its devices' jobs, from /api/jobs
     assert tv.get("/api/history?device=rig-1").status_code in (200, 404)
     assert tv.get("/api/history?device=rig-2").status_code == 404  # as if it did not exist
     for route in ("/metrics", "/api/users", "/admin", "/account"):

@@ -34,7 +34,7 @@ OPEN_PATHS = {"/healthz", "/push-sse", "/login", "/agent.py", "/agent-requiremen
 OPEN_PREFIXES = ("/static/", "/s/")  # the pages' assets (code, no data); share links prove themselves
 ADMIN_PREFIXES = ("/admin", "/api/users", "/api/tokens", "/api/shares", "/api/devices", "/devices")
 # What a share link opens: the dashboard, its stream and history, the alerts and jobs, of its devices only.
-SHARE_PATHS = {"/", "/gpu/stream", "/api/history", "/api/history.csv", "/api/alerts", "/api/jobs", "/api/jobs.csv",
+SHARE_PATHS = {"/", "/jobs", "/gpu/stream", "/api/history", "/api/history.csv", "/api/alerts", "/api/jobs", "/api/jobs.csv",
                "/api/usage", "/api/usage.csv", "/logout"}
 CHANGES = {"POST", "PUT", "PATCH", "DELETE"}
 SESSION_DAYS = 30
