@@ -29,7 +29,7 @@ def health(port):
     """Return the server's /healthz, or None while it does not answer yet."""
     try:
         return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()
-    except requests.ConnectionError:
+    except (requests.ConnectionError, requests.Timeout):  # a worker still loading the app answers late
         return None
 
 
