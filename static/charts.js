@@ -93,7 +93,9 @@ const GpuCharts = (() => {
   }
 
   // Append a chart and its legend to `parent`; update() hands it data, drawn only while on screen.
-  function create(parent, label) {
+  // `names` renames series for another subject: a PC's chart is "cpu %" where a GPU's is "util %".
+  function create(parent, label, names = {}) {
+    const series = SERIES.map(s => ({...s, ...(names[s.key] || {})}));
     const box = document.createElement("div");
     box.className = "chart";
     box.setAttribute("role", "img");
@@ -104,7 +106,7 @@ const GpuCharts = (() => {
     const when = document.createElement("span");
     when.className = "when";
     legend.append(when);
-    const keys = SERIES.map(s => {
+    const keys = series.map(s => {
       const key = document.createElement("span");
       key.className = s.key;
       key.textContent = s.rest;
@@ -123,13 +125,13 @@ const GpuCharts = (() => {
       const set = (node, text) => { if (node.textContent !== text) node.textContent = text; };
       if (at === null) {
         set(when, "");
-        SERIES.forEach((s, i) => set(keys[i], s.rest));
+        series.forEach((s, i) => set(keys[i], s.rest));
         return;
       }
       const raw = {memMiB: v.raw.memMiB[at], powerW: v.raw.powerW[at]};
       const empty = [1, 2, 3, 4].every(i => !known(v.data[i][at])) && !known(raw.memMiB) && !known(raw.powerW);
       set(when, `${momentLabel(v.data[0][at], shown.rangeS, shown.step)}${empty ? " no data" : ""}`);
-      SERIES.forEach((s, i) => set(keys[i], empty ? "" : s.at(v.data[i + 1][at], raw)));
+      series.forEach((s, i) => set(keys[i], empty ? "" : s.at(v.data[i + 1][at], raw)));
     }
 
     const plot = new uPlot({
@@ -142,7 +144,7 @@ const GpuCharts = (() => {
         axis({space: 50, size: 22, values: (u, splits, i, space, incr) => splits.map(t => tickLabel(t, incr))}),
         axis({space: 24, size: 34, incrs: [25, 50, 100, 200], values: (u, splits) => splits.map(String)}),
       ],
-      series: [{}, ...SERIES.map(s => ({label: s.rest, stroke: () => colours[s.key], width: 1.5,
+      series: [{}, ...series.map(s => ({label: s.rest, stroke: () => colours[s.key], width: 1.5,
         spanGaps: false, points: {size: 4}}))],
       hooks: {setCursor: [u => showLegend(u.cursor.idx)]},
     }, [[], [], [], [], []], box);

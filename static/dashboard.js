@@ -129,7 +129,7 @@
       error: make("p", "device-error", card, ""),
       note: make("p", "history-note", card, ""),
       system: make("dl", "stats system", card), // the PC around its GPUs, when its agent sends it
-      systemKey: "",
+      systemKey: "", hostTile: null, // its chart: CPU and memory, as a GPU's tile has (made at the first system)
       grid: make("div", "gpus", card),
     });
     document.getElementById("fleet").append(card);
@@ -258,18 +258,33 @@
     const sent = new Map((Array.isArray(answer.gpus) ? answer.gpus : []).map(g => [g.index, g]));
     for (const [index, tile] of entry.gpus) {
       const g = sent.get(index);
-      tile.history = columnsFrom(g);
-      if (range.live) {
-        // Samples newer than the answer's last bucket: history is written in batches, so the
-        // answer may not hold the latest second or two yet.
-        const last = tile.history.t.length ? tile.history.t[tile.history.t.length - 1] : -Infinity;
-        for (const p of tile.recent) if (Math.floor(p[0] / step) * step > last) append(tile.history, p, step);
-      }
+      fillTile(entry, tile, columnsFrom(g), step);
       tile.energyWh = g && known(g.energyWh) ? g.energyWh : null;
       setText(tile.energy, energy(tile.energyWh));
-      drawTile(entry, tile);
     }
+    if (entry.hostTile) fillTile(entry, entry.hostTile, columnsFrom(systemColumns(answer.system)), step);
   }
+
+  function fillTile(entry, tile, history, step) {
+    tile.history = history;
+    if (range.live) {
+      // Samples newer than the answer's last bucket: history is written in batches, so the
+      // answer may not hold the latest second or two yet.
+      const last = history.t.length ? history.t[history.t.length - 1] : -Infinity;
+      for (const p of tile.recent) if (Math.floor(p[0] / step) * step > last) append(history, p, step);
+    }
+    drawTile(entry, tile);
+  }
+
+  // The API's system series in a GPU's columns: CPU where utilization is, memory where memory is.
+  function systemColumns(system) {
+    return system && Array.isArray(system.t)
+      ? {t: system.t, utilizationGpu: system.cpuPercent, memoryUsed: system.memoryUsed} : null;
+  }
+  const HOST_SERIES = {
+    util: {rest: "cpu %", at: v => `cpu ${known(v) ? `${round(v)} %` : dash}`},
+    temp: {rest: "", at: () => ""}, power: {rest: "", at: () => ""}, // a PC's history keeps neither
+  };
 
   async function loadHistory(entry) {
     entry.load?.abort();
@@ -309,6 +324,7 @@
       if (!entry.card) continue;
       if (!entry.load && Date.now() - entry.loadedAt >= refreshMs(entry)) loadHistory(entry);
       for (const tile of entry.gpus.values()) if (range.live || tile.dirty) drawTile(entry, tile);
+      if (entry.hostTile && (range.live || entry.hostTile.dirty)) drawTile(entry, entry.hostTile);
     }
   }, 1000);
 
@@ -347,6 +363,7 @@
         setText(tile.energy, dash);
         drawTile(entry, tile);
       }
+      if (entry.hostTile) { entry.hostTile.history = emptyColumns(); drawTile(entry, entry.hostTile); }
       loadHistory(entry);
     }
   }
@@ -416,6 +433,19 @@
   function showCard(entry, data, firstSight) {
     setText(entry.host, data.host && data.host !== data.device ? `host ${data.host}` : "");
     showSystem(entry, data.system);
+    if (data.system && typeof data.system === "object") {
+      if (!entry.hostTile) { // its chart, under its values, at the first push that has them
+        const box = make("div", "system-chart");
+        entry.system.after(box);
+        entry.hostTile = {chart: GpuCharts.create(box, `${entry.name} CPU and memory history`, HOST_SERIES),
+          history: emptyColumns(), recent: [], gpu: {}, dirty: false};
+      }
+      entry.hostTile.gpu = {memoryTotal: data.system.memoryTotal}; // memory as a share of it
+      if (known(data.receivedAt)) {
+        remember(entry, entry.hostTile, {utilizationGpu: data.system.cpuPercent, memoryUsed: data.system.memoryUsed},
+          data.receivedAt);
+      }
+    }
     setText(entry.error, data.error ? `Cannot read GPUs: ${data.error}` : "");
     entry.error.title = data.error || ""; // the whole of it, should the card's width wrap it
     const seen = new Set();

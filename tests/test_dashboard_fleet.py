@@ -372,3 +372,6 @@ def test_each_pcs_cpu_memory_disk_and_network_show_in_its_row_and_its_detail(ser
                                              "605.5 / 1,788.5 GiB (34 %)", "0.9 / 1.0 GiB (91 %)",
                                              "in 1.25 MB/s · out 0.08 MB/s",
                                              "Ubuntu 24.04.1 LTS · AMD EPYC 9654 96-Core Processor", "14 d"])
+    chart = page.locator("section.device .system-chart")  # its CPU and memory over the range, as a GPU's chart
+    expect(chart.locator("canvas")).to_have_count(1)
+    expect(chart.locator(".legend span:not(:empty)")).to_have_text(["cpu %", "memory %"])
