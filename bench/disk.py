@@ -120,7 +120,7 @@ def main():
     args = parser.parse_args()
     count, took, rows, size, timings = sqlite_bytes(args.busy_days, args.host)
     print(f"SQLite: {count:,} samples of one GPU over 400 days written in {took:.1f} s ({count / took:,.0f}/s); "
-          f"rows kept {rows}; file {size / 2**20:.2f} MiB per GPU")
+          f"rows kept {rows}; file {size / 2**20:.2f} MiB per {'GPU and host' if args.host else 'GPU'}")
     print("SQLite: one GPU's /api/history answer, read and encoded: " + "; ".join(f"{k} {v}" for k, v in timings.items()))
     if args.redis:
         count, took, keys, used = redis_bytes(args.busy_days, args.host)

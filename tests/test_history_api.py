@@ -67,7 +67,7 @@ def test_the_host_comes_back_as_the_devices_system_in_json_and_csv(server):
             "disks": [{"mount": "/", "total": 1000, "used": 500}]}})
     answer = written(server, 2)
     assert answer["system"] == {"t": answer["gpus"][0]["t"], "cpuPercent": [12.5, 40], "memoryUsed": [30000] * 2,
-                                "netRx": [1250000.5] * 2, "netTx": [None] * 2}
+                                "netRx": [1250000] * 2, "netTx": [None] * 2}
     rows = list(csv.DictReader(io.StringIO(history(server, "/api/history.csv").text)))
     gpus, hosts = rows[:2], rows[2:]
     assert [r["gpu"] for r in rows] == ["0", "0", "system", "system"] and list(rows[0]) == CSV_HEADER

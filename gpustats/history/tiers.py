@@ -94,9 +94,14 @@ def sample(event):
              gpu.get("temperatureGpu"), gpu.get("powerDraw")) for gpu in event["gpus"]]
     system = event.get("system")
     if system:
-        kept.append((HOST, None, None, system.get("cpuPercent"), system.get("memoryUsed"), system.get("netRx"),
-                     system.get("netTx")))
+        kept.append((HOST, None, None, system.get("cpuPercent"), system.get("memoryUsed"), _whole(system.get("netRx")),
+                     _whole(system.get("netTx"))))
     return event["device"], event["receivedAt"], kept
+
+
+def _whole(rate):
+    """Return a byte rate as whole bytes a second: SQLite keeps 1250000 in 3 bytes, 1250000.0 in 8."""
+    return None if rate is None else round(rate)
 
 
 AHEAD_S = 2.0  # a kept sample this far past the writer's clock came from a clock that stepped back since
