@@ -206,6 +206,11 @@ SETTINGS = (
             "`GpuHot`: a GPU at or above this temperature (°C) for `ALERT_FOR_S`; 0: off"),
     Setting("ALERT_VRAM_PCT", "alert_vram_pct", "95", _number(float, 0, 100),
             "`GpuMemoryFull`: memory used at or above this share (%) of total for `ALERT_FOR_S`; 0: off"),
+    Setting("ALERT_HOST_MEMORY_PCT", "alert_host_memory_pct", "95", _number(float, 0, 100),
+            "`HostMemoryFull`: a PC's memory used at or above this share (%) of total for `ALERT_FOR_S`; 0: off"),
+    Setting("ALERT_DISK_PCT", "alert_disk_pct", "95", _number(float, 0, 100),
+            "`DiskFull`: one of a PC's disks used at or above this share (%) of its size for `ALERT_FOR_S` "
+            "(one alert per disk); 0: off"),
     Setting("ALERT_OFFLINE", "alert_offline", "1", _switch, "`DeviceOffline`: a device turns offline; 0: off"),
     Setting("ALERT_GPU_ERROR", "alert_gpu_error", "1", _switch,
             "`GpuError`: a GPU reports an error, or a device reports fewer GPUs than within 6 h; 0: off"),
@@ -268,6 +273,8 @@ class Config:
     web_concurrency: int
     alert_temp_c: float
     alert_vram_pct: float
+    alert_host_memory_pct: float
+    alert_disk_pct: float
     alert_offline: bool
     alert_gpu_error: bool
     alert_job_min_s: float
@@ -301,7 +308,8 @@ class Config:
         from gpustats.alerts.rules import AlertSettings
         return AlertSettings(temp_c=self.alert_temp_c, vram_pct=self.alert_vram_pct, offline=self.alert_offline,
                              gpu_error=self.alert_gpu_error, job_min_s=self.alert_job_min_s, for_s=self.alert_for_s,
-                             idle_held_mib=self.alert_idle_held_mib, idle_held_s=self.alert_idle_held_s)
+                             idle_held_mib=self.alert_idle_held_mib, idle_held_s=self.alert_idle_held_s,
+                             host_memory_pct=self.alert_host_memory_pct, disk_pct=self.alert_disk_pct)
 
 
 def load_config(overrides=None, environ=None):

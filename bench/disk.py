@@ -7,6 +7,7 @@ number does not depend on how often the agent pushed). Then the size of the SQLi
 (after a checkpoint) and Redis' used_memory, each against an empty store.
 
     make bench-disk                      # or: .venv/bin/python -m bench.disk --busy-days 31
+    .venv/bin/python -m bench.disk --host  # each push with its host (`system`): one GPU and its PC
 """
 import argparse
 import os
@@ -28,11 +29,14 @@ def samples(now, busy_days, days=400):
         yield t, (t // 60) % 100, 100.0 + (t % 7) * 10.5
 
 
-def feed(add, write, clock, now, busy_days, batch_s=600):
-    """Hand the samples to a store a batch at a time, its clock moving with them."""
+def feed(add, write, clock, now, busy_days, batch_s=600, host=False):
+    """Hand the samples to a store a batch at a time, its clock moving with them; with `host`, each with a `system`."""
     pending, started, count = [], time.monotonic(), 0
     for t, util, power in samples(now, busy_days):
         pending.append(event(t, util, power, device="render-box", memoryUsed=6144 + util, temperatureGpu=40 + util // 3))
+        if host:
+            pending[-1]["system"] = {"cpuPercent": util / 2, "memoryUsed": 402113 + util, "netRx": 1250000.0 + t % 977,
+                                     "netTx": 83000.5 + t % 13}
         if t - pending[0]["receivedAt"] >= batch_s * (60 if t < now - busy_days * DAY else 1):
             clock.now = t
             for e in pending:
@@ -47,14 +51,14 @@ def feed(add, write, clock, now, busy_days, batch_s=600):
     return count + len(pending), time.monotonic() - started
 
 
-def sqlite_bytes(busy_days):
+def sqlite_bytes(busy_days, host=False):
     from gpustats.history.sqlite import SqliteHistory
     now = int(time.time())
     clock = Clock(now - 400 * DAY)
     folder = tempfile.mkdtemp(prefix="history-disk-")
     path = os.path.join(folder, "history.sqlite3")
     store = SqliteHistory(path, 15, clock=clock, prune_s=3600, steady=clock)  # 400 days pass, on both clocks
-    count, took = feed(store.add, store.flush, clock, now, busy_days)
+    count, took = feed(store.add, store.flush, clock, now, busy_days, host=host)
     store._pruned = float("-inf")
     store.flush()  # the once-a-minute prune, at the end
     from gpustats.history.tiers import plan
@@ -73,7 +77,7 @@ def sqlite_bytes(busy_days):
     return count, took, rows, size, timings
 
 
-def redis_bytes(busy_days):
+def redis_bytes(busy_days, host=False):
     import redis
 
     from gpustats.stream import sse
@@ -99,7 +103,7 @@ def redis_bytes(busy_days):
                                                         count=1):
                 store.flush()
             client.xtrim(STREAM, maxlen=0)  # the stream is the fleet's ring, not history: leave it out
-        count, took = feed(add, write, clock, now, busy_days, batch_s=3000)
+        count, took = feed(add, write, clock, now, busy_days, batch_s=3000, host=host)
         client.delete(STREAM)
         keys = client.dbsize()
         return count, took, keys, client.info("memory")["used_memory"] - empty
@@ -112,13 +116,14 @@ def main():
     parser.add_argument("--busy-days", type=int, default=31, help="days at a point a second (default 31: past "
                                                                    "the 30 days of minutes)")
     parser.add_argument("--redis", action="store_true", help="also measure Redis (needs redis-server)")
+    parser.add_argument("--host", action="store_true", help="each push with its host's `system` (one more series)")
     args = parser.parse_args()
-    count, took, rows, size, timings = sqlite_bytes(args.busy_days)
+    count, took, rows, size, timings = sqlite_bytes(args.busy_days, args.host)
     print(f"SQLite: {count:,} samples of one GPU over 400 days written in {took:.1f} s ({count / took:,.0f}/s); "
-          f"rows kept {rows}; file {size / 2**20:.2f} MiB per GPU")
+          f"rows kept {rows}; file {size / 2**20:.2f} MiB per {'GPU and host' if args.host else 'GPU'}")
     print("SQLite: one GPU's /api/history answer, read and encoded: " + "; ".join(f"{k} {v}" for k, v in timings.items()))
     if args.redis:
-        count, took, keys, used = redis_bytes(args.busy_days)
+        count, took, keys, used = redis_bytes(args.busy_days, args.host)
         print(f"Redis: {count:,} samples written in {took:.1f} s; {keys} keys; used_memory "
               f"{used / 2**20:.2f} MiB per GPU")
 

@@ -6,7 +6,7 @@ import time
 import pytest
 import requests
 
-from conftest import PRIVATE, Server, Stream, gpu, multi, wait_for
+from conftest import PRIVATE, Server, Stream, gpu, host_system, multi, wait_for
 from receiver import receiver  # noqa: F401 a fixture
 
 pytestmark = pytest.mark.both_backends
@@ -41,6 +41,22 @@ def test_a_hot_gpu_fires_resolves_and_is_sent_once_each_way(start_server, open_s
     assert [(b["status"], b["alerts"][0]["labels"]["gpu"], b["alerts"][0]["endsAt"]) for b in sent] == [
         ("firing", "1", "0001-01-01T00:00:00Z"), ("resolved", "1", resolved["endsAt"])]
     assert all(b["version"] == "4" and b["receiver"] == "gpustats" for b in sent)
+
+
+def test_a_full_pc_fires_one_memory_alert_and_one_per_full_disk_each_sent_with_its_mount(start_server, receiver):
+    server = start_server(**FAST, ALERT_WEBHOOK_URLS=receiver.url + "/hook")
+    full = host_system(memoryUsed=1_500_000, disks=[{"mount": "/", "total": 1000, "used": 990},
+                                                    {"mount": "/data", "total": 1000, "used": 960},
+                                                    {"mount": "/home", "total": 1000, "used": 10}])
+    assert server.push({**multi(gpu(0)), "system": full}).status_code == 200
+    active = wait_for(lambda: len(found := alerts(server)["active"]) == 3 and found)
+    by_name = sorted((a["alertname"], a.get("mount"), a["value"]) for a in active)
+    assert by_name == [("DiskFull", "/", 99), ("DiskFull", "/data", 96), ("HostMemoryFull", None, 96.9)]
+    assert not any("gpu" in a for a in active)
+    sent = wait_for(lambda: len(receiver.bodies("/hook")) == 3 and receiver.bodies("/hook"))
+    assert sorted(b["alerts"][0]["labels"].get("mount", "") for b in sent) == ["", "/", "/data"]
+    assert server.push({**multi(gpu(0)), "system": host_system()}).status_code == 200
+    wait_for(lambda: alerts(server)["active"] == [])
 
 
 def test_a_quiet_device_is_an_offline_alert_until_its_next_push(start_server, open_stream):

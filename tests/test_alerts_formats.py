@@ -250,3 +250,28 @@ def test_memory_held_idle_is_a_quiet_warning_in_chat():
     assert body(NTFY, IDLE_HELD)["priority"] == 3 and body(NTFY, IDLE_HELD)["tags"] == ["zzz", "GpuIdleHeld"]
     assert body(SLACK, IDLE_HELD)["blocks"][0]["text"]["text"] == "💤 FIRING: GpuIdleHeld on render-box:3"
     assert body(NTFY, IDLE_HELD_RESOLVED)["tags"][0] == "white_check_mark"  # its resolution is news: it goes out
+
+
+HOST_MEMORY = dict(OFFLINE, alertname="HostMemoryFull", severity="warning", value=97, fingerprint="1b2c3d4e5f607182",
+                   summary="render-box's memory is 97 % used (993.3 of 1024.0 GiB), at or above 95 % for 2 min")
+DISK_FULL = dict(OFFLINE, alertname="DiskFull", severity="warning", value=96, mount="/data_set*", fingerprint="2c3d4e5f60718293",
+                 summary="render-box's disk /data_set* is 96 % full (983.0 of 1024.0 GiB), at or above 95 % for 2 min")
+
+
+@pytest.mark.parametrize("alert", [HOST_MEMORY, DISK_FULL], ids=["memory", "disk"])
+def test_the_host_alerts_name_the_pc_and_no_gpu_in_every_format(alert):
+    labels = body(WEBHOOK, alert)["alerts"][0]["labels"]
+    assert labels == {"alertname": alert["alertname"], "device": "render-box", "severity": "warning",
+                      **({"mount": alert["mount"]} if "mount" in alert else {})}
+    assert body(WEBHOOK, alert)["commonAnnotations"]["summary"] == alert["summary"]
+    assert alert["summary"] in body(NTFY, alert)["message"] and body(NTFY, alert)["tags"] == ["warning", alert["alertname"]]
+    assert body(NTFY, alert)["title"] == f"[FIRING] {alert['alertname']} render-box"
+    embed = body(DISCORD, alert)["embeds"][0]
+    assert "GPU" not in [f["name"] for f in embed["fields"]] and embed["description"].startswith("render\\-box's")
+    assert body(SLACK, alert)["blocks"][0]["text"]["text"] == f"🔥 FIRING: {alert['alertname']} on render-box"
+    assert body(SLACK, alert)["blocks"][1]["text"]["text"] == alert["summary"]
+
+
+def test_a_full_disks_mount_is_a_discord_field_with_its_markdown_defused():
+    fields = {f["name"]: f["value"] for f in body(DISCORD, DISK_FULL)["embeds"][0]["fields"]}
+    assert fields["Mount"] == "/data\\_set\\*" and fields["Device"] == "render-box"

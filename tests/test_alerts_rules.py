@@ -8,8 +8,14 @@ from gpustats.alerts.rules import AlertBoard, AlertSettings, Rules, duration, fi
 T0 = 1_790_000_000.0
 
 
-def push(t, *gpus, device="rig-1", error=None):
-    return {"device": device, "receivedAt": T0 + t, "error": error, "gpus": list(gpus)}
+def push(t, *gpus, device="rig-1", error=None, system=None):
+    return {"device": device, "receivedAt": T0 + t, "error": error, "gpus": list(gpus), "system": system}
+
+
+def host(memory=100_000, *disks):
+    """A push's `system`: 1 TiB of memory with `memory` MiB used, and disks as (mount, used MiB) of 1 TiB each."""
+    return {"memoryTotal": 1_048_576, "memoryUsed": memory,
+            "disks": [{"mount": mount, "total": 1_048_576, "used": used} for mount, used in disks]}
 
 
 def gpu(index=0, **fields):
@@ -160,6 +166,8 @@ def test_a_device_that_goes_offline_did_not_finish_its_job():
     ({"offline": False}, [push(0, gpu()), offline(60, 0)]),
     ({"gpu_error": False}, [push(0, gpu(0), gpu(1)), push(10, gpu(0, error="GPU is lost"))]),
     ({"job_min_s": 0}, [push(t, gpu(utilizationGpu=99 if t < 2000 else 0)) for t in range(0, 2400, 30)]),
+    ({"host_memory_pct": 0}, [push(t, gpu(), system=host(1_040_000)) for t in range(0, 300, 30)]),
+    ({"disk_pct": 0}, [push(t, gpu(), system=host(1000, ("/", 1_040_000))) for t in range(0, 300, 30)]),
 ])
 def test_each_rule_is_switched_off_with_zero(off, events):
     assert play(rules(**off), *events) == []
@@ -303,3 +311,48 @@ def test_idle_held_is_off_with_zero_and_its_state_survives_a_restart():
     assert play(again, events[-1]) == [(1800, "GpuIdleHeld", "firing")]
     assert play(Rules(again.settings, json.loads(json.dumps(again.state()))),
                 push(1860, gpu(0, utilizationGpu=0, processes=[]))) == [(1860, "GpuIdleHeld", "resolved")]
+
+
+def test_host_memory_full_fires_for_the_device_after_the_hold_down_and_resolves_after_it():
+    r = rules()
+    full = [push(t, gpu(), system=host(1_017_119)) for t in range(0, 120, 10)]
+    assert play(r, *full) == []
+    [fired] = r.push(push(120, gpu(), system=host(1_017_119)))
+    assert (fired["alertname"], fired["device"], fired["value"], fired["severity"]) == ("HostMemoryFull", "rig-1", 97, "warning")
+    assert "gpu" not in fired and "mount" not in fired
+    assert fired["summary"] == "rig-1's memory is 97 % used (993.3 of 1024.0 GiB), at or above 95 % for 2 min"
+    assert play(r, push(130, gpu()), push(200, gpu(), system={"memoryUsed": None})) == []  # nothing said: no change
+    assert play(r, *(push(t, gpu(), system=host(500_000)) for t in range(210, 340, 10))) == [(330, "HostMemoryFull", "resolved")]
+    assert r.active() == []
+
+
+def test_each_full_disk_is_its_own_alert_by_mount_and_one_no_longer_listed_resolves():
+    r = rules(for_s=0)
+    fired = r.push(push(0, gpu(), system=host(1000, ("/", 1000), ("/data", 1_006_633), ("/scratch", 1_040_000))))
+    assert [(a["alertname"], a["mount"], a["value"]) for a in fired] == [("DiskFull", "/data", 96), ("DiskFull", "/scratch", 99.2)]
+    assert fired[0]["summary"] == "rig-1's disk /data is 96 % full (983.0 of 1024.0 GiB), at or above 95 %"
+    assert fired[0]["fingerprint"] != fired[1]["fingerprint"] and "gpu" not in fired[0]
+    assert fingerprint({"alertname": "DiskFull", "device": "rig-1", "severity": "warning", "mount": "/data"}) == \
+        fired[0]["fingerprint"]
+    assert r.push(push(10, gpu(), system={"disks": None})) == []  # the PC could not say: nothing changes
+    assert r.push(push(15, gpu())) == []  # nor without its system
+    resolved = r.push(push(20, gpu(), system=host(1000, ("/data", 500_000))))
+    assert [(a["mount"], a["status"], a["summary"]) for a in resolved] == [
+        ("/data", "resolved", "rig-1's disk /data is down to 47.7 %, under 95 %"),
+        ("/scratch", "resolved", "rig-1's disk /scratch is no longer reported")]
+
+
+def test_a_disk_fills_slowly_so_disk_full_waits_the_hold_down_too():
+    r = rules()
+    assert play(r, *(push(t, gpu(), system=host(1000, ("/", 1_000_000 + t))) for t in range(0, 130, 10))) == [
+        (120, "DiskFull", "firing")]
+    assert play(r, push(130, gpu(index=1), system=host(1000, ("/", 1_000_000)))) == []  # its GPU gone: not the disk
+
+
+def test_host_alerts_survive_a_restart_without_firing_again():
+    r = rules(for_s=0)
+    play(r, push(0, gpu(), system=host(1_040_000, ("/", 1_040_000))))
+    again = Rules(r.settings, json.loads(json.dumps(r.state())))
+    assert play(again, push(10, gpu(), system=host(1_040_000, ("/", 1_040_000)))) == []
+    assert sorted(play(again, push(20, gpu(), system=host(1000, ("/", 1000))))) == [
+        (20, "DiskFull", "resolved"), (20, "HostMemoryFull", "resolved")]

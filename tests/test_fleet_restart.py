@@ -1,7 +1,7 @@
 """A restart forgets no PC: each device's last state comes back, on both backends (issue 30)."""
 import pytest
 
-from conftest import PRIVATE, Admin, gpu, multi, wait_for
+from conftest import PRIVATE, Admin, gpu, host_system, multi, wait_for
 
 pytestmark = pytest.mark.both_backends
 FAST = {"ALERT_FOR_S": "0", "PUSH_RATE_LIMIT": "1000"}
@@ -38,6 +38,16 @@ def test_the_snapshot_after_a_restart_holds_the_last_values(start_server):
     (event,) = server.snapshot()
     assert event["device"] == "rig-1" and event["gpus"][0]["utilizationGpu"] == 87
     assert event["gpus"][0]["temperatureGpu"] == 71 and event["host"] == "rig-1"
+
+
+def test_a_restarted_server_shows_each_pcs_host_until_its_next_push(start_server):
+    server = start_server(**FAST)
+    system = host_system(cpuPercent=12.5, disks=[{"mount": "/data", "total": 1000, "used": 960}])
+    server.push({**multi(gpu(0), host="rig-1"), "system": system}, device="rig-1")
+    wait_for(lambda: server.health()["devices"] == 1)
+    server.restart()
+    (event,) = server.snapshot()
+    assert event["system"] == system
 
 
 def test_kept_states_the_server_did_not_write_are_left_out_and_start_up_goes_on(make_app, tmp_path, caplog):

@@ -338,3 +338,46 @@ def test_healthz_says_how_many_samples_wait_for_the_history_writer(tmp_path, mak
     assert store.backlog() == 0
     app = make_app(HISTORY_DB=str(tmp_path / "app.sqlite3"), DEVICE_KEYS="rig-1:" + "k" * 24)
     assert app.test_client().get("/healthz").json["historyBacklog"] == 0
+
+
+def hosted(t, cpu, memory=402113, rx=1250000.0, tx=None, **fields):
+    """A push with its host: `system` as the agent sends it."""
+    return {**event(t, util=cpu, **fields), "system": {
+        "cpuPercent": cpu, "memoryTotal": 1547521, "memoryUsed": memory, "netRx": rx, "netTx": tx,
+        "disks": [{"mount": "/", "total": 1831420, "used": 620013}]}}
+
+
+def test_the_host_is_kept_beside_the_gpus_in_the_same_tiers_without_energy(make_store):
+    now = int(time.time()) // 3600 * 3600
+    clock = Clock(now - 3 * DAY)
+    store, feeder = make_store(clock, max_gap_s=600)
+    # Two days ago, one push every 5 minutes at 10 % CPU; then the last 10 minutes every second at 40 %.
+    old = [hosted(t, cpu=10) for t in range(now - 2 * DAY, now - 2 * DAY + 3600, 300)]
+    clock.now = old[-1]["receivedAt"]
+    feeder.feed(old)
+    clock.now = now
+    feeder.feed([hosted(now - 600 + i, cpu=40, rx=1000.0 * i) for i in range(600)] + [event(now, util=5)])
+
+    recent = read(store, clock, now - 600, now)
+    [gpu], system = recent["gpus"], recent["system"]
+    assert [g["index"] for g in recent["gpus"]] == [0]  # the host is no GPU
+    assert system["t"] == list(range(now - 600, now)) and set(system["cpuPercent"]) == {40}
+    assert set(system["memoryUsed"]) == {402113} and system["netRx"][:3] == [0, 1000, 2000]
+    assert set(system["netTx"]) == {None} and set(system) == {"t", "cpuPercent", "memoryUsed", "netRx", "netTx"}
+    assert gpu["energyWh"] == pytest.approx(100 * 600 / 3600, rel=0.01)  # the GPU's, the host adds none
+
+    minutes = read(store, clock, now - 2 * DAY, now - 2 * DAY + 3599)
+    assert minutes["step"] == 60 and len(minutes["system"]["t"]) == 12 and set(minutes["system"]["cpuPercent"]) == {10}
+    hours = read(store, clock, now - 2 * DAY, now, step=3600)
+    assert hours["system"]["cpuPercent"][0] == 10 and hours["system"]["cpuPercent"][-1] == 40
+
+
+def test_a_device_without_host_samples_in_range_has_no_system(make_store):
+    now = int(time.time())
+    clock = Clock(now)
+    store, feeder = make_store(clock)
+    feeder.feed([hosted(now - 500, cpu=10), event(now - 100, util=5)])
+    answer = read(store, clock, now - 300, now)
+    assert "system" not in answer and len(answer["gpus"]) == 1
+    assert "system" in read(store, clock, now - 600, now)
+    assert store.delete("rig-1") > 0 and store.query("rig-1", SECOND, now - 600, now, 1) is None

@@ -15,7 +15,7 @@ from gpustats.history.routes import SharedAnswers, safe_cell
 
 pytestmark = pytest.mark.both_backends
 CSV_HEADER = ["device", "gpu", "uuid", "name", "t", "time", "utilizationGpu", "memoryUsed", "temperatureGpu",
-              "powerDraw", "energyWh"]
+              "powerDraw", "energyWh", "cpuPercent", "systemMemoryUsed", "netRx", "netTx"]
 
 
 def history(server, path="/api/history", **params):
@@ -58,6 +58,27 @@ def test_the_csv_opens_in_pythons_csv_module_with_one_row_per_gpu_and_bucket(ser
     assert list(rows[0]) == CSV_HEADER and len(rows) == 2
     assert [int(r["utilizationGpu"]) for r in rows] == [10, 20] and rows[0]["temperatureGpu"] == "65"
     assert rows[0]["time"].endswith("Z") and rows[0]["name"].startswith("'=")  # no formula in a spreadsheet
+
+
+def test_the_host_comes_back_as_the_devices_system_in_json_and_csv(server):
+    for cpu in (12.5, 40):
+        server.push_as_new_history_point({**multi(gpu(0)), "system": {
+            "cpuPercent": cpu, "memoryTotal": 65536, "memoryUsed": 30000, "netRx": 1250000.5, "netTx": None,
+            "disks": [{"mount": "/", "total": 1000, "used": 500}]}})
+    answer = written(server, 2)
+    assert answer["system"] == {"t": answer["gpus"][0]["t"], "cpuPercent": [12.5, 40], "memoryUsed": [30000] * 2,
+                                "netRx": [1250000] * 2, "netTx": [None] * 2}
+    rows = list(csv.DictReader(io.StringIO(history(server, "/api/history.csv").text)))
+    gpus, hosts = rows[:2], rows[2:]
+    assert [r["gpu"] for r in rows] == ["0", "0", "system", "system"] and list(rows[0]) == CSV_HEADER
+    assert [r["cpuPercent"] for r in hosts] == ["12.5", "40"] and hosts[0]["systemMemoryUsed"] == "30000"
+    assert hosts[0]["netTx"] == "" and hosts[0]["utilizationGpu"] == "" and hosts[0]["energyWh"] == ""
+    assert gpus[0]["cpuPercent"] == "" and gpus[0]["utilizationGpu"] == "80"
+
+
+def test_a_device_that_sends_no_host_has_no_system_in_its_history(server):
+    server.push_as_new_history_point(multi(gpu(0)))
+    assert "system" not in written(server, 1)
 
 
 @pytest.mark.no_backend

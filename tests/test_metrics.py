@@ -5,7 +5,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import KEYS, PRIVATE, gpu, multi, wait_for
+from conftest import KEYS, PRIVATE, gpu, host_system, multi, wait_for
 from receiver import receiver  # noqa: F401 a fixture
 
 pytestmark = pytest.mark.both_backends
@@ -76,6 +76,29 @@ def test_a_push_is_one_sample_per_reported_value_in_base_units(make_app):
     # receivedAt is rounded to the millisecond: half of one either way.
     assert before - 0.0005 <= metrics.value("gpustats_device_last_push_timestamp_seconds", device="rig-1") <= taken + 0.0005
     assert metrics.value("gpustats_pushes_total", code="200") == 1
+
+
+def test_a_pushed_host_is_its_devices_host_samples_in_base_units_one_per_disk(make_app):
+    client = make_app().test_client()
+    system = host_system(temperatureCpu=None, netTx=None, disks=[{"mount": "/", "total": 1831420, "used": 620013},
+                                                                 {"mount": "/data", "total": 1000, "used": None}])
+    assert push(client, {**multi(gpu(0)), "system": system}).status_code == 200
+    host = {(name, labels): value for (name, labels), value in seen(client).of("rig-1").items()
+            if name.startswith("gpustats_host_")}
+    assert host == {
+        ("gpustats_host_cpu_utilization_ratio", frozenset()): 0.375,
+        ("gpustats_host_memory_used_bytes", frozenset()): 402113 * MIB,
+        ("gpustats_host_memory_total_bytes", frozenset()): 1547521 * MIB,
+        ("gpustats_host_network_receive_bytes_per_second", frozenset()): 1250000.0,
+        ("gpustats_host_disk_used_bytes", frozenset({("mount", "/")})): 620013 * MIB,
+        ("gpustats_host_disk_total_bytes", frozenset({("mount", "/")})): 1831420 * MIB,
+        ("gpustats_host_disk_total_bytes", frozenset({("mount", "/data")})): 1000 * MIB}  # no netTx, no /data used
+
+
+def test_a_device_that_sends_no_host_has_no_host_samples(make_app):
+    client = make_app().test_client()
+    push(client, multi(gpu(0)))
+    assert not [name for name, _ in seen(client).of("rig-1") if name.startswith("gpustats_host_")]
 
 
 def test_a_seed_agent_push_has_empty_labels_for_what_it_did_not_send(make_app):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, RedisServer, Stream, gpu, multi, procfile_command, wait_for
+from conftest import ROOT, RedisServer, Stream, gpu, host_system, multi, procfile_command, wait_for
 
 
 @pytest.fixture
@@ -55,6 +55,15 @@ def test_a_server_started_a_moment_ago_shows_the_whole_fleet_from_redis(redis_se
     assert [e["device"] for e in snapshot] == ["rig-1", "rig-2"]
     assert all(e["gpus"][0]["utilizationGpu"] == 33 for e in snapshot)
     assert fresh.health()["devices"] == 2 and fresh.health()["redis"] == "up"
+
+
+def test_a_pcs_host_pushed_into_one_server_is_on_the_other_live_and_in_its_snapshot(pair, open_stream):
+    a, b = pair
+    on_b = open_stream(b)
+    system = host_system(cpuPercent=77.5)
+    a.push({**multi(gpu(0)), "system": system})
+    assert data_events(on_b, 1)[0]["data"]["system"] == system
+    assert b.snapshot()[0]["system"] == system
 
 
 def test_statuses_and_rate_limits_happen_once_for_the_fleet(redis_server, start_server, open_stream):

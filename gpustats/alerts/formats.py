@@ -187,6 +187,8 @@ def _webhook(destination, alert, external_url):
     labels = {"alertname": alert["alertname"], "device": alert["device"], "severity": alert["severity"]}
     if alert.get("gpu") is not None:
         labels["gpu"] = str(alert["gpu"])
+    if alert.get("mount") is not None:  # DiskFull: one alert per disk, as its fingerprint says
+        labels["mount"] = clean(alert["mount"])
     labels = dict(sorted(labels.items()))
     group = {k: v for k, v in labels.items() if k != "severity"}
     annotations = {"summary": clean(alert.get("summary") or "")}
@@ -233,6 +235,8 @@ def _discord(destination, alert, external_url):
     # the backslashes of escapes in a title that links (TASVideos/tasvideos#1753).
     fields = [{"name": name, "value": fit(clean(value), 1024) or "—", "inline": True}
               for name, value in named if value is not None]
+    if alert.get("mount") is not None:  # the agent's text, not the server's: escaped like the summary
+        fields.insert(1, {"name": "Mount", "value": _discord_text(alert["mount"], 1024) or "—", "inline": True})
     embed = {"title": fit(clean(_title(alert)), 256),
              "color": (3447003 if alert["alertname"] == "GpuJobDone" else 10038562) if firing else 3066993,
              "fields": fields, "footer": {"text": f"{alert['alertname']} · {alert['fingerprint']}"}}

@@ -20,7 +20,9 @@ GPUS_WINDOW_S = 6 * 3600  # GpuError: fewer GPUs than the device had in this lon
 BUSY, IDLE = 50, 5  # GpuJobDone: utilization that starts a job, and under which it has ended (GpuIdleHeld: idle)
 FOLLOWED = 8  # GpuJobDone: processes a busy GPU's job follows, at most (the first seen), to name the one that ran
 SEVERITY = {"GpuHot": "critical", "GpuMemoryFull": "warning", "DeviceOffline": "critical",
-            "GpuError": "critical", "GpuJobDone": "info", "GpuIdleHeld": "warning"}
+            "GpuError": "critical", "GpuJobDone": "info", "GpuIdleHeld": "warning", "HostMemoryFull": "warning",
+            "DiskFull": "warning"}
+HOST_ALERTS = frozenset({"HostMemoryFull", "DiskFull"})  # of a push's `system`: no GPU's, never "no longer reported" by _gone
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class AlertSettings:
     for_s: float = 120
     idle_held_mib: float = 1024
     idle_held_s: float = 1800
+    host_memory_pct: float = 95
+    disk_pct: float = 95
 
 
 def fingerprint(labels):
@@ -127,6 +131,9 @@ class Rules:
                 out += self._job(device, index, now, gpu.get("utilizationGpu"), gpu.get("processes"))
             if s.idle_held_mib:
                 out += self._idle_held(device, index, now, gpu)
+        system = event.get("system")
+        if system is not None and (s.host_memory_pct or s.disk_pct):
+            out += self._host(device, now, system)
         out += self._gone(device, now, {str(gpu.get("index")) for gpu in gpus})
         if s.gpu_error:
             out += self._count(device, now, len(gpus), event.get("error"))
@@ -136,8 +143,8 @@ class Rules:
         """Take a GPU missing from a push as a false condition: its alerts resolve after the hold-down."""
         out = []
         for key in [k for k in (*self._pending, *self._firing) if k.split("|")[1] == device]:
-            name, _, gpu = key.split("|")
-            if gpu == "" or gpu in present:
+            name, _, gpu = key.split("|", 2)
+            if gpu == "" or gpu in present or name in HOST_ALERTS:
                 continue
             out += self._hold(name, device, int(gpu), now, False, None, None,
                               lambda v: f"{device}:{gpu} is no longer reported{self._for()}")
@@ -164,9 +171,9 @@ class Rules:
     def _for(self):
         return f" for {duration(self.settings.for_s)}" if self.settings.for_s else ""
 
-    def _hold(self, name, device, gpu, now, condition, value, fired, resolved, fire_after=None):
-        """Fire when `condition` has held for the hold-down, resolve when it has been false as long."""
-        key, hold = _key(name, device, gpu), self.settings.for_s
+    def _hold(self, name, device, gpu, now, condition, value, fired, resolved, fire_after=None, mount=None):
+        """Fire when `condition` has held for the hold-down, resolve when it has been false as long (a disk's: by mount)."""
+        key, hold = _key(name, device, gpu if mount is None else mount), self.settings.for_s
         if condition is None:  # not reported in this push: nothing is known, nothing changes
             return []
         if key in self._firing:
@@ -182,7 +189,41 @@ class Rules:
         if now - since < (hold if fire_after is None else fire_after):
             return []
         del self._pending[key]
-        return [self._fire(name, device, gpu, now, fired(value), value)]
+        return [self._fire(name, device, gpu, now, fired(value), value, mount)]
+
+    def _host(self, device, now, system):
+        """HostMemoryFull and DiskFull (one per mount) from a push's `system`, each held for ALERT_FOR_S.
+
+        A disk fills over hours, so waiting ALERT_FOR_S costs nothing and spares a page for a
+        scratch file written and deleted at once. A disk no longer listed resolves like a GPU gone.
+        """
+        s, out = self.settings, []
+        if s.host_memory_pct:
+            share = _share(system.get("memoryUsed"), system.get("memoryTotal"))
+            out += self._hold("HostMemoryFull", device, None, now, None if share is None else share >= s.host_memory_pct,
+                              share, lambda v: f"{device}'s memory is {_number(v)} % used ({_gib(system)}), at or above "
+                                               f"{_number(s.host_memory_pct)} %{self._for()}",
+                              lambda v: f"{device}'s memory is down to {_number(v)} %, under "
+                                        f"{_number(s.host_memory_pct)} %{self._for()}")
+        disks = system.get("disks")
+        if not s.disk_pct or disks is None:  # null: the PC could not say, nothing changes
+            return out
+        for disk in disks:
+            mount, share = disk["mount"], _share(disk.get("used"), disk.get("total"))
+            out += self._hold("DiskFull", device, None, now, None if share is None else share >= s.disk_pct, share,
+                              lambda v, d=disk: f"{device}'s disk {d['mount']} is {_number(v)} % full "
+                                                f"({_gib(d, 'used', 'total')}), at or above {_number(s.disk_pct)} %"
+                                                f"{self._for()}",
+                              lambda v, m=mount: f"{device}'s disk {m} is down to {_number(v)} %, under "
+                                                 f"{_number(s.disk_pct)} %{self._for()}", mount=mount)
+        listed, mine = {disk["mount"] for disk in disks}, _key("DiskFull", device, "")
+        for key in [k for k in (*self._pending, *self._firing) if k.startswith(mine)]:
+            mount = key[len(mine):]
+            if mount not in listed:
+                out += self._hold("DiskFull", device, None, now, False, None, None,
+                                  lambda v, m=mount: f"{device}'s disk {m} is no longer reported{self._for()}",
+                                  mount=mount)
+        return out
 
     def _job(self, device, gpu, now, utilization, processes=None):
         """GpuJobDone: busy (50 % or more) for ALERT_JOB_MIN_S, then under 5 % for ALERT_FOR_S; named after its process."""
@@ -297,16 +338,20 @@ class Rules:
 
     # ---- transitions ---------------------------------------------------------------------------
 
-    def _fire(self, name, device, gpu, now, summary, value):
+    def _fire(self, name, device, gpu, now, summary, value, mount=None):
         labels = {"alertname": name, "device": device, "severity": SEVERITY[name]}
         if gpu is not None:
             labels["gpu"] = str(gpu)
+        if mount is not None:  # two full disks of one PC are two alerts
+            labels["mount"] = mount
         alert = {"alertname": name, "status": "firing", "device": device}
         if gpu is not None:
             alert["gpu"] = gpu
+        if mount is not None:
+            alert["mount"] = mount
         alert.update(severity=SEVERITY[name], summary=summary, value=value, startsAt=_time(now), endsAt=None,
                      fingerprint=fingerprint(labels))
-        self._firing[_key(name, device, gpu)] = {"alert": alert, "t": now}
+        self._firing[_key(name, device, gpu if mount is None else mount)] = {"alert": alert, "t": now}
         self._idle_firing += name == "GpuIdleHeld"
         return alert
 
@@ -392,8 +437,9 @@ def _share(used, total):
     return round(100.0 * used / total, 1)
 
 
-def _gib(gpu):
-    return f"{gpu['memoryUsed'] / 1024:.1f} of {gpu['memoryTotal'] / 1024:.1f} GiB"
+def _gib(reading, used="memoryUsed", total="memoryTotal"):
+    """Return "61.2 of 80.0 GiB" from a reading's MiB (a GPU's or a host's memory, a disk's space)."""
+    return f"{reading[used] / 1024:.1f} of {reading[total] / 1024:.1f} GiB"
 
 
 class AlertBoard:

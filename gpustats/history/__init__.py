@@ -21,7 +21,8 @@ class HistoryStore(Protocol):
         """Write what is pending now (as a worker exits); the background work does the same each second."""
 
     def gpus(self, device):
-        """Return [(index, uuid, name, key for series())] of the device's GPUs, by index; None if it has no history."""
+        """Return [(index, uuid, name, key for series())] of the device's GPUs by index, its host first at HOST (-1)
+        where it has one (tiers.split_host() parts them); None if it has no history."""
 
     def series(self, key, tier, start, end, step):
         """Return one GPU's series from `start` to `end` in buckets of `step` (t, each field's means, energy); None if none is there."""

@@ -1,4 +1,4 @@
-"""GET /api/history and /api/history.csv: one device's GPUs over a range, in buckets of a step.
+"""GET /api/history and /api/history.csv: one device's GPUs, and its host, over a range, in buckets of a step.
 
 An answer is read and written one GPU at a time, so what a client that reads slowly (or
 never) holds is one GPU's series, not the whole answer: 5 such clients of the CSV held
@@ -15,14 +15,16 @@ import time
 
 from flask import Response, request
 
-from gpustats.history.tiers import FIELDS, RawJSON, head, plan
+from gpustats.history.tiers import FIELDS, SYSTEM_FIELDS, RawJSON, head, plan, split_host, system_of
 from gpustats.offload import cooperate
 from gpustats.scaleout import Unavailable
 from gpustats.web import QueryError, allowed_devices, error, requester_key, rfc3339, safe_cell, unix_seconds
 
 log = logging.getLogger("gpustats")
 STEP_S = re.compile(r"[0-9]{1,9}", re.ASCII)
-CSV_HEADER = ("device", "gpu", "uuid", "name", "t", "time", *FIELDS, "energyWh")
+# The host's rows (gpu "system") fill the last four columns, and the GPUs' rows the others (docs/API.md).
+HOST_COLUMNS = ("cpuPercent", "systemMemoryUsed", "netRx", "netTx")
+CSV_HEADER = ("device", "gpu", "uuid", "name", "t", "time", *FIELDS, "energyWh", *HOST_COLUMNS)
 HISTORY_AT_ONCE, HISTORY_PER_CLIENT, SLOT_WAIT_S = 8, 4, 10.0
 CSV_ROWS = 200  # rows written at a time: one slice of work between pushes and streams (docs/PERFORMANCE.md)
 SHARED_BYTES = 16 << 20  # series kept to share within a second, at most
@@ -48,20 +50,21 @@ def register_history(app, config, history, clock=time.time, known_devices=None):
                          headers={"Retry-After": "2"})
         try:
             second = int(now)
-            gpus = shared.get(("gpus", device), second, lambda: history.gpus(device))
-            if gpus is None and device not in (known_devices() if known_devices else config.devices):
+            kept = shared.get(("gpus", device), second, lambda: history.gpus(device))
+            if kept is None and device not in (known_devices() if known_devices else config.devices):
                 slots.give_back(address)
                 return error(404, f"unknown device {device[:64]!r}")
 
             def read(key):
                 return shared.get(("series", key, tier, start, end, step), second,
                                   lambda: history.series(key, tier, start, end, step), weigh=_bytes)
-            series = _series(gpus or [], read)
+            gpus, host = split_host(kept)
+            series = _series(gpus, read)
             first = next(series, None)  # read before the answer starts: a store that is down is a 503 here
         except BaseException:
             slots.give_back(address)
             raise
-        pieces = render(head(device, start, end, step), _chained(first, series))
+        pieces = render(head(device, start, end, step), _chained(first, series), lambda: _system(host, read))
         response = Response(pieces, mimetype=mimetype, headers={"Cache-Control": "no-store", **(headers or {})})
         response.call_on_close(lambda: slots.give_back(address))
         return response
@@ -82,6 +85,18 @@ def _series(gpus, read):
         found = read(key)
         if found:
             yield {"index": index, "uuid": uuid, "name": name, **found}
+
+
+def _system(key, read):
+    """Return the host's series as the answer's `system`, read after the GPUs; None if it has no points there."""
+    if key is None:
+        return None
+    try:
+        found = read(key)
+    except Unavailable as problem:  # the answer has begun: it goes without the host, said once
+        log.warning("a history answer went without its host: %s", problem)
+        return None
+    return system_of(found) if found else None
 
 
 def _chained(first, rest):
@@ -195,8 +210,8 @@ def read_query(args, now, history_s):
     return device, start, end, step
 
 
-def json_pieces(head, series):
-    """Yield an answer as JSON bytes, a series at a time, letting the event loop run between them.
+def json_pieces(head, series, system=lambda: None):
+    """Yield an answer as JSON bytes, a series at a time, letting the event loop run between them; `system()` last.
 
     Series SQLite built are sent as they are; a whole answer in one json.dumps would hold
     the loop until it is done (docs/PERFORMANCE.md).
@@ -211,16 +226,29 @@ def json_pieces(head, series):
     for n, gpu in enumerate(series):
         text = "{" + ",".join(f"{encode(key)}:{encode(value)}" for key, value in gpu.items() if key != "energyWhSteps")
         yield (("," if n else "") + text + "}").encode()
-    yield b"]}"
+    host = system()
+    if host is None:
+        yield b"]}"
+        return
+    yield ('],"system":{' + ",".join(f"{encode(key)}:{encode(value)}" for key, value in host.items()) + "}}").encode()
+
+
+def _parts(result):
+    """Return a whole answer as what render() takes: its head, its GPUs and its host."""
+    head = {key: value for key, value in result.items() if key not in ("gpus", "system")}
+    return head, result["gpus"], lambda: result.get("system")
 
 
 def to_json(result):
     """Return a whole answer as JSON bytes."""
-    return b"".join(json_pieces({key: value for key, value in result.items() if key != "gpus"}, result["gpus"]))
+    return b"".join(json_pieces(*_parts(result)))
 
 
-def csv_pieces(head, series):
-    """Yield an answer as CSV bytes: a header, then one row per GPU and bucket with that bucket's energy, CSV_ROWS at a time."""
+def csv_pieces(head, series, system=lambda: None):
+    """Yield an answer as CSV bytes: a header, then one row per GPU and bucket with that bucket's energy, CSV_ROWS at a time.
+
+    Then the host's rows, gpu "system", in their own columns (HOST_COLUMNS) where it has points.
+    """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(CSV_HEADER)
@@ -229,11 +257,24 @@ def csv_pieces(head, series):
         uuid, name = safe_cell(gpu["uuid"]), safe_cell(gpu["name"])
         for i, t in enumerate(gpu["t"]):
             writer.writerow((head["device"], gpu["index"], uuid, name, t, rfc3339(t),
-                             *("" if gpu[f][i] is None else gpu[f][i] for f in FIELDS), gpu["energyWhSteps"][i]))
+                             *("" if gpu[f][i] is None else gpu[f][i] for f in FIELDS), gpu["energyWhSteps"][i],
+                             *NO_HOST))
             if i % CSV_ROWS == CSV_ROWS - 1:
                 yield _taken(out)
                 cooperate()  # pushes and streams go on between slices
+    host = system()
+    if host is not None:
+        host = {key: json.loads(value) if isinstance(value, RawJSON) else value for key, value in host.items()}
+        for i, t in enumerate(host["t"]):
+            writer.writerow((head["device"], "system", "", "", t, rfc3339(t), *NO_GPU,
+                             *("" if host[f][i] is None else host[f][i] for f in SYSTEM_FIELDS)))
+            if i % CSV_ROWS == CSV_ROWS - 1:
+                yield _taken(out)
+                cooperate()
     yield _taken(out)
+
+
+NO_HOST, NO_GPU = ("",) * len(HOST_COLUMNS), ("",) * (len(FIELDS) + 1)
 
 
 def _taken(out):
@@ -245,4 +286,4 @@ def _taken(out):
 
 def to_csv(result):
     """Return a whole answer as CSV bytes."""
-    return b"".join(csv_pieces({key: value for key, value in result.items() if key != "gpus"}, result["gpus"]))
+    return b"".join(csv_pieces(*_parts(result)))

@@ -5,6 +5,10 @@ for 30 days and as 1-hour buckets for 400 days. A bucket holds sums and counts, 
 so buckets add up exactly: each write adds its samples to their minute and hour at once (no
 roll-up job that can fall behind), and a query merges buckets into any step by adding them.
 A store (history/sqlite.py, history/redis.py) only keeps buckets and adds them up.
+
+The host (a push's `system`) is kept as one more series of its device, at index HOST, its
+SYSTEM_FIELDS in the four places a GPU's FIELDS take, with no energy: the same tiers, writes,
+pruning and reads as a GPU's, for about a GPU's disk (docs/PERFORMANCE.md).
 """
 import logging
 import math
@@ -16,6 +20,8 @@ from gpustats.web import QueryError, rfc3339
 log = logging.getLogger("gpustats")
 
 FIELDS = ("utilizationGpu", "memoryUsed", "temperatureGpu", "powerDraw")
+SYSTEM_FIELDS = ("cpuPercent", "memoryUsed", "netRx", "netTx")  # the host's, kept where FIELDS are
+HOST = -1  # the index the host's series is kept at: no GPU has it
 # A bucket's sums: for each field its sum and its count of reported values, then joules drawn.
 WIDTH = 2 * len(FIELDS) + 1
 POWER = FIELDS.index("powerDraw")
@@ -83,10 +89,19 @@ class Batch:
 
 
 def sample(event):
-    """Return what history keeps of an accepted push: (device, t, [(gpu, uuid, name, *FIELDS values)])."""
-    return event["device"], event["receivedAt"], [
-        (gpu["index"], gpu.get("uuid"), gpu.get("name"), gpu.get("utilizationGpu"), gpu.get("memoryUsed"),
-         gpu.get("temperatureGpu"), gpu.get("powerDraw")) for gpu in event["gpus"]]
+    """Return what history keeps of an accepted push: (device, t, [(gpu, uuid, name, *FIELDS values)]), the host last at HOST."""
+    kept = [(gpu["index"], gpu.get("uuid"), gpu.get("name"), gpu.get("utilizationGpu"), gpu.get("memoryUsed"),
+             gpu.get("temperatureGpu"), gpu.get("powerDraw")) for gpu in event["gpus"]]
+    system = event.get("system")
+    if system:
+        kept.append((HOST, None, None, system.get("cpuPercent"), system.get("memoryUsed"), _whole(system.get("netRx")),
+                     _whole(system.get("netTx"))))
+    return event["device"], event["receivedAt"], kept
+
+
+def _whole(rate):
+    """Return a byte rate as whole bytes a second: SQLite keeps 1250000 in 3 bytes, 1250000.0 in 8."""
+    return None if rate is None else round(rate)
 
 
 AHEAD_S = 2.0  # a kept sample this far past the writer's clock came from a clock that stepped back since
@@ -110,7 +125,7 @@ class Sampler:
         ahead = (time.time() if now is None else now) + AHEAD_S
         last, max_gap_s, add = self.last, self.max_gap_s, batch.add
         for gpu in gpus:
-            key, power = (device, gpu[0]), gpu[POWER_AT]
+            key, power = (device, gpu[0]), gpu[POWER_AT] if gpu[0] != HOST else None  # the host draws no energy here
             previous = last.get(key)
             joules = 0.0
             if previous is not None:
@@ -206,6 +221,18 @@ def head(device, start, end, step):
     return {"device": device, "from": tidy(start), "to": tidy(end), "step": step}
 
 
+def system_of(series):
+    """Return the API's `system` from the host's series as a store reads it: its fields by their names, no energy."""
+    return {"t": series["t"], **{name: series[field] for name, field in zip(SYSTEM_FIELDS, FIELDS)}}
+
+
+def split_host(kept):
+    """Return (the GPUs, the host's key or None) of a store's gpus() answer, whose host comes first at HOST."""
+    if kept and kept[0][0] == HOST:
+        return kept[1:], kept[0][3]
+    return kept or [], None
+
+
 def answer(device, start, end, step, rows, gpus):
     """Return the API's answer from {gpu: [(bucket start, sums)]} and {gpu: (uuid, name)}."""
     result = []
@@ -217,12 +244,17 @@ def answer(device, start, end, step, rows, gpus):
 
 def whole(store, device, tier, start, end, step):
     """Return a store's whole answer for `device` (GPU by GPU, as the API reads it); None if it has no history."""
-    gpus = store.gpus(device)
-    if gpus is None:
+    kept = store.gpus(device)
+    if kept is None:
         return None
+    gpus, host = split_host(kept)
     found = ((index, uuid, name, store.series(key, tier, start, end, step)) for index, uuid, name, key in gpus)
-    return {**head(device, start, end, step), "gpus": [
+    result = {**head(device, start, end, step), "gpus": [
         {"index": index, "uuid": uuid, "name": name, **series} for index, uuid, name, series in found if series]}
+    system = None if host is None else store.series(host, tier, start, end, step)
+    if system:
+        result["system"] = system_of(system)
+    return result
 
 
 def tidy(value):

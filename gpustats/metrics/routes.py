@@ -23,6 +23,36 @@ GPU_GAUGES = (
     ("clock_memory_hertz", "clockMemory", lambda v: v * 1_000_000, "GPU memory clock."),
 )
 
+# Each host gauge, labelled `device`: name, the push's `system` field, its conversion to base units, help.
+HOST_GAUGES = (
+    ("cpu_utilization_ratio", "cpuPercent", lambda v: v / 100, "Share of the host's CPU time in use (0-1)."),
+    ("memory_used_bytes", "memoryUsed", lambda v: v * MIB, "Host memory in use."),
+    ("memory_total_bytes", "memoryTotal", lambda v: v * MIB, "Host memory in all."),
+    ("network_receive_bytes_per_second", "netRx", float, "Bytes the host received a second, all interfaces."),
+    ("network_transmit_bytes_per_second", "netTx", float, "Bytes the host sent a second, all interfaces."),
+)
+DISK_GAUGES = (("disk_used_bytes", "used", "Space in use on the host's file system."),
+               ("disk_total_bytes", "total", "Size of the host's file system."))
+
+
+def host_families():
+    """Return the host's gauges [(family, field, convert)] and its disks' [(family, field)], empty."""
+    return ([(GaugeMetricFamily(f"gpustats_host_{name}", text, labels=("device",)), field, convert)
+             for name, field, convert, text in HOST_GAUGES],
+            [(GaugeMetricFamily(f"gpustats_host_{name}", text, labels=("device", "mount")), field)
+             for name, field, text in DISK_GAUGES])
+
+
+def add_host(gauges, disks, device, system):
+    """Add a device's `system` to the host families: a value the PC did not give has no sample."""
+    for family, field, convert in gauges:
+        if system.get(field) is not None:
+            family.add_metric((device,), convert(system[field]))
+    for disk in system.get("disks") or ():
+        for family, field in disks:
+            if disk.get(field) is not None:
+                family.add_metric((device, disk["mount"]), disk[field] * MIB)
+
 
 def fleet_families(devices):
     """Yield the metric families of the devices' latest events: a value a GPU did not report has no sample."""
@@ -39,12 +69,15 @@ def fleet_families(devices):
                              labels=("device", "gpu", "user"))
     jobs = GaugeMetricFamily("gpustats_jobs_running", "Jobs (processes on its GPUs) the device's last push lists.",
                              labels=("device",))
+    host, disks = host_families()
     for event in in_slices(devices, 10):  # about a millisecond of work a slice
         device = event["device"]
         up.add_metric((device,), 1 if event["status"] == "online" else 0)
         if event["status"] == "offline":
             continue  # what it last said is no longer true of it
         last.add_metric((device,), event["receivedAt"])
+        if event.get("system"):
+            add_host(host, disks, device, event["system"])
         running = None  # no GPU lists its processes: nothing is known of its jobs
         for gpu in event["gpus"]:
             labels = (device, str(gpu["index"]), gpu.get("uuid") or "", gpu.get("name") or "")
@@ -62,6 +95,8 @@ def fleet_families(devices):
             jobs.add_metric((device,), len(running))
     yield from (family for family, _, _ in gauges)
     yield from (info, up, last, held, jobs)
+    yield from (family for family, _, _ in host)
+    yield from (family for family, _ in disks)
 
 
 def _by_user(processes):
