@@ -95,7 +95,7 @@ class RedisJobs(LeasedWork):
             read, cursor = self._after_cursor("jobs")
             if cursor == self._cursor and not deleted and not prune:
                 return
-            for name, data in in_slices(read):
+            for name, data in in_slices(read, 50):  # about a millisecond a slice, as the SQLite store's
                 if deleted.get(data.get("device"), float("-inf")) >= (_when(name, data) or 0):
                     continue  # from before its jobs were deleted
                 if name == "":
