@@ -8,6 +8,7 @@ import itertools
 import pytest
 import redis
 
+from conftest import wait_for
 from gpustats.jobs import KEEP_S, JobStore
 from gpustats.jobs.redis import CURSOR, LEASE, RedisJobs
 from gpustats.jobs.report import view
@@ -161,3 +162,31 @@ def test_ended_jobs_are_kept_400_days_and_running_ones_for_as_long_as_they_run(s
     stores.feed(push(KEEP_S + 3, gpu(0, process(2), process(3))))
     assert {(j["pid"], j["ended"]) for j in stores.jobs(T0 - 86400, T0 + KEEP_S + 10)} == {
         (2, "lost"), (2, None), (3, None)}  # pid 1's is gone; pid 2 sent no start: a new job after the silence
+
+
+def test_a_second_redis_tracker_goes_on_from_what_the_first_wrote_and_the_first_then_writes_nothing(redis_server):
+    made = Stores("redis", None, redis_server.url, Clock(T0))
+    first = made.open()
+    made.feed(*(push(s, gpu(0, process(1, startedAt=T0))) for s in range(0, 21, 2)))
+    second = made.open()  # the first's lease lapsed (a worker stopped or hung): another worker's tracker takes over
+    made.feed(*(push(s, gpu(0, process(1, startedAt=T0))) for s in range(22, 41, 2)), push(42, gpu(0)))
+    stale = first._cursor
+    first._round()  # it still thinks it leads: the cursor moved under it, so it writes nothing
+    assert first._cursor == stale
+    [job] = made.jobs()
+    assert (job["ended"], job["endedAt"], job["gpuHours"]) == ("exited", T0 + 40, round(40 / 3600, 4))
+    assert second is made.store
+
+
+def test_sqlite_answers_running_jobs_as_of_their_last_push_between_checkpoints(tmp_path):
+    store = SqliteJobs(str(tmp_path / "history.sqlite3"), GAP_S, OFFLINE_S)
+    store.start()  # writes what began or ended each second, running jobs' figures every minute
+    try:
+        for s in range(0, 11, 2):
+            store.add(push(s, gpu(0, process(1))))
+        [job] = wait_for(lambda: [view(j) for j in store.find(T0 - 60, T0 + 60)], timeout=5)
+        assert job["durationS"] == 10 and job["gpuHours"] == round(10 / 3600, 4)
+        store.add(push(12, gpu(0, process(1))))
+        wait_for(lambda: [view(j) for j in store.find(T0 - 60, T0 + 60)][0]["durationS"] == 12, timeout=5)
+    finally:
+        store.close()

@@ -165,3 +165,12 @@ def test_a_device_removed_with_its_history_takes_its_jobs_along(make_app):
     assert removed.status_code == 200
     time.sleep(1.5)  # a tracker round or two: nothing of it comes back
     assert [job["device"] for job in get(admin, "/api/jobs").json["jobs"]] == ["rig-1"]
+
+
+@pytest.mark.no_backend  # Redis' own: two hosts share it
+def test_every_host_answers_the_same_jobs(make_app, redis_server):
+    hosts = [make_app(REDIS_URL=redis_server.url).test_client() for _ in range(2)]
+    push(hosts[0], on_gpu(0, {"pid": 1, "name": "python3", "memoryUsed": 10, "user": "alice"}))
+    push(hosts[1], on_gpu(0, {"pid": 5, "name": "python3", "memoryUsed": 10, "user": "bob"}), device="rig-2")
+    seen = [sorted(job["user"] for job in jobs(host, 2)) for host in hosts]
+    assert seen == [["alice", "bob"], ["alice", "bob"]]  # tracked once, by whichever worker holds the lease

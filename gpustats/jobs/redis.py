@@ -87,11 +87,15 @@ class RedisJobs(LeasedWork):
         prune = steady - self._pruned >= self._prune_s
         with self.client.pipeline() as pipe:
             pipe.watch(CURSOR, DELETED)  # another tracker, or a deletion, meanwhile: this one writes nothing
+            written = pipe.get(CURSOR)
+            if (written.decode() if written else None) != self._cursor:  # another tracker wrote since this one loaded
+                self._loaded = False
+                return
             deleted = {device.decode(): float(t) for device, t in pipe.hgetall(DELETED).items()}
             read, cursor = self._after_cursor("jobs")
             if cursor == self._cursor and not deleted and not prune:
                 return
-            for name, data in in_slices(read):
+            for name, data in in_slices(read, 50):  # about a millisecond a slice, as the SQLite store's
                 if deleted.get(data.get("device"), float("-inf")) >= (_when(name, data) or 0):
                     continue  # from before its jobs were deleted
                 if name == "":

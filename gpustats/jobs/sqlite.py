@@ -42,7 +42,7 @@ RUNNING = float("inf")
 MAX_PENDING = 100_000  # pushes and status changes waiting for the writer; past it the oldest go, counted
 PAGE = 500  # jobs read at a time
 # Running jobs' figures are written this often, for a restart after a crash (a stop writes them all).
-# Every 10 s they cost a push 7 µs more in a fleet of 2,000 PCs (docs/PERFORMANCE.md, Jobs).
+# Every 10 s they cost a push 6 µs more in a fleet of 2,000 PCs (docs/PERFORMANCE.md, Jobs).
 CHECKPOINT_S = 60.0
 
 

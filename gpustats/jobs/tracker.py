@@ -144,7 +144,7 @@ class Tracker:
     def settle(self, device):
         """Fold every GPU's running sums of `device` into its jobs: they are as of its last push."""
         state = self.devices.get(device)
-        for key, listing in (state["gpus"].items() if state is not None else ()):
+        for key, listing in (state.get("gpus", {}).items() if state is not None else ()):
             self._fold(device, key, listing)
 
     def _fold(self, device, key, listing):
@@ -176,7 +176,7 @@ class Tracker:
             self._lose(device, state)  # silent long enough to be offline (the server was down): its jobs were lost
         dt = t - state["t"] if state is not None else 0.0
         counted = 0 < dt <= self.max_gap_s
-        kept = state["gpus"] if state is not None else {}
+        kept = state.get("gpus", {}) if state is not None else {}
         same, changed = [], []  # GPUs that list what they listed at the last push, and those that do not
         for gpu in event["gpus"]:
             processes, index = gpu.get("processes"), gpu.get("index")
