@@ -588,7 +588,7 @@
   const RECENT_SHOWN = 10;
   const RECENT_KEPT = 100; // as many as the server keeps
   const KINDS = {GpuHot: "Hot", GpuMemoryFull: "Memory full", DeviceOffline: "Offline", GpuError: "GPU error",
-    GpuJobDone: "Job done", GpuIdleHeld: "Held idle"};
+    GpuJobDone: "Job done", GpuIdleHeld: "Held idle", HostMemoryFull: "PC memory full", DiskFull: "Disk full"};
   const SEVERITIES = ["critical", "warning", "info"]; // worst first
   const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
   // One entry per alert instance (`fingerprint startsAt`: its firing, then its resolution), with
@@ -620,9 +620,13 @@
   const STAT_ALERTS = {temp: "GpuHot", mem: "GpuMemoryFull"};
   const LEVELS = {critical: "level-hot", warning: "level-warn"};
 
-  // The overview's cells of a PC's GPUs show their worst alert, and are hot while GpuHot fires.
+  // The overview's row of a PC shows its own alerts; its cells their GPUs' worst, hot while GpuHot fires.
   function cellAlerts(entry) {
-    if (!overview || !entry.data || !Array.isArray(entry.data.gpus)) return;
+    if (!overview) return;
+    const own = deviceAlerts(entry.name);
+    overview.pcAlerts(entry.name, SEVERITIES.find(s => own.some(a => severity(a) === s)),
+      [...new Set(own.map(a => KINDS[a.alertname] || a.alertname))], own.map(a => a.summary || "").join("\n"));
+    if (!entry.data || !Array.isArray(entry.data.gpus)) return;
     for (const g of entry.data.gpus) {
       const list = gpuAlerts(entry.name, g.index);
       overview.alerts(entry.name, g.index, SEVERITIES.find(s => list.some(a => severity(a) === s)),

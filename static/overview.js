@@ -115,7 +115,7 @@ window.FleetOverview = (() => {
       pc = {name, row, status: "online", data: null, receivedAt: 0, cells: new Map(), visible: true,
         glyph: make("span", "pc-glyph", head, "●"),
         link: make("a", "pc-name", head, name),
-        label: make("span", "pc-status", head, ""),
+        label: make("span", "pc-status", head, ""), alert: make("span", "pc-alert", head, ""),
         host: make("span", "pc-host", head, ""), hostTitle: "",
         list: make("ol", "cells", row), error: make("p", "pc-error", row, "")};
       pc.link.href = detailHref(name);
@@ -370,6 +370,17 @@ window.FleetOverview = (() => {
         cell.held = held;
         cell.state = ""; // its class says whether it is held
         renderPc(pc);
+      },
+      // A PC's own active alerts (offline, disk or memory full): their kinds by its name, summaries in the tooltip.
+      pcAlerts(name, worst, kinds, summaries) {
+        const pc = pcs.get(name);
+        if (!pc) return;
+        setText(pc.alert, kinds.length ? `▲ ${kinds.join(", ")}` : "");
+        if (pc.alert.title !== summaries) pc.alert.title = summaries;
+        if ((pc.row.dataset.alert || "") !== (worst || "")) {
+          if (worst) pc.row.dataset.alert = worst;
+          else delete pc.row.dataset.alert;
+        }
       },
       tick() { // once a second: how long free GPUs have been free; a hidden tab does nothing
         if (document.hidden) return;

@@ -321,33 +321,31 @@ def test_a_gpus_alerts_show_on_its_cell_and_a_hot_alert_makes_it_hot(start_serve
     expect(page.locator("#alert-count")).to_have_text("1 alert")
 
 
-def test_a_hidden_tab_holds_pushes_and_shows_the_latest_when_seen_again(server, tmp_path):
+def test_a_hidden_tab_holds_pushes_and_shows_the_latest_when_seen_again(server, browser, tmp_path):
     # Playwright's own pages emulate focus and read "visible" behind another tab: this Chromium is
     # attached to without its defaults, as `make bench BENCH_ARGS=--page` does, so a tab really hides.
-    from playwright.sync_api import sync_playwright
     from bench.page import start_chromium, stop_chromium
     server.push(multi(gpu(0, utilizationGpu=10)))
     chromium, endpoint = start_chromium(tmp_path)
+    attached = browser.browser_type.connect_over_cdp(endpoint, no_defaults=True)  # the suite's Playwright
     try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.connect_over_cdp(endpoint, no_defaults=True)
-            page = browser.contexts[0].pages[0]
-            open_overview(page, server)
-            expect(cell(page, "rig-1", 0).locator(".util")).to_have_text("10%")
-            other = browser.contexts[0].new_page()
-            other.bring_to_front()
-            wait_for(lambda: page.evaluate("document.visibilityState") == "hidden", timeout=5)
-            for util in (20, 30, 40):
-                server.push(multi(gpu(0, utilizationGpu=util)))
-            server.push(multi(gpu(0, utilizationGpu=50)), device="rig-2")  # a PC it had not seen
-            page.wait_for_timeout(500)
-            assert page.locator(".cell .util").all_text_contents() == ["10%"]  # no DOM work while unseen
-            page.bring_to_front()
-            expect(cell(page, "rig-1", 0).locator(".util")).to_have_text("40%")  # the latest, at once
-            expect(cell(page, "rig-2", 0).locator(".util")).to_have_text("50%")
-            expect(page.locator("#total-gpus")).to_have_text("2")
-            browser.close()
+        page = attached.contexts[0].pages[0]
+        open_overview(page, server)
+        expect(cell(page, "rig-1", 0).locator(".util")).to_have_text("10%")
+        other = attached.contexts[0].new_page()
+        other.bring_to_front()
+        wait_for(lambda: page.evaluate("document.visibilityState") == "hidden", timeout=5)
+        for util in (20, 30, 40):
+            server.push(multi(gpu(0, utilizationGpu=util)))
+        server.push(multi(gpu(0, utilizationGpu=50)), device="rig-2")  # a PC it had not seen
+        page.wait_for_timeout(500)
+        assert page.locator(".cell .util").all_text_contents() == ["10%"]  # no DOM work while unseen
+        page.bring_to_front()
+        expect(cell(page, "rig-1", 0).locator(".util")).to_have_text("40%")  # the latest, at once
+        expect(cell(page, "rig-2", 0).locator(".util")).to_have_text("50%")
+        expect(page.locator("#total-gpus")).to_have_text("2")
     finally:
+        attached.close()
         stop_chromium(chromium)
 
 
@@ -357,7 +355,8 @@ SYSTEM = {"os": "Ubuntu 24.04.1 LTS", "cpuModel": "AMD EPYC 9654 96-Core Process
           "netRx": 1250000.0, "netTx": 83000.5, "temperatureCpu": 61, "uptimeS": 1209600}  # SPEC's example, and a fuller disk
 
 
-def test_each_pcs_cpu_memory_disk_and_network_show_in_its_row_and_its_detail(server, page):
+def test_each_pcs_cpu_memory_disk_and_network_show_in_its_row_and_its_detail(start_server, page):
+    server = start_server(ALERT_FOR_S="0", ALERT_DISK_PCT="90")  # /data, 91 % full, fires DiskFull at once
     server.push(dict(multi(gpu(0)), system=SYSTEM))
     server.push(multi(gpu(0)), device="rig-2")  # an agent that sends no system: nothing in its place
     open_overview(page, server)
@@ -365,6 +364,10 @@ def test_each_pcs_cpu_memory_disk_and_network_show_in_its_row_and_its_detail(ser
     expect(host).to_have_text("cpu 38% · mem 26% · disk 91% · ↓1.3M ↑83k")  # the fullest disk
     assert "AMD EPYC 9654" in host.get_attribute("title") and "/data 91% full" in host.get_attribute("title")
     expect(page.locator('#pcs .pc[data-device="rig-2"] .pc-host')).to_be_hidden()
+    alert = page.locator('#pcs .pc[data-device="rig-1"] .pc-alert')  # the PC's own alert, by its name
+    expect(alert).to_have_text("▲ Disk full")
+    expect(alert).to_have_attribute("title", re.compile(r"^rig-1's disk /data is 91 % full"))
+    expect(page.locator('#pcs .pc[data-device="rig-1"]')).to_have_attribute("data-alert", "warning")
     page.goto(server.url + "/?pc=rig-1")
     rows = page.locator("section.device .stats.system .stat")
     expect(rows.locator("dt")).to_have_text(["CPU", "Memory", "Disk /", "Disk /data", "Network", "System", "Up"])
