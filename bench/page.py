@@ -18,6 +18,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -181,8 +182,11 @@ def delta(before, after):
             "styles": after["RecalcStyleCount"] - before["RecalcStyleCount"]}
 
 
-def measure(url, args):
-    """Open `url` in a fresh headless Chromium and read its counters: visible, then hidden behind another tab."""
+def measure(url, args, cpu):
+    """Open `url` in a fresh headless Chromium and read its counters: visible, then hidden behind another tab.
+
+    cpu() returns the CPU seconds spent so far by the machine and by each part of the bench, by name.
+    """
     from playwright.sync_api import sync_playwright
     profile = tempfile.mkdtemp(prefix="bench-page-chromium-")
     chromium, endpoint = start_chromium(profile)
@@ -203,12 +207,16 @@ def measure(url, args):
             cdp.send("Performance.enable")
             time.sleep(args.page_warmup)
             samples, windows, started = [(0.0, after_gc(cdp))], [], time.monotonic()
+            spent = {**cpu(), "Chromium": harness.server_cpu_s(chromium.pid)}
             # Each window lies between two collections, so the collections' own time counts in none.
             for _ in range(max(1, round(args.page_minutes * 60 / args.page_window))):
                 before = counters(cdp)
                 time.sleep(args.page_window)
                 windows.append(delta(before, counters(cdp)))
                 samples.append((time.monotonic() - started, after_gc(cdp)))
+            spent = {part: seconds - spent[part] for part, seconds in
+                     {**cpu(), "Chromium": harness.server_cpu_s(chromium.pid)}.items()}
+            spent["wall"] = time.monotonic() - started
             other = context.new_page()
             other.bring_to_front()
             hidden_as = wait_for_visibility(page, "hidden")
@@ -223,7 +231,7 @@ def measure(url, args):
         stop_chromium(chromium)
         shutil.rmtree(profile, ignore_errors=True)
     return {"windows": windows, "samples": samples, "hidden": hidden, "hidden_as": hidden_as,
-            "viewport": viewport, "errors": errors}
+            "viewport": viewport, "errors": errors, "spent": spent}
 
 
 # ---- history: the page opens on a full live range, as on a server that has run for a while -------
@@ -284,13 +292,20 @@ def run(name, server_dir, args):
     try:
         devices.start()
         time.sleep(PUSH_INTERVAL_S + 1)  # every PC has pushed once
-        figures = measure(f"http://127.0.0.1:{port}{args.page_path}", args)
+        figures = measure(f"http://127.0.0.1:{port}{args.page_path}", args, lambda: {
+            "machine": harness.machine_busy_s(), "the server": harness.server_cpu_s(server.pid),
+            "the pushes": sum(os.times()[:2])})
     finally:
         harness.shut_down(server, devices, [])
     refused = sum(status != 200 for _, _, status in devices.pushes)
     print(f"{name}: the server in {server_dir} (log {log.name}); {len(devices.pushes)} pushes, {refused} refused; "
           f"viewport {figures['viewport']}; the page threw {len(figures['errors'])} errors"
           + (f", the first: {figures['errors'][0]}" if figures["errors"] else ""))
+    spent = figures["spent"]
+    others = spent["machine"] - spent["Chromium"] - spent["the server"] - spent["the pushes"]
+    print(f"{name}: CPU while visible, in cores: the machine's {os.cpu_count()} cores {spent['machine'] / spent['wall']:.2f}, "
+          + ", ".join(f"{part} {spent[part] / spent['wall']:.2f}" for part in ("Chromium", "the server", "the pushes"))
+          + f", anything else on the machine {others / spent['wall']:.2f}; load average at the end {os.getloadavg()[0]:.1f}")
     for label, key, unit in (("JS heap", "JSHeapUsedSize", 2**20), ("DOM nodes", "Nodes", 1),
                              ("event listeners", "JSEventListeners", 1)):
         print(f"{name}: {label} after GC, every {args.page_window:g} s: "
@@ -317,10 +332,12 @@ def visible_row(name, figures):
 
 def lasting_row(name, figures, minutes):
     """Return one Markdown row: what the page kept over the minutes, and what it did hidden."""
-    (_, first), (_, last), hidden = figures["samples"][0], figures["samples"][-1], figures["hidden"]
+    samples, hidden = figures["samples"], figures["hidden"]
+    (_, first), (_, middle), (_, last) = samples[0], samples[len(samples) // 2], samples[-1]
     heap = f"{first['JSHeapUsedSize'] / 2**20:.2f} → {last['JSHeapUsedSize'] / 2**20:.2f} MiB " \
            f"({(last['JSHeapUsedSize'] - first['JSHeapUsedSize']) / 2**20:+.2f})"
-    return (f"| {name} | {heap} in {minutes:g} min | {first['Nodes']:,.0f} → {last['Nodes']:,.0f} "
+    return (f"| {name} | {heap} in {minutes:g} min | {(last['JSHeapUsedSize'] - middle['JSHeapUsedSize']) / 2**20:+.2f} MiB "
+            f"| {first['Nodes']:,.0f} → {last['Nodes']:,.0f} "
             f"| {hidden['TaskDuration']:.1f} | {ms_s(hidden['ThreadTime'])} | {hidden['ScriptDuration']:.1f} "
             f"| {hidden['layouts']:.0f} ({hidden['styles']:.0f}) in {hidden['seconds']:.0f} s |")
 
@@ -330,10 +347,8 @@ def page_cost(args):
     chromium_path()
     trees = ([("before", older_tree(args.before))] if args.before else []) + [("now", args.server_dir)]
     results = [(name, run(name, directory, args)) for name, directory in trees]
-    before = f" --before {args.before}" if args.before else ""
-    print(f"\n`make bench BENCH_ARGS=\"--page --page-path '{args.page_path}' --page-minutes {args.page_minutes:g}"
-          f"{before}\"`: {PCS} PCs x {GPUS} GPUs pushing every {PUSH_INTERVAL_S:g} s, Chromium {VIEWPORT['width']}x"
-          f"{VIEWPORT['height']}, headless; {os.cpu_count()} cores shared by the server, the pushes and Chromium; "
+    print(f"\n`make bench BENCH_ARGS=\"{shlex.join(sys.argv[1:])}\"`: {PCS} PCs x {GPUS} GPUs pushing every {PUSH_INTERVAL_S:g} s, Chromium {VIEWPORT['width']}x"
+          f"{VIEWPORT['height']}, headless; {os.cpu_count()} cores shared by the server, the pushes, Chromium and whatever else runs; "
           f"{args.page_warmup:g} s of warm-up, then {args.page_minutes:g} min visible in {args.page_window:g}-s windows "
           f"(their range in brackets), then {args.page_hidden_s:g} s hidden behind a second tab "
           f"(document.visibilityState {results[-1][1]['hidden_as']!r}).\n")
@@ -342,8 +357,8 @@ def page_cost(args):
     print("|---|---|---|---|---|---|---|---|")
     for name, figures in results:
         print(visible_row(name, figures))
-    print("\n| page | JS heap after GC, start → end | DOM nodes after GC | hidden: main thread busy, ms/s "
-          "| hidden: its CPU, ms/s | hidden: script, ms/s | hidden: layouts (style recalcs) |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| page | JS heap after GC, start → end | its change over the second half | DOM nodes after GC "
+          "| hidden: main thread busy, ms/s | hidden: its CPU, ms/s | hidden: script, ms/s | hidden: layouts (style recalcs) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, figures in results:
         print(lasting_row(name, figures, args.page_minutes))
