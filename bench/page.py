@@ -302,10 +302,11 @@ def run(name, server_dir, args):
           f"viewport {figures['viewport']}; the page threw {len(figures['errors'])} errors"
           + (f", the first: {figures['errors'][0]}" if figures["errors"] else ""))
     spent = figures["spent"]
-    others = spent["machine"] - spent["Chromium"] - spent["the server"] - spent["the pushes"]
-    print(f"{name}: CPU while visible, in cores: the machine's {os.cpu_count()} cores {spent['machine'] / spent['wall']:.2f}, "
-          + ", ".join(f"{part} {spent[part] / spent['wall']:.2f}" for part in ("Chromium", "the server", "the pushes"))
-          + f", anything else on the machine {others / spent['wall']:.2f}; load average at the end {os.getloadavg()[0]:.1f}")
+    spent["anything else"] = spent["machine"] - spent["Chromium"] - spent["the server"] - spent["the pushes"]
+    print(f"{name}: CPU while visible, in cores (of {os.cpu_count()}): "
+          + ", ".join(f"{part} {spent[part] / spent['wall']:.2f}"
+                      for part in ("machine", "Chromium", "the server", "the pushes", "anything else"))
+          + f"; load average at the end {os.getloadavg()[0]:.1f}")
     for label, key, unit in (("JS heap", "JSHeapUsedSize", 2**20), ("DOM nodes", "Nodes", 1),
                              ("event listeners", "JSEventListeners", 1)):
         print(f"{name}: {label} after GC, every {args.page_window:g} s: "
@@ -314,6 +315,7 @@ def run(name, server_dir, args):
 
 
 def ms_s(value):
+    """Format milliseconds a second; '-' where this Chromium has no such counter."""
     return "-" if math.isnan(value) else f"{value:.1f}"
 
 
@@ -325,7 +327,8 @@ def visible_row(name, figures):
     def per_s(key):
         return sum(w[key] * w["seconds"] for w in windows) / seconds
     tasks = sorted(w["TaskDuration"] for w in windows)
-    return (f"| {name} | {per_s('TaskDuration'):.1f} ({tasks[0]:.1f}-{tasks[-1]:.1f}) | {ms_s(per_s('ThreadTime'))} "
+    return (f"| {name} | {per_s('TaskDuration'):.1f} ({tasks[0]:.1f}-{tasks[-1]:.1f}) "
+            f"| {ms_s(per_s('ThreadTime'))} "
             f"| {per_s('ScriptDuration'):.1f} | {per_s('LayoutDuration'):.1f} | {per_s('RecalcStyleDuration'):.1f} "
             f"| {ms_s(per_s('TaskOtherDuration'))} | {sum(w['layouts'] for w in windows) / seconds:.1f} |")
 
@@ -336,7 +339,8 @@ def lasting_row(name, figures, minutes):
     (_, first), (_, middle), (_, last) = samples[0], samples[len(samples) // 2], samples[-1]
     heap = f"{first['JSHeapUsedSize'] / 2**20:.2f} → {last['JSHeapUsedSize'] / 2**20:.2f} MiB " \
            f"({(last['JSHeapUsedSize'] - first['JSHeapUsedSize']) / 2**20:+.2f})"
-    return (f"| {name} | {heap} in {minutes:g} min | {(last['JSHeapUsedSize'] - middle['JSHeapUsedSize']) / 2**20:+.2f} MiB "
+    growth = (last["JSHeapUsedSize"] - middle["JSHeapUsedSize"]) / 2**20
+    return (f"| {name} | {heap} in {minutes:g} min | {growth:+.2f} MiB "
             f"| {first['Nodes']:,.0f} → {last['Nodes']:,.0f} "
             f"| {hidden['TaskDuration']:.1f} | {ms_s(hidden['ThreadTime'])} | {hidden['ScriptDuration']:.1f} "
             f"| {hidden['layouts']:.0f} ({hidden['styles']:.0f}) in {hidden['seconds']:.0f} s |")
@@ -347,10 +351,11 @@ def page_cost(args):
     chromium_path()
     trees = ([("before", older_tree(args.before))] if args.before else []) + [("now", args.server_dir)]
     results = [(name, run(name, directory, args)) for name, directory in trees]
-    print(f"\n`make bench BENCH_ARGS=\"{shlex.join(sys.argv[1:])}\"`: {PCS} PCs x {GPUS} GPUs pushing every {PUSH_INTERVAL_S:g} s, Chromium {VIEWPORT['width']}x"
-          f"{VIEWPORT['height']}, headless; {os.cpu_count()} cores shared by the server, the pushes, Chromium and whatever else runs; "
-          f"{args.page_warmup:g} s of warm-up, then {args.page_minutes:g} min visible in {args.page_window:g}-s windows "
-          f"(their range in brackets), then {args.page_hidden_s:g} s hidden behind a second tab "
+    print(f"\n`make bench BENCH_ARGS=\"{shlex.join(sys.argv[1:])}\"`: {PCS} PCs x {GPUS} GPUs pushing every "
+          f"{PUSH_INTERVAL_S:g} s, Chromium {VIEWPORT['width']}x{VIEWPORT['height']}, headless; {os.cpu_count()} cores "
+          f"shared by the server, the pushes, Chromium and whatever else runs; {args.page_warmup:g} s of warm-up, then "
+          f"{args.page_minutes:g} min visible in {args.page_window:g}-s windows (their range in brackets), then "
+          f"{args.page_hidden_s:g} s hidden behind a second tab "
           f"(document.visibilityState {results[-1][1]['hidden_as']!r}).\n")
     print("| page | main thread busy (TaskDuration), ms/s | its CPU (ThreadTime), ms/s | script, ms/s | layout, ms/s "
           "| style, ms/s | the rest (paint, compositing), ms/s | layouts/s |")
@@ -358,7 +363,8 @@ def page_cost(args):
     for name, figures in results:
         print(visible_row(name, figures))
     print("\n| page | JS heap after GC, start → end | its change over the second half | DOM nodes after GC "
-          "| hidden: main thread busy, ms/s | hidden: its CPU, ms/s | hidden: script, ms/s | hidden: layouts (style recalcs) |")
+          "| hidden: main thread busy, ms/s | hidden: its CPU, ms/s | hidden: script, ms/s "
+          "| hidden: layouts (style recalcs) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, figures in results:
         print(lasting_row(name, figures, args.page_minutes))
