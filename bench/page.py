@@ -9,9 +9,12 @@ at 1920x1080 and reads Chromium's own counters through CDP (Performance.getMetri
 - the JS heap after a forced garbage collection at the start and the end of each window, on a
   server whose history already holds the charts' live range (--page-history-s), so the page's
   buffers are full from the start and the heap has no reason to grow;
-- the same counters for --page-hidden-s while the tab is hidden behind another tab.
+- the same counters for --page-hidden-s while the tab is hidden behind another tab;
+- with --page-trace, a 10-s trace of the visible page (for DevTools or Perfetto) and its main
+  thread's biggest slices.
 """
 import atexit
+import collections
 import importlib.util
 import json
 import math
@@ -41,6 +44,9 @@ DURATIONS = ("TaskDuration", "ThreadTime", "ScriptDuration", "LayoutDuration", "
 MODELS = (("NVIDIA GeForce RTX 4090", 24564, 450), ("NVIDIA RTX A6000", 49140, 300),
           ("NVIDIA A100-SXM4-80GB", 81920, 400))
 USERS = ("ana", "bo", "chen", "dmitri", "eva", "farid", "grace", "hiro", "ines")
+TRACE_S, TRACE_TOP = 10.0, 15
+TRACE_CATEGORIES = ["devtools.timeline", "disabled-by-default-devtools.timeline", "toplevel", "blink", "v8"]
+TRACE_WRAPPERS = {"RunTask", "ThreadControllerImpl::RunTask"}  # around every task: all of it, nothing to tell
 PROGRAMS = ("python train.py", "torchrun", "python finetune.py", "vllm serve", "jupyter-kernel", "python eval.py")
 
 
@@ -182,6 +188,25 @@ def delta(before, after):
             "styles": after["RecalcStyleCount"] - before["RecalcStyleCount"]}
 
 
+def record_trace(browser, page):
+    """Trace the page for TRACE_S; return the trace file and its main thread's biggest slices, in ms a second."""
+    path = tempfile.NamedTemporaryFile(prefix="bench-page-trace-", suffix=".json", delete=False).name
+    browser.start_tracing(page=page, path=path, categories=TRACE_CATEGORIES)
+    time.sleep(TRACE_S)
+    browser.stop_tracing()
+    trace = json.loads(Path(path).read_text())
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    main = {(e["pid"], e["tid"]) for e in events
+            if e.get("name") == "thread_name" and e.get("args", {}).get("name") == "CrRendererMain"}
+    slices = collections.defaultdict(lambda: [0, 0, 0])  # name -> [wall µs, CPU µs, count]
+    for e in events:
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in main and e["name"] not in TRACE_WRAPPERS:
+            totals = slices[e["name"]]
+            totals[0], totals[1], totals[2] = totals[0] + e.get("dur", 0), totals[1] + e.get("tdur", 0), totals[2] + 1
+    top = sorted(slices.items(), key=lambda item: -item[1][1])[:TRACE_TOP]
+    return path, [(name, wall / 1000 / TRACE_S, cpu / 1000 / TRACE_S, n) for name, (wall, cpu, n) in top]
+
+
 def measure(url, args, cpu):
     """Open `url` in a fresh headless Chromium and read its counters: visible, then hidden behind another tab.
 
@@ -217,6 +242,7 @@ def measure(url, args, cpu):
             spent = {part: seconds - spent[part] for part, seconds in
                      {**cpu(), "Chromium": harness.server_cpu_s(chromium.pid)}.items()}
             spent["wall"] = time.monotonic() - started
+            trace = record_trace(browser, page) if args.page_trace else None
             other = context.new_page()
             other.bring_to_front()
             hidden_as = wait_for_visibility(page, "hidden")
@@ -231,7 +257,7 @@ def measure(url, args, cpu):
         stop_chromium(chromium)
         shutil.rmtree(profile, ignore_errors=True)
     return {"windows": windows, "samples": samples, "hidden": hidden, "hidden_as": hidden_as,
-            "viewport": viewport, "errors": errors, "spent": spent}
+            "viewport": viewport, "errors": errors, "spent": spent, "trace": trace}
 
 
 # ---- history: the page opens on a full live range, as on a server that has run for a while -------
@@ -307,6 +333,11 @@ def run(name, server_dir, args):
           + ", ".join(f"{part} {spent[part] / spent['wall']:.2f}"
                       for part in ("machine", "Chromium", "the server", "the pushes", "anything else"))
           + f"; load average at the end {os.getloadavg()[0]:.1f}")
+    if figures["trace"]:
+        path, top = figures["trace"]
+        print(f"{name}: the main thread's biggest slices (nested in one another) in a {TRACE_S:g}-s trace, {path}; "
+              "ms/s of CPU (of wall time), how many: "
+              + "; ".join(f"{slice} {cpu:.1f} ({wall:.1f}), {n}" for slice, wall, cpu, n in top))
     for label, key, unit in (("JS heap", "JSHeapUsedSize", 2**20), ("DOM nodes", "Nodes", 1),
                              ("event listeners", "JSEventListeners", 1)):
         print(f"{name}: {label} after GC, every {args.page_window:g} s: "
