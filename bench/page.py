@@ -41,12 +41,12 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update"]
 DURATIONS = ("TaskDuration", "ThreadTime", "ScriptDuration", "LayoutDuration", "RecalcStyleDuration",
              "TaskOtherDuration")
-MODELS = (("NVIDIA GeForce RTX 4090", 24564, 450), ("NVIDIA RTX A6000", 49140, 300),
-          ("NVIDIA A100-SXM4-80GB", 81920, 400))
-USERS = ("ana", "bo", "chen", "dmitri", "eva", "farid", "grace", "hiro", "ines")
 TRACE_S, TRACE_TOP = 10.0, 15
 TRACE_CATEGORIES = ["devtools.timeline", "disabled-by-default-devtools.timeline", "toplevel", "blink", "v8"]
 TRACE_WRAPPERS = {"RunTask", "ThreadControllerImpl::RunTask"}  # around every task: all of it, nothing to tell
+MODELS = (("NVIDIA GeForce RTX 4090", 24564, 450), ("NVIDIA RTX A6000", 49140, 300),
+          ("NVIDIA A100-SXM4-80GB", 81920, 400))
+USERS = ("ana", "bo", "chen", "dmitri", "eva", "farid", "grace", "hiro", "ines")
 PROGRAMS = ("python train.py", "torchrun", "python finetune.py", "vllm serve", "jupyter-kernel", "python eval.py")
 
 
