@@ -582,6 +582,8 @@ def main():
                       help="seconds between two readings of the JS heap (each after a forced GC)")
     browser.add_argument("--page-warmup", type=float, default=20.0, help="seconds open before anything is measured")
     browser.add_argument("--page-hidden-s", type=float, default=60.0, help="seconds measured with the tab hidden")
+    browser.add_argument("--page-trace", action="store_true",
+                         help="also trace the visible page for 10 s: a file for DevTools, and its biggest slices")
     browser.add_argument("--page-history-s", type=float, default=660.0,
                          help="seconds of the fleet's history written before the server starts (the live range: 600)")
     args = parser.parse_args()

@@ -9,15 +9,19 @@ at 1920x1080 and reads Chromium's own counters through CDP (Performance.getMetri
 - the JS heap after a forced garbage collection at the start and the end of each window, on a
   server whose history already holds the charts' live range (--page-history-s), so the page's
   buffers are full from the start and the heap has no reason to grow;
-- the same counters for --page-hidden-s while the tab is hidden behind another tab.
+- the same counters for --page-hidden-s while the tab is hidden behind another tab;
+- with --page-trace, a 10-s trace of the visible page (for DevTools or Perfetto) and its main
+  thread's biggest slices.
 """
 import atexit
+import collections
 import importlib.util
 import json
 import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,6 +41,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update"]
 DURATIONS = ("TaskDuration", "ThreadTime", "ScriptDuration", "LayoutDuration", "RecalcStyleDuration",
              "TaskOtherDuration")
+TRACE_S, TRACE_TOP = 10.0, 15
+TRACE_CATEGORIES = ["devtools.timeline", "disabled-by-default-devtools.timeline", "toplevel", "blink", "v8"]
+TRACE_WRAPPERS = {"RunTask", "ThreadControllerImpl::RunTask"}  # around every task: all of it, nothing to tell
 MODELS = (("NVIDIA GeForce RTX 4090", 24564, 450), ("NVIDIA RTX A6000", 49140, 300),
           ("NVIDIA A100-SXM4-80GB", 81920, 400))
 USERS = ("ana", "bo", "chen", "dmitri", "eva", "farid", "grace", "hiro", "ines")
@@ -181,8 +188,30 @@ def delta(before, after):
             "styles": after["RecalcStyleCount"] - before["RecalcStyleCount"]}
 
 
-def measure(url, args):
-    """Open `url` in a fresh headless Chromium and read its counters: visible, then hidden behind another tab."""
+def record_trace(browser, page):
+    """Trace the page for TRACE_S; return the trace file and its main thread's biggest slices, in ms a second."""
+    path = tempfile.NamedTemporaryFile(prefix="bench-page-trace-", suffix=".json", delete=False).name
+    browser.start_tracing(page=page, path=path, categories=TRACE_CATEGORIES)
+    time.sleep(TRACE_S)
+    browser.stop_tracing()
+    trace = json.loads(Path(path).read_text())
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    main = {(e["pid"], e["tid"]) for e in events
+            if e.get("name") == "thread_name" and e.get("args", {}).get("name") == "CrRendererMain"}
+    slices = collections.defaultdict(lambda: [0, 0, 0])  # name -> [wall µs, CPU µs, count]
+    for e in events:
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in main and e["name"] not in TRACE_WRAPPERS:
+            totals = slices[e["name"]]
+            totals[0], totals[1], totals[2] = totals[0] + e.get("dur", 0), totals[1] + e.get("tdur", 0), totals[2] + 1
+    top = sorted(slices.items(), key=lambda item: -item[1][1])[:TRACE_TOP]
+    return path, [(name, wall / 1000 / TRACE_S, cpu / 1000 / TRACE_S, n) for name, (wall, cpu, n) in top]
+
+
+def measure(url, args, cpu):
+    """Open `url` in a fresh headless Chromium and read its counters: visible, then hidden behind another tab.
+
+    cpu() returns the CPU seconds spent so far by the machine and by each part of the bench, by name.
+    """
     from playwright.sync_api import sync_playwright
     profile = tempfile.mkdtemp(prefix="bench-page-chromium-")
     chromium, endpoint = start_chromium(profile)
@@ -203,12 +232,17 @@ def measure(url, args):
             cdp.send("Performance.enable")
             time.sleep(args.page_warmup)
             samples, windows, started = [(0.0, after_gc(cdp))], [], time.monotonic()
+            spent = {**cpu(), "Chromium": harness.server_cpu_s(chromium.pid)}
             # Each window lies between two collections, so the collections' own time counts in none.
             for _ in range(max(1, round(args.page_minutes * 60 / args.page_window))):
                 before = counters(cdp)
                 time.sleep(args.page_window)
                 windows.append(delta(before, counters(cdp)))
                 samples.append((time.monotonic() - started, after_gc(cdp)))
+            spent = {part: seconds - spent[part] for part, seconds in
+                     {**cpu(), "Chromium": harness.server_cpu_s(chromium.pid)}.items()}
+            spent["wall"] = time.monotonic() - started
+            trace = record_trace(browser, page) if args.page_trace else None
             other = context.new_page()
             other.bring_to_front()
             hidden_as = wait_for_visibility(page, "hidden")
@@ -223,7 +257,7 @@ def measure(url, args):
         stop_chromium(chromium)
         shutil.rmtree(profile, ignore_errors=True)
     return {"windows": windows, "samples": samples, "hidden": hidden, "hidden_as": hidden_as,
-            "viewport": viewport, "errors": errors}
+            "viewport": viewport, "errors": errors, "spent": spent, "trace": trace}
 
 
 # ---- history: the page opens on a full live range, as on a server that has run for a while -------
@@ -284,13 +318,26 @@ def run(name, server_dir, args):
     try:
         devices.start()
         time.sleep(PUSH_INTERVAL_S + 1)  # every PC has pushed once
-        figures = measure(f"http://127.0.0.1:{port}{args.page_path}", args)
+        figures = measure(f"http://127.0.0.1:{port}{args.page_path}", args, lambda: {
+            "machine": harness.machine_busy_s(), "the server": harness.server_cpu_s(server.pid),
+            "the pushes": sum(os.times()[:2])})
     finally:
         harness.shut_down(server, devices, [])
     refused = sum(status != 200 for _, _, status in devices.pushes)
     print(f"{name}: the server in {server_dir} (log {log.name}); {len(devices.pushes)} pushes, {refused} refused; "
           f"viewport {figures['viewport']}; the page threw {len(figures['errors'])} errors"
           + (f", the first: {figures['errors'][0]}" if figures["errors"] else ""))
+    spent = figures["spent"]
+    spent["anything else"] = spent["machine"] - spent["Chromium"] - spent["the server"] - spent["the pushes"]
+    print(f"{name}: CPU while visible, in cores (of {os.cpu_count()}): "
+          + ", ".join(f"{part} {spent[part] / spent['wall']:.2f}"
+                      for part in ("machine", "Chromium", "the server", "the pushes", "anything else"))
+          + f"; load average at the end {os.getloadavg()[0]:.1f}")
+    if figures["trace"]:
+        path, top = figures["trace"]
+        print(f"{name}: the main thread's biggest slices (nested in one another) in a {TRACE_S:g}-s trace, {path}; "
+              "ms/s of CPU (of wall time), how many: "
+              + "; ".join(f"{slice} {cpu:.1f} ({wall:.1f}), {n}" for slice, wall, cpu, n in top))
     for label, key, unit in (("JS heap", "JSHeapUsedSize", 2**20), ("DOM nodes", "Nodes", 1),
                              ("event listeners", "JSEventListeners", 1)):
         print(f"{name}: {label} after GC, every {args.page_window:g} s: "
@@ -299,6 +346,7 @@ def run(name, server_dir, args):
 
 
 def ms_s(value):
+    """Format milliseconds a second; '-' where this Chromium has no such counter."""
     return "-" if math.isnan(value) else f"{value:.1f}"
 
 
@@ -310,17 +358,21 @@ def visible_row(name, figures):
     def per_s(key):
         return sum(w[key] * w["seconds"] for w in windows) / seconds
     tasks = sorted(w["TaskDuration"] for w in windows)
-    return (f"| {name} | {per_s('TaskDuration'):.1f} ({tasks[0]:.1f}-{tasks[-1]:.1f}) | {ms_s(per_s('ThreadTime'))} "
+    return (f"| {name} | {per_s('TaskDuration'):.1f} ({tasks[0]:.1f}-{tasks[-1]:.1f}) "
+            f"| {ms_s(per_s('ThreadTime'))} "
             f"| {per_s('ScriptDuration'):.1f} | {per_s('LayoutDuration'):.1f} | {per_s('RecalcStyleDuration'):.1f} "
             f"| {ms_s(per_s('TaskOtherDuration'))} | {sum(w['layouts'] for w in windows) / seconds:.1f} |")
 
 
 def lasting_row(name, figures, minutes):
     """Return one Markdown row: what the page kept over the minutes, and what it did hidden."""
-    (_, first), (_, last), hidden = figures["samples"][0], figures["samples"][-1], figures["hidden"]
+    samples, hidden = figures["samples"], figures["hidden"]
+    (_, first), (_, middle), (_, last) = samples[0], samples[len(samples) // 2], samples[-1]
     heap = f"{first['JSHeapUsedSize'] / 2**20:.2f} → {last['JSHeapUsedSize'] / 2**20:.2f} MiB " \
            f"({(last['JSHeapUsedSize'] - first['JSHeapUsedSize']) / 2**20:+.2f})"
-    return (f"| {name} | {heap} in {minutes:g} min | {first['Nodes']:,.0f} → {last['Nodes']:,.0f} "
+    growth = (last["JSHeapUsedSize"] - middle["JSHeapUsedSize"]) / 2**20
+    return (f"| {name} | {heap} in {minutes:g} min | {growth:+.2f} MiB "
+            f"| {first['Nodes']:,.0f} → {last['Nodes']:,.0f} "
             f"| {hidden['TaskDuration']:.1f} | {ms_s(hidden['ThreadTime'])} | {hidden['ScriptDuration']:.1f} "
             f"| {hidden['layouts']:.0f} ({hidden['styles']:.0f}) in {hidden['seconds']:.0f} s |")
 
@@ -330,20 +382,20 @@ def page_cost(args):
     chromium_path()
     trees = ([("before", older_tree(args.before))] if args.before else []) + [("now", args.server_dir)]
     results = [(name, run(name, directory, args)) for name, directory in trees]
-    before = f" --before {args.before}" if args.before else ""
-    print(f"\n`make bench BENCH_ARGS=\"--page --page-path '{args.page_path}' --page-minutes {args.page_minutes:g}"
-          f"{before}\"`: {PCS} PCs x {GPUS} GPUs pushing every {PUSH_INTERVAL_S:g} s, Chromium {VIEWPORT['width']}x"
-          f"{VIEWPORT['height']}, headless; {os.cpu_count()} cores shared by the server, the pushes and Chromium; "
-          f"{args.page_warmup:g} s of warm-up, then {args.page_minutes:g} min visible in {args.page_window:g}-s windows "
-          f"(their range in brackets), then {args.page_hidden_s:g} s hidden behind a second tab "
+    print(f"\n`make bench BENCH_ARGS=\"{shlex.join(sys.argv[1:])}\"`: {PCS} PCs x {GPUS} GPUs pushing every "
+          f"{PUSH_INTERVAL_S:g} s, Chromium {VIEWPORT['width']}x{VIEWPORT['height']}, headless; {os.cpu_count()} cores "
+          f"shared by the server, the pushes, Chromium and whatever else runs; {args.page_warmup:g} s of warm-up, then "
+          f"{args.page_minutes:g} min visible in {args.page_window:g}-s windows (their range in brackets), then "
+          f"{args.page_hidden_s:g} s hidden behind a second tab "
           f"(document.visibilityState {results[-1][1]['hidden_as']!r}).\n")
     print("| page | main thread busy (TaskDuration), ms/s | its CPU (ThreadTime), ms/s | script, ms/s | layout, ms/s "
           "| style, ms/s | the rest (paint, compositing), ms/s | layouts/s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, figures in results:
         print(visible_row(name, figures))
-    print("\n| page | JS heap after GC, start → end | DOM nodes after GC | hidden: main thread busy, ms/s "
-          "| hidden: its CPU, ms/s | hidden: script, ms/s | hidden: layouts (style recalcs) |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| page | JS heap after GC, start → end | its change over the second half | DOM nodes after GC "
+          "| hidden: main thread busy, ms/s | hidden: its CPU, ms/s | hidden: script, ms/s "
+          "| hidden: layouts (style recalcs) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, figures in results:
         print(lasting_row(name, figures, args.page_minutes))
