@@ -401,22 +401,32 @@
     updateSeen(entry);
   }
 
-  // A hidden overview keeps only each PC's latest push and shows them when it is seen again: a tab
-  // in the background costs a JSON parse a push, no DOM work. (The detail goes on: its live charts
-  // keep every point, and draw nothing while hidden.)
-  const held = new Map(); // name -> its latest push while hidden
-  document.addEventListener("visibilitychange", () => {
+  // The overview shows pushes once a second, each PC's latest: 40 PCs pushing every 2 s would
+  // otherwise make a frame (style, layout, paint) of almost every push, 15 a second. Hidden, it
+  // keeps them until it is seen again: a tab in the background costs a JSON parse a push, no DOM
+  // work. A snapshot (the page opening, a reconnect) is shown at the next frame. The detail shows
+  // each push at once: its live charts keep every point, and draw nothing while hidden.
+  const SHOW_EVERY_MS = 1000;
+  const held = new Map(); // name -> its latest push not shown yet
+  let heldFrame = false;
+  function showHeld() {
     if (document.hidden) return;
     const pushes = [...held.values()];
     held.clear();
     for (const data of pushes) showPush(data);
-  });
+  }
+  document.addEventListener("visibilitychange", showHeld);
+  if (overview) setInterval(showHeld, SHOW_EVERY_MS);
 
   function onPush(data) {
     if (!data || typeof data.device !== "string") return;
     if (!data.snapshot) skewS = Date.now() / 1000 - data.receivedAt;
-    if (overview && document.hidden) held.set(data.device, data);
-    else showPush(data);
+    if (!overview) return showPush(data);
+    held.set(data.device, data);
+    if (data.snapshot && !heldFrame) {
+      heldFrame = true;
+      requestAnimationFrame(() => { heldFrame = false; showHeld(); });
+    }
   }
 
   function showPush(data) {
