@@ -54,7 +54,8 @@ def test_a_fleet_of_40_pcs_of_8_gpus_reads_in_two_screens_and_updates_in_place(s
     page = fleet_page
     server = start_server(PUSH_RATE_LIMIT="1000", DEVICE_KEYS=",".join(f"{d}:{k}" for d, k in FLEET.items()))
     for n, (device, key) in enumerate(FLEET.items(), 1):
-        assert server.push(multi(*(fleet_gpu(n, i) for i in range(8)), host=device), device=device, key=key).ok
+        assert server.push(dict(multi(*(fleet_gpu(n, i) for i in range(8)), host=device), system=SYSTEM),
+                           device=device, key=key).ok
     open_overview(page, server)
     expect(rows(page)).to_have_count(40)
     expect(cells(page)).to_have_count(320)
@@ -266,7 +267,8 @@ def test_a_click_opens_a_pcs_or_a_gpus_detail_at_its_own_url_and_back_keeps_the_
 def test_a_phone_shows_40_pcs_of_8_gpus_in_under_10_screens_without_sideways_scroll(start_server, browser):
     server = start_server(PUSH_RATE_LIMIT="1000", DEVICE_KEYS=",".join(f"{d}:{k}" for d, k in FLEET.items()))
     for n, (device, key) in enumerate(FLEET.items(), 1):
-        assert server.push(multi(*(fleet_gpu(n, i) for i in range(8)), host=device), device=device, key=key).ok
+        assert server.push(dict(multi(*(fleet_gpu(n, i) for i in range(8)), host=device), system=SYSTEM),
+                           device=device, key=key).ok
     context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
     page = context.new_page()
     open_overview(page, server)
