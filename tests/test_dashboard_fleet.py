@@ -131,6 +131,7 @@ def test_status_and_state_filters(start_server, page):
     for buttons, shown in [(["stale"], ["rig-5"]), (["problem"], ["rig-3", "rig-4"]),
                            (["online"], ["rig-1", "rig-2", "rig-4"]), (["online", "stale"], ["rig-1", "rig-2", "rig-4", "rig-5"]),
                            (["offline"], [])]:
+        fresh()  # rig-1 to rig-4 stay online (STALE_AFTER_S is 2 s) however long a step takes
         for name in buttons:
             page.locator(f'#overview [data-status="{name}"]').click()
         expect(rows(page)).to_have_text(shown)
