@@ -188,6 +188,14 @@ def delta(before, after):
             "styles": after["RecalcStyleCount"] - before["RecalcStyleCount"]}
 
 
+# How tall the document is, and how many chart canvases it holds and shows on the first screen.
+PAGE_SHAPE = """(() => {
+  const boxes = [...document.querySelectorAll("canvas")].map(c => c.getBoundingClientRect());
+  return {height: document.documentElement.scrollHeight, canvases: boxes.length,
+          seen: boxes.filter(b => b.width > 0 && b.bottom > 0 && b.top < innerHeight).length};
+})()"""
+
+
 def record_trace(browser, page):
     """Trace the page for TRACE_S; return the trace file and its main thread's biggest slices, in ms a second."""
     path = tempfile.NamedTemporaryFile(prefix="bench-page-trace-", suffix=".json", delete=False).name
@@ -228,6 +236,7 @@ def measure(url, args, cpu):
             page.goto(url)
             page.wait_for_function("document.querySelector('#connection').textContent === 'live'", timeout=30_000)
             viewport = page.evaluate("`${innerWidth}x${innerHeight}`")
+            shape = page.evaluate(PAGE_SHAPE)
             cdp = context.new_cdp_session(page)
             cdp.send("Performance.enable")
             time.sleep(args.page_warmup)
@@ -257,7 +266,7 @@ def measure(url, args, cpu):
         stop_chromium(chromium)
         shutil.rmtree(profile, ignore_errors=True)
     return {"windows": windows, "samples": samples, "hidden": hidden, "hidden_as": hidden_as,
-            "viewport": viewport, "errors": errors, "spent": spent, "trace": trace}
+            "viewport": viewport, "shape": shape, "errors": errors, "spent": spent, "trace": trace}
 
 
 # ---- history: the page opens on a full live range, as on a server that has run for a while -------
@@ -325,7 +334,9 @@ def run(name, server_dir, args):
         harness.shut_down(server, devices, [])
     refused = sum(status != 200 for _, _, status in devices.pushes)
     print(f"{name}: the server in {server_dir} (log {log.name}); {len(devices.pushes)} pushes, {refused} refused; "
-          f"viewport {figures['viewport']}; the page threw {len(figures['errors'])} errors"
+          f"viewport {figures['viewport']}; the document {figures['shape']['height']:,} px tall, "
+          f"{figures['shape']['canvases']} canvases, {figures['shape']['seen']} of them on the first screen; "
+          f"the page threw {len(figures['errors'])} errors"
           + (f", the first: {figures['errors'][0]}" if figures["errors"] else ""))
     spent = figures["spent"]
     spent["anything else"] = spent["machine"] - spent["Chromium"] - spent["the server"] - spent["the pushes"]
