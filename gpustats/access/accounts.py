@@ -14,6 +14,7 @@ made or SESSION_IDLE_S after it was last used.
 Every request asks who it is, so Accounts keeps what it read for CACHE_S: a change made on
 another worker or host (or by `python config.py`) takes effect within that.
 """
+import functools
 import os
 import re
 import secrets
@@ -64,8 +65,20 @@ def check_password(password):
 # 20 sign-ins a second took more than this machine's two cores (docs/PERFORMANCE.md). Hashes made
 # with other parameters (Werkzeug's default, pbkdf2) still verify: each hash names its own.
 METHOD = "scrypt:16384:8:1"
-# A hash of a password nobody has: checked against for unknown users, so their answer takes as long.
-_UNKNOWN = generate_password_hash(secrets.token_urlsafe(16), METHOD)
+
+
+@functools.cache
+def _unknown():
+    """Return a hash of a password nobody has: checked against for unknown users, so their answer takes as long.
+
+    Made at the first unknown name rather than at import: 70 ms of scrypt on every start of every worker.
+    """
+    return generate_password_hash(secrets.token_urlsafe(16), METHOD)
+
+
+def _check(stored, password):
+    """Check `password` against `stored`, or against _unknown() where there is none (on the hashing thread)."""
+    return check_password_hash(stored or _unknown(), password)
 
 
 def _background():
@@ -93,7 +106,7 @@ class Hasher:
 
     def verify(self, stored, password):
         """Return whether `password` matches the hash `stored` (None: an unknown user, checked all the same)."""
-        return self._worker.run(check_password_hash, stored or _UNKNOWN, password) and stored is not None
+        return self._worker.run(_check, stored, password) and stored is not None
 
 
 def lasts(session, now=None):
