@@ -11,10 +11,12 @@ RENDER = {"pid": 77, "name": "blender", "command": "blender scene.blend", "user"
 NOTEBOOK = {"pid": 9, "name": "python3", "command": "python3 notebook.py", "user": "alice", "memoryUsed": 2_000}
 
 
-def jobs_written(server, count):
-    """Wait until /api/jobs holds `count` jobs: the tracker writes off the push's path."""
-    wait_for(lambda: len(requests.get(server.url + "/api/jobs", timeout=5).json()["jobs"]) >= count, timeout=15,
-             interval=0.2)
+def jobs_written(server, count, ended=0):
+    """Wait until /api/jobs holds `count` jobs, `ended` of them ended: the tracker writes off the push's path."""
+    def written():
+        jobs = requests.get(server.url + "/api/jobs", timeout=5).json()["jobs"]
+        return len(jobs) >= count and sum(bool(job["ended"]) for job in jobs) >= ended
+    wait_for(written, timeout=15, interval=0.2)
 
 
 def test_the_jobs_page_lists_sorts_and_searches_jobs_and_reports_usage_per_user_and_pc(start_server, page):
@@ -24,7 +26,7 @@ def test_the_jobs_page_lists_sorts_and_searches_jobs_and_reports_usage_per_user_
     server.wait_past_last_push(1)
     server.push(multi(gpu(0, utilizationGpu=90, processes=[TRAIN]), gpu(1, utilizationGpu=90, processes=[TRAIN])))
     server.push(multi(gpu(0, utilizationGpu=60, processes=[RENDER])), device="rig-2")  # the notebook exited
-    jobs_written(server, 3)
+    jobs_written(server, 3, ended=1)  # not only written: the second pushes' end of the notebook too
     page.goto(server.url + "/jobs")
     rows = page.locator("#jobs tbody tr")
     expect(rows).to_have_count(3)
