@@ -287,7 +287,8 @@ def test_make_test_installs_once_and_again_when_the_requirements_change(tmp_path
 def test_bare_pytest_imports_the_top_level_modules():
     """`pytest` alone works, not only `python -m pytest` (issue: ModuleNotFoundError: payload)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTEST_ADDOPTS")}
-    result = subprocess.run([str(Path(sys.executable).parent / "pytest"), "-p", "no:cacheprovider", "-q",
+    # -n 0: one process, not pytest.ini's four, for one small file (6 s of four imports each, under load 13 s).
+    result = subprocess.run([str(Path(sys.executable).parent / "pytest"), "-p", "no:cacheprovider", "-q", "-n", "0",
                              "tests/test_stream_sse.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
