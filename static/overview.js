@@ -54,8 +54,15 @@ window.FleetOverview = (() => {
     return node;
   }
 
+  // A changed value goes into the node's own text node: no node made, none removed, no style to
+  // work out again; the text alone is laid out.
   function setText(node, text) {
-    if (node.textContent !== text) node.textContent = text;
+    const only = node.firstChild;
+    if (only && only.nodeType === Node.TEXT_NODE && !only.nextSibling) {
+      if (only.nodeValue !== text) only.nodeValue = text;
+    } else if (node.textContent !== text) {
+      node.textContent = text;
+    }
   }
 
   function since(s) {
