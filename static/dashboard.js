@@ -40,9 +40,12 @@
   // ---- formatting: a value the GPU did not report is a dash, never 0 ----------------------
   const {known, make, setText} = FleetOverview; // overview.js loads first: one copy of the DOM helpers
   const dash = "–";
-  const round = v => Math.round(v).toLocaleString("en-US");
+  // One formatter each, made once: toLocaleString makes one a call, and was half the overview's script.
+  const whole = new Intl.NumberFormat("en-US", {maximumFractionDigits: 0});
+  const tenths = new Intl.NumberFormat("en-US", {minimumFractionDigits: 1, maximumFractionDigits: 1});
+  const round = v => whole.format(Math.round(v));
   // Thousands separated as power's are: "3,432.9 / 7,676.3 GiB", not "3432.9 / 7676.3 GiB".
-  const gib = mib => (mib / 1024).toLocaleString("en-US", {minimumFractionDigits: 1, maximumFractionDigits: 1});
+  const gib = mib => tenths.format(mib / 1024);
   const show = {
     util: g => known(g.utilizationGpu) ? `${round(g.utilizationGpu)} %` : dash,
     mem: g => (known(g.memoryUsed) && known(g.memoryTotal) ? `${gib(g.memoryUsed)} / ${gib(g.memoryTotal)} GiB`
@@ -414,6 +417,7 @@
     const pushes = [...held.values()];
     held.clear();
     for (const data of pushes) showPush(data);
+    if (pushes.length) updateTotals(); // once for them all: it goes over the whole fleet
   }
   document.addEventListener("visibilitychange", showHeld);
   if (overview) setInterval(showHeld, SHOW_EVERY_MS);
@@ -436,7 +440,6 @@
     setStatus(entry, data.status || "online");
     overview?.push(data);
     cellAlerts(entry);
-    updateTotals();
     if (entry.card) showCard(entry, data, firstSight);
   }
 

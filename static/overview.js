@@ -54,8 +54,15 @@ window.FleetOverview = (() => {
     return node;
   }
 
+  // A changed value goes into the node's own text node: no node made, none removed, no style to
+  // work out again; the text alone is laid out.
   function setText(node, text) {
-    if (node.textContent !== text) node.textContent = text;
+    const only = node.firstChild;
+    if (only && only.nodeType === Node.TEXT_NODE && !only.nextSibling) {
+      if (only.nodeValue !== text) only.nodeValue = text;
+    } else if (node.textContent !== text) {
+      node.textContent = text;
+    }
   }
 
   function since(s) {
@@ -112,7 +119,7 @@ window.FleetOverview = (() => {
       const row = make("div", "pc online");
       row.dataset.device = name;
       const head = make("div", "pc-head", row);
-      pc = {name, row, status: "online", data: null, receivedAt: 0, cells: new Map(), visible: true,
+      pc = {name, row, status: "online", data: null, receivedAt: 0, cells: new Map(), visible: true, onScreen: true, due: false,
         glyph: make("span", "pc-glyph", head, "●"),
         link: make("a", "pc-name", head, name),
         label: make("span", "pc-status", head, ""), alert: make("span", "pc-alert", head, ""),
@@ -124,6 +131,7 @@ window.FleetOverview = (() => {
       order.push(name);
       sortDue = true;
       rows.append(row);
+      onScreen.observe(row); // on the screen until the observer says otherwise: drawn at once
       return pc;
     }
 
@@ -132,10 +140,11 @@ window.FleetOverview = (() => {
       if (cell) return cell;
       const node = make("li", "cell");
       node.dataset.index = String(index);
-      cell = {node, index, g: {}, state: "", flags: {}, freeSince: undefined, hotAlert: false, held: false, title: "", hay: "",
-        glyph: make("span", "glyph", node), id: make("a", "idx", node, String(index)),
-        util: make("span", "v util", node), mem: make("span", "v mem", node), temp: make("span", "v temp", node),
-        who: make("span", "who", node)};
+      const box = make("div", "cell-box", node);
+      cell = {node, index, g: {}, judged: "", state: "", flags: {}, freeSince: undefined, hotAlert: false, held: false, title: "", hay: null,
+        glyph: make("span", "glyph", box), id: make("a", "idx", box, String(index)),
+        util: make("span", "v util", box), mem: make("span", "v mem", box), temp: make("span", "v temp", box),
+        who: make("span", "who", box)};
       cell.id.href = detailHref(pc.name, index); // the whole cell is its link's target (CSS ::after)
       pc.cells.set(index, cell);
       // Cells stand by index; a new one goes before the first with a larger index.
@@ -157,7 +166,7 @@ window.FleetOverview = (() => {
     }
 
     function whoText(cell) {
-      if (cell.state === "free") {
+      if (cell.judged === "free") {
         return cell.freeSince === null ? "free since you opened the page"
           : `free for ${since(Date.now() / 1000 - cell.freeSince)}`;
       }
@@ -168,18 +177,33 @@ window.FleetOverview = (() => {
       return `${cell.held ? "⏸ held idle: " : ""}${people.filter(Boolean).join(", ")}`;
     }
 
-    function renderCell(pc, cell) {
-      const g = cell.g;
+    // A cell's state from its GPU's latest figures: what the filters, counts and search read.
+    function judgeCell(pc, cell) {
       const flags = flagsOf(pc, cell);
       cell.flags = flags;
       const state = Object.keys(STATES).find(s => flags[s]) || "used";
-      if (state === "free" && cell.state !== "free") {
+      if (state === "free" && cell.judged !== "free") {
         // Free from the first event this page saw: it cannot tell since when.
-        cell.freeSince = cell.seen ? Date.now() / 1000 : null;
+        cell.freeSince = cell.judged ? Date.now() / 1000 : null;
       } else if (state !== "free") {
         cell.freeSince = undefined;
       }
-      cell.seen = true;
+      cell.judged = state;
+      cell.hay = null; // made again when a search reads it
+    }
+
+    function hayOf(pc, cell) {
+      if (cell.hay === null) {
+        const processes = Array.isArray(cell.g.processes) ? cell.g.processes : [];
+        cell.hay = [`${pc.name}:${cell.index}`, cell.g.name, ...processes.flatMap(p => [p.user, p.name, p.command])]
+          .filter(s => typeof s === "string").join("\n").toLowerCase();
+      }
+      return cell.hay;
+    }
+
+    // Its figures into its nodes, each written only when it changed.
+    function drawCell(pc, cell) {
+      const g = cell.g, state = cell.judged;
       if (cell.state !== state) {
         cell.state = state;
         cell.node.className = `cell ${state}${cell.held ? " held" : ""}`;
@@ -197,8 +221,6 @@ window.FleetOverview = (() => {
         ...(g.error ? [g.error] : []),
         ...processes.slice(0, 5).map(p => `${p.user || "?"}: ${p.command || p.name || "?"} (${p.pid ?? "?"})`)].join("\n");
       if (cell.title !== title) { cell.title = title; cell.node.title = title; }
-      cell.hay = [`${pc.name}:${cell.index}`, g.name, ...processes.flatMap(p => [p.user, p.name, p.command])]
-        .filter(s => typeof s === "string").join("\n").toLowerCase();
     }
 
     // ---- the view: search, filters, sort ----------------------------------------------------------
@@ -215,7 +237,7 @@ window.FleetOverview = (() => {
       const nameOk = !q || pc.name.toLowerCase().includes(q);
       let shown = 0;
       for (const cell of pc.cells.values()) {
-        const on = statusOk && (nameOk || cell.hay.includes(q))
+        const on = statusOk && (nameOk || hayOf(pc, cell).includes(q))
           && (!view.state.length || view.state.some(s => cell.flags[s]));
         if (cell.node.hidden === on) cell.node.hidden = !on;
         if (on) shown += 1;
@@ -310,7 +332,20 @@ window.FleetOverview = (() => {
       });
     }
 
+    // A PC's cells judged, its row filtered, and drawn if it is on the screen (or near it); a row
+    // off it keeps only its latest state, drawn when it scrolls in. Its figures change every push,
+    // and a changed figure is layout and paint, even where nobody sees it.
     function renderPc(pc) {
+      for (const cell of pc.cells.values()) judgeCell(pc, cell);
+      applyView(pc);
+      if (pc.onScreen) drawPc(pc);
+      else pc.due = true;
+      if (view.sort !== "name") sortDue = true;
+      later();
+    }
+
+    function drawPc(pc) {
+      pc.due = false;
       const status = pcStatus(pc);
       if (!pc.row.classList.contains(status)) {
         pc.row.classList.remove(...STATUSES);
@@ -322,11 +357,17 @@ window.FleetOverview = (() => {
       const host = hostLine(pc.data && pc.data.system);
       setText(pc.host, host.text);
       if (pc.hostTitle !== host.title) { pc.hostTitle = host.title; pc.host.title = host.title; }
-      for (const cell of pc.cells.values()) renderCell(pc, cell);
-      applyView(pc);
-      if (view.sort !== "name") sortDue = true;
-      later();
+      for (const cell of pc.cells.values()) drawCell(pc, cell);
     }
+
+    const onScreen = new IntersectionObserver(entries => {
+      for (const entry of entries) {
+        const pc = pcs.get(entry.target.dataset.device);
+        if (!pc || pc.row !== entry.target) continue;
+        pc.onScreen = entry.isIntersecting;
+        if (pc.onScreen && pc.due) drawPc(pc);
+      }
+    }, {rootMargin: "200px 0px"}); // drawn a little before it scrolls in
 
     return {
       push(data) { // an accepted push or a snapshot's state of one PC
@@ -352,6 +393,7 @@ window.FleetOverview = (() => {
       remove(name) {
         const pc = pcs.get(name);
         if (!pc) return;
+        onScreen.unobserve(pc.row);
         pc.row.remove();
         pcs.delete(name);
         order = order.filter(n => n !== name);
@@ -385,7 +427,11 @@ window.FleetOverview = (() => {
       tick() { // once a second: how long free GPUs have been free; a hidden tab does nothing
         if (document.hidden) return;
         for (const pc of pcs.values()) {
-          for (const cell of pc.cells.values()) if (cell.state === "free") setText(cell.who, whoText(cell));
+          for (const cell of pc.cells.values()) {
+            if (cell.judged !== "free") continue;
+            if (pc.onScreen) setText(cell.who, whoText(cell));
+            else pc.due = true;
+          }
         }
         if (sortDue && view.sort === "seen") sortRows();
       },

@@ -86,6 +86,33 @@ def test_a_fleet_of_40_pcs_of_8_gpus_reads_in_two_screens_and_updates_in_place(s
     assert node.evaluate("n => n.isConnected") and page.evaluate("document.querySelectorAll('#overview *').length") == nodes
 
 
+def test_a_row_below_the_screen_shows_the_latest_push_once_scrolled_to(start_server, fleet_page):
+    # Rows off the screen are drawn when they come into view (issue 32: a push nobody sees costs
+    # no layout): what the user scrolls to is the latest, however many pushes it missed.
+    page = fleet_page
+    server = start_server(PUSH_RATE_LIMIT="1000", DEVICE_KEYS=",".join(f"{d}:{k}" for d, k in FLEET.items()))
+    for n, (device, key) in enumerate(FLEET.items(), 1):
+        assert server.push(multi(*(fleet_gpu(n, i) for i in range(8)), host=device), device=device, key=key).ok
+    open_overview(page, server)
+    expect(cells(page)).to_have_count(320)
+    last = cell(page, "pc-40", 0)
+    expect(last).not_to_be_in_viewport()
+    free = int(page.locator("#free-gpus .n").text_content())
+    assert fleet_gpu(40, 1)["utilizationGpu"] == 0  # pc-40's GPU 1 is free: taken below
+    for util in (31, 32, 33):
+        server.push(multi(gpu(0, utilizationGpu=util, processes=[{"pid": 9, "name": "late.py", "user": "zoe"}]),
+                          gpu(1, utilizationGpu=util), *(fleet_gpu(40, i) for i in range(2, 8)), host="pc-40"),
+                    device="pc-40", key=FLEET["pc-40"])
+    expect(page.locator("#free-gpus .n")).to_have_text(str(free - 1))  # counts follow every push, seen or not
+    expect(last).not_to_be_in_viewport()
+    last.scroll_into_view_if_needed()
+    expect(last.locator(".util")).to_have_text("33%")
+    expect(last.locator(".who")).to_have_text("zoe late.py")
+    expect(last).to_have_class("cell busy")
+    page.locator("#search").fill("zoe")  # and search finds what was pushed while it was off the screen
+    expect(rows(page)).to_have_text(["pc-40"])
+
+
 def test_search_narrows_as_you_type_by_pc_gpu_user_or_process(server, page):
     server.push(multi(gpu(0, name="NVIDIA RTX 4090", processes=[{"pid": 1, "name": "python3", "user": "ana",
                                                                  "command": "python3 train.py", "startedAt": 1.7e9}]),
