@@ -42,7 +42,7 @@ SUMS = ("util", "util_n", "mem", "mem_n", "temp", "temp_n", "power", "power_n", 
 PUT_SECOND = ("INSERT INTO second VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id, t) DO UPDATE SET util = excluded.util, "
               "mem = excluded.mem, temp = excluded.temp, power = excluded.power, joules = joules + excluded.joules")
 # A write's samples, one row each, from which SQLite sums the minute and hour buckets itself, off the GIL:
-# 31 % less CPU a write than sums kept in Python dicts (docs/PERFORMANCE.md). Ints stay ints (sum()), as before.
+# less CPU a write than sums kept in Python dicts (docs/PERFORMANCE.md). Ints stay ints (sum()), as before.
 BATCH = "CREATE TEMP TABLE IF NOT EXISTS batch (id INTEGER, t INTEGER, util, mem, temp, power, joules)"
 PUT_SAMPLE = "INSERT INTO batch VALUES (?, ?, ?, ?, ?, ?, ?)"
 ADD_BUCKETS = ("INSERT INTO {table} SELECT id, t - t % {step}, "
