@@ -73,6 +73,7 @@ def create_app(overrides=None):
     register_devices(app, config, registry, fleet, history, lambda: public_url(config))
     register_stream(app, config, broadcaster)
     register_alerts(app, fleet)
+    # POST /push-sse is answered in front of Flask (ingest/routes.py): its request machinery was a third of a push.
     register_ingest(app, config, registry, fleet, parts.push_limits, parts.bad_key_limits, parts.counters)
     register_history(app, config, history, known_devices=known_devices)
     register_jobs(app, config, parts.jobs)

@@ -5,11 +5,7 @@ from pathlib import Path
 
 from flask import g, jsonify, render_template, request, url_for
 
-# No inline script or style, nothing from other origins: the page works with no CDN access.
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
-SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-                    "X-Frame-Options": "DENY", "Content-Security-Policy": CSP}
+from gpustats.web import SECURITY_HEADERS
 YEAR_S = 365 * 24 * 3600
 
 

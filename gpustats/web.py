@@ -1,5 +1,6 @@
 """What every route shares: the JSON error answer, the client's address through trusted proxies, the app-wide error handlers."""
 import ipaddress
+import json
 import logging
 import re
 import unicodedata
@@ -11,6 +12,12 @@ from werkzeug.exceptions import HTTPException
 from gpustats.scaleout import Unavailable
 
 log = logging.getLogger("gpustats")
+# Every answer carries these (pages.py adds them in Flask; the push route, outside it, writes them itself).
+# No inline script or style, nothing from other origins: the page works with no CDN access.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                    "X-Frame-Options": "DENY", "Content-Security-Policy": CSP}
 
 
 def client_address(remote_addr, forwarded_for, trusted_proxies):
@@ -61,6 +68,14 @@ def error(status, message, field=None, headers=None):
     if field:
         body["field"] = field
     return jsonify(body), status, headers or {}
+
+
+def error_body(message, field=None):
+    """Return error()'s body as bytes, byte for byte as jsonify writes it: for answers made outside Flask."""
+    body = {"ok": False, "error": message}
+    if field:
+        body["field"] = field
+    return (json.dumps(body, ensure_ascii=True, sort_keys=True, separators=(",", ":")) + "\n").encode()
 
 
 def is_https(trusted_proxies):

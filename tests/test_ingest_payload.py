@@ -230,3 +230,15 @@ def test_the_routes_one_pass_parse_answers_as_decode_then_validate(body):
         except payload.PushError as error:
             return ("refused", error.field, str(error))
     assert answer(lambda: payload.parse(body)) == answer(lambda: payload.validate(payload.decode(body)))
+
+
+@pytest.mark.parametrize("message, field", [("unknown device key", None), ("gpus[0].name: too long", "gpus[0].name"),
+                                            ("rig-ü pushes faster than 5/s", None), ('a "quoted" \\ word', "body")])
+def test_the_push_routes_error_bodies_are_flasks_byte_for_byte(message, field):
+    # POST /push-sse answers outside Flask (issue 35); its errors must read as web.error()'s jsonify wrote them.
+    from flask import Flask
+
+    from gpustats.web import error, error_body
+    with Flask(__name__).app_context():
+        response, status, headers = error(400, message, field=field)
+    assert error_body(message, field) == response.get_data()

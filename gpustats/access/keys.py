@@ -10,12 +10,12 @@ def _digest(secret):
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
-def presented_key(headers):
-    """Return the key from `Authorization: Bearer` or `X-API-Key`, or None."""
-    scheme, _, value = headers.get("Authorization", "").partition(" ")
+def presented_key(authorization, api_key):
+    """Return the key from an `Authorization: Bearer` header's value, else from an `X-API-Key` header's, or None."""
+    scheme, _, value = authorization.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return headers.get("X-API-Key", "").strip() or None
+    return api_key.strip() or None
 
 
 def basic_login(header):

@@ -47,6 +47,25 @@ class RawJSON(str):
     """A value already encoded as JSON (a series SQLite built), to be sent as it is."""
 
 
+class Seconds:
+    """Samples gathered between two writes: each second's newest values, and every sample as it came (for SQL's sums)."""
+
+    def __init__(self):
+        self.seconds = {}  # (device, gpu, second) -> [*values, joules]: the newest values win, joules add
+        self.samples = []  # (device, gpu, second, *values, joules), each sample
+        self.gpus = {}  # (device, gpu) -> (uuid, name), the latest seen
+
+    def add(self, device, gpu, t, joules):
+        """Add one GPU's sample, (index, uuid, name, *FIELDS values), with the joules drawn since its last."""
+        index, uuid, name, util, mem, temp, power = gpu
+        self.gpus[(device, index)] = (uuid, name)
+        second = math.floor(t)
+        key = (device, index, second)
+        kept = self.seconds.get(key)
+        self.seconds[key] = [util, mem, temp, power, joules + kept[-1] if kept else joules]
+        self.samples.append((device, index, second, util, mem, temp, power, joules))
+
+
 class Batch:
     """Samples gathered between two writes: each second's newest values, and minute and hour sums."""
 
