@@ -57,13 +57,18 @@ class Seconds:
 
     def add(self, device, gpu, t, joules):
         """Add one GPU's sample, (index, uuid, name, *FIELDS values), with the joules drawn since its last."""
-        index, uuid, name, util, mem, temp, power = gpu
-        self.gpus[(device, index)] = (uuid, name)
-        second = math.floor(t)
-        key = (device, index, second)
-        kept = self.seconds.get(key)
-        self.seconds[key] = [util, mem, temp, power, joules + kept[-1] if kept else joules]
-        self.samples.append((device, index, second, util, mem, temp, power, joules))
+        self.samples.append((device, *newest(self, device, gpu, t, joules), joules))
+
+
+def newest(batch, device, gpu, t, joules):
+    """Keep one GPU's sample as its second's newest in `batch` (joules add up); return (index, second, *values)."""
+    index, uuid, name, util, mem, temp, power = gpu
+    batch.gpus[(device, index)] = (uuid, name)
+    second = math.floor(t)
+    key = (device, index, second)
+    kept = batch.seconds.get(key)
+    batch.seconds[key] = [util, mem, temp, power, joules + kept[-1] if kept else joules]
+    return index, second, util, mem, temp, power
 
 
 class Batch:
@@ -81,12 +86,7 @@ class Batch:
 
         Written out for the four FIELDS: a fleet of 2,000 PCs adds 8,000 of these a second.
         """
-        index, uuid, name, util, mem, temp, power = gpu
-        self.gpus[(device, index)] = (uuid, name)
-        second = math.floor(t)
-        key = (device, index, second)
-        kept = self.seconds.get(key)
-        self.seconds[key] = [util, mem, temp, power, joules + kept[-1] if kept else joules]
+        index, second, util, mem, temp, power = newest(self, device, gpu, t, joules)
         for buckets, start in ((self._minutes, second - second % 60), (self._hours, second - second % 3600)):
             key = (device, index, start)
             sums = buckets.get(key)
