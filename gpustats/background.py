@@ -16,6 +16,8 @@ def watch(name, period_s, work, closed):
         failing, repeats = None, 0
         while not closed():
             time.sleep(period_s)
+            if closed():  # closed while it slept: its store may be gone, and a last round would only fail
+                return
             try:
                 work()
             except Exception as problem:  # never silently gone: say so loudly, and keep going

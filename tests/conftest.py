@@ -228,10 +228,24 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
 
+# In-process apps of the running test (make_app), closed before its Redis is killed: an app whose
+# Redis is gone fails its background rounds, and a traceback formatted in one of those threads
+# while the next test builds its routes meets CPython 3.11.7's AST bug (python/cpython#106905).
+APPS = []
+
+
+def close_apps():
+    """Stop the background work of every in-process app the running test made."""
+    while APPS:
+        for part in APPS.pop().extensions["gpustats"].values():
+            getattr(part, "close", lambda: None)()
+
+
 @pytest.fixture
 def redis_server(tmp_path):
     server = RedisServer(tmp_path).start()
     yield server
+    close_apps()  # the test's apps first: they may still be using it
     server.kill()
 
 
@@ -395,17 +409,14 @@ def make_app(monkeypatch, tmp_path):
     """Build isolated apps in this process from settings (over the suite's devices, history in tmp_path); stop their background work after."""
     from app import create_app
     monkeypatch.setenv("ENV_FILE", os.devnull)
-    apps = []
 
     def make(**settings):
         app = create_app({"DEVICE_KEYS": ",".join(f"{d}:{k}" for d, k in KEYS.items()),
                           "HISTORY_DB": str(tmp_path / "history.sqlite3"), **settings})
-        apps.append(app)
+        APPS.append(app)
         return app
     yield make
-    for app in apps:
-        for part in app.extensions["gpustats"].values():
-            getattr(part, "close", lambda: None)()
+    close_apps()
 
 
 @pytest.fixture

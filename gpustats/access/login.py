@@ -126,6 +126,11 @@ class Access:
         self._basic_ok = {}  # digest of a user's right Basic login -> (when, password epoch)
         self._used = {}  # credential or session id -> when its "last used" was written
         self._hashing = {}  # address -> passwords from it being checked now
+        self.closed = False
+
+    def close(self):
+        """Stop the sweep of open streams (an app made and dropped in one process, as the tests make them)."""
+        self.closed = True
 
     def address(self):
         return client_address(request.remote_addr, request.headers.get("X-Forwarded-For"),
@@ -312,7 +317,7 @@ def register_login(app, config, accounts, hasher, throttle):
     access = Access(config, accounts, hasher, throttle)
     app.extensions.setdefault("gpustats", {})["access"] = access
     app.register_blueprint(bp)
-    watch("session-sweep", 1.0, lambda: access.open_streams.sweep(access.still_valid), lambda: False)
+    watch("session-sweep", 1.0, lambda: access.open_streams.sweep(access.still_valid), lambda: access.closed)
 
 
 def _access():
