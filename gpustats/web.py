@@ -6,7 +6,7 @@ import re
 import unicodedata
 from datetime import datetime, timezone
 
-from flask import g, jsonify, request
+from flask import current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 from gpustats.scaleout import Unavailable
@@ -64,14 +64,11 @@ def requester_key(trusted_proxies):
 
 def error(status, message, field=None, headers=None):
     """Return a JSON error answer: {"ok": false, "error": message, "field": field}."""
-    body = {"ok": False, "error": message}
-    if field:
-        body["field"] = field
-    return jsonify(body), status, headers or {}
+    return current_app.response_class(error_body(message, field), mimetype="application/json"), status, headers or {}
 
 
 def error_body(message, field=None):
-    """Return error()'s body as bytes, byte for byte as jsonify writes it: for answers made outside Flask."""
+    """Return a JSON error's body as bytes, as jsonify writes it: error()'s, and the push route's outside Flask."""
     body = {"ok": False, "error": message}
     if field:
         body["field"] = field

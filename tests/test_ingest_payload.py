@@ -235,10 +235,12 @@ def test_the_routes_one_pass_parse_answers_as_decode_then_validate(body):
 @pytest.mark.parametrize("message, field", [("unknown device key", None), ("gpus[0].name: too long", "gpus[0].name"),
                                             ("rig-ü pushes faster than 5/s", None), ('a "quoted" \\ word', "body")])
 def test_the_push_routes_error_bodies_are_flasks_byte_for_byte(message, field):
-    # POST /push-sse answers outside Flask (issue 35); its errors must read as web.error()'s jsonify wrote them.
-    from flask import Flask
+    # POST /push-sse answers outside Flask (issue 35), and web.error() writes the same body: both must read
+    # as Flask's jsonify wrote them.
+    from flask import Flask, jsonify
 
     from gpustats.web import error, error_body
     with Flask(__name__).app_context():
+        flasks = jsonify({"ok": False, "error": message, **({"field": field} if field else {})}).get_data()
         response, status, headers = error(400, message, field=field)
-    assert error_body(message, field) == response.get_data()
+    assert error_body(message, field) == flasks == response.get_data()
