@@ -130,6 +130,17 @@ def history_requests(page):
     return seen
 
 
+def asked_for(page, asked, count, timeout=5):
+    """Wait until the page has made `count` api/history requests, and check it made no more.
+
+    Playwright's sync API hands the test a page's events only while the test is inside one of its
+    calls, so the wait is one: a request made after the last call would never reach `asked`."""
+    deadline = time.monotonic() + timeout
+    while len(asked) < count and time.monotonic() < deadline:
+        page.wait_for_timeout(20)
+    assert len(asked) == count, asked
+
+
 def written(server, points, device="rig-1", auth=None):
     """Wait until api/history holds `points` points of the device's GPU 0 (history is written in batches)."""
     def count():
@@ -210,6 +221,7 @@ def test_values_and_charts_update_live_and_the_dom_does_not_grow(start_server, p
     server = start_server(PUSH_RATE_LIMIT="1000", HISTORY_S="30")  # 30 s across the chart: points apart
     for util in (10, 20, 30):
         server.push_as_new_history_point(multi(gpu(0, utilizationGpu=util)))
+    written(server, 3)  # history is written in batches: the page's one load must find all three
     open_dashboard(page, server)
     # The snapshot holds only the latest state: the two points before it come from api/history.
     expect(tile(page, "rig-1", 0).locator(".legend .util")).to_have_text("util %")
@@ -240,7 +252,7 @@ def test_the_live_chart_loads_history_from_the_api_with_a_time_and_a_value_axis(
     written(server, 3)
     open_dashboard(page, server)
     expect(page.locator('#ranges button[aria-pressed="true"]')).to_have_text("10 min")
-    wait_for(lambda: asked, timeout=5)
+    asked_for(page, asked, 1)
     assert asked[0] == {"device": "rig-1"}  # the live range: the server's HISTORY_S up to now
     labels = axis_labels(page, "rig-1", 0, lambda got: {"0", "50", "100"} <= set(got)
                          and len([t for t in got if CLOCK.match(t)]) >= 2)
@@ -260,6 +272,7 @@ def test_hovering_a_chart_shows_the_values_at_that_moment_in_real_units(start_se
         server.push_as_new_history_point(multi(gpu(0, utilizationGpu=90, memoryUsed=8192, temperatureGpu=81,
                                                    powerDraw=None)))
     last = server.answered_at
+    written(server, 4)
     open_dashboard(page, server)
     expect(legend(page, "rig-1", 0)).to_have_text(AT_REST)
     hover(page, "rig-1", 0, 0.02)  # left of every point: the nearest is the first
@@ -285,6 +298,7 @@ def test_a_stretch_without_data_is_drawn_as_a_gap(start_server, page):
     two_points()
     server.wait_past_last_push(3)  # no point for 3 s
     two_points()
+    written(server, 4)
     open_dashboard(page, server)  # the gap comes from api/history
     runs = wait_for(lambda: len(r := line_runs(page, "rig-1", 0)) == 2 and r, timeout=5, interval=0.2)
     px_per_s = tile(page, "rig-1", 0).locator(".u-over").bounding_box()["width"] / 30
@@ -300,9 +314,9 @@ def test_switching_ranges_loads_them_from_the_api_with_matching_axes(server, pag
     server.push(multi(gpu(0, utilizationGpu=55)))
     written(server, 1)
     open_dashboard(page, server)
-    wait_for(lambda: len(asked) == 1)
+    asked_for(page, asked, 1)
     page.get_by_role("button", name="24 h").click()
-    wait_for(lambda: len(asked) == 2)
+    asked_for(page, asked, 2)
     assert asked[1]["device"] == "rig-1" and int(asked[1]["to"]) - int(asked[1]["from"]) == 24 * 3600
     assert abs(int(asked[1]["to"]) - time.time()) < 5
     expect(page.get_by_role("button", name="24 h")).to_have_attribute("aria-pressed", "true")
@@ -313,7 +327,7 @@ def test_switching_ranges_loads_them_from_the_api_with_matching_axes(server, pag
 
     page.get_by_role("button", name="7 d").focus()  # the keyboard works too
     page.keyboard.press("Enter")
-    wait_for(lambda: len(asked) == 3)
+    asked_for(page, asked, 3)
     assert int(asked[2]["to"]) - int(asked[2]["from"]) == 7 * 86400
     labels = axis_labels(page, "rig-1", 0, lambda got: sum(bool(DATE.match(t)) for t in got) >= 2)
     dates = [t for t in labels if not t.isdigit()]
@@ -326,10 +340,10 @@ def test_switching_ranges_loads_them_from_the_api_with_matching_axes(server, pag
 
     page.reload()  # the range is kept in the URL
     expect(page.get_by_role("button", name="7 d")).to_have_attribute("aria-pressed", "true")
-    wait_for(lambda: len(asked) == 4)
+    asked_for(page, asked, 4)
     assert int(asked[3]["to"]) - int(asked[3]["from"]) == 7 * 86400
     page.get_by_role("button", name="10 min").click()
-    wait_for(lambda: len(asked) == 5)
+    asked_for(page, asked, 5)
     assert asked[4] == {"device": "rig-1"} and page.url.endswith("/?pc=rig-1")
     axis_labels(page, "rig-1", 0, lambda got: sum(bool(CLOCK.match(t)) for t in got) >= 2)
 
