@@ -457,6 +457,22 @@ def raw_exchange(port, request, close_write, timeout=5):
     return status, json.loads(rest[:length]) if is_json else None
 
 
+def dechunk(body):
+    """Return the payloads of the complete chunks in `body`; fail on bad framing."""
+    payloads, at = [], 0
+    while True:
+        end = body.find(b"\r\n", at)
+        if end < 0:
+            return payloads
+        size = int(body[at:end], 16)
+        assert size > 0, "an empty chunk would end the response"
+        if len(body) < end + 2 + size + 2:
+            return payloads
+        assert body[end + 2 + size:end + 4 + size] == b"\r\n", "chunk framing broken"
+        payloads.append(body[end + 2:end + 2 + size])
+        at = end + 4 + size
+
+
 def gpu(index=0, **fields):
     """Return one GPU object of a plausible RTX 3080 at load, with `fields` replaced."""
     return {"index": index, "uuid": f"GPU-5a1c0000-0000-0000-0000-00000000000{index}",

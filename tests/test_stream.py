@@ -1,6 +1,7 @@
 """GET /gpu/stream, /healthz and the viewer login on the real gunicorn server."""
 import base64
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -8,7 +9,7 @@ import time
 import pytest
 import requests
 
-from conftest import HEARTBEAT_S, PRIVATE, ROOT, gpu, multi, procfile_command
+from conftest import HEARTBEAT_S, PRIVATE, ROOT, dechunk, gpu, multi, procfile_command
 
 pytestmark = pytest.mark.both_backends
 
@@ -73,6 +74,39 @@ def test_device_filter_limits_snapshot_and_events(server, open_stream):
     for device in ("rig-1", "rig-3", "rig-1", "rig-2"):
         server.push(multi(), device=device)
     assert [stream.next()["data"]["device"] for _ in range(2)] == ["rig-3", "rig-2"]
+
+
+def test_a_stream_asked_for_every_second_gets_the_same_events_a_write_a_second(start_server, open_stream):
+    server = start_server(PUSH_RATE_LIMIT="1000", HEARTBEAT_S="5")  # a heartbeat due would be a write of its own
+    server.push(multi(), device="rig-1")
+    prompt = open_stream(server)
+    assert prompt.next()["data"]["snapshot"] is True
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /gpu/stream?every=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while b"\r\n\r\n" not in received or not dechunk(received.partition(b"\r\n\r\n")[2]):
+            received += sock.recv(65536)  # the headers, then the retry and the snapshot
+        time.sleep(1.05 - time.time() % 1)  # just past a whole second: the pushes below fall in one
+        sent = []
+        for n in range(5):
+            sent.append(server.push(multi(gpu(0, utilizationGpu=n)), device="rig-1").json()["id"])
+            time.sleep(0.1)
+        while received.count(b"\nid: ") < 6:  # the snapshot's, then the pushes'
+            received += sock.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
+    chunks = dechunk(body)
+    ids = [line[4:].decode() for line in b"".join(chunks[1:]).split(b"\n") if line.startswith(b"id: ")]
+    assert ids == sent == [prompt.next()["id"] for _ in range(5)]
+    assert len(chunks) - 1 <= 2, [c[:60] for c in chunks]  # one write for the second's pushes (two, should they straddle one)
+
+
+@pytest.mark.no_backend
+@pytest.mark.parametrize("every", ["0", "61", "1.5", "x", "", "\u00b2", "0001"])
+def test_a_stream_asked_for_a_bad_every_is_refused_with_a_message_naming_it(server, every):
+    answer = requests.get(server.url + "/gpu/stream", params={"every": every}, timeout=5)
+    assert answer.status_code == 400 and answer.json()["field"] == "every"
+    assert answer.json()["error"] == "every must be a whole number of seconds from 1 to 60"
 
 
 def test_heartbeat_comments_keep_an_idle_stream_alive(server, open_stream):

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from conftest import dechunk
 from gpustats.stream.broadcaster import Broadcaster
 from gpustats.stream.fanout import ParkedViewers, Viewer, chunk
 from gpustats.stream.viewer_socket import ViewerSocket, viewer_socket
@@ -24,7 +25,8 @@ def make(state=None, ring_size=64, heartbeat_s=30):
 class DirectViewer:
     """A stream with a socket: its first chunk and anything it yields go out as gunicorn would write them."""
 
-    def __init__(self, b, chunked=True, devices=None, buffer_bytes=None, last_event_id=None, try_send=None):
+    def __init__(self, b, chunked=True, devices=None, buffer_bytes=None, last_event_id=None, try_send=None,
+                 every=None):
         self.ours, self.theirs = socket.socketpair()
         if buffer_bytes:
             self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
@@ -33,7 +35,7 @@ class DirectViewer:
         direct = ViewerSocket(self.ours, chunked)
         direct.send_all = self._send_rest
         direct.try_send = try_send or direct.try_send
-        self.stream = b.subscribe(devices=devices, last_event_id=last_event_id, viewer_socket=direct)
+        self.stream = b.subscribe(devices=devices, last_event_id=last_event_id, viewer_socket=direct, every=every)
         self.writer = threading.Thread(target=self._write, daemon=True)
         self.writer.start()
 
@@ -59,22 +61,6 @@ class DirectViewer:
                 self.received += self.theirs.recv(1 << 16)
             except TimeoutError:
                 pass
-
-
-def dechunk(body):
-    """Return the payloads of the complete chunks in `body`; fail on bad framing."""
-    payloads, at = [], 0
-    while True:
-        end = body.find(b"\r\n", at)
-        if end < 0:
-            return payloads
-        size = int(body[at:end], 16)
-        assert size > 0, "an empty chunk would end the response"
-        if len(body) < end + 2 + size + 2:
-            return payloads
-        assert body[end + 2 + size:end + 4 + size] == b"\r\n", "chunk framing broken"
-        payloads.append(body[end + 2:end + 2 + size])
-        at = end + 4 + size
 
 
 def data_of(bodies):
@@ -156,6 +142,77 @@ def test_a_parked_viewer_gets_heartbeats_while_nothing_is_published():
     viewer = DirectViewer(b)
     viewer.read(lambda got: sum(body.startswith(b": heartbeat") for body in got) >= 2, timeout=3)
     b.close()
+
+
+def just_past_a_second():
+    """Sleep until 50 ms past the next whole second: what is published in the next 0.9 s falls in one second."""
+    time.sleep(1.05 - time.time() % 1)
+
+
+def test_a_paced_viewer_gets_what_came_in_a_second_in_one_write_the_same_bytes_as_the_others():
+    b, _ = make()
+    paced, prompt = DirectViewer(b, every=1), DirectViewer(b)
+    parked(b, 2)
+    just_past_a_second()
+    for n in range(6):  # 0.1 s apart, as a fleet's pushes come
+        b.publish("a", {"n": n})
+        time.sleep(0.1)
+    events = [f'{{"n":{n}}}' for n in range(6)]
+    prompt_bodies = prompt.read(lambda got: len(data_of(got)) == 6)
+    paced_bodies = paced.read(lambda got: len(data_of(got)) == 6, timeout=3)
+    assert data_of(paced_bodies) == data_of(prompt_bodies) == events
+    assert b"".join(paced_bodies[1:]) == b"".join(prompt_bodies[1:])  # ids included
+    # Every chunk is one write: after the first (retry and snapshot), one a second here, one an event there.
+    assert len(paced_bodies) - 1 <= 2 < len(prompt_bodies) - 1, (paced_bodies, prompt_bodies)
+    b.close()
+
+
+def test_a_paced_filtered_viewer_gets_only_its_devices_gathered():
+    b, _ = make()
+    viewer = DirectViewer(b, devices={"b"}, every=1)
+    parked(b, 1)
+    just_past_a_second()
+    for device in "abababab":
+        b.publish(device, {"from": device})
+        time.sleep(0.05)
+    bodies = viewer.read(lambda got: len(data_of(got)) == 4, timeout=3)
+    assert data_of(bodies) == ['{"from":"b"}'] * 4 and len(bodies) - 1 <= 2, bodies
+    b.close()
+
+
+def test_a_paced_viewer_gets_heartbeats_and_is_ended_by_close():
+    b, _ = make(heartbeat_s=0.2)
+    viewer = DirectViewer(b, every=1)
+    viewer.read(lambda got: sum(body.startswith(b": heartbeat") for body in got) >= 2, timeout=3)
+    b.close()
+    viewer.writer.join(2)
+    assert not viewer.writer.is_alive() and b.subscribers == 0
+
+
+def test_a_paced_viewer_without_a_socket_gathers_by_waiting_for_its_second():
+    b, _ = make()
+    stream, writes = b.subscribe(every=1), []  # a stream only gunicorn writes (TLS, say)
+
+    def write():
+        for data in stream:
+            writes.append(data)
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    deadline = time.monotonic() + 5
+    while not writes:  # the retry and the snapshot
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    just_past_a_second()
+    for n in range(6):
+        b.publish("a", {"n": n})
+        time.sleep(0.1)
+    while len(data_of(writes)) < 6:
+        assert time.monotonic() < deadline + 3, writes
+        time.sleep(0.01)
+    assert data_of(writes) == [f'{{"n":{n}}}' for n in range(6)] and len(writes) - 1 <= 2, writes
+    b.close()
+    writer.join(2)
+    assert not writer.is_alive()
 
 
 def test_reset_sends_parked_viewers_a_fresh_snapshot_and_close_ends_them():

@@ -132,6 +132,7 @@ class Broadcaster:
         self._tick_s = heartbeat_s / 4
         self._quiet_s = heartbeat_s - self._tick_s
         self._ticker = None
+        self._pacer = None  # started by the first viewer that asks for its events `every` so many seconds
         self.boot_id = boot_id or new_boot_id()
         self.subscribers = 0
 
@@ -177,22 +178,33 @@ class Broadcaster:
         while not self._closed:
             self._due.wait()
             self._due.clear()
-            started, more = time.monotonic(), True
-            while more:
-                with self._cond:
-                    if self._closed:
-                        return
-                    try:
-                        more = self._parked.write(self._seq, FAN_OUT_BATCH)
-                    except Exception:  # never silently gone: say so, and let every viewer write for itself
-                        log.exception("the fan-out failed; its viewers catch up by themselves")
-                        self._parked.wake_all()
-                        more = False
-                if more:
-                    time.sleep(0)  # let pushes, new viewers and leaving ones in
+            started = time.monotonic()
+            self._write_parked(None)
             took = time.monotonic() - started
             if took > 0.005:  # under load: rest, so events gather into fewer, larger writes
                 time.sleep(took * FAN_OUT_REST)
+
+    def _pace(self):
+        """At each whole second, write what is new to the parked viewers paced to it (see fanout.py), until closed."""
+        while not self._closed:
+            time.sleep(1 - time.time() % 1)
+            self._write_parked(round(time.time()))
+
+    def _write_parked(self, tick):
+        """One pass over the parked viewers due at `tick` (fanout.due), FAN_OUT_BATCH sends at a time."""
+        more = True
+        while more:
+            with self._cond:
+                if self._closed:
+                    return
+                try:
+                    more = self._parked.write(self._seq, FAN_OUT_BATCH, tick)
+                except Exception:  # never silently gone: say so, and let every viewer write for itself
+                    log.exception("the fan-out failed; its viewers catch up by themselves")
+                    self._parked.wake_all()
+                    more = False
+            if more:
+                time.sleep(0)  # let pushes, new viewers and leaving ones in
 
     def reset(self):
         """Send every subscriber a fresh snapshot: events may have been lost upstream."""
@@ -298,7 +310,8 @@ class Broadcaster:
                 taken += len(frame)
         return frames, seq
 
-    def subscribe(self, devices=None, last_event_id=None, retry_ms=3000, client=None, viewer_socket=None):
+    def subscribe(self, devices=None, last_event_id=None, retry_ms=3000, client=None, viewer_socket=None,
+                  every=None):
         """Admit one subscriber and return its stream: an iterator of byte chunks.
 
         Raises ViewerLimit when a cap is reached. Admission and counting are one step under
@@ -309,8 +322,11 @@ class Broadcaster:
 
         With `viewer_socket` (viewer_socket.py), events that find the viewer caught up are
         written to its socket by the fan-out (fanout.py); the stream writes the rest.
+
+        With `every` (whole seconds), what is published meanwhile is written at the whole seconds
+        it divides, in one write, rather than as it comes: the same events, fewer writes to read.
         """
-        stream = self._stream(devices, last_event_id, retry_ms, client, viewer_socket)
+        stream = self._stream(devices, last_event_id, retry_ms, client, viewer_socket, every)
         next(stream)  # raises ViewerLimit, or returns once admitted
         return stream
 
@@ -331,7 +347,7 @@ class Broadcaster:
         else:
             del self._per_client[client]
 
-    def _stream(self, devices, last_event_id, retry_ms, client, viewer_socket):
+    def _stream(self, devices, last_event_id, retry_ms, client, viewer_socket, every):
         with self._cond:
             self._admit(client)
         viewer = None
@@ -343,6 +359,9 @@ class Broadcaster:
                     self._ticker = threading.Thread(target=self._tick, name="heartbeat", daemon=True)
                     self._ticker.start()
                     threading.Thread(target=self._fan_out, name="fan-out", daemon=True).start()
+                if every and self._pacer is None:
+                    self._pacer = threading.Thread(target=self._pace, name="pacer", daemon=True)
+                    self._pacer.start()
                 seq = self._resume_seq(last_event_id)
                 # What it missed, CATCH_UP_BYTES at a time: the rest comes in the loop below.
                 missed = None if seq is None else self._since(seq, devices, CATCH_UP_BYTES)
@@ -352,7 +371,7 @@ class Broadcaster:
                 chunks, seq = [b"".join(missed[0])], missed[1]
             yield from _after(sse.retry(retry_ms), chunks)  # through gunicorn: it sends the headers first
             last_write = self._clock()
-            viewer = Viewer(viewer_socket, devices) if viewer_socket is not None else None
+            viewer = Viewer(viewer_socket, devices, every) if viewer_socket is not None else None
             while True:
                 rest = b""
                 with self._cond:
@@ -366,7 +385,16 @@ class Broadcaster:
                             seq, last_write, rest, viewer.rest = viewer.seq, viewer.last_write, viewer.rest, b""
                     if self._closed:
                         return
-                    news = self._since(seq, devices, CATCH_UP_BYTES) if seq != self._seq else ((), seq)
+                    # Paced, with news, and nothing writes for it: it waits for its second (a tick at most).
+                    gather = every and viewer is None and seq != self._seq
+                    if not gather:
+                        news = self._since(seq, devices, CATCH_UP_BYTES) if seq != self._seq else ((), seq)
+                if gather:
+                    time.sleep(min(every - time.time() % every, self._tick_s))
+                    with self._cond:
+                        if self._closed:
+                            return
+                        news = self._since(seq, devices, CATCH_UP_BYTES)
                 if rest:  # the end of an event the publisher began to send: before anything else
                     viewer_socket.send_all(rest)
                     last_write = self._clock()

@@ -7,6 +7,12 @@ no wake-up, generator step or gunicorn writer per viewer. A viewer is woken to w
 itself only when that is needed: its socket did not take the whole write, it fell a ring
 behind, it is due a heartbeat, or the stream is reset or closed.
 
+A viewer that asked for its events `every` so many seconds (`?every=` on the stream) is left
+out of those passes; the pacer's pass at each whole second its `every` divides sends it what
+came meanwhile in one write. A browser's cost is per write it reads far more than per byte
+(docs/PERFORMANCE.md, "The page in a browser"), so a page that shows changes once a second
+asks for them once a second.
+
 Every method but set_all() expects the broadcaster's lock to be held.
 """
 import threading
@@ -16,10 +22,11 @@ from itertools import islice
 class Viewer:
     """One parked stream: how to send to it, what it takes, and what it is owed once woken."""
 
-    __slots__ = ("send", "chunked", "devices", "seq", "last_write", "rest", "woken")
+    __slots__ = ("send", "chunked", "devices", "every", "seq", "last_write", "rest", "woken")
 
-    def __init__(self, viewer_socket, devices):
+    def __init__(self, viewer_socket, devices, every=None):
         self.send, self.chunked, self.devices = viewer_socket.try_send, viewer_socket.chunked, devices
+        self.every = every  # None: each pass writes to it; else only the pacer's, every so many seconds
         self.seq, self.last_write = 0, 0.0  # where it is, and when it was last written to
         self.rest = b""  # what a pass could not send at once: the viewer writes it before anything else
         self.woken = threading.Event()
@@ -28,6 +35,14 @@ class Viewer:
 def chunk(data):
     """Frame `data` as one HTTP/1.1 chunk, as gunicorn frames what a stream yields."""
     return b"%X\r\n%s\r\n" % (len(data), data)
+
+
+def due(every, tick):
+    """Whether a viewer paced `every` seconds (None: not paced) is written to by a pass at `tick`.
+
+    `tick` is None for the fan-out's passes, which follow publishing, or the whole second of a pacer's pass.
+    """
+    return every is None if tick is None else every is not None and tick % every == 0
 
 
 def _send(viewers, data, now):
@@ -49,7 +64,7 @@ class ParkedViewers:
     """The parked viewers: those of the whole stream in groups by position, the filtered ones alone.
 
     Viewers of every device at one position get the same bytes, so they are kept together
-    (keyed by (seq, chunked)) and their news is framed once per group. A pass sends to a
+    (keyed by (seq, chunked, every)) and their news is framed once per group. A pass sends to a
     bounded number of viewers at a time, so the fan-out can let pushes in between: a viewer
     always sits in the group of what it has been sent, and one that leaves while the pass
     waits is simply no longer there to be sent to.
@@ -58,7 +73,7 @@ class ParkedViewers:
     def __init__(self, since, clock):
         self._since = since  # (seq, devices) -> ([frames after seq], head), or None past the ring
         self._clock = clock
-        self._groups = {}  # (seq, chunked) -> {Viewer: None}, in the order they parked
+        self._groups = {}  # (seq, chunked, every) -> {Viewer: None}, in the order they parked
         self._filtered = set()
 
     def __bool__(self):
@@ -69,7 +84,7 @@ class ParkedViewers:
         viewer.seq, viewer.last_write = seq, last_write
         viewer.woken.clear()
         if viewer.devices is None:
-            self._groups.setdefault((seq, viewer.chunked), {})[viewer] = None
+            self._groups.setdefault((seq, viewer.chunked, viewer.every), {})[viewer] = None
         else:
             self._filtered.add(viewer)
 
@@ -85,19 +100,22 @@ class ParkedViewers:
                     del self._groups[key]
                 return
 
-    def write(self, head, budget):
-        """Send parked viewers what was published up to `head`, at most `budget` of them; True if some wait still."""
+    def write(self, head, budget, tick=None):
+        """Send parked viewers what was published up to `head`, at most `budget` of them; True if some wait still.
+
+        The viewers written to are those due() at `tick`: with None, those that are not paced.
+        """
         now = self._clock()
-        for key in [key for key in self._groups if key[0] != head]:
+        for key in [key for key in self._groups if key[0] != head and due(key[2], tick)]:
             budget = self._write_group(key, head, now, budget)
             if budget <= 0:
                 return True
-        for viewer in [viewer for viewer in self._filtered if viewer.seq != head]:
+        for viewer in [viewer for viewer in self._filtered if viewer.seq != head and due(viewer.every, tick)]:
             self._write_filtered(viewer, head, now)
         return False
 
     def _write_group(self, key, head, now, budget):
-        seq, chunked = key
+        seq, chunked, every = key
         group = self._groups[key]  # left in place while sending: whatever happens, wake_all() finds them
         news = self._since(seq, None)
         if news is None:  # a whole ring behind: each takes a fresh snapshot itself
@@ -124,13 +142,13 @@ class ParkedViewers:
                     del group[viewer]
                     self._wake_short(viewer, data, sent, head)
             del self._groups[key]
-        into = self._groups.get((head, chunked))
+        into = self._groups.get((head, chunked, every))
         if into is not None and len(into) >= len(moving):
             into.update(moving)
         elif moving:
             if into is not None:
                 moving.update(into)
-            self._groups[head, chunked] = moving
+            self._groups[head, chunked, every] = moving
         return budget
 
     def _wake_short(self, viewer, data, sent, head):
@@ -173,7 +191,7 @@ class ParkedViewers:
     def wake_all(self):
         """Wake every viewer, to write for itself (after a reset)."""
         groups, self._groups = self._groups, {}
-        for (seq, _), group in groups.items():
+        for (seq, _, _), group in groups.items():
             for viewer in group:
                 self._wake(viewer, seq)
         filtered, self._filtered = self._filtered, set()

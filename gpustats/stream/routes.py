@@ -1,4 +1,5 @@
 """GET /gpu/stream: Server-Sent Events for every viewer, through the broadcaster, and the origins allowed to read it."""
+import re
 import socket
 
 from flask import Response, request
@@ -11,6 +12,8 @@ CORS_PATHS = ("/gpu/stream", "/healthz")
 # Set in the environ of a request answered with a real stream: access/client_limits.py lifts the answer
 # deadline for it alone, not for this path's 401, 405 or 429, which a client could pipeline and never read.
 STREAMING = "gpustats.streaming"
+EVERY = re.compile(r"[0-9]{1,2}", re.ASCII)
+MOST_EVERY_S = 60
 
 
 def register_stream(app, config, broadcaster):
@@ -36,12 +39,17 @@ def register_stream(app, config, broadcaster):
         address = requester_key(config.trusted_proxies)
         devices = request.args.get("device")
         devices = {d.strip() for d in devices.split(",") if d.strip()} if devices else None
+        every = request.args.get("every")
+        if every is not None:
+            if not EVERY.fullmatch(every) or not 1 <= int(every) <= MOST_EVERY_S:
+                return error(400, f"every must be a whole number of seconds from 1 to {MOST_EVERY_S}", field="every")
+            every = int(every)
         if allowed_devices() is not None:  # a share link: its devices, and within them what was asked
             devices = set(allowed_devices()) & devices if devices is not None else set(allowed_devices())
         _drop_when_stuck(request.environ.get("gunicorn.socket"), config.viewer_timeout_s)
         try:
             chunks = broadcaster.subscribe(devices, request.headers.get("Last-Event-ID"), client=address,
-                                           viewer_socket=viewer_socket(request.environ))
+                                           viewer_socket=viewer_socket(request.environ), every=every)
         except ViewerLimit as refused:
             return error(refused.status, str(refused), headers={"Retry-After": "5"})
         request.environ[STREAMING] = True
