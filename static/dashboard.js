@@ -405,13 +405,17 @@
   }
 
   // The overview shows pushes once a second, each PC's latest: 40 PCs pushing every 2 s would
-  // otherwise make a frame (style, layout, paint) of almost every push, 15 a second. Hidden, it
-  // keeps them until it is seen again: a tab in the background costs a JSON parse a push, no DOM
-  // work. A snapshot (the page opening, a reconnect) is shown at the next frame. The detail shows
-  // each push at once: its live charts keep every point, and draw nothing while hidden.
-  const SHOW_EVERY_MS = 1000;
+  // otherwise make a frame (style, layout, paint) of almost every push, 15 a second. Its stream
+  // comes once a second too (?every=1), a second's pushes in one write: a browser's cost is per
+  // write it reads more than per byte. They are shown GATHER_MS after the first of them arrives,
+  // time enough for the rest of that write. Hidden, the page keeps them until it is seen again:
+  // a tab in the background costs a JSON parse a push, no DOM work. A snapshot (the page opening,
+  // a reconnect) is shown at the next frame. The detail shows each push at once: its live charts
+  // keep every point, and draw nothing while hidden.
+  const STREAM_EVERY_S = 1;
+  const GATHER_MS = 50;
   const held = new Map(); // name -> its latest push not shown yet
-  let heldFrame = false;
+  let heldFrame = false, heldTimer = 0;
   function showHeld() {
     if (document.hidden) return;
     const pushes = [...held.values()];
@@ -420,7 +424,6 @@
     if (pushes.length) updateTotals(); // once for them all: it goes over the whole fleet
   }
   document.addEventListener("visibilitychange", showHeld);
-  if (overview) setInterval(showHeld, SHOW_EVERY_MS);
 
   function onPush(data) {
     if (!data || typeof data.device !== "string") return;
@@ -430,6 +433,8 @@
     if (data.snapshot && !heldFrame) {
       heldFrame = true;
       requestAnimationFrame(() => { heldFrame = false; showHeld(); });
+    } else if (!data.snapshot && !heldTimer) {
+      heldTimer = setTimeout(() => { heldTimer = 0; showHeld(); }, GATHER_MS);
     }
   }
 
@@ -809,7 +814,10 @@
 
   function streamUrl() {
     const only = DETAIL || new URLSearchParams(location.search).get("device");
-    return only ? `gpu/stream?device=${encodeURIComponent(only)}` : "gpu/stream";
+    const params = new URLSearchParams(only ? {device: only} : {});
+    if (overview) params.set("every", String(STREAM_EVERY_S)); // it shows changes once a second: it asks for them so
+    const query = params.toString();
+    return query ? `gpu/stream?${query}` : "gpu/stream";
   }
 
   // A 401 means the session is over (signed out elsewhere, its password changed, a link revoked):
