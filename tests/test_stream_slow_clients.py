@@ -1,4 +1,5 @@
 """Viewers that never read or vanish cost the others nothing and are reaped."""
+import json
 import socket
 import statistics
 import time
@@ -42,10 +43,14 @@ def test_a_viewer_that_never_reads_does_not_slow_the_others_or_grow_memory(start
             assert reader.next()["id"] == event_id
         delays.append(time.monotonic() - sent)
     grown = rss_mib(server.worker_pid) - base
+    event_mib = len(json.dumps(big)) / 2**20
     print(f"200 stuck viewers: fan-out median {statistics.median(delays) * 1000:.1f} ms, "
-          f"max {max(delays) * 1000:.1f} ms; worker grew {grown:.1f} MiB")
+          f"max {max(delays) * 1000:.1f} ms; worker grew {grown:.1f} MiB, {grown / 200 / event_mib:.1f} events a viewer")
     assert statistics.median(delays) < 0.1 and max(delays) < 1.0
-    assert grown < 40, f"worker grew {grown:.0f} MiB"
+    # A stuck viewer pins the end of the event it began to send, the snapshot it fell back to a
+    # ring behind and gunicorn's framed copy of that: 3.3-3.4 events' worth each here, with the
+    # allocator's free space; a queue a viewer would hold all 400.
+    assert grown / 200 / event_mib < 5, f"worker grew {grown:.0f} MiB, {grown / 200 / event_mib:.1f} events a viewer"
     assert server.health()["subscribers"] == 203
     for sock in stuck:
         sock.close()
