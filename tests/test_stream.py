@@ -77,7 +77,7 @@ def test_device_filter_limits_snapshot_and_events(server, open_stream):
 
 
 def test_a_stream_asked_for_every_second_gets_the_same_events_a_write_a_second(start_server, open_stream):
-    server = start_server(PUSH_RATE_LIMIT="1000", HEARTBEAT_S="5")  # a heartbeat due would be a write of its own
+    server = start_server(PUSH_RATE_LIMIT="1000", HEARTBEAT_S="30")  # a heartbeat due would be a write of its own
     server.push(multi(), device="rig-1")
     prompt = open_stream(server)
     assert prompt.next()["data"]["snapshot"] is True
@@ -87,10 +87,11 @@ def test_a_stream_asked_for_every_second_gets_the_same_events_a_write_a_second(s
         while b"\r\n\r\n" not in received or not dechunk(received.partition(b"\r\n\r\n")[2]):
             received += sock.recv(65536)  # the headers, then the retry and the snapshot
         time.sleep(1.05 - time.time() % 1)  # just past a whole second: the pushes below fall in one
-        sent = []
+        sent, began = [], time.time()
         for n in range(5):
             sent.append(server.push(multi(gpu(0, utilizationGpu=n)), device="rig-1").json()["id"])
             time.sleep(0.1)
+        seconds = int(time.time()) - int(began) + 1  # the whole seconds the pushes were taken in
         while received.count(b"\nid: ") < 6:  # the snapshot's, then the pushes'
             received += sock.recv(65536)
     head, _, body = received.partition(b"\r\n\r\n")
@@ -98,15 +99,15 @@ def test_a_stream_asked_for_every_second_gets_the_same_events_a_write_a_second(s
     chunks = dechunk(body)
     ids = [line[4:].decode() for line in b"".join(chunks[1:]).split(b"\n") if line.startswith(b"id: ")]
     assert ids == sent == [prompt.next()["id"] for _ in range(5)]
-    assert len(chunks) - 1 <= 2, [c[:60] for c in chunks]  # one write for the second's pushes (two, should they straddle one)
+    assert len(chunks) - 1 <= seconds < 5, [c[:60] for c in chunks]  # a write a second, not one a push
 
 
 @pytest.mark.no_backend
-@pytest.mark.parametrize("every", ["0", "61", "1.5", "x", "", "\u00b2", "0001"])
+@pytest.mark.parametrize("every", ["0", "11", "1.5", "x", "", "\u00b2", "0001"])
 def test_a_stream_asked_for_a_bad_every_is_refused_with_a_message_naming_it(server, every):
     answer = requests.get(server.url + "/gpu/stream", params={"every": every}, timeout=5)
     assert answer.status_code == 400 and answer.json()["field"] == "every"
-    assert answer.json()["error"] == "every must be a whole number of seconds from 1 to 60"
+    assert answer.json()["error"] == "every must be a whole number of seconds from 1 to 10"
 
 
 def test_heartbeat_comments_keep_an_idle_stream_alive(server, open_stream):

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import dechunk
 from gpustats.stream.broadcaster import Broadcaster
-from gpustats.stream.fanout import ParkedViewers, Viewer, chunk
+from gpustats.stream.fanout import ParkedViewers, Viewer, chunk, due
 from gpustats.stream.viewer_socket import ViewerSocket, viewer_socket
 
 
@@ -189,6 +189,13 @@ def test_a_paced_viewer_gets_heartbeats_and_is_ended_by_close():
     assert not viewer.writer.is_alive() and b.subscribers == 0
 
 
+def test_a_pacer_pass_writes_to_the_viewers_whose_every_divides_a_second_it_covers():
+    assert due(None, None) and not due(1, None)  # the fan-out's passes: those not paced
+    assert due(1, (10, 11)) and not due(None, (10, 11))
+    assert due(2, (11, 12)) and not due(2, (10, 11))  # every other second
+    assert due(5, (13, 16)) and not due(5, (10, 14))  # a late pass, over 14-16, still covers 15
+
+
 def test_a_paced_viewer_without_a_socket_gathers_by_waiting_for_its_second():
     b, _ = make()
     stream, writes = b.subscribe(every=1), []  # a stream only gunicorn writes (TLS, say)
@@ -213,6 +220,29 @@ def test_a_paced_viewer_without_a_socket_gathers_by_waiting_for_its_second():
     b.close()
     writer.join(2)
     assert not writer.is_alive()
+
+
+def test_a_paced_viewer_without_a_socket_writes_all_it_has_at_its_second_not_a_piece():
+    b, _ = make(ring_size=256)
+    stream, writes = b.subscribe(every=1), []
+
+    def write():
+        for data in stream:
+            writes.append((time.time(), data))
+    threading.Thread(target=write, daemon=True).start()
+    deadline = time.monotonic() + 5
+    while not writes:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    just_past_a_second()
+    for n in range(100):  # 200 KB at once: over three CATCH_UP_BYTES pieces
+        b.publish("a", {"n": n, "pad": "x" * 2000})
+    while len(data_of([data for _, data in writes])) < 100:
+        assert time.monotonic() < deadline + 5, len(writes)
+        time.sleep(0.01)
+    seconds = {int(at) for at, _ in writes[1:]}
+    assert len(seconds) <= 2, f"written over {len(seconds)} seconds: a piece a second"
+    b.close()
 
 
 def test_reset_sends_parked_viewers_a_fresh_snapshot_and_close_ends_them():

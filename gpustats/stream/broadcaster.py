@@ -1,5 +1,6 @@
 """Fan events out to every subscriber through one condition variable and a bounded ring."""
 import logging
+import math
 import re
 import secrets
 import threading
@@ -128,6 +129,7 @@ class Broadcaster:
         self._size = ring_size
         self._seq = 0
         self._closed = False
+        self._ended = threading.Event()  # set with _closed: what sleeps on it (the pacer, a paced stream) wakes
         self._clock = clock
         self._tick_s = heartbeat_s / 4
         self._quiet_s = heartbeat_s - self._tick_s
@@ -185,20 +187,28 @@ class Broadcaster:
                 time.sleep(took * FAN_OUT_REST)
 
     def _pace(self):
-        """At each whole second, write what is new to the parked viewers paced to it (see fanout.py), until closed."""
-        while not self._closed:
-            time.sleep(1 - time.time() % 1)
-            self._write_parked(round(time.time()))
+        """At each whole second, write what is new to the parked viewers paced to it (see fanout.py), until closed.
 
-    def _write_parked(self, tick):
-        """One pass over the parked viewers due at `tick` (fanout.due), FAN_OUT_BATCH sends at a time."""
+        A pass covers the seconds since the last one: one that comes late (a busy hub) skips no viewer's second.
+        """
+        last = math.floor(time.time())
+        while not self._closed:
+            while (left := last + 1 - time.time()) > 0:
+                if self._ended.wait(left):
+                    return
+            now = math.floor(time.time())
+            self._write_parked((last, now))
+            last = now
+
+    def _write_parked(self, ticks):
+        """One pass over the parked viewers due in `ticks` (fanout.due), FAN_OUT_BATCH sends at a time."""
         more = True
         while more:
             with self._cond:
                 if self._closed:
                     return
                 try:
-                    more = self._parked.write(self._seq, FAN_OUT_BATCH, tick)
+                    more = self._parked.write(self._seq, FAN_OUT_BATCH, ticks)
                 except Exception:  # never silently gone: say so, and let every viewer write for itself
                     log.exception("the fan-out failed; its viewers catch up by themselves")
                     self._parked.wake_all()
@@ -219,6 +229,7 @@ class Broadcaster:
     def close(self):
         """End every stream, as on shutdown; takes no lock, so a signal handler may call it."""
         self._closed = True
+        self._ended.set()
         self._cond.wake_all()  # a waiter that misses this sees the flag at the next tick
         self._due.set()
         self._parked.set_all()
@@ -373,9 +384,10 @@ class Broadcaster:
             last_write = self._clock()
             viewer = Viewer(viewer_socket, devices, every) if viewer_socket is not None else None
             while True:
-                rest = b""
+                rest, waited = b"", False
                 with self._cond:
                     if seq == self._seq and not self._closed:
+                        waited = True
                         if viewer is None:
                             self._cond.wait()
                         else:
@@ -385,12 +397,16 @@ class Broadcaster:
                             seq, last_write, rest, viewer.rest = viewer.seq, viewer.last_write, viewer.rest, b""
                     if self._closed:
                         return
-                    # Paced, with news, and nothing writes for it: it waits for its second (a tick at most).
-                    gather = every and viewer is None and seq != self._seq
+                    # Paced, woken by news, and nothing writes for it: it waits for its second, or until a
+                    # heartbeat would be due, whichever comes first; then it writes all it has (not only
+                    # CATCH_UP_BYTES a second: a fleet publishing more would leave it ever further behind).
+                    gather = every and viewer is None and waited and seq != self._seq
                     if not gather:
                         news = self._since(seq, devices, CATCH_UP_BYTES) if seq != self._seq else ((), seq)
                 if gather:
-                    time.sleep(min(every - time.time() % every, self._tick_s))
+                    wait = min(every - time.time() % every, self._quiet_s - (self._clock() - last_write))
+                    if wait > 0 and self._ended.wait(wait):
+                        return
                     with self._cond:
                         if self._closed:
                             return

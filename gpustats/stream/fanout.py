@@ -9,7 +9,7 @@ behind, it is due a heartbeat, or the stream is reset or closed.
 
 A viewer that asked for its events `every` so many seconds (`?every=` on the stream) is left
 out of those passes; the pacer's pass at each whole second its `every` divides sends it what
-came meanwhile in one write. A browser's cost is per write it reads far more than per byte
+came meanwhile in one write. Woken for a heartbeat, it writes what it has then. A browser's cost is per write it reads far more than per byte
 (docs/PERFORMANCE.md, "The page in a browser"), so a page that shows changes once a second
 asks for them once a second.
 
@@ -37,12 +37,15 @@ def chunk(data):
     return b"%X\r\n%s\r\n" % (len(data), data)
 
 
-def due(every, tick):
-    """Whether a viewer paced `every` seconds (None: not paced) is written to by a pass at `tick`.
+def due(every, ticks):
+    """Whether a viewer paced `every` seconds (None: not paced) is written to by a pass over `ticks`.
 
-    `tick` is None for the fan-out's passes, which follow publishing, or the whole second of a pacer's pass.
+    `ticks` is None for the fan-out's passes, which follow publishing; for a pacer's pass, the whole
+    seconds (after, up to] it covers: a viewer is due if one of them is a multiple of its `every`.
     """
-    return every is None if tick is None else every is not None and tick % every == 0
+    if ticks is None:
+        return every is None
+    return every is not None and ticks[1] // every > ticks[0] // every
 
 
 def _send(viewers, data, now):
@@ -100,17 +103,17 @@ class ParkedViewers:
                     del self._groups[key]
                 return
 
-    def write(self, head, budget, tick=None):
+    def write(self, head, budget, ticks=None):
         """Send parked viewers what was published up to `head`, at most `budget` of them; True if some wait still.
 
-        The viewers written to are those due() at `tick`: with None, those that are not paced.
+        The viewers written to are those due() in `ticks`: with None, those that are not paced.
         """
         now = self._clock()
-        for key in [key for key in self._groups if key[0] != head and due(key[2], tick)]:
+        for key in [key for key in self._groups if key[0] != head and due(key[2], ticks)]:
             budget = self._write_group(key, head, now, budget)
             if budget <= 0:
                 return True
-        for viewer in [viewer for viewer in self._filtered if viewer.seq != head and due(viewer.every, tick)]:
+        for viewer in [viewer for viewer in self._filtered if viewer.seq != head and due(viewer.every, ticks)]:
             self._write_filtered(viewer, head, now)
         return False
 

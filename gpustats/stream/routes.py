@@ -13,7 +13,7 @@ CORS_PATHS = ("/gpu/stream", "/healthz")
 # deadline for it alone, not for this path's 401, 405 or 429, which a client could pipeline and never read.
 STREAMING = "gpustats.streaming"
 EVERY = re.compile(r"[0-9]{1,2}", re.ASCII)
-MOST_EVERY_S = 60
+MOST_EVERY_S = 10  # within 3/4 of the default HEARTBEAT_S: a heartbeat due sooner is a write of its own
 
 
 def register_stream(app, config, broadcaster):
