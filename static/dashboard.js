@@ -408,20 +408,26 @@
   // otherwise make a frame (style, layout, paint) of almost every push, 15 a second. Its stream
   // comes once a second too (?every=1), a second's pushes in one write: a browser's cost is per
   // write it reads more than per byte. They are shown GATHER_MS after the first of them arrives,
-  // time enough for the rest of that write. Hidden, the page keeps them until it is seen again:
+  // time enough for the rest of that write, and MIN_GAP_MS after the last show at the soonest
+  // (a stream that comes push by push, from a server that ignores ?every, is still shown twice a
+  // second at most). Hidden, the page keeps them until it is seen again:
   // a tab in the background costs a JSON parse a push, no DOM work. A snapshot (the page opening,
   // a reconnect) is shown at the next frame. The detail shows each push at once: its live charts
   // keep every point, and draw nothing while hidden.
   const STREAM_EVERY_S = 1;
   const GATHER_MS = 50;
+  const MIN_GAP_MS = 500;
   const held = new Map(); // name -> its latest push not shown yet
-  let heldFrame = false, heldTimer = 0;
+  let heldFrame = false, heldTimer = 0, shownAt = 0;
   function showHeld() {
     if (document.hidden) return;
     const pushes = [...held.values()];
     held.clear();
     for (const data of pushes) showPush(data);
-    if (pushes.length) updateTotals(); // once for them all: it goes over the whole fleet
+    if (pushes.length) {
+      updateTotals(); // once for them all: it goes over the whole fleet
+      shownAt = Date.now();
+    }
   }
   document.addEventListener("visibilitychange", showHeld);
 
@@ -430,11 +436,12 @@
     if (!data.snapshot) skewS = Date.now() / 1000 - data.receivedAt;
     if (!overview) return showPush(data);
     held.set(data.device, data);
-    if (data.snapshot && !heldFrame) {
+    if (data.snapshot && !heldFrame) { // at the next frame; the timer below too, should frames not come
       heldFrame = true;
       requestAnimationFrame(() => { heldFrame = false; showHeld(); });
-    } else if (!data.snapshot && !heldTimer) {
-      heldTimer = setTimeout(() => { heldTimer = 0; showHeld(); }, GATHER_MS);
+    }
+    if (!heldTimer) {
+      heldTimer = setTimeout(() => { heldTimer = 0; showHeld(); }, Math.max(GATHER_MS, shownAt + MIN_GAP_MS - Date.now()));
     }
   }
 
