@@ -106,6 +106,9 @@ def test_a_push_whose_device_is_removed_while_its_body_arrives_does_not_bring_it
     assert answer == b"HTTP/1.1 401 UNAUTHORIZED"
     assert "going-pc" not in {d["name"] for d in admin.get("/api/devices").json()}
     assert admin.get("/healthz").json()["devices"] == 0
+    # Its log says so, as for any push refused for its key (an agent still running with it).
+    assert "refused a push from 127.0.0.1: unknown device key (its digest begins" in server.output()
+    assert key not in server.output()
 
 
 def test_two_admins_adding_one_name_at_once_get_one_201_and_one_409(pair):

@@ -98,12 +98,7 @@ class PushRoute:
             reason = ("no devices are set up on this server yet (add one on its Devices page)" if not registry
                       else "unknown device key" if key
                       else "missing device key: send Authorization: Bearer <key>")
-            # Shown nowhere but here: a removed key still in use, or a PC set up wrong. Never the key itself,
-            # and at most the bad-key slow-down's share a minute from one address.
-            log.info("refused a push from %s: %s%s", address, reason,
-                     f" (its digest begins {digest(key)[:8]})"
-                     if key else "")
-            return _error(401, reason, headers=(("WWW-Authenticate", "Bearer"),))
+            return _refused_key(address, reason, key)
         # Every authenticated push counts, a refused one too: a key cannot send junk without limit.
         wait = self._push_limits.take(device)
         if wait:
@@ -115,7 +110,9 @@ class PushRoute:
         try:
             body = read_body(environ, config.max_body_bytes, config.push_body_timeout_s)
             if registry.device_for(key) != device:  # removed while its body arrived: it must not come back
-                return _error(401, "unknown device key", headers=(("WWW-Authenticate", "Bearer"),))
+                address = client_key(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
+                                     config.trusted_proxies)
+                return _refused_key(address, "unknown device key", key)
             # All that can fail happens before anything is stored: a push changes all or nothing.
             event_id = self._fleet.accept(device, payload.parse(body))
         except BodyError as problem:
@@ -130,6 +127,16 @@ class PushRoute:
 
 def _error(status, message, field=None, headers=()):
     return status, error_body(message, field), headers
+
+
+def _refused_key(address, reason, key):
+    """Log a push refused for its key, and answer it 401.
+
+    Shown nowhere but here: a removed key still in use, or a PC set up wrong. Never the key itself,
+    and at most the bad-key slow-down's share a minute from one address.
+    """
+    log.info("refused a push from %s: %s%s", address, reason, f" (its digest begins {digest(key)[:8]})" if key else "")
+    return _error(401, reason, headers=(("WWW-Authenticate", "Bearer"),))
 
 
 def _mimetype(content_type):
