@@ -18,6 +18,9 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                     "X-Frame-Options": "DENY", "Content-Security-Policy": CSP}
+# The 503 and 500 answers' words, the app's error handlers' and the push route's alike.
+UNAVAILABLE = "the shared store (Redis) is {}; try again shortly"
+INTERNAL_ERROR = "internal server error; the server's log has the details"
 
 
 def client_address(remote_addr, forwarded_for, trusted_proxies):
@@ -105,13 +108,12 @@ def register_errors(app):
 
     @app.errorhandler(Unavailable)
     def unavailable(problem):
-        return error(503, f"the shared store (Redis) is {problem.reason}; try again shortly",
-                     headers={"Retry-After": "5"})
+        return error(503, UNAVAILABLE.format(problem.reason), headers={"Retry-After": "5"})
 
     @app.errorhandler(Exception)
     def server_error(problem):
         log.exception("internal error on %s %s", request.method, request.path)
-        return error(500, "internal server error; the server's log has the details")
+        return error(500, INTERNAL_ERROR)
 
 
 class QueryError(ValueError):

@@ -20,7 +20,7 @@ from gpustats.access.keys import presented_key
 from gpustats.ingest import payload
 from gpustats.scaleout import Unavailable
 from gpustats.tokens import digest
-from gpustats.web import SECURITY_HEADERS, client_key, error_body
+from gpustats.web import INTERNAL_ERROR, SECURITY_HEADERS, UNAVAILABLE, client_key, error_body
 
 log = logging.getLogger("gpustats")
 PATH = "/push-sse"
@@ -68,18 +68,21 @@ class PushRoute:
         try:
             status, body, headers = self._push(environ)
         except Unavailable as problem:  # Redis down: as the app's error handler answers it
-            status, body, headers = (503, error_body(f"the shared store (Redis) is {problem.reason}; try again shortly"),
-                                     (("Retry-After", "5"),))
+            status, body, headers = 503, error_body(UNAVAILABLE.format(problem.reason)), (("Retry-After", "5"),)
         except HTTPException as problem:
             status, body = problem.code, error_body(problem.description)
             headers = tuple((k, v) for k, v in problem.get_headers() if k.lower() != "content-type")
         except Exception:
             log.exception("internal error on %s %s", "POST", PATH)
-            status, body, headers = 500, error_body("internal server error; the server's log has the details"), ()
+            status, body, headers = 500, error_body(INTERNAL_ERROR), ()
         self._counters.add("pushes", status)
         start_response(STATUS[status], [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                                         *headers, *AFTER])
         return [body]
+
+    def _address(self, environ):
+        """The pushing client's address, as requester_key() gives it inside the app."""
+        return client_key(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"), self._config.trusted_proxies)
 
     def _push(self, environ):
         """Return (status, body, extra headers) for a push."""
@@ -87,8 +90,7 @@ class PushRoute:
         key = presented_key(environ.get("HTTP_AUTHORIZATION", ""), environ.get("HTTP_X_API_KEY", ""))
         device = registry.device_for(key) if key else None
         if device is None:
-            address = client_key(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
-                                 config.trusted_proxies)
+            address = self._address(environ)
             # Only bad keys are slowed: a valid agent behind the same address (a NAT, a proxy
             # missing from TRUSTED_PROXIES) is never held up by another's guesses.
             wait = self._bad_key_limits.blocked_for(address)
@@ -110,9 +112,7 @@ class PushRoute:
         try:
             body = read_body(environ, config.max_body_bytes, config.push_body_timeout_s)
             if registry.device_for(key) != device:  # removed while its body arrived: it must not come back
-                address = client_key(environ.get("REMOTE_ADDR"), environ.get("HTTP_X_FORWARDED_FOR"),
-                                     config.trusted_proxies)
-                return _refused_key(address, "unknown device key", key)
+                return _refused_key(self._address(environ), "unknown device key", key)
             # All that can fail happens before anything is stored: a push changes all or nothing.
             event_id = self._fleet.accept(device, payload.parse(body))
         except BodyError as problem:
