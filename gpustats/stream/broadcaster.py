@@ -162,7 +162,7 @@ class Broadcaster:
             else:
                 event_id = self.event_id(self._seq)
             self._ring[slot] = (device, b"id: %s\n%s%s" % (event_id.encode(), head, block))
-            if self._parked:
+            if self._parked.prompt():  # a page's stream paced once a second (?every=1) needs no pass a push
                 self._due.set()
             self._cond.notify_all()
         return event_id

@@ -79,8 +79,12 @@ class ParkedViewers:
         self._groups = {}  # (seq, chunked, every) -> {Viewer: None}, in the order they parked
         self._filtered = set()
 
-    def __bool__(self):
-        return bool(self._groups or self._filtered)
+    def prompt(self):
+        """Whether a fan-out pass may have viewers to write to: paced ones wait for the pacer.
+
+        Asked at every publish: a handful of groups to look at, and the filtered viewers as one.
+        """
+        return bool(self._filtered) or any(every is None for _, _, every in self._groups)
 
     def park(self, viewer, seq, last_write):
         """Add `viewer`, which has sent everything up to `seq`; it sleeps until woken."""
